@@ -44,6 +44,9 @@ class EncoderConfig:
     def replace(self, **changes) -> "EncoderConfig":
         return dataclasses.replace(self, **changes)
 
+    def module(self) -> "BertEncoder":
+        return BertEncoder(self)
+
 
 class Embed(nn.Module):
     """An embedding table with logical axes; `attend` gives tied output logits."""

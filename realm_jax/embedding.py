@@ -1,0 +1,136 @@
+"""Embedding texts with a retriever tower: tokenize, bucket by length, run a jitted
+(optionally sharded) forward pass, return numpy.
+
+    from realm_jax import TextEmbedder
+    embedder = TextEmbedder.from_hf("/path/to/all-MiniLM-L6-v2")
+    vectors = embedder.embed(["first text", "second text"])   # np.float32 [2, 384]
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from realm_jax import hf, sharding
+from realm_jax.models.towers import EmbedderConfig
+
+# Padded lengths: every batch is padded to the smallest bucket that holds its longest row,
+# so a corpus compiles a handful of shapes and short texts do not pay for long ones.
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+def bucket_length(length: int, max_length: int) -> int:
+    buckets = [b for b in LENGTH_BUCKETS if b < max_length] + [max_length]
+    return buckets[min(bisect.bisect_left(buckets, length), len(buckets) - 1)]
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length (longest first, as a progress bar
+    then shows the slowest part first)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TextEmbedder:
+    """A retriever tower with its tokenizer. `embed` takes texts, `embed_token_ids` takes
+    already tokenized rows (with special tokens)."""
+
+    def __init__(self, config: EmbedderConfig, params, tokenizer=None, *, max_length: int = 512,
+                 mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_length = min(max_length, config.encoder.max_position_embeddings)
+        self.mesh = mesh or sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+        self.rules = rules
+        module = config.module()
+        shardings = sharding.param_shardings(
+            lambda: module.init(jax.random.key(0), **hf.example_inputs(config)),
+            mesh=self.mesh, rules=rules)["params"]
+        self.params = sharding.place(params, shardings)
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+
+        def forward(params, ids, mask):
+            return module.apply({"params": params}, ids, mask)
+
+        self._forward = jax.jit(forward, in_shardings=(shardings, self._batch_sharding,
+                                                       self._batch_sharding),
+                                out_shardings=self._batch_sharding)
+
+    @classmethod
+    def from_hf(cls, folder: str | os.PathLike, *, pooling: str | None = None,
+                normalize: bool | None = None, max_length: int | None = None,
+                mesh: Mesh | None = None, **overrides) -> "TextEmbedder":
+        """Load a retriever tower (BERT/sentence-transformers, DPR or REALM embedder)."""
+        config, params = hf.load_embedder(folder, pooling=pooling, normalize=normalize, **overrides)
+        if max_length is None:
+            st = Path(folder) / "sentence_bert_config.json"
+            max_length = json.loads(st.read_text()).get("max_seq_length", 512) if st.exists() else 512
+        return cls(config, params, hf.load_tokenizer(folder), max_length=max_length, mesh=mesh)
+
+    @property
+    def dim(self) -> int:
+        return self.config.output_dim
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("this TextEmbedder has no tokenizer; use embed_token_ids")
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                              add_special_tokens=True)["input_ids"]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False
+              ) -> np.ndarray:
+        return self.embed_token_ids(self.tokenize(texts), batch_size=batch_size, progress=progress)
+
+    def embed_token_ids(self, rows: Sequence[Sequence[int]], batch_size: int = 32,
+                        progress: bool = False, pad_id: int | None = None) -> np.ndarray:
+        """Embeddings [len(rows), dim] float32, in the order of `rows`."""
+        n = len(rows)
+        out = np.zeros((n, self.dim), np.float32)
+        if n == 0:
+            return out
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
+        pad_id = self.config.encoder.pad_token_id if pad_id is None else pad_id
+        lengths = np.fromiter((min(len(r), self.max_length) for r in rows), np.int64, n)
+        bar = _progress(n, progress)
+        pending = []
+        for idx in length_sorted_batches(lengths, batch_size):
+            width = bucket_length(int(lengths[idx].max()), self.max_length)
+            ids = np.full((batch_size, width), pad_id, np.int32)
+            mask = np.zeros((batch_size, width), np.int32)
+            for row, i in enumerate(idx):
+                tokens = rows[i][:width]
+                ids[row, :len(tokens)] = tokens
+                mask[row, :len(tokens)] = 1
+            mask[len(idx):, 0] = 1  # filler rows: one visible token keeps them finite
+            with sharding.activate(self.mesh, self.rules):
+                pending.append((idx, self._forward(self.params, ids, mask)))
+            if len(pending) > 2:  # keep the device busy while the host prepares the next batch
+                self._collect(pending.pop(0), out, bar)
+        for item in pending:
+            self._collect(item, out, bar)
+        if bar is not None:
+            bar.close()
+        return out
+
+    @staticmethod
+    def _collect(item, out, bar):
+        idx, result = item
+        out[idx] = np.asarray(result)[:len(idx)]
+        if bar is not None:
+            bar.update(len(idx))
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="doc", desc="embedding", smoothing=0.1)

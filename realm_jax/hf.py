@@ -1,0 +1,591 @@
+"""Local Hugging Face checkpoint folders <-> (config, params), both ways.
+
+Reads `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`);
+writes folders that `transformers` loads. No PyTorch: a folder holding only
+`pytorch_model.bin` is refused with instructions.
+
+Each supported architecture is a `Layout`: how to read our model config from the HF
+config (and back), and a table of `Entry(our_path, hf_key, kind)` pairing every one of our
+parameters with one HF tensor. `kind` says how the arrays relate:
+  "kernel1" / "kernel2": a torch Linear weight [out, in] vs our kernel [in..., out...],
+                         whose first 1 or 2 axes are the input axes;
+  "vector": a 1-D HF tensor vs our tensor of any shape (e.g. a bias [heads, head_dim]);
+  "matrix": the same shape on both sides (embedding tables);
+  "row": an HF [1, n] tensor vs our [n] (BART's final_logits_bias).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from realm_jax.models.encoder import EncoderConfig
+from realm_jax.models.heads import MaskedLMConfig, SpanReaderConfig
+from realm_jax.models.towers import EmbedderConfig
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face folder that cannot be read or does not match the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: tuple[str, ...]
+    hf_key: str
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    architectures: tuple[str, ...]
+    model_type: str
+    config_from_hf: Callable[[dict, str], Any]
+    config_to_hf: Callable[[Any, str], dict]
+    entries: Callable[[Any, str, str], list[Entry]]   # (config, architecture, body prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# BERT-layout bodies (BERT, DPR, REALM)
+
+_BERT_CONFIG_FIELDS = dict(
+    vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
+    num_heads="num_attention_heads", intermediate_size="intermediate_size",
+    max_position_embeddings="max_position_embeddings", type_vocab_size="type_vocab_size",
+    layer_norm_eps="layer_norm_eps", activation="hidden_act",
+    dropout_rate="hidden_dropout_prob", attention_dropout_rate="attention_probs_dropout_prob",
+    pad_token_id="pad_token_id")
+
+
+def encoder_config_from_hf(hf: dict, add_pooler: bool = True) -> EncoderConfig:
+    kwargs = {ours: hf[theirs] for ours, theirs in _BERT_CONFIG_FIELDS.items() if theirs in hf}
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(
+            f"position_embedding_type={hf['position_embedding_type']!r} is not supported "
+            "(only 'absolute')")
+    return EncoderConfig(add_pooler=add_pooler, **kwargs)
+
+
+def encoder_config_to_hf(cfg: EncoderConfig) -> dict:
+    hf = {theirs: getattr(cfg, ours) for ours, theirs in _BERT_CONFIG_FIELDS.items()}
+    hf.update(position_embedding_type="absolute", initializer_range=0.02)
+    return hf
+
+
+def _linear(path, key, kind="kernel1"):
+    return [Entry(path + ("kernel",), key + ".weight", kind),
+            Entry(path + ("bias",), key + ".bias", "vector")]
+
+
+def _layer_norm(path, key):
+    return [Entry(path + ("scale",), key + ".weight", "vector"),
+            Entry(path + ("bias",), key + ".bias", "vector")]
+
+
+def bert_body_entries(cfg: EncoderConfig, prefix: str, path: tuple[str, ...] = ()) -> list[Entry]:
+    p = prefix
+    out = [
+        Entry(path + ("word_embeddings", "embedding"), p + "embeddings.word_embeddings.weight", "matrix"),
+        Entry(path + ("position_embeddings", "embedding"), p + "embeddings.position_embeddings.weight", "matrix"),
+        Entry(path + ("token_type_embeddings", "embedding"), p + "embeddings.token_type_embeddings.weight", "matrix"),
+        *_layer_norm(path + ("embeddings_ln",), p + "embeddings.LayerNorm"),
+    ]
+    for i in range(cfg.num_layers):
+        lp, lk = path + ("layers", f"layers_{i}"), f"{p}encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            out += _linear(lp + ("attention", name), lk + f"attention.self.{name}")
+        out += _linear(lp + ("attention", "out"), lk + "attention.output.dense", "kernel2")
+        out += _layer_norm(lp + ("attention_ln",), lk + "attention.output.LayerNorm")
+        out += _linear(lp + ("mlp", "wi"), lk + "intermediate.dense")
+        out += _linear(lp + ("mlp", "wo"), lk + "output.dense")
+        out += _layer_norm(lp + ("mlp_ln",), lk + "output.LayerNorm")
+    if cfg.add_pooler:
+        out += _linear(path + ("pooler",), p + "pooler.dense")
+    return out
+
+
+def _mlm_entries(cfg: MaskedLMConfig, prefix: str, head: str) -> list[Entry]:
+    return (bert_body_entries(cfg.encoder.replace(add_pooler=False), prefix, ("encoder",))
+            + _linear(("transform",), head + "transform.dense")
+            + _layer_norm(("transform_ln",), head + "transform.LayerNorm")
+            + [Entry(("bias",), head + "bias", "vector")])
+
+
+# BERT ----------------------------------------------------------------------------------
+
+def _bert_from_hf(hf: dict, arch: str):
+    if arch in ("BertForMaskedLM", "BertForPreTraining"):
+        return MaskedLMConfig(encoder_config_from_hf(hf, add_pooler=False))
+    return encoder_config_from_hf(hf)
+
+
+def _bert_to_hf(cfg, arch: str) -> dict:
+    enc = cfg.encoder if isinstance(cfg, MaskedLMConfig) else cfg
+    return dict(encoder_config_to_hf(enc), model_type="bert", architectures=[arch])
+
+
+def _bert_entries(cfg, arch: str, prefix: str) -> list[Entry]:
+    if isinstance(cfg, MaskedLMConfig):
+        return _mlm_entries(cfg, "bert.", "cls.predictions.")
+    return bert_body_entries(cfg, prefix)
+
+
+BERT = Layout(("BertModel", "BertForMaskedLM", "BertForPreTraining"), "bert",
+              _bert_from_hf, _bert_to_hf, _bert_entries)
+
+
+# DPR -----------------------------------------------------------------------------------
+
+_DPR_PREFIX = {"DPRQuestionEncoder": "question_encoder.bert_model.",
+               "DPRContextEncoder": "ctx_encoder.bert_model."}
+
+
+def _dpr_from_hf(hf: dict, arch: str) -> EmbedderConfig:
+    if hf.get("projection_dim", 0):
+        # DPR's optional encode_proj is a plain Linear on the CLS state.
+        return EmbedderConfig(encoder_config_from_hf(hf, add_pooler=False), pooling="cls",
+                              projection_dim=hf["projection_dim"])
+    return EmbedderConfig(encoder_config_from_hf(hf, add_pooler=False), pooling="cls")
+
+
+def _dpr_to_hf(cfg: EmbedderConfig, arch: str) -> dict:
+    return dict(encoder_config_to_hf(cfg.encoder), model_type="dpr", architectures=[arch],
+                projection_dim=cfg.projection_dim or 0)
+
+
+def _dpr_entries(cfg: EmbedderConfig, arch: str, prefix: str) -> list[Entry]:
+    p = _DPR_PREFIX[arch]
+    out = bert_body_entries(cfg.encoder, p, ("encoder",))
+    if cfg.projection_dim:
+        out += _linear(("projection",), p.replace("bert_model.", "encode_proj"))
+    return out
+
+
+DPR = Layout(tuple(_DPR_PREFIX), "dpr", _dpr_from_hf, _dpr_to_hf, _dpr_entries)
+
+
+# REALM ---------------------------------------------------------------------------------
+# transformers 5 dropped REALM's modeling code; its checkpoints keep this layout.
+
+def _realm_from_hf(hf: dict, arch: str):
+    enc = encoder_config_from_hf(hf, add_pooler=arch == "RealmEmbedder")
+    if arch == "RealmEmbedder":
+        return EmbedderConfig(enc, pooling="pooler", projection_dim=hf.get("retriever_proj_size", 128),
+                              projection_layer_norm=True)
+    if arch == "RealmKnowledgeAugEncoder":
+        return MaskedLMConfig(enc)
+    return SpanReaderConfig(enc, span_hidden_size=hf.get("span_hidden_size", 256),
+                            max_span_width=hf.get("max_span_width", 10),
+                            reader_layer_norm_eps=hf.get("reader_layer_norm_eps", 1e-3))
+
+
+def _realm_to_hf(cfg, arch: str) -> dict:
+    hf = dict(encoder_config_to_hf(cfg.encoder), model_type="realm", architectures=[arch])
+    if isinstance(cfg, EmbedderConfig):
+        hf["retriever_proj_size"] = cfg.projection_dim
+    if isinstance(cfg, SpanReaderConfig):
+        hf.update(span_hidden_size=cfg.span_hidden_size, max_span_width=cfg.max_span_width,
+                  reader_layer_norm_eps=cfg.reader_layer_norm_eps)
+    return hf
+
+
+def _realm_entries(cfg, arch: str, prefix: str) -> list[Entry]:
+    if isinstance(cfg, MaskedLMConfig):
+        return _mlm_entries(cfg, "realm.", "cls.predictions.")
+    body = bert_body_entries(cfg.encoder, "realm.", ("encoder",))
+    if isinstance(cfg, EmbedderConfig):
+        return (body + _linear(("projection",), "cls.dense")
+                + _layer_norm(("projection_ln",), "cls.LayerNorm"))
+    return (body + _linear(("span_intermediate",), "qa_outputs.dense_intermediate")
+            + _linear(("span_output",), "qa_outputs.dense_output")
+            + _layer_norm(("span_ln",), "qa_outputs.layer_normalization"))
+
+
+REALM = Layout(("RealmEmbedder", "RealmKnowledgeAugEncoder", "RealmReader"), "realm",
+               _realm_from_hf, _realm_to_hf, _realm_entries)
+
+LAYOUTS: list[Layout] = [BERT, DPR, REALM]
+
+
+def register(layout: Layout) -> None:
+    """Add an architecture (e.g. BART, from realm_jax.models.bart)."""
+    LAYOUTS.append(layout)
+
+
+def _layout_for(hf: dict, where: Path) -> tuple[Layout, str]:
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    for layout in LAYOUTS:
+        for arch in archs:
+            if arch in layout.architectures:
+                return layout, arch
+    for layout in LAYOUTS:  # no (known) architectures field: fall back on model_type
+        if layout.model_type == model_type and not archs:
+            return layout, layout.architectures[0]
+    known = sorted(a for layout in LAYOUTS for a in layout.architectures)
+    raise CheckpointError(
+        f"{where}: unsupported architecture {archs or model_type!r}; supported: {', '.join(known)}")
+
+
+def _layout_for_config(cfg, architecture: str | None) -> tuple[Layout, str]:
+    if architecture:
+        for layout in LAYOUTS:
+            if architecture in layout.architectures:
+                return layout, architecture
+        raise CheckpointError(f"unknown architecture {architecture!r}")
+    defaults = {EncoderConfig: "BertModel", MaskedLMConfig: "BertForMaskedLM",
+                SpanReaderConfig: "RealmReader"}
+    if isinstance(cfg, EmbedderConfig):
+        arch = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder", "mean": "BertModel"}[cfg.pooling]
+    else:
+        arch = defaults.get(type(cfg)) or getattr(cfg, "hf_architecture", None)
+    if arch is None:
+        raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
+    return _layout_for_config(cfg, arch)
+
+
+# ---------------------------------------------------------------------------------------
+# Array conversions
+
+def _to_ours(arr: np.ndarray, kind: str, shape: tuple[int, ...], key: str, file: Path) -> np.ndarray:
+    if kind.startswith("kernel"):
+        n_in = int(kind[-1])
+        expected = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        if arr.shape != expected:
+            raise CheckpointError(f"{file}: tensor {key} has shape {arr.shape}, expected {expected}")
+        return np.ascontiguousarray(arr.T).reshape(shape)
+    expected = {"vector": (math.prod(shape),), "matrix": shape, "row": (1,) + shape}[kind]
+    if arr.shape != expected:
+        raise CheckpointError(f"{file}: tensor {key} has shape {arr.shape}, expected {expected}")
+    return arr.reshape(shape)
+
+
+def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind.startswith("kernel"):
+        n_in = int(kind[-1])
+        return np.ascontiguousarray(arr.reshape(math.prod(arr.shape[:n_in]), -1).T)
+    return {"vector": lambda a: a.reshape(-1), "matrix": lambda a: a,
+            "row": lambda a: a.reshape(1, -1)}[kind](arr)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
+    (the nn.scan layout), wherever a `layers` LayerStack appears in the tree."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for name, sub in params.items():
+        if name == "layers" and isinstance(sub, dict) and "layers_0" in sub:
+            per_layer = [sub[f"layers_{i}"] for i in range(num_layers)]
+            out[name] = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+        else:
+            out[name] = stack_layers(sub, num_layers)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of `stack_layers`."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for name, sub in params.items():
+        if name == "layers" and isinstance(sub, dict) and set(sub) == {"layers"}:
+            stacked = sub["layers"]
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out[name] = {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+                         for i in range(n)}
+        else:
+            out[name] = unstack_layers(sub)
+    return out
+
+
+def _encoder_of(cfg) -> EncoderConfig | None:
+    return cfg if isinstance(cfg, EncoderConfig) else getattr(cfg, "encoder", None)
+
+
+def _scan_layers(cfg) -> bool:
+    return bool(getattr(cfg, "scan_layers", False) or getattr(_encoder_of(cfg), "scan_layers", False))
+
+
+def _num_layers(cfg) -> int:
+    enc = _encoder_of(cfg)
+    return enc.num_layers if enc is not None else cfg.num_layers
+
+
+def unrolled(cfg):
+    """The same config with scan_layers off (the layout the HF tables describe)."""
+    if isinstance(cfg, EncoderConfig):
+        return cfg.replace(scan_layers=False)
+    if hasattr(cfg, "encoder") and isinstance(cfg.encoder, EncoderConfig):
+        return dataclasses.replace(cfg, encoder=cfg.encoder.replace(scan_layers=False))
+    return dataclasses.replace(cfg, scan_layers=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a Hugging Face folder needs config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / SAFETENSORS
+    if single.exists():
+        with safe_open(str(single), "np") as f:
+            return {k: single for k in f.keys()}
+    for name in ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack"):
+        if (folder / name).exists():
+            raise CheckpointError(
+                f"{folder / name}: realm-jax reads safetensors only (no PyTorch/TensorFlow at "
+                f"run time). Convert it once where torch is installed: python -c \"from "
+                f"transformers import AutoModel; AutoModel.from_pretrained('{folder}')"
+                f".save_pretrained('{folder}', safe_serialization=True)\"")
+    raise CheckpointError(f"{folder}: no {SAFETENSORS} or {SAFETENSORS_INDEX}")
+
+
+def _read_tensors(files: dict[str, Path], keys: Iterable[str]) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    out = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), "np") as f:
+            for k in names:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _body_prefix(keys: Iterable[str]) -> str:
+    for k in keys:
+        if k.endswith("embeddings.word_embeddings.weight"):
+            return k[: -len("embeddings.word_embeddings.weight")]
+    return ""
+
+
+def abstract_params(cfg) -> dict:
+    """Shapes/dtypes of `cfg.module()`'s params (unboxed), without allocating them."""
+    from flax import linen as nn
+
+    module = cfg.module()
+    return nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(cfg))))["params"]
+
+
+def example_inputs(cfg) -> dict:
+    """Tiny dummy inputs that trace `cfg.module()`'s __call__ (for init / eval_shape)."""
+    if hasattr(cfg, "example_inputs"):
+        return cfg.example_inputs()
+    ids = np.zeros((1, 2), np.int32)
+    inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=ids)
+    if isinstance(cfg, SpanReaderConfig):
+        inputs["evidence_mask"] = np.ones_like(ids)
+    return inputs
+
+
+def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
+    """Read a Hugging Face folder into (model config, params as numpy arrays).
+
+    `overrides` replace fields of the encoder / model config (e.g. dtype="bfloat16",
+    scan_layers=True); with scan_layers the layer params are returned stacked."""
+    folder = Path(folder)
+    hf = _read_config(folder)
+    layout, arch = _layout_for(hf, folder)
+    files = _tensor_files(folder)
+    cfg = layout.config_from_hf(hf, arch)
+    prefix = _body_prefix(files)
+    if isinstance(cfg, EncoderConfig) and prefix + "pooler.dense.weight" not in files:
+        cfg = cfg.replace(add_pooler=False)  # saved with add_pooling_layer=False
+    cfg = _apply_overrides(cfg, overrides)
+    flat_cfg = unrolled(cfg)
+    entries = layout.entries(flat_cfg, arch, prefix)
+    shapes = abstract_params(flat_cfg)
+    missing = [e.hf_key for e in entries if e.hf_key not in files]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} tensor(s) missing for {arch}, first: {missing[0]}")
+    arrays = _read_tensors(files, [e.hf_key for e in entries])
+    params: dict = {}
+    for e in entries:
+        try:
+            shape = tuple(_get(shapes, e.path).shape)
+        except KeyError as err:
+            raise CheckpointError(f"internal: no parameter {'/'.join(e.path)} in {arch}") from err
+        file = files[e.hf_key]
+        _set(params, e.path, _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
+                                      e.hf_key, file))
+    expected = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if expected != got:
+        raise CheckpointError(f"internal: {arch} table leaves {sorted(expected - got)} unset")
+    if _scan_layers(cfg):
+        params = stack_layers(params, _num_layers(cfg))
+    return cfg, params
+
+
+def _apply_overrides(cfg, overrides: dict):
+    if not overrides:
+        return cfg
+    enc = _encoder_of(cfg)
+    if enc is not None and enc is not cfg:
+        enc_fields = {f.name for f in dataclasses.fields(enc)}
+        enc_changes = {k: v for k, v in overrides.items() if k in enc_fields}
+        rest = {k: v for k, v in overrides.items() if k not in enc_fields}
+        cfg = dataclasses.replace(cfg, encoder=enc.replace(**enc_changes), **rest)
+        return cfg
+    return dataclasses.replace(cfg, **overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None = None,
+         extra_files: dict[str, str] | None = None) -> Path:
+    """Write `params` as a Hugging Face folder (config.json + model.safetensors) that
+    `transformers` loads. The folder is written next to its final name and renamed into
+    place, so a crash leaves no half-written checkpoint."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    layout, arch = _layout_for_config(cfg, architecture)
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    if _scan_layers(cfg):
+        params = unstack_layers(params)
+    flat_cfg = unrolled(cfg)
+    tensors = {}
+    for e in layout.entries(flat_cfg, arch, ""):
+        try:
+            tensors[e.hf_key] = _to_hf(_get(params, e.path), e.kind)
+        except KeyError as err:
+            raise CheckpointError(f"params lack {'/'.join(e.path)} needed for {e.hf_key}") from err
+    tensors.update(_tied_tensors(tensors))
+    hf_config = layout.config_to_hf(flat_cfg, arch)
+    hf_config["torch_dtype"] = "float32"
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            _rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        _rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def _tied_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF checkpoints also carry the tied MLM decoder; write it so strict loaders agree."""
+    out = {}
+    for bias_key in [k for k in tensors if k.endswith("cls.predictions.bias")]:
+        body = bias_key[: -len("cls.predictions.bias")]
+        word = next(k for k in tensors if k.endswith("embeddings.word_embeddings.weight"))
+        out[body + "cls.predictions.decoder.weight"] = tensors[word]
+        out[body + "cls.predictions.decoder.bias"] = tensors[bias_key]
+    return out
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+    shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers and sentence-transformers pooling
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The folder's fast tokenizer (transformers, offline)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / n).exists() for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json)")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def sentence_transformers_pooling(folder: str | os.PathLike) -> tuple[str, bool] | None:
+    """(pooling, normalize) from a sentence-transformers folder (modules.json), or None."""
+    folder = Path(folder)
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return None
+    modules = json.loads(modules_file.read_text())
+    pooling, normalize = "cls", False
+    for m in modules:
+        kind = m.get("type", "")
+        if kind.endswith("Pooling"):
+            pcfg = json.loads((folder / m["path"] / "config.json").read_text())
+            if pcfg.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+            elif pcfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            else:
+                raise CheckpointError(f"{folder / m['path'] / 'config.json'}: only mean or CLS "
+                                      "pooling is supported")
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def load_embedder(folder: str | os.PathLike, pooling: str | None = None,
+                  normalize: bool | None = None, **overrides) -> tuple[EmbedderConfig, dict]:
+    """A retriever tower from any supported folder: DPR and REALM embedders as they are; a
+    plain BERT folder wrapped with the pooling of its sentence-transformers config (mean +
+    normalize for all-MiniLM-L6-v2), or CLS pooling."""
+    cfg, params = load(folder, **overrides)
+    if isinstance(cfg, EncoderConfig):
+        st = sentence_transformers_pooling(folder) or ("cls", False)
+        cfg = EmbedderConfig(cfg, pooling=pooling or st[0],
+                             normalize=st[1] if normalize is None else normalize)
+        params = {"encoder": params}
+    elif not isinstance(cfg, EmbedderConfig):
+        raise CheckpointError(f"{folder}: holds a {type(cfg).__name__}, not a retriever tower")
+    elif pooling or normalize is not None:
+        cfg = dataclasses.replace(cfg, pooling=pooling or cfg.pooling,
+                                  normalize=cfg.normalize if normalize is None else normalize)
+    return cfg, params
