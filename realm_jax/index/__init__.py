@@ -1,0 +1,32 @@
+"""Maximum-inner-product search over corpus embeddings, and versioned index snapshots.
+
+- `base`: the `Searcher` interface, exact numpy search, recall@k.
+- `device`: exact search on the devices over a corpus-sharded matrix (`device_topk`,
+  `DeviceSearcher`); imports JAX.
+- `scann_searcher`: approximate search on the host with ScaNN (`ScannSearcher`).
+- `store`: atomic, validated snapshots under WORKDIR/index (`IndexStore`, `SnapshotWatcher`).
+
+Names are imported lazily, so e.g. the store can be used without importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Searcher": "base", "NumpySearcher": "base", "exact_search": "base",
+    "recall_at_k": "base",
+    "DeviceSearcher": "device", "device_topk": "device", "corpus_sharding": "device",
+    "ScannSearcher": "scann_searcher", "ScannSettings": "scann_searcher",
+    "IndexStore": "store", "Snapshot": "store", "SnapshotError": "store",
+    "SnapshotWatcher": "store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

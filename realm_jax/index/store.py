@@ -1,0 +1,649 @@
+"""Versioned index snapshots, published atomically under one root folder.
+
+    ROOT/
+      LATEST                  the name of the current snapshot folder ("v000012\\n")
+      v000011/  v000012/      complete snapshots, never modified once in place:
+        manifest.json           step, fingerprints, count, dim, dtype, searcher settings,
+                                creation time, and the size and sha256 of every file
+        embeddings.npy          [N, P] float32/float16 (bfloat16 stored as raw uint16)
+        ids.npy                 [N] int64 block ids
+        scann/                  ScaNN artifacts (optional)
+      .tmp-*                  a snapshot (or LATEST) being written
+      .trash-*                a pruned snapshot being deleted
+
+Publishing writes a `.tmp-*` folder, fsyncs every file and the folder, renames it to the
+next free `vNNNNNN`, then replaces LATEST atomically (temp file, fsync, os.replace, fsync
+of the root). Readers follow LATEST only, and validate what they load against the manifest,
+so a crash at any moment leaves LATEST on a complete snapshot. Leftover `.tmp-*` folders of
+dead publishers and `.trash-*` folders are removed by the next publish.
+
+Local paths are what is tested; other etils.epath paths (buckets) use the same sequence,
+without fsync (object stores make the final LATEST write atomic by themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+from etils import epath
+
+from realm_jax.index import base
+
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+IDS = "ids.npy"
+SCANN_DIR = "scann"
+FORMAT = "realm-jax-index-snapshot"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+_DTYPES = ("float32", "float16", "bfloat16")
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str, "format_version": int, "step": int, "model_fingerprint": str,
+    "corpus_fingerprint": str, "count": int, "dim": int, "dtype": str, "searcher": dict,
+    "created": str, "files": dict,
+}
+_STALE_REMOTE_TMP_S = 3600.0
+
+PathLike = str | os.PathLike
+
+
+class SnapshotError(Exception):
+    """A snapshot failed validation; names the folder and the failing field or file."""
+
+    def __init__(self, path: PathLike, what: str, message: str):
+        self.path, self.what = os.fspath(path), what
+        super().__init__(f"index snapshot {self.path}: {what}: {message}")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def version_number(name: str) -> int | None:
+    match = _VERSION_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _fsync_file(path: epath.Path) -> None:
+    if _is_local(path):
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: epath.Path) -> None:
+    if _is_local(path):
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _size(path: epath.Path) -> int:
+    return os.path.getsize(path) if _is_local(path) else int(path.stat().length)
+
+
+def _sha256(path: epath.Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _walk_files(folder: epath.Path, prefix: str = "") -> list[tuple[str, epath.Path]]:
+    """(relative path, path) of every file under folder, sorted."""
+    out = []
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        rel = f"{prefix}{child.name}"
+        if child.is_dir():
+            out.extend(_walk_files(child, rel + "/"))
+        else:
+            out.append((rel, child))
+    return out
+
+
+def _write_npy(path: epath.Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _npy_header(path: epath.Path) -> tuple[tuple[int, ...], np.dtype]:
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"npy format version {version}")
+        shape, fortran, dtype = read(f)
+    if fortran:
+        raise ValueError("Fortran-ordered array")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _storage_dtype(dtype_name: str) -> np.dtype:
+    return np.dtype(np.uint16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+
+
+def _embeddings_to_store(embeddings: Any, dtype: str | None) -> tuple[np.ndarray, str]:
+    array = np.asarray(embeddings)
+    name = dtype or array.dtype.name
+    if name not in _DTYPES:
+        raise ValueError(f"embeddings dtype must be one of {_DTYPES}, got {name!r}")
+    if name == "bfloat16":
+        import ml_dtypes
+        return array.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16), name
+    return array.astype(name, copy=False), name
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_name(kind: str) -> str:
+    """`.tmp-KIND-RANDOM-PID-HOST`: cleanup can tell whether its writer is still alive."""
+    return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A validated, published snapshot (read-only view of its folder)."""
+
+    path: epath.Path
+    manifest: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.path.name
+
+    @property
+    def number(self) -> int:
+        return version_number(self.version) or 0
+
+    @property
+    def step(self) -> int:
+        """The checkpoint step the embeddings were computed from."""
+        return int(self.manifest["step"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        return str(self.manifest["model_fingerprint"])
+
+    @property
+    def corpus_fingerprint(self) -> str:
+        return str(self.manifest["corpus_fingerprint"])
+
+    @property
+    def scann_settings(self) -> dict[str, Any] | None:
+        return self.manifest["searcher"].get("scann")
+
+    def staleness(self, train_step: int) -> int:
+        """Training steps since the checkpoint these embeddings came from."""
+        return int(train_step) - self.step
+
+    def embeddings(self, mmap: bool = True) -> np.ndarray:
+        """[count, dim] in the stored dtype (memory-mapped for local folders)."""
+        path = self.path / EMBEDDINGS
+        if mmap and _is_local(path):
+            array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+        else:
+            with path.open("rb") as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+        if self.dtype == "bfloat16":
+            import ml_dtypes
+            array = array.view(ml_dtypes.bfloat16)
+        return array
+
+    def ids(self) -> np.ndarray:
+        with (self.path / IDS).open("rb") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+    def numpy_searcher(self) -> base.NumpySearcher:
+        return base.NumpySearcher(self.embeddings(), self.ids())
+
+    def scann_searcher(self, num_threads: int | None = None):
+        """The serialized ScaNN searcher (copied to a local temporary folder first when the
+        snapshot is not local)."""
+        from realm_jax.index.scann_searcher import ScannSearcher
+        if self.scann_settings is None:
+            raise SnapshotError(self.path, "searcher.scann", "this snapshot has no ScaNN index")
+        folder = self.path / SCANN_DIR
+        if _is_local(folder):
+            return ScannSearcher.load(os.fspath(folder), self.ids(), num_threads)
+        with tempfile.TemporaryDirectory() as local:
+            for rel, src in _walk_files(folder):
+                dst = epath.Path(local) / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src.copy(dst)
+            return ScannSearcher.load(local, self.ids(), num_threads)
+
+    def device_searcher(self, mesh=None, **kwargs):
+        """A DeviceSearcher over these embeddings (kwargs: block_size, dtype, rules)."""
+        from realm_jax.index.device import DeviceSearcher
+        return DeviceSearcher(self.embeddings(), self.ids(), mesh=mesh, **kwargs)
+
+
+class IndexStore:
+    """Versioned snapshots under `root` (e.g. WORKDIR/index); see the module docstring.
+
+    One publisher at a time is expected (the refresher's chief); a second one is safe for
+    the data (version folders are claimed by an atomic rename) but not for LATEST order.
+    """
+
+    def __init__(self, root: PathLike, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = epath.Path(root)
+        self.keep = keep
+
+    # ----------------------------------------------------------------- reading
+
+    def versions(self) -> list[str]:
+        """Published snapshot folders, oldest first (complete, unless edited by hand)."""
+        if not self.root.exists():
+            return []
+        names = [p.name for p in self.root.iterdir() if version_number(p.name) is not None]
+        return sorted(names, key=version_number)
+
+    def latest_version(self) -> str | None:
+        """The folder LATEST names, or None when nothing has been published."""
+        pointer = self.root / LATEST
+        try:
+            name = pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if version_number(name) is None:
+            raise SnapshotError(pointer, LATEST, f"does not name a snapshot folder: {name!r}")
+        return name
+
+    def validate(self, version: str, expected_corpus_fingerprint: str | None = None,
+                 checksums: bool = True) -> dict[str, Any]:
+        """Check a snapshot's manifest against its files (presence, sizes, sha256, array
+        shapes and dtypes) and against the corpus; returns the manifest or raises
+        SnapshotError naming the folder and the failing field or file."""
+        folder = self.root / version
+        if version_number(version) is None:
+            raise SnapshotError(folder, "version", "not a snapshot folder name (vNNNNNN)")
+        if not folder.is_dir():
+            raise SnapshotError(folder, "folder", "does not exist")
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise SnapshotError(folder, MANIFEST, "missing") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SnapshotError(folder, MANIFEST, f"not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise SnapshotError(folder, MANIFEST, "not a JSON object")
+        for field, kind in _REQUIRED.items():
+            if field not in manifest:
+                raise SnapshotError(folder, f"{MANIFEST}:{field}", "missing")
+            if not isinstance(manifest[field], kind) or isinstance(manifest[field], bool):
+                raise SnapshotError(folder, f"{MANIFEST}:{field}",
+                                    f"expected {getattr(kind, '__name__', kind)}, "
+                                    f"got {manifest[field]!r}")
+        if manifest["format"] != FORMAT or manifest["format_version"] != FORMAT_VERSION:
+            raise SnapshotError(folder, f"{MANIFEST}:format", f"unsupported format "
+                                f"{manifest['format']!r} v{manifest['format_version']}")
+        count, dim, dtype = manifest["count"], manifest["dim"], manifest["dtype"]
+        if count < 1 or dim < 1:
+            raise SnapshotError(folder, f"{MANIFEST}:count/dim", f"{count} x {dim}")
+        if dtype not in _DTYPES:
+            raise SnapshotError(folder, f"{MANIFEST}:dtype", f"{dtype!r} not in {_DTYPES}")
+        if (expected_corpus_fingerprint is not None
+                and manifest["corpus_fingerprint"] != expected_corpus_fingerprint):
+            raise SnapshotError(folder, f"{MANIFEST}:corpus_fingerprint",
+                                f"{manifest['corpus_fingerprint']!r} does not match the "
+                                f"corpus ({expected_corpus_fingerprint!r})")
+        files = manifest["files"]
+        for required in (EMBEDDINGS, IDS):
+            if required not in files:
+                raise SnapshotError(folder, f"{MANIFEST}:files", f"does not list {required}")
+        if manifest["searcher"].get("scann") is not None and not any(
+                rel.startswith(SCANN_DIR + "/") for rel in files):
+            raise SnapshotError(folder, f"{MANIFEST}:files", "ScaNN settings but no files")
+        for rel, info in files.items():
+            path = folder / rel
+            if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+                raise SnapshotError(folder, f"{MANIFEST}:files:{rel}", "needs bytes and sha256")
+            if not path.is_file():
+                raise SnapshotError(folder, rel, "missing")
+            size = _size(path)
+            if size != info["bytes"]:
+                raise SnapshotError(folder, rel, f"{size} bytes, manifest says {info['bytes']}")
+            if checksums and _sha256(path) != info["sha256"]:
+                raise SnapshotError(folder, rel, "sha256 does not match the manifest")
+        for rel, shape, want in ((EMBEDDINGS, (count, dim), _storage_dtype(dtype)),
+                                 (IDS, (count,), np.dtype(np.int64))):
+            try:
+                got_shape, got_dtype = _npy_header(folder / rel)
+            except ValueError as e:
+                raise SnapshotError(folder, rel, f"unreadable npy header ({e})") from None
+            if got_shape != shape or got_dtype != want:
+                raise SnapshotError(folder, rel, f"holds {got_dtype}{list(got_shape)}, manifest "
+                                    f"says {want}{list(shape)}")
+        return manifest
+
+    def load(self, version: str, *, validate: bool = True, checksums: bool = True,
+             expected_corpus_fingerprint: str | None = None) -> Snapshot:
+        """The snapshot in folder `version`, validated unless validate=False."""
+        if validate:
+            manifest = self.validate(version, expected_corpus_fingerprint, checksums)
+        else:
+            manifest = json.loads((self.root / version / MANIFEST).read_text())
+        return Snapshot(self.root / version, manifest)
+
+    def latest(self, *, validate: bool = True, checksums: bool = True,
+               expected_corpus_fingerprint: str | None = None) -> Snapshot | None:
+        """The snapshot LATEST names (None if none yet); SnapshotError if it is invalid."""
+        version = self.latest_version()
+        if version is None:
+            return None
+        return self.load(version, validate=validate, checksums=checksums,
+                         expected_corpus_fingerprint=expected_corpus_fingerprint)
+
+    def latest_valid(self, expected_corpus_fingerprint: str | None = None,
+                     checksums: bool = True,
+                     log: logging.Logger | None = None) -> Snapshot | None:
+        """LATEST's snapshot if valid, else the newest valid older one (each failure logged);
+        None when no valid snapshot exists."""
+        log = log or logging.getLogger(__name__)
+        try:
+            first = self.latest_version()
+        except SnapshotError as e:
+            log.warning("%s", e)
+            first = None
+        candidates = [v for v in reversed(self.versions()) if v != first]
+        if first is not None:
+            newest = version_number(first)
+            candidates = [first] + [v for v in candidates if version_number(v) < newest]
+        for version in candidates:
+            try:
+                return self.load(version, checksums=checksums,
+                                 expected_corpus_fingerprint=expected_corpus_fingerprint)
+            except SnapshotError as e:
+                log.warning("skipping invalid snapshot: %s", e)
+        return None
+
+    # ----------------------------------------------------------------- writing
+
+    def publish(self, embeddings: Any, *, step: int, model_fingerprint: str,
+                corpus_fingerprint: str, ids: Any = None, scann: Any = None,
+                dtype: str | None = None, extra: dict[str, Any] | None = None,
+                keep: int | None = None,
+                on_stage: Callable[[str], None] | None = None) -> Snapshot:
+        """Write a new snapshot and point LATEST at it; returns it.
+
+        embeddings [N, P] (numpy or jax; stored as `dtype`, default its own: float32,
+        float16 or bfloat16); ids [N] (default 0..N-1); scann: None/False (no ScaNN index),
+        True or a ScannSettings (build one), or a built ScannSearcher over these rows.
+        extra: any JSON-able facts for the manifest. Prunes to the last `keep` versions.
+        on_stage(name) is called between steps (tests use it to see progress).
+        """
+        stage = on_stage or (lambda _: None)
+        array, dtype_name = _embeddings_to_store(embeddings, dtype)
+        if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+            raise ValueError(f"embeddings must be a non-empty [N, P] matrix, got {array.shape}")
+        count, dim = array.shape
+        ids_array = base.check_ids(ids, count)
+        ids_array = np.arange(count, dtype=np.int64) if ids_array is None else ids_array
+        searcher = self._scann_for(scann, embeddings, ids_array)
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.cleanup()
+        tmp = self.root / _tmp_name("snapshot")
+        tmp.mkdir()
+        stage("tmp_created")
+        _write_npy(tmp / EMBEDDINGS, array)
+        _write_npy(tmp / IDS, ids_array)
+        stage("arrays_written")
+        if searcher is not None:
+            self._write_scann(searcher, tmp / SCANN_DIR)
+            stage("scann_written")
+        files = {}
+        for rel, path in _walk_files(tmp):
+            _fsync_file(path)
+            files[rel] = {"bytes": _size(path), "sha256": _sha256(path)}
+        now = time.time()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "model_fingerprint": str(model_fingerprint),
+            "corpus_fingerprint": str(corpus_fingerprint),
+            "count": int(count),
+            "dim": int(dim),
+            "dtype": dtype_name,
+            "searcher": {"scann": None if searcher is None else searcher.settings},
+            "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+            "created_unix": now,
+            "extra": dict(extra or {}),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _fsync_file(tmp / MANIFEST)
+        if searcher is not None:
+            _fsync_dir(tmp / SCANN_DIR)
+        _fsync_dir(tmp)
+        stage("manifest_written")
+        version = self._claim(tmp)
+        stage("renamed")
+        self._point_latest(version)
+        stage("latest_updated")
+        self.prune(keep)
+        return Snapshot(self.root / version, manifest)
+
+    def _scann_for(self, scann: Any, embeddings: Any, ids: np.ndarray):
+        if scann is None or scann is False:
+            return None
+        from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+        if scann is True or isinstance(scann, ScannSettings):
+            settings = None if scann is True else scann
+            return ScannSearcher.build(np.asarray(embeddings, np.float32), ids, settings)
+        if isinstance(scann, ScannSearcher):
+            if scann.size != len(ids):
+                raise ValueError(f"the ScaNN searcher holds {scann.size} vectors, the "
+                                 f"embeddings {len(ids)}")
+            return scann
+        raise TypeError(f"scann must be None, a bool, ScannSettings or ScannSearcher, got "
+                        f"{type(scann).__name__}")
+
+    @staticmethod
+    def _write_scann(searcher, folder: epath.Path) -> None:
+        if _is_local(folder):
+            searcher.serialize(os.fspath(folder))
+            return
+        with tempfile.TemporaryDirectory() as local:
+            searcher.serialize(local)
+            folder.mkdir(parents=True, exist_ok=True)
+            for rel, src in _walk_files(epath.Path(local)):
+                dst = folder / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                src.copy(dst)
+
+    def _claim(self, tmp: epath.Path) -> str:
+        """Rename tmp to the next free version folder (a rename never replaces a non-empty
+        folder, so concurrent publishers cannot both take the same name)."""
+        numbers = [version_number(v) for v in self.versions()]
+        try:
+            current = self.latest_version()
+        except SnapshotError:
+            current = None
+        if current is not None:
+            numbers.append(version_number(current))
+        number = max(numbers, default=0) + 1
+        for _ in range(100):
+            target = self.root / version_name(number)
+            if not target.exists():
+                try:
+                    tmp.rename(target)
+                except OSError:
+                    pass
+                else:
+                    _fsync_dir(self.root)
+                    return target.name
+            number += 1
+        raise RuntimeError(f"could not claim a version folder under {self.root}")
+
+    def _point_latest(self, version: str) -> None:
+        pointer = self.root / LATEST
+        tmp = self.root / _tmp_name("latest")
+        tmp.write_text(version + "\n")
+        _fsync_file(tmp)
+        if _is_local(pointer):
+            os.replace(tmp, pointer)
+        else:
+            tmp.replace(pointer)
+        _fsync_dir(self.root)
+
+    def prune(self, keep: int | None = None) -> list[str]:
+        """Delete all but the newest `keep` versions (default self.keep), never the one
+        LATEST names. A folder is first renamed to `.trash-*` (atomic), then deleted."""
+        keep = self.keep if keep is None else keep
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        try:
+            current = self.latest_version()
+        except SnapshotError:
+            return []  # do not delete anything while the pointer is unreadable
+        versions = self.versions()
+        removed = []
+        for version in versions[:max(0, len(versions) - keep)]:
+            if version == current:
+                continue
+            trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}-{version}"
+            try:
+                (self.root / version).rename(trash)
+            except OSError:
+                continue
+            _fsync_dir(self.root)
+            trash.rmtree(missing_ok=True)
+            removed.append(version)
+        return removed
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of crashed publishers: `.trash-*` folders, and `.tmp-*` entries
+        whose process is gone (same host) or that are older than an hour (other hosts)."""
+        if not self.root.exists():
+            return []
+        removed = []
+        host = socket.gethostname()
+        for path in list(self.root.iterdir()):
+            name = path.name
+            if name.startswith(TMP_PREFIX):
+                parts = name[len(TMP_PREFIX):].split("-", 3)
+                try:
+                    pid, owner = int(parts[2]), parts[3]
+                except (IndexError, ValueError):
+                    pid, owner = -1, ""
+                if owner == host and pid > 0:
+                    if pid == os.getpid() or _process_alive(pid):
+                        continue
+                else:
+                    try:
+                        age = time.time() - path.stat().mtime
+                    except (OSError, AttributeError):
+                        age = _STALE_REMOTE_TMP_S
+                    if age < _STALE_REMOTE_TMP_S:
+                        continue
+            elif not name.startswith(TRASH_PREFIX):
+                continue
+            try:
+                if path.is_dir():
+                    path.rmtree(missing_ok=True)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                continue
+            removed.append(name)
+        return removed
+
+
+class SnapshotWatcher:
+    """Follows LATEST for a trainer: `poll()` returns a newly published valid snapshot, or
+    None when there is nothing new. A new snapshot that fails validation is logged once and
+    refused; the watcher keeps serving `current`, the last good one.
+
+    The first poll also falls back to the newest valid older snapshot when LATEST's is bad.
+    """
+
+    def __init__(self, store: IndexStore, *, expected_corpus_fingerprint: str | None = None,
+                 checksums: bool = True, log: logging.Logger | None = None):
+        self.store = store
+        self.expected_corpus_fingerprint = expected_corpus_fingerprint
+        self.checksums = checksums
+        self.log = log or logging.getLogger(__name__)
+        self.current: Snapshot | None = None
+        self.rejected: dict[str, str] = {}
+
+    def poll(self) -> Snapshot | None:
+        if self.current is None:
+            snapshot = self.store.latest_valid(self.expected_corpus_fingerprint,
+                                               self.checksums, self.log)
+            if snapshot is not None:
+                self.current = snapshot
+                self.log.info("serving index snapshot %s (step %d)", snapshot.path,
+                              snapshot.step)
+            return snapshot
+        try:
+            version = self.store.latest_version()
+        except SnapshotError as e:
+            self._reject(LATEST, e)
+            return None
+        if version is None or version == self.current.version or version in self.rejected:
+            return None
+        try:
+            snapshot = self.store.load(
+                version, checksums=self.checksums,
+                expected_corpus_fingerprint=self.expected_corpus_fingerprint)
+        except SnapshotError as e:
+            self._reject(version, e)
+            return None
+        self.current = snapshot
+        self.log.info("serving index snapshot %s (step %d)", snapshot.path, snapshot.step)
+        return snapshot
+
+    def _reject(self, version: str, error: SnapshotError) -> None:
+        if self.rejected.get(version) != str(error):
+            self.log.warning("refusing index snapshot (still serving %s): %s",
+                             self.current.path if self.current else None, error)
+        self.rejected[version] = str(error)
