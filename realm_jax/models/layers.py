@@ -88,6 +88,7 @@ class BlockConfig:
     attention_dropout_rate: float = 0.0
     dtype: str = "float32"
     cross_attention: bool = False
+    activation_dropout_rate: float = 0.0   # after the feed-forward activation (BART)
 
     @property
     def head_dim(self) -> int:
@@ -153,10 +154,11 @@ class Attention(nn.Module):
         return nn.with_logical_constraint(out, HIDDEN_AXES)
 
     def _update_cache(self, key: Array, value: Array, mask: Array | None):
-        initialized = self.has_variable("cache", "key")
-        cached_key = self.variable("cache", "key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        # (Named apart from the "key"/"value" projections, which share this scope.)
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:  # the initialising call sees the full length; nothing to read yet
             return key, value, mask
         batch, steps, heads, head_dim = key.shape
@@ -184,6 +186,8 @@ class MLP(nn.Module):
         h = dense(cfg.intermediate_size, ("embed", "mlp"), dtype, "wi")(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = ACTIVATIONS[cfg.activation](h)
+        if cfg.activation_dropout_rate > 0.0:
+            h = nn.Dropout(cfg.activation_dropout_rate)(h, deterministic=deterministic)
         h = dense(cfg.hidden_size, ("mlp", "embed"), dtype, "wo")(h)
         return nn.with_logical_constraint(h, HIDDEN_AXES)
 
