@@ -1,0 +1,152 @@
+"""``prepare_corpus``: read a corpus, split it into blocks, tokenize, write a block store."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from realm_jax.data.blocks import MODES, Mode, load_tokenizer, spans_in, split_document
+from realm_jax.data.readers import Document, SkipCounter, detect_format, read_documents
+from realm_jax.data.store import BlockStoreWriter
+
+_log = logging.getLogger(__name__)
+
+# Bump when block splitting changes, so old stores get a different fingerprint.
+SPLITTER_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    """What :func:`prepare_corpus` wrote."""
+
+    path: Path
+    num_documents: int
+    num_blocks: int
+    num_tokens: int
+    skipped: dict[str, int]
+    spans_cut: int
+    fingerprint: str
+    seconds: float
+    manifest: dict[str, Any]
+
+
+def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
+                   tokenizer: str | os.PathLike | Any, mode: Mode = "realm",
+                   input_format: str | None = None, max_tokens: int = 288,
+                   passage_words: int = 100, tfds_split: str = "train",
+                   tfds_data_dir: str | os.PathLike | None = None, id_field: str | None = "id",
+                   title_field: str = "title", text_field: str = "text",
+                   max_documents: int | None = None, overwrite: bool = False,
+                   batch_documents: int = 64, progress: bool = True) -> PrepareResult:
+    """Builds a block store at ``output_dir`` from a corpus.
+
+    Args:
+      source: a ``.jsonl[.gz]`` file (``id``, ``title``, ``text`` per line), a MediaWiki XML
+        dump (``.xml`` / ``.xml.bz2``), or ``tfds:NAME`` (a prepared TFDS dataset).
+      output_dir: the store folder; written under a temporary name, then renamed.
+      tokenizer: a local Hugging Face folder (or a loaded fast tokenizer).
+      mode: ``"realm"``: blocks of at most ``max_tokens`` wordpieces, packed by sentences;
+        ``"dpr"``: passages of ``passage_words`` whitespace words, each with its title.
+      input_format: ``"jsonl"``, ``"tfds"`` or ``"wiki_xml"``; guessed from ``source`` if None.
+      tfds_split, tfds_data_dir: where the TFDS dataset lives (never downloaded).
+      id_field, title_field, text_field: record fields for JSONL and TFDS; ``id_field=None``
+        numbers documents by line / record index.
+      max_documents: stop after this many usable documents (for quick runs).
+      overwrite: replace an existing store at ``output_dir``.
+      batch_documents: documents tokenized per batch.
+      progress: show a progress bar (docs/s).
+
+    Returns:
+      A :class:`PrepareResult`; ``skipped`` counts skipped items by reason (also in the
+      manifest and logged).
+
+    Raises:
+      FileNotFoundError: the input file, TFDS dataset or tokenizer folder is missing.
+      FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+      ValueError: bad settings, or no usable document in the corpus.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if max_tokens < 1 or passage_words < 1:
+        raise ValueError(f"max_tokens and passage_words must be positive, got {max_tokens} "
+                         f"and {passage_words}")
+    started = time.perf_counter()
+    fmt = input_format or detect_format(source)
+    skips = SkipCounter()
+    documents = read_documents(source, skips, fmt=fmt, tfds_split=tfds_split,
+                               tfds_data_dir=tfds_data_dir, id_field=id_field,
+                               title_field=title_field, text_field=text_field)
+    tok = load_tokenizer(tokenizer)
+    settings: dict[str, Any] = {
+        "mode": mode, "splitter_version": SPLITTER_VERSION,
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size,
+                      "vocab_hash": tok.vocab_hash},
+    }
+    settings.update({"max_tokens": max_tokens} if mode == "realm" else
+                    {"passage_words": passage_words})
+    source_info = {"path": os.fspath(source), "format": fmt}
+    if fmt == "tfds":
+        source_info.update(split=tfds_split, data_dir=None if tfds_data_dir is None
+                           else os.fspath(tfds_data_dir))
+
+    counts = {"documents": 0, "spans_cut": 0}
+    with BlockStoreWriter(output_dir, token_dtype=tok.token_dtype, settings=settings,
+                          overwrite=overwrite) as writer, \
+            tqdm(desc=f"prepare-corpus {Path(os.fspath(source)).name}", unit="docs",
+                 total=max_documents, disable=not progress) as bar:
+
+        def flush(batch: list[Document]) -> None:
+            for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
+                pieces = [p for p in split_document(doc.text, enc, mode=mode,
+                                                    max_tokens=max_tokens,
+                                                    passage_words=passage_words)
+                          if p.tok_end > p.tok_start]
+                if not pieces:
+                    skips.skip("no_tokens", f"{source_info['path']} document {doc.doc_id!r}")
+                    continue
+                ids = np.asarray(enc.ids, dtype=np.int64)
+                for piece in pieces:
+                    spans, cut = spans_in(doc.spans, piece)
+                    counts["spans_cut"] += cut
+                    writer.add(ids[piece.tok_start:piece.tok_end], doc_id=doc.doc_id,
+                               title=doc.title, text=doc.text[piece.char_start:piece.char_end],
+                               spans=spans, doc_index=counts["documents"])
+                counts["documents"] += 1
+            bar.update(len(batch))
+            bar.set_postfix(blocks=len(writer), skipped=sum(skips.counts.values()),
+                            refresh=False)
+
+        batch: list[Document] = []
+        read = 0
+        for doc in documents:
+            batch.append(doc)
+            read += 1
+            if len(batch) >= batch_documents:
+                flush(batch)
+                batch = []
+            if max_documents is not None and read >= max_documents:
+                break
+        if batch:
+            flush(batch)
+        if len(writer) == 0:
+            raise ValueError(f"no usable documents in {source_info['path']}: "
+                             f"skipped {skips.as_dict() or 'nothing (the corpus is empty)'}")
+        manifest = writer.finish({
+            "source": source_info, "skipped": skips.as_dict(),
+            "stats": {"spans_cut": counts["spans_cut"]},
+        })
+    seconds = time.perf_counter() - started
+    result = PrepareResult(Path(output_dir), manifest["num_documents"], manifest["count"],
+                           manifest["num_tokens"], skips.as_dict(), counts["spans_cut"],
+                           manifest["fingerprint"], seconds, manifest)
+    _log.info("prepared %d blocks (%d tokens) from %d documents of %s in %.1fs; skipped: %s",
+              result.num_blocks, result.num_tokens, result.num_documents, source_info["path"],
+              seconds, result.skipped or "none")
+    return result

@@ -1,0 +1,332 @@
+"""The corpus block store: a folder readable by random access without loading it all.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    manifest.json       count, settings, skipped counts, fingerprint, file list
+    tokens.npy          all blocks' token ids, concatenated (uint16, or int32 for big vocabs)
+    offsets.npy         int64 [N+1]: block i's tokens are tokens[offsets[i]:offsets[i+1]]
+    lengths.npy         int32 [N]: tokens per block
+    doc_index.npy       int64 [N]: ordinal of the block's source document (0..D-1)
+    records.jsonl       one JSON object per block: doc_id, title, text, spans [[start, end, target]]
+    records_index.npy   int64 [N+1]: byte offsets of the lines in records.jsonl
+
+Arrays are memory-mapped; a record is read with one ``pread``. Block ids are 0..N-1 in corpus
+order. The store is written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from realm_jax.data.wikitext import Span
+
+_log = logging.getLogger(__name__)
+
+FORMAT = "realm_jax.block_store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_FILES = ("tokens.npy", "offsets.npy", "lengths.npy", "doc_index.npy", "records.jsonl",
+          "records_index.npy")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRecord:
+    """Everything stored about one block."""
+
+    block_id: int
+    doc_id: str
+    title: str
+    text: str
+    spans: list[Span]
+    tokens: np.ndarray
+    doc_index: int
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class BlockStoreWriter:
+    """Appends blocks to a temporary folder; :meth:`finish` validates and renames it into place.
+
+    Use as a context manager: leaving the ``with`` block by an exception removes the temporary
+    folder, so the final path only ever holds a complete store.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, token_dtype: np.dtype | type,
+                 settings: dict[str, Any], overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"block store already exists: {self.path} "
+                                  "(pass overwrite=True to replace it)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._overwrite = overwrite
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self._tmp.mkdir()
+        self.token_dtype = np.dtype(token_dtype).newbyteorder("<")
+        self.settings = dict(settings)
+        self._hash = hashlib.sha256(json.dumps(
+            {"format": FORMAT, "version": FORMAT_VERSION, "token_dtype": self.token_dtype.str,
+             "settings": self.settings}, sort_keys=True).encode())
+        self._tokens = open(self._tmp / "tokens.npy", "wb")
+        self._write_npy_header(0)
+        self._records = open(self._tmp / "records.jsonl", "wb")
+        self._offsets = array.array("q", [0])
+        self._record_index = array.array("q", [0])
+        self._doc_index = array.array("q")
+        self._finished = False
+
+    def __len__(self) -> int:
+        return len(self._doc_index)
+
+    def _write_npy_header(self, count: int) -> None:
+        self._tokens.seek(0)
+        np.lib.format.write_array_header_1_0(self._tokens, {
+            "descr": self.token_dtype.str, "fortran_order": False, "shape": (count,)})
+        if self._tokens.tell() != 128:  # a 1-D header always pads to 128 bytes
+            raise RuntimeError(f"unexpected .npy header size {self._tokens.tell()}")
+
+    def add(self, tokens: np.ndarray, *, doc_id: str, title: str, text: str,
+            spans: Sequence[Span], doc_index: int) -> int:
+        """Appends one block and returns its id."""
+        toks = np.ascontiguousarray(tokens, dtype=self.token_dtype)
+        line = (json.dumps({"doc_id": doc_id, "title": title, "text": text,
+                            "spans": [list(s) for s in spans]}, ensure_ascii=False)
+                + "\n").encode("utf-8")
+        raw = toks.tobytes()
+        self._hash.update(struct.pack("<QQ", len(toks), len(line)))
+        self._hash.update(raw)
+        self._hash.update(line)
+        self._tokens.write(raw)
+        self._records.write(line)
+        self._offsets.append(self._offsets[-1] + len(toks))
+        self._record_index.append(self._record_index[-1] + len(line))
+        self._doc_index.append(doc_index)
+        return len(self._doc_index) - 1
+
+    def finish(self, manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Writes the index arrays and the manifest, then renames the folder into place."""
+        count = len(self._doc_index)
+        self._write_npy_header(self._offsets[-1])
+        for f in (self._tokens, self._records):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        offsets = np.frombuffer(self._offsets, dtype=np.int64)
+        np.save(self._tmp / "offsets.npy", offsets)
+        np.save(self._tmp / "lengths.npy", np.diff(offsets).astype(np.int32))
+        np.save(self._tmp / "doc_index.npy", np.frombuffer(self._doc_index, dtype=np.int64))
+        np.save(self._tmp / "records_index.npy", np.frombuffer(self._record_index, dtype=np.int64))
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "count": count,
+            "num_documents": int(self._doc_index[-1]) + 1 if count else 0,
+            "num_tokens": int(self._offsets[-1]), "token_dtype": self.token_dtype.name,
+            "settings": self.settings, **(manifest_extra or {}),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": list(_FILES), "fingerprint": self._hash.hexdigest(),
+        }
+        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        for name in _FILES[1:4] + _FILES[5:] + (MANIFEST,):
+            _fsync_file(self._tmp / name)
+        _fsync_dir(self._tmp)
+        BlockStore.open(self._tmp).close()  # validate before publishing
+        old = None
+        if self.path.exists():
+            if not self._overwrite:
+                raise FileExistsError(f"block store appeared while writing: {self.path}")
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.path, old)
+        os.rename(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._finished = True
+        return manifest
+
+    def abort(self) -> None:
+        """Removes the temporary folder (idempotent)."""
+        for f in (self._tokens, self._records):
+            if not f.closed:
+                f.close()
+        if not self._finished:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> BlockStoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.abort()
+
+
+class BlockStore:
+    """Read access to a block store folder; arrays are memory-mapped, records read on demand.
+
+    Safe to pickle (reopens by path) for data-loader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"not a block store (no {MANIFEST}): {self.path}")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{manifest_path}: unsupported store format "
+                             f"{self.manifest.get('format')!r} v{self.manifest.get('version')}")
+        for name in _FILES:
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"block store {self.path} is missing {name}")
+        self._tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
+        self._offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
+        self.lengths: np.ndarray = np.load(self.path / "lengths.npy", mmap_mode="r")
+        self.doc_index: np.ndarray = np.load(self.path / "doc_index.npy", mmap_mode="r")
+        self._record_index = np.load(self.path / "records_index.npy", mmap_mode="r")
+        self._fd = os.open(self.path / "records.jsonl", os.O_RDONLY)
+        self._check()
+
+    def _check(self) -> None:
+        n = self.manifest["count"]
+        problems = []
+        if len(self._offsets) != n + 1 or len(self._record_index) != n + 1:
+            problems.append("index lengths do not match the count")
+        elif int(self._offsets[-1]) != len(self._tokens):
+            problems.append(f"offsets end at {int(self._offsets[-1])}, tokens has "
+                            f"{len(self._tokens)}")
+        elif int(self._record_index[-1]) != os.fstat(self._fd).st_size:
+            problems.append("records.jsonl size does not match its index")
+        if len(self.lengths) != n or len(self.doc_index) != n:
+            problems.append("lengths/doc_index do not match the count")
+        if self._tokens.dtype != np.dtype(self.manifest["token_dtype"]):
+            problems.append(f"tokens dtype {self._tokens.dtype} != {self.manifest['token_dtype']}")
+        if problems:
+            self.close()
+            raise ValueError(f"corrupt block store {self.path}: {'; '.join(problems)}")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> BlockStore:
+        """Opens a store folder written by :func:`realm_jax.data.prepare_corpus`."""
+        return cls(path)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def _check_id(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"block id {i} out of range [0, {len(self)}) in {self.path}")
+        return i
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the settings and every block's tokens and record (stable across runs)."""
+        return self.manifest["fingerprint"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """How the store was made (mode, limits, tokenizer)."""
+        return self.manifest["settings"]
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return self._tokens.dtype
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Block ``i``'s token ids (no special tokens), a copy in the store's dtype."""
+        i = self._check_id(i)
+        return np.array(self._tokens[self._offsets[i]:self._offsets[i + 1]])
+
+    def tokens_batch(self, ids: Sequence[int] | np.ndarray, *, max_length: int | None = None,
+                     pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks ``ids`` as an int32 [B, L] matrix padded with ``pad_id`` and their lengths.
+
+        L is the longest block (or ``max_length``; longer blocks are truncated).
+        """
+        ids = [self._check_id(i) for i in np.asarray(ids).reshape(-1).tolist()]
+        lengths = np.asarray(self.lengths[np.asarray(ids, dtype=np.int64)], dtype=np.int32)
+        if max_length is not None:
+            lengths = np.minimum(lengths, max_length)
+        width = int(max_length if max_length is not None else (lengths.max() if ids else 0))
+        out = np.full((len(ids), width), pad_id, dtype=np.int32)
+        for row, (i, n) in enumerate(zip(ids, lengths.tolist())):
+            start = int(self._offsets[i])
+            out[row, :n] = self._tokens[start:start + n]
+        return out, lengths
+
+    def _record(self, i: int) -> dict[str, Any]:
+        i = self._check_id(i)
+        start, end = int(self._record_index[i]), int(self._record_index[i + 1])
+        return json.loads(os.pread(self._fd, end - start, start))
+
+    def text(self, i: int) -> str:
+        return self._record(i)["text"]
+
+    def title(self, i: int) -> str:
+        return self._record(i)["title"]
+
+    def doc_id(self, i: int) -> str:
+        """The id of the source document (as given by the corpus)."""
+        return self._record(i)["doc_id"]
+
+    def spans(self, i: int) -> list[Span]:
+        """Entity spans (link anchors) relative to ``text(i)``."""
+        return [Span(*s) for s in self._record(i)["spans"]]
+
+    def record(self, i: int) -> BlockRecord:
+        """Everything about block ``i`` with a single read."""
+        r = self._record(i)
+        return BlockRecord(int(i), r["doc_id"], r["title"], r["text"],
+                           [Span(*s) for s in r["spans"]], self.tokens(i), int(self.doc_index[i]))
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"BlockStore({str(self.path)!r}, count={len(self)}, mode={self.settings.get('mode')})"
