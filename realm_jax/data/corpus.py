@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,48 @@ class PrepareResult:
     manifest: dict[str, Any]
 
 
-def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
+def _prefetch(items: Iterable[Any], size: int) -> Iterator[Any]:
+    """Iterates ``items`` in a background thread (reading overlaps tokenization, which releases
+    the GIL); exceptions are re-raised here, and closing the generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((e, None))
+            return
+        put((None, done))
+
+    thread = threading.Thread(target=work, name="corpus-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            error, item = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: str | os.PathLike, *,
                    tokenizer: str | os.PathLike | Any, mode: Mode = "realm",
                    input_format: str | None = None, max_tokens: int = 288,
                    passage_words: int = 100, tfds_split: str = "train",
@@ -49,7 +93,8 @@ def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     Args:
       source: a ``.jsonl[.gz]`` file (``id``, ``title``, ``text`` per line), a MediaWiki XML
-        dump (``.xml`` / ``.xml.bz2``), or ``tfds:NAME`` (a prepared TFDS dataset).
+        dump (``.xml`` / ``.xml.bz2``), ``tfds:NAME`` (a prepared TFDS dataset), or an
+        iterable of :class:`Document` (already read; the caller counts what it skipped).
       output_dir: the store folder; written under a temporary name, then renamed.
       tokenizer: a local Hugging Face folder (or a loaded fast tokenizer).
       mode: ``"realm"``: blocks of at most ``max_tokens`` wordpieces, packed by sentences;
@@ -78,11 +123,15 @@ def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
         raise ValueError(f"max_tokens and passage_words must be positive, got {max_tokens} "
                          f"and {passage_words}")
     started = time.perf_counter()
-    fmt = input_format or detect_format(source)
     skips = SkipCounter()
-    documents = read_documents(source, skips, fmt=fmt, tfds_split=tfds_split,
-                               tfds_data_dir=tfds_data_dir, id_field=id_field,
-                               title_field=title_field, text_field=text_field)
+    if isinstance(source, (str, os.PathLike)):
+        fmt = input_format or detect_format(source)
+        documents: Iterable[Document] = read_documents(
+            source, skips, fmt=fmt, tfds_split=tfds_split, tfds_data_dir=tfds_data_dir,
+            id_field=id_field, title_field=title_field, text_field=text_field)
+        label = os.fspath(source)
+    else:
+        fmt, documents, label = "documents", source, "<documents>"
     tok = load_tokenizer(tokenizer)
     settings: dict[str, Any] = {
         "mode": mode, "splitter_version": SPLITTER_VERSION,
@@ -91,7 +140,7 @@ def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
     }
     settings.update({"max_tokens": max_tokens} if mode == "realm" else
                     {"passage_words": passage_words})
-    source_info = {"path": os.fspath(source), "format": fmt}
+    source_info = {"path": label, "format": fmt}
     if fmt == "tfds":
         source_info.update(split=tfds_split, data_dir=None if tfds_data_dir is None
                            else os.fspath(tfds_data_dir))
@@ -99,7 +148,7 @@ def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
     counts = {"documents": 0, "spans_cut": 0}
     with BlockStoreWriter(output_dir, token_dtype=tok.token_dtype, settings=settings,
                           overwrite=overwrite) as writer, \
-            tqdm(desc=f"prepare-corpus {Path(os.fspath(source)).name}", unit="docs",
+            tqdm(desc=f"prepare-corpus {Path(label).name}", unit="docs",
                  total=max_documents, disable=not progress) as bar:
 
         def flush(batch: list[Document]) -> None:
@@ -125,7 +174,7 @@ def prepare_corpus(source: str | os.PathLike, output_dir: str | os.PathLike, *,
 
         batch: list[Document] = []
         read = 0
-        for doc in documents:
+        for doc in _prefetch(documents, 4 * batch_documents):
             batch.append(doc)
             read += 1
             if len(batch) >= batch_documents:

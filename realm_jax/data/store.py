@@ -207,13 +207,19 @@ class BlockStore:
         for name in _FILES:
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"block store {self.path} is missing {name}")
-        self._tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
-        self._offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
-        self.lengths: np.ndarray = np.load(self.path / "lengths.npy", mmap_mode="r")
-        self.doc_index: np.ndarray = np.load(self.path / "doc_index.npy", mmap_mode="r")
-        self._record_index = np.load(self.path / "records_index.npy", mmap_mode="r")
+        self._tokens = self._load("tokens.npy")
+        self._offsets = self._load("offsets.npy")
+        self.lengths: np.ndarray = self._load("lengths.npy")
+        self.doc_index: np.ndarray = self._load("doc_index.npy")
+        self._record_index = self._load("records_index.npy")
         self._fd = os.open(self.path / "records.jsonl", os.O_RDONLY)
         self._check()
+
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.path / name, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"corrupt block store {self.path}: cannot map {name}: {e}") from e
 
     def _check(self) -> None:
         n = self.manifest["count"]
