@@ -145,11 +145,14 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
         source_info.update(split=tfds_split, data_dir=None if tfds_data_dir is None
                            else os.fspath(tfds_data_dir))
 
+    total = len(documents) if hasattr(documents, "__len__") else None
+    if max_documents is not None:
+        total = max_documents if total is None else min(total, max_documents)
     counts = {"documents": 0, "spans_cut": 0}
     with BlockStoreWriter(output_dir, token_dtype=tok.token_dtype, settings=settings,
                           overwrite=overwrite) as writer, \
             tqdm(desc=f"prepare-corpus {Path(label).name}", unit="docs",
-                 total=max_documents, disable=not progress) as bar:
+                 total=total, disable=not progress) as bar:
 
         def flush(batch: list[Document]) -> None:
             for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -161,7 +161,7 @@ def _decode_tfds(value: Any) -> str:
 def read_tfds(name: str, skips: SkipCounter, *, split: str = "train",
               data_dir: str | os.PathLike | None = None, id_field: str | None = "id",
               title_field: str = "title", text_field: str = "text",
-              batch_size: int = 256) -> Iterator[Document]:
+              batch_size: int = 256) -> Iterable[Document]:
     """Reads a prepared TFDS dataset through ``tfds.data_source`` (array_record; no TensorFlow).
 
     Never downloads: the dataset must already be prepared under ``data_dir``. When the dataset
@@ -196,12 +196,33 @@ def read_tfds(name: str, skips: SkipCounter, *, split: str = "train",
 
 def read_data_source(source: Any, skips: SkipCounter, *, label: str = "data source",
                      id_field: str | None = "id", title_field: str = "title",
-                     text_field: str = "text", batch_size: int = 256) -> Iterator[Document]:
+                     text_field: str = "text", batch_size: int = 256) -> Iterable[Document]:
     """Reads any random-access source of dict records (``len`` and ``[i]``, e.g. a TFDS or
-    grain data source) in index order; bytes values are decoded as UTF-8.
+    grain data source) in index order; bytes values are decoded as UTF-8. The result has a
+    ``len`` (the number of records).
 
     ``id_field=None`` uses the record index as the id.
     """
+    return _Sized(_iter_data_source(source, skips, label, id_field, title_field, text_field,
+                                    batch_size), len(source))
+
+
+class _Sized:
+    """An iterator that knows how many records it will go through (for progress ETAs)."""
+
+    def __init__(self, iterator: Iterator[Document], length: int):
+        self._iterator, self._length = iterator, length
+
+    def __iter__(self) -> Iterator[Document]:
+        return self._iterator
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def _iter_data_source(source: Any, skips: SkipCounter, label: str, id_field: str | None,
+                      title_field: str, text_field: str, batch_size: int
+                      ) -> Iterator[Document]:
     get_many = getattr(source, "__getitems__", None)
     for first in range(0, len(source), batch_size):
         indices = list(range(first, min(first + batch_size, len(source))))
@@ -294,7 +315,7 @@ def _page_document(page: ET.Element, skips: SkipCounter, path: Path) -> Document
 def read_documents(source: str | os.PathLike, skips: SkipCounter, *, fmt: str | None = None,
                    tfds_split: str = "train", tfds_data_dir: str | os.PathLike | None = None,
                    id_field: str | None = "id", title_field: str = "title",
-                   text_field: str = "text") -> Iterator[Document]:
+                   text_field: str = "text") -> Iterable[Document]:
     """Dispatches to the reader for ``fmt`` (guessed from ``source`` when None)."""
     fmt = fmt or detect_format(source)
     if fmt == "jsonl":
