@@ -86,17 +86,25 @@ class Piece:
     tok_end: int
 
 
-def sentence_starts(text: str) -> list[int]:
-    """Character offsets where sentences start (always 0 first)."""
-    return [0] + [m.end() for m in _SENTENCE_END_RE.finditer(text) if m.end() < len(text)]
+def sentence_starts(text: str, spans: Sequence[Span] = ()) -> list[int]:
+    """Character offsets where sentences start (always 0 first), never inside a span
+    (so an anchor like "J. M. W. Turner" is not cut)."""
+    starts = np.array([m.end() for m in _SENTENCE_END_RE.finditer(text) if m.end() < len(text)],
+                      dtype=np.int64)
+    if len(spans) and len(starts):
+        bounds = np.array([(s, e) for s, e, _ in spans], dtype=np.int64)
+        inside = ((bounds[None, :, 0] < starts[:, None])
+                  & (starts[:, None] < bounds[None, :, 1])).any(axis=1)
+        starts = starts[~inside]
+    return [0] + starts.tolist()
 
 
 def _token_starts(offsets: np.ndarray) -> np.ndarray:
     return offsets[:, 0] if len(offsets) else np.zeros(0, dtype=np.int64)
 
 
-def realm_pieces(text: str, offsets: np.ndarray, word_ids: np.ndarray,
-                 max_tokens: int) -> list[Piece]:
+def realm_pieces(text: str, offsets: np.ndarray, word_ids: np.ndarray, max_tokens: int,
+                 spans: Sequence[Span] = ()) -> list[Piece]:
     """Greedy packing of whole sentences into blocks of at most ``max_tokens`` tokens.
 
     A sentence longer than ``max_tokens`` is cut between words (mid-word only for a single
@@ -106,7 +114,7 @@ def realm_pieces(text: str, offsets: np.ndarray, word_ids: np.ndarray,
     if n == 0:
         return []
     starts = _token_starts(offsets)
-    bounds = np.unique(np.searchsorted(starts, sentence_starts(text), side="left"))
+    bounds = np.unique(np.searchsorted(starts, sentence_starts(text, spans), side="left"))
     bounds = np.append(bounds[bounds < n], n)
     bounds[0] = 0
     word_cut = np.flatnonzero(np.diff(word_ids) != 0) + 1  # token indices starting a new word
@@ -157,12 +165,13 @@ def spans_in(spans: Sequence[Span], piece: Piece) -> tuple[list[Span], int]:
 
 
 def split_document(text: str, encoding: Any, *, mode: Mode, max_tokens: int,
-                   passage_words: int) -> list[Piece]:
-    """The blocks of one tokenized document (empty when it has no tokens)."""
+                   passage_words: int, spans: Sequence[Span] = ()) -> list[Piece]:
+    """The blocks of one tokenized document (empty when it has no tokens); REALM blocks do
+    not break sentences inside ``spans``."""
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     if mode == "realm":
         word_ids = np.asarray([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
-        return realm_pieces(text, offsets, word_ids, max_tokens)
+        return realm_pieces(text, offsets, word_ids, max_tokens, spans)
     if mode == "dpr":
         return passage_pieces(text, offsets, passage_words)
     raise ValueError(f"unknown block mode {mode!r}; expected one of {', '.join(MODES)}")

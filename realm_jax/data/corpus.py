@@ -158,7 +158,8 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
             for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
                 pieces = [p for p in split_document(doc.text, enc, mode=mode,
                                                     max_tokens=max_tokens,
-                                                    passage_words=passage_words)
+                                                    passage_words=passage_words,
+                                                    spans=doc.spans)
                           if p.tok_end > p.tok_start]
                 if not pieces:
                     skips.skip("no_tokens", f"{source_info['path']} document {doc.doc_id!r}")
