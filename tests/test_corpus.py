@@ -263,6 +263,7 @@ def test_wiki_sample_realm_blocks(wiki_stores, wiki_sample_path, tok):
     result, _ = wiki_stores
     assert result.num_documents == 106
     assert result.skipped == {"redirect": 99, "non_article_namespace": 1}
+    assert result.spans_cut == 0  # blocks end at sentence ends, never inside an anchor
     store = BlockStore.open(result.path)
     assert store.manifest["skipped"] == result.skipped
     assert store.settings["max_tokens"] == 288 and store.settings["mode"] == "realm"
