@@ -39,6 +39,7 @@ def test_searcher_matches_numpy(data, shape):
     emb, queries = data
     # 1003 rows over 8 shards with blocks of 32: padded, and N % (shards * block) != 0.
     searcher = device.DeviceSearcher(emb, mesh=_mesh(shape), block_size=32)
+    assert isinstance(searcher, base.Searcher)
     assert searcher.size == N and searcher.dim == P
     assert searcher.embeddings.shape[0] % (int(np.prod(shape)) * 32) == 0
     got = searcher.search(queries, K)

@@ -37,6 +37,7 @@ def test_tree_ah_recall(corpus, tree_searcher):
     assert settings["mode"] == "tree_ah_reorder"
     assert settings["num_leaves"] == 173 and 8 <= settings["leaves_to_search"] < 173
     assert settings["anisotropic_quantization_threshold"] == 0.2
+    assert isinstance(tree_searcher, base.Searcher)
     assert tree_searcher.size == 30_000 and tree_searcher.dim == 64
     scores, found = tree_searcher.search(queries, 10)
     true_scores, true_ids = base.exact_search(queries, emb, 10, ids)

@@ -155,9 +155,11 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     def shard_fn(qs, emb, valid):
         offset = _linear_axis_index(axes, mesh) * per_shard
         s, r = local(qs, emb, row_offset=offset, num_valid=valid, varying_axes=axes)
-        s = lax.all_gather(s, axes, axis=1, tiled=True, to="invarying")   # [Q, shards * k]
+        # [Q, shards * k], shard-major: on ties top_k keeps the lower global row.
+        s = lax.all_gather(s, axes, axis=1, tiled=True, to="invarying")
         r = lax.all_gather(r, axes, axis=1, tiled=True, to="invarying")
-        return _merge(s[:, :0], r[:, :0], s, r, k)
+        s, pos = lax.top_k(s, k)
+        return s, jnp.take_along_axis(r, pos, axis=1)
 
     valid_arg = jnp.asarray(n if valid is None else valid, jnp.int32)
     return jax.shard_map(shard_fn, mesh=mesh,

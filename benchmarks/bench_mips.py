@@ -1,0 +1,279 @@
+"""MIPS side by side: exact numpy, exact JAX device search, ScaNN and FAISS.
+
+Corpus: N x D unit vectors (default 1M x 128), clustered (a Gaussian mixture around N/500
+random unit directions with noise of norm `--spread`, default 2.0: overlapping clusters;
+`--data uniform` for isotropic random vectors, the hardest case), and queries
+drawn from the same distribution (not copies of corpus rows). Ground truth is the exact
+top-k. ScaNN and FAISS are swept over their search-time knobs; the table reports, per
+method, the fastest setting whose recall@k reaches `--target_recall` (or the best recall
+reached, marked, if none does). Queries are answered in one batch using all cores.
+
+    python benchmarks/bench_mips.py --n 200000
+    python benchmarks/bench_mips.py --methods numpy,scann,faiss-ivfpq --verbose
+
+faiss-cpu is a benchmark-only dependency (`pip install faiss-cpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from realm_jax.index import base
+
+ALL_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-hnsw")
+DEFAULT_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq")
+
+
+def make_data(n: int, dim: int, num_queries: int, kind: str, spread: float, seed: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        def draw(m):
+            return rng.standard_normal((m, dim), dtype=np.float32)
+    else:
+        centres = rng.standard_normal((max(1, n // 500), dim), dtype=np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        def draw(m):
+            out = np.empty((m, dim), np.float32)
+            for s in range(0, m, 262_144):
+                e = min(m, s + 262_144)
+                out[s:e] = centres[rng.integers(0, len(centres), e - s)]
+                out[s:e] += rng.standard_normal((e - s, dim), dtype=np.float32) * (
+                    spread / math.sqrt(dim))
+            return out
+    corpus, queries = draw(n), draw(num_queries)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return corpus, queries
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
+    """Result of fn and its best wall time over `repeat` runs."""
+    best, out = math.inf, None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    def add(self, method: str, settings: str, build_s: float, recall: float, qps: float,
+            bytes_per_vector: float, note: str = "") -> None:
+        self.rows.append(dict(method=method, settings=settings, build_s=build_s, recall=recall,
+                              qps=qps, bytes_per_vector=bytes_per_vector, note=note))
+
+    def sweep(self, method: str, build_s: float, bytes_per_vector: float,
+              configs: list[tuple[str, Callable[[], np.ndarray]]], truth: np.ndarray) -> None:
+        """Run each (settings, search) config, cheapest first; keep the fastest one reaching
+        the target. Stops once configs run at under half the best good one's speed."""
+        q, k, target = len(truth), self.args.k, self.args.target_recall
+        results: list[tuple[str, float, float]] = []
+        for settings, search in configs:
+            ids, seconds = timed(search, self.args.repeat)
+            recall = base.recall_at_k(ids, truth, k)
+            results.append((settings, recall, q / seconds))
+            if self.args.verbose:
+                self.log(f"  {method:14s} {settings:44s} recall {recall:.4f} "
+                         f"{q / seconds:10.0f} q/s")
+            best_good = max((r[2] for r in results if r[1] >= target), default=None)
+            if best_good is not None and q / seconds < best_good / 2:
+                break
+        good = [r for r in results if r[1] >= target]
+        if good:
+            settings, recall, qps = max(good, key=lambda r: r[2])
+            note = ""
+        else:
+            settings, recall, qps = max(results, key=lambda r: (r[1], r[2]))
+            note = f"recall < {target}"
+        self.add(method, settings, build_s, recall, qps, bytes_per_vector, note)
+
+
+def run_numpy(bench: Bench, corpus, queries, k):
+    (scores, ids), seconds = timed(lambda: base.exact_search(queries, corpus, k),
+                                   bench.args.repeat)
+    bench.add("exact numpy", "float32, blocks of 65536 rows", 0.0, 1.0, len(queries) / seconds,
+              corpus.nbytes / len(corpus))
+    return ids
+
+
+def run_jax(bench: Bench, corpus, queries, truth):
+    import jax
+    from realm_jax.index.device import DeviceSearcher
+    k = bench.args.k
+    dtype = bench.args.jax_dtype
+    build = time.perf_counter()
+    searcher = DeviceSearcher(corpus, block_size=bench.args.block_size, dtype=dtype)
+    searcher.search(queries, k)  # build = placing the shards + compiling for this batch
+    build = time.perf_counter() - build
+
+    def search():
+        return searcher.search(queries, k)[1]
+    ids_found, seconds = timed(search, bench.args.repeat)
+    recall = base.recall_at_k(ids_found, truth, k)
+    devices = jax.devices()
+    bench.add("exact JAX device search",
+              f"{dtype}, {len(devices)} x {devices[0].platform}, block {searcher.block_size}",
+              build, recall, len(queries) / seconds,
+              searcher.embeddings.nbytes / searcher.size)
+
+
+def run_scann(bench: Bench, corpus, queries, truth):
+    from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+    k = bench.args.k
+    settings = ScannSettings(num_neighbors=k, num_threads=0, brute_force_below=0)
+    searcher, build = timed(lambda: ScannSearcher.build(corpus, settings=settings))
+    with tempfile.TemporaryDirectory() as d:
+        searcher.serialize(d)
+        size = folder_bytes(d)
+    leaves = searcher.settings["num_leaves"]
+    configs = []
+    for frac in (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5):
+        n_leaves = max(1, int(round(leaves * frac)))
+        for reorder in (50, 100, 200, 400):
+            configs.append((f"{leaves} leaves, search {n_leaves}, reorder {reorder}",
+                            lambda n_leaves=n_leaves, reorder=reorder: searcher.search(
+                                queries, k, leaves_to_search=n_leaves, reorder=reorder)[1]))
+    bench.log(f"scann: built in {build:.1f}s ({searcher.settings})")
+    bench.sweep("ScaNN (tree + AH + reorder)", build, size / len(corpus), configs, truth)
+
+
+def run_faiss(bench: Bench, method: str, corpus, queries, truth):
+    import faiss
+    k, n, dim = bench.args.k, len(corpus), corpus.shape[1]
+    nlist = bench.args.faiss_nlist or max(16, int(round(4 * math.sqrt(n))))
+    if method == "faiss-ivfflat":
+        spec, label = f"IVF{nlist},Flat", "FAISS IVF-Flat"
+    elif method == "faiss-ivfpq":
+        spec, label = f"IVF{nlist},PQ{dim // 2}x4fs,RFlat", "FAISS IVF-PQ(4-bit fast scan)+refine"
+    else:
+        spec, label = "HNSW32,Flat", "FAISS HNSW32"
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+
+    def build():
+        if not index.is_trained:
+            sample = corpus[np.random.default_rng(0).choice(n, min(n, 50 * nlist), replace=False)]
+            index.train(sample)
+        index.add(corpus)
+        return index
+    _, build_s = timed(build)
+    size = faiss.serialize_index(index).nbytes
+    bench.log(f"{method}: built in {build_s:.1f}s")
+
+    def search_with(set_params):
+        def run():
+            set_params()
+            return index.search(queries, k)[1].astype(np.int64)
+        return run
+
+    configs = []
+    if method == "faiss-hnsw":
+        for ef in (16, 32, 64, 128, 256, 512, 1024):
+            def setp(ef=ef):
+                index.hnsw.efSearch = ef
+            configs.append((f"efSearch {ef}", search_with(setp)))
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        factors = (1,) if method == "faiss-ivfflat" else (2, 5, 10, 20, 40)
+        for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            for kf in factors:
+                def setp(nprobe=nprobe, kf=kf):
+                    ivf.nprobe = nprobe
+                    if method == "faiss-ivfpq":
+                        faiss.downcast_index(index).k_factor = kf
+                settings = f"nlist {nlist}, nprobe {nprobe}" + (
+                    f", k_factor {kf}" if method == "faiss-ivfpq" else "")
+                configs.append((settings, search_with(setp)))
+    bench.sweep(label, build_s, size / n, configs, truth)
+
+
+def table(rows: list[dict[str, Any]], exact_qps: float | None) -> str:
+    lines = ["| method | settings | build (s) | recall@10 | queries/s | x exact numpy "
+             "| bytes/vector |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        speed = f"{r['qps'] / exact_qps:.1f}" if exact_qps else "-"
+        recall = f"{r['recall']:.3f}" + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['method']} | {r['settings']} | {r['build_s']:.1f} | {recall} | "
+                     f"{r['qps']:,.0f} | {speed} | {r['bytes_per_vector']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="corpus size")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
+    parser.add_argument("--spread", type=float, default=2.0,
+                        help="clustered data: noise norm relative to the unit centres")
+    parser.add_argument("--target_recall", type=float, default=0.95)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    parser.add_argument("--faiss_nlist", type=int, default=0,
+                        help="FAISS IVF lists (default 4 sqrt(N), FAISS's rule of thumb)")
+    parser.add_argument("--block_size", type=int, default=4096, help="JAX device search")
+    parser.add_argument("--jax_dtype", default="float32", help="JAX corpus storage dtype")
+    parser.add_argument("--repeat", type=int, default=2, help="timing: best of this many")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--verbose", action="store_true", help="print every sweep point")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
+
+    bench = Bench(args)
+    (corpus, queries), seconds = timed(lambda: make_data(
+        args.n, args.dim, args.queries, args.data, args.spread, args.seed))
+    bench.log(f"data: {args.n} x {args.dim} {args.data}, {args.queries} queries "
+              f"({seconds:.1f}s); {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    truth = base.exact_search(queries, corpus, args.k)[1]
+    exact_qps = None
+    for method in methods:
+        t = time.perf_counter()
+        if method == "numpy":
+            run_numpy(bench, corpus, queries, args.k)
+            exact_qps = bench.rows[-1]["qps"]
+        elif method == "jax":
+            run_jax(bench, corpus, queries, truth)
+        elif method == "scann":
+            run_scann(bench, corpus, queries, truth)
+        else:
+            run_faiss(bench, method, corpus, queries, truth)
+        bench.log(f"{method}: done in {time.perf_counter() - t:.1f}s")
+    print()
+    data = args.data + (f" (spread {args.spread})" if args.data == "clustered" else "")
+    print(f"MIPS, {args.n:,} x {args.dim} {data} unit vectors, {args.queries} queries "
+          f"in one batch, top-{args.k}, {os.cpu_count()} CPU cores; ScaNN/FAISS: fastest "
+          f"setting with recall@{args.k} >= {args.target_recall}")
+    print()
+    print(table(bench.rows, exact_qps))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": bench.rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
