@@ -178,12 +178,14 @@ class DeviceSearcher:
 
     The matrix is padded to a multiple of (corpus shards x block) rows; padding rows are
     masked to -inf and never returned. `embeddings`, `num_valid` and `block_size` are what
-    a jitted step needs to call `device_topk` itself.
+    a jitted step needs to call `device_topk` itself. precision: of the float32 scoring
+    matmul (HIGHEST: exact float32 on TPU too; DEFAULT is faster for bfloat16 corpora).
     """
 
     def __init__(self, embeddings: np.ndarray, ids: np.ndarray | None = None, *,
                  mesh: Mesh | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 dtype: Any = None, rules=rsharding.DEFAULT_RULES):
+                 dtype: Any = None, rules=rsharding.DEFAULT_RULES,
+                 precision=lax.Precision.HIGHEST):
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be [N, P], got shape {embeddings.shape}")
         n, p = embeddings.shape
@@ -212,7 +214,8 @@ class DeviceSearcher:
         self.embeddings = jax.make_array_from_callback((padded, p), self.sharding, shard_rows)
         self.num_valid = n
         self._search = jax.jit(functools.partial(
-            device_topk, block_size=self.block_size, num_valid=n, mesh=self.mesh, rules=rules),
+            device_topk, block_size=self.block_size, num_valid=n, mesh=self.mesh, rules=rules,
+            precision=precision),
             static_argnames="k")
 
     @property
