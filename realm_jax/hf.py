@@ -12,6 +12,8 @@ parameters with one HF tensor. `kind` says how the arrays relate:
   "vector": a 1-D HF tensor vs our tensor of any shape (e.g. a bias [heads, head_dim]);
   "matrix": the same shape on both sides (embedding tables);
   "row": an HF [1, n] tensor vs our [n] (BART's final_logits_bias).
+An `optional` entry may be absent from a folder (it is then zeros) and is not written when
+it is all zeros, as transformers treats BART's final_logits_bias (a BartModel has none).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
 from realm_jax.models.heads import MaskedLMConfig, SpanReaderConfig
 from realm_jax.models.towers import EmbedderConfig
@@ -43,6 +46,7 @@ class Entry:
     path: tuple[str, ...]
     hf_key: str
     kind: str
+    optional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +217,75 @@ def _realm_entries(cfg, arch: str, prefix: str) -> list[Entry]:
 REALM = Layout(("RealmEmbedder", "RealmKnowledgeAugEncoder", "RealmReader"), "realm",
                _realm_from_hf, _realm_to_hf, _realm_entries)
 
-LAYOUTS: list[Layout] = [BERT, DPR, REALM]
+
+# BART ----------------------------------------------------------------------------------
+# BartModel folders (e.g. facebook/bart-large, RAG's generator) load into the full
+# seq2seq LM as transformers' BartForConditionalGeneration.from_pretrained does: the LM
+# head is tied to `shared`, and final_logits_bias is zeros when absent.
+
+_BART_ARCHS = ("BartForConditionalGeneration", "BartModel")
+_BART_CONFIG_FIELDS = (
+    "vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
+    "activation_function", "scale_embedding", "pad_token_id", "bos_token_id", "eos_token_id",
+    "decoder_start_token_id", "dropout", "attention_dropout", "activation_dropout")
+
+
+def _bart_from_hf(hf: dict, arch: str) -> BartConfig:
+    if not hf.get("tie_word_embeddings", True):
+        raise CheckpointError("BART with an untied LM head (tie_word_embeddings=false) is "
+                              "not supported")
+    # Legacy fields of older BART configs; set otherwise, they describe an mBART-like model.
+    for flag, bart_value in (("normalize_before", False), ("add_final_layer_norm", False),
+                             ("normalize_embedding", True)):
+        if hf.get(flag, bart_value) != bart_value:
+            raise CheckpointError(f"BART with {flag}={hf[flag]!r} is not supported (only "
+                                  f"{flag}={bart_value}, the BART layout)")
+    kwargs = {k: hf[k] for k in _BART_CONFIG_FIELDS if hf.get(k) is not None}
+    return BartConfig(hf_architecture=arch, **kwargs)
+
+
+def _bart_to_hf(cfg: BartConfig, arch: str) -> dict:
+    hf = {k: getattr(cfg, k) for k in _BART_CONFIG_FIELDS}
+    hf.update(model_type="bart", architectures=[arch], is_encoder_decoder=True,
+              tie_word_embeddings=True, init_std=0.02, encoder_layerdrop=0.0,
+              decoder_layerdrop=0.0, classifier_dropout=0.0, use_cache=True)
+    return hf
+
+
+def _bart_layer_entries(path, key, cross: bool) -> list[Entry]:
+    out = []
+    attentions = [("attention", "self_attn")] + ([("cross_attention", "encoder_attn")] if cross else [])
+    for ours, theirs in attentions:
+        for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            out += _linear(path + (ours, name), f"{key}{theirs}.{proj}")
+        out += _linear(path + (ours, "out"), f"{key}{theirs}.out_proj", "kernel2")
+        out += _layer_norm(path + (ours + "_ln",), f"{key}{theirs}_layer_norm")
+    out += _linear(path + ("mlp", "wi"), key + "fc1")
+    out += _linear(path + ("mlp", "wo"), key + "fc2")
+    out += _layer_norm(path + ("mlp_ln",), key + "final_layer_norm")
+    return out
+
+
+def _bart_entries(cfg: BartConfig, arch: str, prefix: str) -> list[Entry]:
+    # The body prefix is "model." in BartForConditionalGeneration folders (and in some
+    # BartModel ones, e.g. facebook/bart-large); on writing, the architecture decides.
+    p = prefix or ("model." if arch == "BartForConditionalGeneration" else "")
+    out = [Entry(("shared", "embedding"), p + "shared.weight", "matrix"),
+           Entry(("final_logits_bias",), "final_logits_bias", "row", optional=True)]
+    for side, layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
+        out.append(Entry((side, "embed_positions", "embedding"),
+                         f"{p}{side}.embed_positions.weight", "matrix"))
+        out += _layer_norm((side, "layernorm_embedding"), f"{p}{side}.layernorm_embedding")
+        for i in range(layers):
+            out += _bart_layer_entries((side, "layers", f"layers_{i}"),
+                                       f"{p}{side}.layers.{i}.", side == "decoder")
+    return out
+
+
+BART = Layout(_BART_ARCHS, "bart", _bart_from_hf, _bart_to_hf, _bart_entries)
+
+LAYOUTS: list[Layout] = [BERT, DPR, REALM, BART]
 
 
 def register(layout: Layout) -> None:
@@ -289,15 +361,20 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
+def stack_layers(params: dict, num_layers: int | None = None) -> dict:
     """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
-    (the nn.scan layout), wherever a `layers` LayerStack appears in the tree."""
+    (the nn.scan layout), wherever a `layers` LayerStack appears in the tree. Each stack
+    keeps its own depth (BART's encoder and decoder may differ); `num_layers`, if given,
+    must match every stack."""
     if not isinstance(params, dict):
         return params
     out = {}
     for name, sub in params.items():
         if name == "layers" and isinstance(sub, dict) and "layers_0" in sub:
-            per_layer = [sub[f"layers_{i}"] for i in range(num_layers)]
+            n = sum(1 for k in sub if k.startswith("layers_"))
+            if num_layers is not None and n != num_layers:
+                raise ValueError(f"a layer stack has {n} layers, expected {num_layers}")
+            per_layer = [sub[f"layers_{i}"] for i in range(n)]
             out[name] = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
         else:
             out[name] = stack_layers(sub, num_layers)
@@ -326,11 +403,6 @@ def _encoder_of(cfg) -> EncoderConfig | None:
 
 def _scan_layers(cfg) -> bool:
     return bool(getattr(cfg, "scan_layers", False) or getattr(_encoder_of(cfg), "scan_layers", False))
-
-
-def _num_layers(cfg) -> int:
-    enc = _encoder_of(cfg)
-    return enc.num_layers if enc is not None else cfg.num_layers
 
 
 def unrolled(cfg):
@@ -397,6 +469,9 @@ def _body_prefix(keys: Iterable[str]) -> str:
     for k in keys:
         if k.endswith("embeddings.word_embeddings.weight"):
             return k[: -len("embeddings.word_embeddings.weight")]
+    for k in keys:  # BART: "shared.weight" or "model.shared.weight"
+        if k == "shared.weight" or k.endswith(".shared.weight"):
+            return k[: -len("shared.weight")]
     return ""
 
 
@@ -436,17 +511,20 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
     flat_cfg = unrolled(cfg)
     entries = layout.entries(flat_cfg, arch, prefix)
     shapes = abstract_params(flat_cfg)
-    missing = [e.hf_key for e in entries if e.hf_key not in files]
+    missing = [e.hf_key for e in entries if e.hf_key not in files and not e.optional]
     if missing:
         raise CheckpointError(
             f"{folder}: {len(missing)} tensor(s) missing for {arch}, first: {missing[0]}")
-    arrays = _read_tensors(files, [e.hf_key for e in entries])
+    arrays = _read_tensors(files, [e.hf_key for e in entries if e.hf_key in files])
     params: dict = {}
     for e in entries:
         try:
             shape = tuple(_get(shapes, e.path).shape)
         except KeyError as err:
             raise CheckpointError(f"internal: no parameter {'/'.join(e.path)} in {arch}") from err
+        if e.hf_key not in files:  # an optional tensor the folder does not hold
+            _set(params, e.path, np.zeros(shape, np.float32))
+            continue
         file = files[e.hf_key]
         _set(params, e.path, _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
                                       e.hf_key, file))
@@ -455,7 +533,7 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
     if expected != got:
         raise CheckpointError(f"internal: {arch} table leaves {sorted(expected - got)} unset")
     if _scan_layers(cfg):
-        params = stack_layers(params, _num_layers(cfg))
+        params = stack_layers(params)
     return cfg, params
 
 
@@ -491,9 +569,14 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
     tensors = {}
     for e in layout.entries(flat_cfg, arch, ""):
         try:
-            tensors[e.hf_key] = _to_hf(_get(params, e.path), e.kind)
+            value = _get(params, e.path)
         except KeyError as err:
+            if e.optional:
+                continue
             raise CheckpointError(f"params lack {'/'.join(e.path)} needed for {e.hf_key}") from err
+        if e.optional and not np.any(value):
+            continue
+        tensors[e.hf_key] = _to_hf(value, e.kind)
     tensors.update(_tied_tensors(tensors))
     hf_config = layout.config_to_hf(flat_cfg, arch)
     hf_config["torch_dtype"] = "float32"
