@@ -1,0 +1,42 @@
+"""Pure linen models. Model configs are frozen dataclasses with `module()`; they turn into
+plain dicts and back (`config_to_dict` / `config_from_dict`) for checkpoint metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from realm_jax.models.encoder import BertEncoder, EncoderConfig
+from realm_jax.models.heads import MaskedLM, MaskedLMConfig, SpanReader, SpanReaderConfig
+from realm_jax.models.towers import Embedder, EmbedderConfig, relevance_scores
+
+_CONFIG_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (EncoderConfig, EmbedderConfig, MaskedLMConfig, SpanReaderConfig)}
+
+
+def register_config(cls: type) -> type:
+    _CONFIG_TYPES[cls.__name__] = cls
+    return cls
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(cfg).__name__}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def config_from_dict(d: dict[str, Any]):
+    d = dict(d)
+    kind = d.pop("type", None)
+    if kind not in _CONFIG_TYPES:
+        raise ValueError(f"unknown model config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
+    fields = {k: (config_from_dict(v) if isinstance(v, dict) and "type" in v else v)
+              for k, v in d.items()}
+    return _CONFIG_TYPES[kind](**fields)
+
+
+__all__ = ["BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
+           "MaskedLMConfig", "SpanReader", "SpanReaderConfig", "relevance_scores",
+           "config_to_dict", "config_from_dict", "register_config"]

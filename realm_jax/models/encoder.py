@@ -60,7 +60,10 @@ class Embed(nn.Module):
                                     jnp.float32)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(jnp.dtype(self.dtype))
+        # Gather from a table whole along its first axis: a lookup into a vocab-sharded
+        # table would otherwise be replicated and re-partitioned by the compiler.
+        table = nn.with_logical_constraint(self.embedding, (None, "embed"))
+        return jnp.take(table, ids, axis=0).astype(jnp.dtype(self.dtype))
 
     def attend(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", x, self.embedding.astype(jnp.dtype(self.dtype)))

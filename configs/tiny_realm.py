@@ -1,0 +1,25 @@
+"""REALM at toy size: the whole code path on a CPU in seconds (used by the tests)."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from_hf = ""
+    c.model.encoder = ml_collections.ConfigDict(dict(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12,
+        activation="gelu", dropout_rate=0.0, attention_dropout_rate=0.0, pad_token_id=0,
+        add_pooler=True, dtype="float32", scan_layers=False, remat=False))
+    c.model.retriever_proj_size = 16
+    c.model.pooling = "pooler"
+    c.retrieval = ml_collections.ConfigDict(dict(
+        num_candidates=4, query_length=24, block_length=32, mode="device"))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    c.sharding_rules = None
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2,
+        peak_flops_per_device=1e11))
+    return c
