@@ -144,13 +144,15 @@ def test_incremental_decoding_equals_full_pass(loaded, fns, scan):
 
     # Unrolled: a prompt of 2 positions, then one position at a time (teacher forcing);
     # scanned: one at a time throughout. The decoder padding mask spans the whole cache.
+    # The first call fills the cross-attention cache; later ones do not read the encoder
+    # states (given zeros here, to show it).
     cache = init_cache(cfg, batch, length, ids.shape[1])
     first = 1 if scan else 2
     logits, v = step(params, cache, dec[:, :first], states, mask, dec_mask)
     pieces = [logits]
     cache = v["cache"]
     for t in range(first, length):
-        logits, v = step(params, cache, dec[:, t:t + 1], states, mask, dec_mask)
+        logits, v = step(params, cache, dec[:, t:t + 1], jnp.zeros_like(states), mask, dec_mask)
         pieces.append(logits)
         cache = v["cache"]
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
@@ -285,13 +287,26 @@ def test_sharded_forward_matches_single_device(loaded, fns):
     assert placed["shared"]["embedding"].sharding.spec[0] is None  # 99 rows: not divisible
 
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    def forward_and_prefill(p, cache, ids, mask, dec, dec_mask):
+        """__call__, and the same target run through the decoding cache in one call."""
+        logits = model.apply({"params": p}, ids, mask, dec, dec_mask)
+        states = model.apply({"params": p}, ids, mask, method=Bart.encode)
+        cached, v = model.apply({"params": p, "cache": cache}, dec, states, mask, dec_mask,
+                                decode=True, method=Bart.decode, mutable=["cache"])
+        return logits, cached, v["cache"]
+
     with sharding.activate(mesh):
-        forward = jax.jit(lambda p, *a: model.apply({"params": p}, *a),
-                          in_shardings=(shardings,) + (batch_sharding,) * 4,
-                          compiler_options=FAST_COMPILE)
-        logits = forward(placed, ids, mask, dec, dec_mask)
+        run = jax.jit(forward_and_prefill,
+                      in_shardings=(shardings, None) + (batch_sharding,) * 4,
+                      compiler_options=FAST_COMPILE)
+        logits, cached, cache = run(placed, init_cache(cfg, *dec.shape, ids.shape[1]), ids, mask, dec, dec_mask)
     single = fns[False][0](params, ids, mask, dec, dec_mask)[1]
     np.testing.assert_allclose(logits, single, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cached, single, atol=1e-5, rtol=0)
+    # The decoding cache follows the activations: batch over data, heads over tensor.
+    key = cache["decoder"]["layers"]["layers_0"]["attention"]["cached_key"]
+    assert key.sharding.shard_shape(key.shape) == (2, 7, 1, 8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,4 +338,10 @@ def test_too_long_input_is_refused(loaded):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         cfg.module().apply({"params": params}, ids, None, ids[:, :2])
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        init_cache(cfg, 1, 65)
+        init_cache(cfg, 1, 65, 9)
+    ids, mask, *_ = _batch()
+    states = np.zeros((4, 8, 32), np.float32)    # the cache was made for 9 encoder positions
+    with pytest.raises(ValueError, match="context of"):
+        jax.eval_shape(lambda: cfg.module().apply(
+            {"params": params, "cache": init_cache(cfg, 4, 3, 9)}, ids[:, :1], states, mask[:, :8],
+            decode=True, method=Bart.decode, mutable=["cache"]))

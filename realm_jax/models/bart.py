@@ -6,14 +6,16 @@ Hugging Face `BartModel` / `BartForConditionalGeneration` weights map onto it on
 Incremental decoding keeps keys and values of the decoder's causal self-attention in the
 "cache" collection:
 
-    cache = init_cache(cfg, batch_size, max_length)                # zeros, index 0
+    cache = init_cache(cfg, batch_size, max_length, encoder_length)    # zeros, index 0
     enc = model.apply({"params": p}, ids, mask, method=Bart.encode)
     logits, vars = model.apply({"params": p, "cache": cache}, step_ids, enc, mask,
                                decode=True, method=Bart.decode, mutable=["cache"])
     cache = vars["cache"]                                           # feed back next step
 
 Each call appends `step_ids.shape[1]` positions (one, or a few for a prompt) at the cache's
-index. A beam search reorders the cache with `reorder_cache(cache, beam_indices)`.
+index. The cross-attention keys/values are projected from the encoder states at the first
+call and reused after (later calls still pass the same states). A beam search reorders the
+cache with `reorder_cache(cache, beam_indices)`.
 """
 
 from __future__ import annotations
@@ -225,11 +227,12 @@ class Bart(nn.Module):
                            deterministic=deterministic)
 
 
-def init_cache(config: BartConfig, batch_size: int, max_length: int,
-               encoder_length: int = 1) -> dict:
-    """The empty decoding cache (zeros, index 0) for `batch_size` sequences of up to
-    `max_length` target positions. Needs no parameters: shapes come from `jax.eval_shape`.
-    (`encoder_length` only shapes the dummy encoder states; cross-attention is not cached.)"""
+def init_cache(config: BartConfig, batch_size: int, max_length: int, encoder_length: int) -> dict:
+    """The empty decoding cache for `batch_size` sequences of up to `max_length` target
+    positions, attending to encoder states of `encoder_length` positions. Needs no
+    parameters (shapes come from `jax.eval_shape`). It holds, per decoder layer, the
+    self-attention keys/values with their index, and the cross-attention keys/values, which
+    the first `decode` call fills from its encoder states and later calls reuse."""
     if max_length > config.max_position_embeddings:
         raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -238,16 +241,16 @@ def init_cache(config: BartConfig, batch_size: int, max_length: int,
     states = jnp.zeros((batch_size, encoder_length, config.d_model), jnp.dtype(config.dtype))
 
     def init():
-        return model.init(jax.random.key(0), ids, states, decode=True, method=Bart.decode)
+        return model.init(jax.random.key(0), ids, states, decode=True, method=Bart.decode)["cache"]
 
-    shapes = nn.unbox(jax.eval_shape(init))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
 
 
 def reorder_cache(cache: Any, indices: Array) -> Any:
-    """Gather the cache's sequences along the batch axis (e.g. beam search: `indices` [B]
-    names, for every new row, the row it continues). Keys and values are [..., B, T, H, Dh]
-    (a leading layer axis under nn.scan); the scalar indices are shared and kept."""
+    """Gather the cache's sequences along the batch axis (beam search: `indices` [B] names,
+    for every new row, the row it continues). The self- and cross-attention keys/values are
+    [..., B, length, heads, head_dim] (a leading layer axis under nn.scan) and are gathered;
+    the indices, positions and flags are shared by the batch and kept."""
     def take(x):
         if x.ndim < 4:
             return x

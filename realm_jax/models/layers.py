@@ -116,9 +116,14 @@ class Attention(nn.Module):
     With `decode=True` and `cached=True` (causal self-attention of a decoder), keys and
     values are kept in the "cache" collection: initialise it by calling once with the full
     target length; later calls take one position at a time.
+
+    With `decode=True` and `cache_context=True` (a decoder's cross-attention), the keys and
+    values of the context are projected at the first call after the cache is initialised
+    and reused by later calls (which still pass the context, unread).
     """
     config: BlockConfig
     cached: bool = False
+    cache_context: bool = False
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None,
@@ -132,7 +137,15 @@ class Attention(nn.Module):
                              ("heads", "kv"), dtype, name=name)(inputs)
             return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
 
-        query, key, value = project("query", x), project("key", context), project("value", context)
+        def project_context(module, inputs):
+            del module  # (nn.cond's branch signature; the projections join the current scope)
+            return project("key", inputs), project("value", inputs)
+
+        query = project("query", x)
+        if self.cache_context and decode:
+            key, value = self._context_cache(project_context, context)
+        else:
+            key, value = project_context(self, context)
 
         if self.cached and decode:
             key, value, mask = self._update_cache(key, value, mask)
@@ -152,6 +165,31 @@ class Attention(nn.Module):
         out = Projection((cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("heads", "kv"),
                          ("embed",), dtype, name="out")(out)
         return nn.with_logical_constraint(out, HIDDEN_AXES)
+
+    def _context_cache(self, project_context, context: Array) -> tuple[Array, Array]:
+        initialized = self.has_variable("cache", "context_key")
+        if not initialized:  # the initialising call: shapes only
+            key, value = project_context(self, context)
+            self.variable("cache", "context_key", jnp.zeros, key.shape, key.dtype)
+            self.variable("cache", "context_value", jnp.zeros, value.shape, value.dtype)
+            self.variable("cache", "context_ready", lambda: jnp.zeros((), bool))
+            return key, value
+
+        def reuse(module, inputs):
+            del inputs
+            return (module.get_variable("cache", "context_key"),
+                    module.get_variable("cache", "context_value"))
+
+        cached_shape = self.get_variable("cache", "context_key").shape
+        if cached_shape[:2] != context.shape[:2]:
+            raise ValueError(f"the cache holds keys/values for a context of [batch, length] "
+                             f"{cached_shape[:2]}, got {context.shape[:2]}")
+        ready = self.variable("cache", "context_ready", lambda: jnp.zeros((), bool))
+        key, value = nn.cond(ready.value, reuse, project_context, self, context)
+        self.put_variable("cache", "context_key", key)
+        self.put_variable("cache", "context_value", value)
+        ready.value = jnp.ones((), bool)
+        return key, value
 
     def _update_cache(self, key: Array, value: Array, mask: Array | None):
         # (Named apart from the "key"/"value" projections, which share this scope.)
@@ -213,8 +251,8 @@ class PostLNBlock(nn.Module):
             x, mask=mask, decode=decode, deterministic=deterministic)
         x = residual(x, h, "attention_ln")
         if cfg.cross_attention:
-            h = Attention(cfg, name="cross_attention")(
-                x, context, mask=context_mask, deterministic=deterministic)
+            h = Attention(cfg, cache_context=True, name="cross_attention")(
+                x, context, mask=context_mask, decode=decode, deterministic=deterministic)
             x = residual(x, h, "cross_attention_ln")
         h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
         x = residual(x, h, "mlp_ln")
