@@ -1,0 +1,10 @@
+"""Pure loss functions: arrays in, arrays out (REALM marginal MLM, ORQA, RAG-Sequence, RAG-Token)."""
+
+from realm_jax.objectives.rag import (
+    doc_log_probs, marginalize_token_logprobs, rag_sequence_nll, rag_token_nll, shift_targets,
+    split_docs)
+
+__all__ = [
+    "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
+    "shift_targets", "split_docs",
+]
