@@ -110,6 +110,8 @@ def test_config_read_from_hf(loaded):
     assert params["encoder"]["embed_positions"]["embedding"].shape == (66, 32)
     assert params["decoder"]["layers"]["layers_2"]["cross_attention"]["query"]["kernel"].shape == (32, 4, 8)
     assert len(params["encoder"]["layers"]) == 2 and len(params["decoder"]["layers"]) == 3
+    from realm_jax.models import config_from_dict, config_to_dict
+    assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 def test_shift_tokens_right_matches_hf():
