@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from realm_jax.models.bart import Bart, BartConfig
 from realm_jax.models.encoder import BertEncoder, EncoderConfig
 from realm_jax.models.heads import MaskedLM, MaskedLMConfig, SpanReader, SpanReaderConfig
 from realm_jax.models.towers import Embedder, EmbedderConfig, relevance_scores
 
 _CONFIG_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (EncoderConfig, EmbedderConfig, MaskedLMConfig, SpanReaderConfig)}
+    cls.__name__: cls for cls in (EncoderConfig, EmbedderConfig, MaskedLMConfig, SpanReaderConfig,
+                                 BartConfig)}
 
 
 def register_config(cls: type) -> type:
@@ -37,6 +39,6 @@ def config_from_dict(d: dict[str, Any]):
     return _CONFIG_TYPES[kind](**fields)
 
 
-__all__ = ["BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
+__all__ = ["Bart", "BartConfig", "BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
            "MaskedLMConfig", "SpanReader", "SpanReaderConfig", "relevance_scores",
            "config_to_dict", "config_from_dict", "register_config"]

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from realm_jax.models import register_config
 from realm_jax.models.encoder import Embed
 from realm_jax.models.layers import (
     HIDDEN_AXES, BlockConfig, LayerStack, causal_mask, layer_norm, padding_mask, zeros_init)
@@ -40,7 +39,6 @@ Array = jax.Array
 POSITION_OFFSET = 2
 
 
-@register_config   # (config_to_dict / config_from_dict, for checkpoint metadata)
 @dataclasses.dataclass(frozen=True)
 class BartConfig:
     vocab_size: int
