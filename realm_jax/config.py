@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -102,6 +103,11 @@ def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict
     return config
 
 
-def encoder_config(model: ml_collections.ConfigDict) -> EncoderConfig:
-    """An EncoderConfig from a config's `model.encoder` section (sizes and run-time knobs)."""
-    return EncoderConfig(**model.to_dict())
+def encoder_config(section: ml_collections.ConfigDict) -> EncoderConfig:
+    """An EncoderConfig from a config section such as `model.encoder` (sizes and knobs)."""
+    return EncoderConfig(**section.to_dict())
+
+
+def bart_config(section: ml_collections.ConfigDict) -> BartConfig:
+    """A BartConfig from a config section such as `model.generator`."""
+    return BartConfig(**section.to_dict())

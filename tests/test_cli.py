@@ -27,6 +27,12 @@ def test_config_files_load_and_override():
     assert enc.num_layers == 3 and enc.hidden_size == 32
     base = config.load_config("realm_pretrain_bert_base")
     assert base.model.encoder.hidden_size == 768 and base.model.retriever_proj_size == 128
+    for name in ("tiny_rag", "rag_token_nq"):
+        rag = config.load_config(name + ":sequence")
+        assert rag.rag.loss == "sequence"
+        assert config.bart_config(rag.model.generator).d_model in (32, 1024)
+        assert config.encoder_config(rag.model.question_encoder).add_pooler is False
+    assert config.load_config("rag_token_nq").rag.loss == "token"
     with pytest.raises(ValueError, match="nope: no such field"):
         config.load_config("tiny_realm", "train.nope=1")
 
