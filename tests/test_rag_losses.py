@@ -47,8 +47,9 @@ def _hand(targets):
 ])
 def test_hand_computed(targets, seq_p, tok_p):
     logits, t, s = _hand(targets)
-    np.testing.assert_allclose(rag_sequence_nll(logits, t, s, pad_id=PAD), -np.log(seq_p), rtol=1e-6)
-    np.testing.assert_allclose(rag_token_nll(logits, t, s, pad_id=PAD), -np.log(tok_p), rtol=1e-6)
+    seq, tok = (fn(logits, t, s, pad_id=PAD) for fn in (rag_sequence_nll, rag_token_nll))
+    np.testing.assert_allclose(seq, -np.log(seq_p), rtol=1e-6)
+    np.testing.assert_allclose(tok, -np.log(tok_p), rtol=1e-6)
 
 
 def test_hand_computed_exclude_bos():
@@ -78,11 +79,12 @@ def test_hand_computed_label_smoothing():
     # RAG-Token: the marginal distributions p(v|t) = sum_z p(z) p(v|z,t)
     marginal = np.array([[0.4375, 0.3125, 0.125, 0.125], [0.3125, 0.21875, 0.25, 0.21875],
                          [0.15625, 0.15625, 0.25, 0.4375]])
-    np.testing.assert_allclose(marginalize_token_logprobs(logits, s)[0], np.log(marginal), rtol=1e-6)
+    np.testing.assert_allclose(marginalize_token_logprobs(logits, s)[0], np.log(marginal),
+                               rtol=1e-6)
     smooth = -np.log(marginal).sum()
     got = rag_token_nll(logits, t, s, pad_id=PAD, epsilon=eps)
-    np.testing.assert_allclose(got, (1 - eps) * -np.log(0.4375 * 0.21875 * 0.4375) + eps / v * smooth,
-                               rtol=1e-6)
+    nll = -np.log(0.4375 * 0.21875 * 0.4375)
+    np.testing.assert_allclose(got, (1 - eps) * nll + eps / v * smooth, rtol=1e-6)
 
 
 def test_single_document_losses_agree():
@@ -104,7 +106,8 @@ def test_helpers_and_jit():
     np.testing.assert_array_equal(split_docs(flat, 3)[1, 0], flat[3])
     with pytest.raises(ValueError):
         split_docs(flat, 4)
-    np.testing.assert_allclose(jnp.exp(doc_log_probs(jnp.log(jnp.array([[3.0, 1.0]])))), [[0.75, 0.25]])
+    np.testing.assert_allclose(jnp.exp(doc_log_probs(jnp.log(jnp.array([[3.0, 1.0]])))),
+                               [[0.75, 0.25]])
     # one decoding step: [B, K, V] -> [B, V]
     logits, _, s = _hand([0, 1, 3])
     np.testing.assert_allclose(marginalize_token_logprobs(logits[:, :, 0], s),
@@ -117,6 +120,14 @@ def test_helpers_and_jit():
         want = fn(logits.astype(jnp.bfloat16).astype(jnp.float32), t, s, pad_id=PAD, epsilon=0.1,
                   exclude_bos_score=True)
         np.testing.assert_allclose(got, want, rtol=1e-5)
+    # an ignore label outside the vocabulary works as pad_id, value and gradient
+    t_ignore = jnp.array([[0, 1, -100]])
+    for fn in LOSSES.values():
+        np.testing.assert_allclose(
+            fn(logits, t_ignore, s, pad_id=-100, epsilon=0.1),
+            fn(logits, jnp.array([[0, 1, PAD]]), s, pad_id=PAD, epsilon=0.1), rtol=1e-6)
+        g = jax.grad(lambda x, fn=fn: fn(x, t_ignore, s, pad_id=-100))(logits)
+        assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:, :, 2] == 0)
     with pytest.raises(ValueError, match="targets"):
         rag_token_nll(logits, jnp.zeros((1, 4), jnp.int32), s, pad_id=PAD)
 
@@ -177,9 +188,9 @@ def _torch_loss(torch, model, batch, kind, eps, exclude_bos, reduce):
     model.config.label_smoothing = eps
     doc_scores = torch.tensor(scores, dtype=torch.float32, requires_grad=True)
     kwargs = dict(exclude_bos_score=exclude_bos) if kind == "sequence" else {}
-    out = model(context_input_ids=torch.from_numpy(ctx), context_attention_mask=torch.from_numpy(ctx_mask),
-                doc_scores=doc_scores, labels=torch.from_numpy(labels), n_docs=K, reduce_loss=reduce,
-                **kwargs)
+    out = model(context_input_ids=torch.from_numpy(ctx),
+                context_attention_mask=torch.from_numpy(ctx_mask), doc_scores=doc_scores,
+                labels=torch.from_numpy(labels), n_docs=K, reduce_loss=reduce, **kwargs)
     out.loss.sum().backward()
     return out.logits.detach().numpy(), out.loss.detach().numpy(), doc_scores.grad.numpy()
 
@@ -205,8 +216,10 @@ def _loss_and_grad(logits, targets, scores, *, kind, eps, exclude_bos):
 def test_parity_with_transformers(torch_rag, kind, eps, exclude_bos):
     torch, models = torch_rag
     batch = _rag_batch(seed=len(kind) + int(10 * eps) + 2 * exclude_bos)
-    flat_logits, want_loss, want_grad = _torch_loss(torch, models[kind], batch, kind, eps, exclude_bos, False)
-    _, want_sum, want_sum_grad = _torch_loss(torch, models[kind], batch, kind, eps, exclude_bos, True)
+    model = models[kind]
+    flat_logits, want_loss, want_grad = _torch_loss(torch, model, batch, kind, eps, exclude_bos,
+                                                    False)
+    _, want_sum, want_sum_grad = _torch_loss(torch, model, batch, kind, eps, exclude_bos, True)
     logits = split_docs(jnp.asarray(flat_logits), K)                     # [B, K, T, V]
     targets = shift_targets(jnp.asarray(batch[2]), G_PAD)
     scores = jnp.asarray(batch[3], jnp.float32)
@@ -214,7 +227,7 @@ def test_parity_with_transformers(torch_rag, kind, eps, exclude_bos):
     assert got.shape == want_loss.shape == (B,)
     np.testing.assert_allclose(got, want_loss, atol=TOL, rtol=TOL)
     np.testing.assert_allclose(grad, want_grad, atol=TOL, rtol=TOL)
-    assert np.abs(want_grad).max() > 1e-2                                # the documents really differ
+    assert np.abs(want_grad).max() > 1e-2                     # the documents really differ
     # reduce=True is the batch sum, as transformers' reduce_loss
     np.testing.assert_allclose(np.sum(got), want_sum, atol=TOL, rtol=TOL)
     np.testing.assert_allclose(want_sum_grad, want_grad, atol=1e-6)
@@ -229,8 +242,9 @@ def test_parity_exclude_bos_not_all_rows(torch_rag):
     reproduces that, and without it the position is always dropped."""
     torch, models = torch_rag
     batch = _rag_batch(seed=5, all_bos=False)
-    flat_logits, want, _ = _torch_loss(torch, models["sequence"], batch, "sequence", 0.0, True, False)
-    _, want_kept, _ = _torch_loss(torch, models["sequence"], batch, "sequence", 0.0, False, False)
+    model = models["sequence"]
+    flat_logits, want, _ = _torch_loss(torch, model, batch, "sequence", 0.0, True, False)
+    _, want_kept, _ = _torch_loss(torch, model, batch, "sequence", 0.0, False, False)
     np.testing.assert_allclose(want, want_kept)
     args = (split_docs(jnp.asarray(flat_logits), K), shift_targets(jnp.asarray(batch[2]), G_PAD),
             jnp.asarray(batch[3], jnp.float32))
@@ -248,10 +262,34 @@ def test_marginal_matches_transformers(torch_rag):
         out = models["token"](context_input_ids=torch.from_numpy(ctx),
                               context_attention_mask=torch.from_numpy(ctx_mask),
                               doc_scores=torch.tensor(scores, dtype=torch.float32),
-                              decoder_input_ids=torch.from_numpy(labels), n_docs=K, do_marginalize=True)
+                              decoder_input_ids=torch.from_numpy(labels), n_docs=K,
+                              do_marginalize=True)
         flat = models["token"](context_input_ids=torch.from_numpy(ctx),
                                context_attention_mask=torch.from_numpy(ctx_mask),
                                doc_scores=torch.tensor(scores, dtype=torch.float32),
                                decoder_input_ids=torch.from_numpy(labels), n_docs=K).logits
     got = marginalize_token_logprobs(split_docs(jnp.asarray(flat.numpy()), K), jnp.asarray(scores))
     np.testing.assert_allclose(got, out.logits.numpy(), atol=TOL, rtol=TOL)
+
+
+def test_single_target_row_keeps_document_prior(torch_rag):
+    """transformers adds log p(z|x) at target position 1 (so that the bos position can be
+    dropped), and so loses it when position 1 is a pad: a row with a single scored target
+    gets -logsumexp_z log p(y|z), as if p(z|x) were 1 for every document. We count the
+    prior once whatever the padding: that row equals transformers' value under uniform scores
+    plus log K; the other rows match as usual."""
+    torch, models = torch_rag
+    ctx, ctx_mask, labels, scores = _rag_batch(seed=9)
+    labels[0, 2], labels[0, 3:] = G_EOS, G_PAD           # targets: bos, eos (two: no difference)
+    labels[1, 1], labels[1, 2:] = 11, G_PAD              # targets: one word
+    batch = (ctx, ctx_mask, labels, scores)
+    model = models["sequence"]
+    flat_logits, want, _ = _torch_loss(torch, model, batch, "sequence", 0.0, False, False)
+    logits = split_docs(jnp.asarray(flat_logits), K)
+    targets = shift_targets(jnp.asarray(labels), G_PAD)
+    loss = functools.partial(rag_sequence_nll, logits, targets, pad_id=G_PAD, reduce=False)
+    got = np.asarray(loss(jnp.asarray(scores, jnp.float32)))
+    uniform = np.asarray(loss(jnp.zeros((B, K))))
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(uniform[1] - np.log(K), want[1], atol=TOL, rtol=TOL)
+    assert abs(got[1] - want[1]) > 1e-2

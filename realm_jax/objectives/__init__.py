@@ -1,4 +1,5 @@
-"""Pure loss functions: arrays in, arrays out (REALM marginal MLM, ORQA, RAG-Sequence, RAG-Token)."""
+"""Pure loss functions, arrays in and arrays out: REALM marginal MLM, ORQA, RAG-Sequence,
+RAG-Token."""
 
 from realm_jax.objectives.rag import (
     doc_log_probs, marginalize_token_logprobs, rag_sequence_nll, rag_token_nll, shift_targets,

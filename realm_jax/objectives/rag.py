@@ -75,9 +75,11 @@ def _check(logits: Array, targets: Array, doc_scores: Array) -> None:
                          "(split a [B * K, T, V] generator output with split_docs)")
     b, k, t, _ = logits.shape
     if targets.shape != (b, t):
-        raise ValueError(f"targets {targets.shape} do not match logits {logits.shape}: want {(b, t)}")
+        raise ValueError(f"targets {targets.shape} do not match logits {logits.shape}: "
+                         f"want {(b, t)}")
     if doc_scores.shape != (b, k):
-        raise ValueError(f"doc_scores {doc_scores.shape} do not match logits {logits.shape}: want {(b, k)}")
+        raise ValueError(f"doc_scores {doc_scores.shape} do not match logits {logits.shape}: "
+                         f"want {(b, k)}")
 
 
 def _is_zero(x: float | Array) -> bool:
@@ -88,8 +90,9 @@ def _token_log_probs(logits: Array, targets: Array) -> tuple[Array, Array]:
     """log p(y_t | z) [B, K, T] and the log-normalizer [B, K, T], without materializing
     the [B, K, T, V] log-probabilities."""
     lse = jax.nn.logsumexp(logits, axis=-1)
-    idx = jnp.broadcast_to(targets[:, None, :, None], logits.shape[:3] + (1,))
-    picked = jnp.take_along_axis(logits, idx.astype(jnp.int32), axis=-1)[..., 0]
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)   # e.g. pad_id=-100
+    idx = jnp.broadcast_to(safe[:, None, :, None], logits.shape[:3] + (1,))
+    picked = jnp.take_along_axis(logits, idx, axis=-1)[..., 0]
     return picked - lse, lse
 
 
@@ -118,7 +121,8 @@ def rag_sequence_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id
 
     Args:
       logits: [B, K, T, V] generator logits per document.
-      targets: [B, T] int labels aligned with the logits; `pad_id` positions are not scored.
+      targets: [B, T] int labels aligned with the logits; `pad_id` positions are not scored
+        (`pad_id` may lie outside the vocabulary, e.g. -100).
       doc_scores: [B, K] unnormalized retrieval scores.
       pad_id: the padding label.
       epsilon: label smoothing; the smoothing term is -logsumexp_z(V log p(z|x) +
