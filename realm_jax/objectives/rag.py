@@ -22,6 +22,11 @@ loss = (1 - eps) * nll + (eps / V) * smooth.
 
 `exclude_bos_score` drops target position 0 (the forced bos of a generated hypothesis)
 from the nll, never from the smoothing term. Everything is computed in float32.
+
+One deliberate difference from transformers' RagSequenceForGeneration: it adds log p(z|x)
+at target position 1 (so that dropping position 0 keeps it), which loses the prior when
+position 1 is a pad (a row with a single scored target, or T = 1). Here the prior counts
+once per document whatever the padding; all other cases agree.
 """
 
 from __future__ import annotations
