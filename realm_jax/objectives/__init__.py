@@ -4,8 +4,13 @@ RAG-Token."""
 from realm_jax.objectives.rag import (
     doc_log_probs, marginalize_token_logprobs, rag_sequence_nll, rag_token_nll, shift_targets,
     split_docs)
+from realm_jax.objectives.realm import (
+    RealmLoss, ReaderInputs, exclude_source, prepend_null_score, reader_inputs, realm_loss,
+    realm_loss_from_logits, target_log_probs)
 
 __all__ = [
     "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
     "shift_targets", "split_docs",
+    "RealmLoss", "ReaderInputs", "exclude_source", "prepend_null_score", "reader_inputs",
+    "realm_loss", "realm_loss_from_logits", "target_log_probs",
 ]
