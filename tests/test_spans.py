@@ -112,12 +112,23 @@ def test_spacy_finder_with_a_loaded_pipeline_and_missing_package(monkeypatch):
         SpacyFinder("en_core_web_sm")(text)
 
 
-def test_spacy_finder_real_model():
+def test_spacy_finder_with_spacy(tmp_path):
+    """Runs where spaCy is installed: a saved pipeline loaded by path (no model download),
+    and en_core_web_sm when that is installed too."""
     spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([
+        {"label": "PERSON", "pattern": "Alan Turing"}, {"label": "GPE", "pattern": "London"},
+        {"label": "CARDINAL", "pattern": "42"}])
+    nlp.to_disk(tmp_path / "pipeline")
+    text = "Alan Turing lived in London at number 42."
+    assert texts(text, SpacyFinder(str(tmp_path / "pipeline"))(text)) == ["Alan Turing", "London"]
+    with pytest.raises(OSError, match="spacy download no_such_pipeline"):
+        SpacyFinder("no_such_pipeline")(text)
     try:
         spacy.load("en_core_web_sm")
     except OSError:
-        pytest.skip("spaCy model en_core_web_sm not installed")
+        return
     text = "Alan Turing was born in London on 23 June 1912."
     found = texts(text, SpacyFinder("en_core_web_sm")(text))
     assert "Alan Turing" in found and "London" in found

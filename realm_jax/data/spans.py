@@ -261,10 +261,14 @@ class SpacyFinder:
                     "SpacyFinder needs the 'spacy' package and a pipeline: `pip install spacy` "
                     f"then `python -m spacy download {self.model}`") from e
             try:
-                self._nlp = spacy.load(self.model, disable=["parser", "lemmatizer"])
+                nlp = spacy.load(self.model)
             except OSError as e:
                 raise OSError(f"spaCy pipeline {self.model!r} is not installed: run `python -m "
                               f"spacy download {self.model}` (or name an installed one)") from e
+            for name in ("parser", "lemmatizer"):  # not needed for entities; slow
+                if name in nlp.pipe_names:
+                    nlp.disable_pipe(name)
+            self._nlp = nlp
         return self._nlp
 
     def __call__(self, text: str) -> list[SalientSpan]:
