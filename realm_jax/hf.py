@@ -31,6 +31,7 @@ import numpy as np
 from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
 from realm_jax.models.heads import MaskedLMConfig, SpanReaderConfig
+from realm_jax.models.rag import RAG_ARCHITECTURES, RagConfig
 from realm_jax.models.towers import EmbedderConfig
 
 SAFETENSORS = "model.safetensors"
@@ -285,7 +286,73 @@ def _bart_entries(cfg: BartConfig, arch: str, prefix: str) -> list[Entry]:
 
 BART = Layout(_BART_ARCHS, "bart", _bart_from_hf, _bart_to_hf, _bart_entries)
 
-LAYOUTS: list[Layout] = [BERT, DPR, REALM, BART]
+# RAG -----------------------------------------------------------------------------------
+# RagTokenForGeneration / RagSequenceForGeneration folders (facebook/rag-token-nq,
+# rag-sequence-nq): "rag.question_encoder.question_encoder.bert_model.*" (a DPR question
+# encoder) and "rag.generator.model.*" + "rag.generator.final_logits_bias" (BART); a
+# RagModel has no "rag." prefix. config.json nests the two models' configs.
+
+_BART_FORCED_EOS_DEFAULT = 2   # transformers' BartConfig default when the field is absent
+
+
+def _rag_from_hf(hf: dict, arch: str) -> RagConfig:
+    q, g = hf.get("question_encoder"), hf.get("generator")
+    if not isinstance(q, dict) or not isinstance(g, dict):
+        raise CheckpointError("a RAG config.json needs question_encoder and generator sections")
+    if q.get("model_type", "dpr") != "dpr":
+        raise CheckpointError(f"RAG question encoder {q.get('model_type')!r} is not supported "
+                              "(only DPR)")
+    if g.get("model_type", "bart") != "bart":
+        raise CheckpointError(f"RAG generator {g.get('model_type')!r} is not supported "
+                              "(only BART)")
+
+    def token(name: str, default: int | None) -> int | None:
+        if hf.get(name) is not None:   # the RAG config's own value wins, as in transformers
+            return hf[name]
+        return g[name] if name in g else default
+
+    return RagConfig(
+        _dpr_from_hf(q, "DPRQuestionEncoder"), _bart_from_hf(g, "BartForConditionalGeneration"),
+        n_docs=hf.get("n_docs", 5), title_sep=hf.get("title_sep", " / "),
+        doc_sep=hf.get("doc_sep", " // "),
+        max_combined_length=hf.get("max_combined_length", 300),
+        prefix=hf.get("prefix") or g.get("prefix") or "",
+        forced_bos_token_id=token("forced_bos_token_id", None),
+        forced_eos_token_id=token("forced_eos_token_id", _BART_FORCED_EOS_DEFAULT),
+        hf_architecture=arch)
+
+
+def _rag_to_hf(cfg: RagConfig, arch: str) -> dict:
+    generator = _bart_to_hf(cfg.generator, "BartForConditionalGeneration")
+    generator.update(forced_bos_token_id=cfg.forced_bos_token_id,
+                     forced_eos_token_id=cfg.forced_eos_token_id)
+    return dict(
+        model_type="rag", architectures=[arch], is_encoder_decoder=True,
+        question_encoder=_dpr_to_hf(cfg.question_encoder, "DPRQuestionEncoder"),
+        generator=generator, n_docs=cfg.n_docs, title_sep=cfg.title_sep, doc_sep=cfg.doc_sep,
+        max_combined_length=cfg.max_combined_length, prefix=cfg.prefix or None,
+        retrieval_vector_size=cfg.retrieval_dim, use_cache=True, label_smoothing=0.0,
+        reduce_loss=False, do_deduplication=True, exclude_bos_score=False,
+        do_marginalize=False, output_retrieved=False)
+
+
+def _nest(entries: list[Entry], path: str, key: str) -> list[Entry]:
+    return [dataclasses.replace(e, path=(path,) + e.path, hf_key=key + e.hf_key) for e in entries]
+
+
+def _rag_entries(cfg: RagConfig, arch: str, prefix: str) -> list[Entry]:
+    # On reading, the question encoder's body prefix tells whether there is a "rag." level;
+    # on writing, the architecture decides.
+    top = "" if (prefix and not prefix.startswith("rag.")) or arch == "RagModel" else "rag."
+    return (_nest(_dpr_entries(cfg.question_encoder, "DPRQuestionEncoder", ""),
+                  "question_encoder", top + "question_encoder.")
+            + _nest(_bart_entries(cfg.generator, "BartForConditionalGeneration", "model."),
+                    "generator", top + "generator."))
+
+
+RAG = Layout(RAG_ARCHITECTURES, "rag", _rag_from_hf, _rag_to_hf, _rag_entries)
+
+LAYOUTS: list[Layout] = [BERT, DPR, REALM, BART, RAG]
 
 
 def register(layout: Layout) -> None:
@@ -402,11 +469,16 @@ def _encoder_of(cfg) -> EncoderConfig | None:
 
 
 def _scan_layers(cfg) -> bool:
+    if isinstance(cfg, RagConfig):
+        return _scan_layers(cfg.question_encoder) or _scan_layers(cfg.generator)
     return bool(getattr(cfg, "scan_layers", False) or getattr(_encoder_of(cfg), "scan_layers", False))
 
 
 def unrolled(cfg):
     """The same config with scan_layers off (the layout the HF tables describe)."""
+    if isinstance(cfg, RagConfig):
+        return cfg.replace(question_encoder=unrolled(cfg.question_encoder),
+                           generator=unrolled(cfg.generator))
     if isinstance(cfg, EncoderConfig):
         return cfg.replace(scan_layers=False)
     if hasattr(cfg, "encoder") and isinstance(cfg.encoder, EncoderConfig):
@@ -540,6 +612,24 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
 def _apply_overrides(cfg, overrides: dict):
     if not overrides:
         return cfg
+    if isinstance(cfg, RagConfig):   # a field goes to the RAG config, else to every part having it
+        def names(c) -> set[str]:
+            return {f.name for f in dataclasses.fields(c)}
+
+        own_fields = names(cfg) - {"question_encoder", "generator"}
+        q_fields = names(cfg.question_encoder) | names(cfg.question_encoder.encoder)
+        g_fields = names(cfg.generator)
+        unknown = sorted(set(overrides) - own_fields - q_fields - g_fields)
+        if unknown:
+            raise CheckpointError(f"unknown RAG config override(s): {', '.join(unknown)}")
+        own = {k: v for k, v in overrides.items() if k in own_fields}
+        rest = {k: v for k, v in overrides.items() if k not in own_fields}
+        return cfg.replace(
+            question_encoder=_apply_overrides(cfg.question_encoder,
+                                              {k: v for k, v in rest.items() if k in q_fields}),
+            generator=_apply_overrides(cfg.generator,
+                                       {k: v for k, v in rest.items() if k in g_fields}),
+            **own)
     enc = _encoder_of(cfg)
     if enc is not None and enc is not cfg:
         enc_fields = {f.name for f in dataclasses.fields(enc)}
