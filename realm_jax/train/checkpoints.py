@@ -1,8 +1,14 @@
-"""Model checkpoints in realm-jax's own format: an orbax PyTree of params plus
-`model.json` (the model config), written to a temporary folder and renamed into place."""
+"""Checkpoints.
+
+- Model checkpoints in realm-jax's own format (`save_params` / `load_params`): an orbax
+  PyTree of params plus `model.json` (the model config), written to a temporary folder and
+  renamed into place.
+- The trainer's checkpoints (`TrainCheckpoints`): the contract between the trainer, which
+  writes them, and the refresher, which restores only the document tower from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,3 +58,270 @@ def load_params(folder: str | os.PathLike, shardings=None):
                 lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
             params = ckptr.restore(folder / PARAMS_DIR, target)
     return cfg, params
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer's checkpoints: the contract between the trainer and the refresher.
+#
+#     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...}, "reader": {...}}
+#                                          (config_to_dict of each part's model config)
+#     WORKDIR/checkpoints/                 an orbax CheckpointManager directory
+#         <step>/params/                   the params pytree {"query_tower", "doc_tower", "reader"}
+#         <step>/train_state/, <step>/meta/   optional: the rest of the train state, JSON facts
+#     WORKDIR/checkpoints/FINISHED         written by the trainer when training ends
+#                                          (WORKDIR/FINISHED is accepted too)
+#
+# A step folder appears only when complete (orbax renames it into place), so a reader that
+# lists steps never sees a half-written one.
+
+CHECKPOINTS_DIR = "checkpoints"
+FINISHED = "FINISHED"
+PARAMS_ITEM = "params"
+STATE_ITEM = "train_state"
+META_ITEM = "meta"
+PARTS = ("query_tower", "doc_tower", "reader")
+
+
+class TrainCheckpoints:
+    """The trainer's orbax checkpoints under WORKDIR/checkpoints (see the layout above).
+
+    The trainer calls `save` every few steps and `mark_finished` at the end; the refresher
+    lists steps and restores only the document tower with `restore_part`. Each side opens
+    its own instance; reads see the other side's new steps (the step list is re-read)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
+                 async_save: bool = False):
+        from etils import epath
+
+        self.workdir = epath.Path(workdir)
+        self.directory = self.workdir / CHECKPOINTS_DIR
+        self._max_to_keep = max_to_keep
+        self._async_save = async_save
+        self._writer: ocp.CheckpointManager | None = None
+        self._reader: ocp.CheckpointManager | None = None
+
+    # ---- writing (the trainer)
+
+    def _write_manager(self) -> ocp.CheckpointManager:
+        if self._writer is None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._max_to_keep, enable_async_checkpointing=self._async_save,
+                create=True)
+            self._writer = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_handlers=_item_handlers())
+        return self._writer
+
+    def save(self, step: int, params, *, train_state=None, meta: dict | None = None,
+             force: bool = True) -> bool:
+        """Save `params` ({"query_tower", "doc_tower", "reader"}: the towers as Embedder
+        params) at `step`, with the optional rest of the train state and JSON facts."""
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"TrainCheckpoints.save: params must be a non-empty dict of parts "
+                             f"(e.g. {PARTS}), got {type(params).__name__}")
+        items = {PARAMS_ITEM: ocp.args.PyTreeSave(params)}
+        if train_state is not None:
+            items[STATE_ITEM] = ocp.args.PyTreeSave(train_state)
+        if meta is not None:
+            items[META_ITEM] = ocp.args.JsonSave(meta)
+        return self._write_manager().save(int(step), args=ocp.args.Composite(**items),
+                                          force=force)
+
+    def wait_until_finished(self) -> None:
+        if self._writer is not None:
+            self._writer.wait_until_finished()
+
+    def write_model_configs(self, configs: dict) -> None:
+        """WORKDIR/model.json: each part's model config (config_to_dict), written atomically."""
+        text = json.dumps({name: config_to_dict(cfg) for name, cfg in configs.items()},
+                          indent=2) + "\n"
+        _atomic_write_text(self.workdir / MODEL_JSON, text)
+
+    def mark_finished(self) -> None:
+        """Wait for pending saves, then write the FINISHED marker."""
+        self.wait_until_finished()
+        _atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
+
+    # ---- reading (the refresher, or the trainer when it resumes)
+
+    def model_configs(self) -> dict:
+        """The parts' model configs from WORKDIR/model.json."""
+        path = self.workdir / MODEL_JSON
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; the trainer writes each part's model "
+                                    "config there (TrainCheckpoints.write_model_configs)")
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return {name: config_from_dict(d) for name, d in raw.items()}
+
+    def is_finished(self) -> bool:
+        return (self.directory / FINISHED).exists() or (self.workdir / FINISHED).exists()
+
+    def _read_manager(self) -> ocp.CheckpointManager | None:
+        if self._writer is not None:
+            self._writer.reload()
+            return self._writer
+        if self._reader is None:
+            if not self.directory.exists():
+                return None
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            self._reader = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_handlers=_item_handlers())
+        else:
+            self._reader.reload()
+        return self._reader
+
+    def all_steps(self) -> list[int]:
+        """Complete checkpoint steps on disk, ascending (re-read each call)."""
+        manager = self._read_manager()
+        return sorted(int(s) for s in manager.all_steps()) if manager is not None else []
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        return os.fspath(self.directory / str(int(step)))
+
+    def parts(self, step: int) -> list[str]:
+        """The top-level names of the params saved at `step`."""
+        return sorted(self._params_metadata(step))
+
+    def _params_metadata(self, step: int) -> dict:
+        manager = self._read_manager()
+        if manager is None or int(step) not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        tree = manager.item_metadata(int(step))[PARAMS_ITEM]
+        tree = getattr(tree, "tree", tree)
+        if not isinstance(tree, dict):
+            raise ValueError(f"{self.step_path(step)}/{PARAMS_ITEM}: not a params dict")
+        return tree
+
+    def _part_shapes(self, step: int, part: str):
+        """ShapeDtypeStructs of a part: from its config in WORKDIR/model.json (nothing of the
+        checkpoint is read), else from the checkpoint's metadata."""
+        try:
+            configs = self.model_configs()
+        except FileNotFoundError:
+            configs = {}
+        if part in configs:
+            from realm_jax import hf
+            return hf.abstract_params(configs[part])
+        meta = self._params_metadata(step)
+        if part not in meta:
+            raise KeyError(f"checkpoint {self.step_path(step)} has no part {part!r}; it holds "
+                           f"{sorted(meta)}")
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta[part])
+
+    def restore_part(self, step: int, part: str, shardings=None):
+        """Only the `part` subtree of step's params (an orbax partial restore: the other
+        parts are not read). Host numpy arrays, or arrays placed on `shardings` (a tree of
+        NamedShardings matching the part)."""
+        manager = self._read_manager()
+        if manager is None or int(step) not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        shapes = self._part_shapes(step, part)
+        if shardings is None:
+            item = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+        else:
+            item = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, shardings)
+            restore_args = jax.tree.map(
+                lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape,
+                                                   dtype=s.dtype), shapes, shardings)
+        args = ocp.args.PyTreeRestore(item={part: item}, restore_args={part: restore_args},
+                                      partial_restore=True)
+        try:
+            restored = manager.restore(int(step), args=ocp.args.Composite(**{PARAMS_ITEM: args}))
+        except Exception as e:
+            parts = self.parts(step)
+            if part not in parts:
+                raise KeyError(f"checkpoint {self.step_path(step)} has no part {part!r}; it "
+                               f"holds {parts}") from None
+            raise ValueError(f"{self.step_path(step)}: cannot restore {part!r} as the config in "
+                             f"{self.workdir / MODEL_JSON} describes it: {e}") from e
+        return restored[PARAMS_ITEM][part]
+
+    def restore_params(self, step: int):
+        """All parts of step's params as host numpy arrays."""
+        return {part: self.restore_part(step, part) for part in self.parts(step)}
+
+    def restore(self, step: int, target=None):
+        """A whole checkpoint: (state, meta dict or None).
+
+        `target`: a train-state dataclass (e.g. `train.state.abstract_state`) of
+        ShapeDtypeStructs with shardings; its `params` come from the params item and its
+        other fields from the train_state item, each restored onto its sharding. Without a
+        target: ({"params": ..., "train_state": ... or None}, meta) as host numpy arrays."""
+        manager = self._read_manager()
+        step = int(step)
+        if manager is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        present = {p.name for p in (self.directory / str(step)).iterdir()}
+        if target is None:
+            host = lambda tree: jax.tree.map(  # noqa: E731
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            wanted = {name: None for name in (PARAMS_ITEM, STATE_ITEM) if name in present}
+        else:
+            fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+            wanted = {PARAMS_ITEM: fields.pop("params")}
+            if fields:
+                if STATE_ITEM not in present:
+                    raise FileNotFoundError(f"{self.step_path(step)}: no {STATE_ITEM} to restore "
+                                            f"{sorted(fields)} from")
+                wanted[STATE_ITEM] = fields
+        args = {}
+        metadata = manager.item_metadata(step)
+        for name, tree in wanted.items():
+            if tree is None:
+                saved = getattr(metadata[name], "tree", metadata[name])
+                args[name] = ocp.args.PyTreeRestore(restore_args=host(saved))
+            else:
+                args[name] = ocp.args.PyTreeRestore(
+                    item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+        if META_ITEM in present:
+            args[META_ITEM] = ocp.args.JsonRestore()
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        meta = restored[META_ITEM] if META_ITEM in present else None
+        if target is None:
+            return {PARAMS_ITEM: restored[PARAMS_ITEM],
+                    STATE_ITEM: restored[STATE_ITEM] if STATE_ITEM in wanted else None}, meta
+        rest = restored[STATE_ITEM] if STATE_ITEM in wanted else {}
+        return dataclasses.replace(target, params=restored[PARAMS_ITEM], **rest), meta
+
+    def close(self) -> None:
+        for manager in (self._writer, self._reader):
+            if manager is not None:
+                manager.close()
+        self._writer = self._reader = None
+
+    def __enter__(self) -> "TrainCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _item_handlers() -> dict:
+    return {PARAMS_ITEM: ocp.PyTreeCheckpointHandler(),
+            STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
+
+
+def _atomic_write_text(path, text: str) -> None:
+    """Write through a temporary file and a rename (fsynced on local disks)."""
+    from etils import epath
+
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if "://" in os.fspath(path):
+        tmp.write_text(text)
+        tmp.replace(path)
+        return
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
