@@ -27,4 +27,13 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         batch_size=512, steps=200_000, learning_rate=3e-5, warmup_steps=10_000,
         checkpoint_every=500, peak_flops_per_device=197e12))
+    # The refresher (realm-jax refresh): see realm_jax.refresh.RefreshSettings.
+    c.refresh = ml_collections.ConfigDict(dict(
+        corpus="",            # block store folder (realm-jax prepare-corpus), or --corpus
+        tokenizer="",         # HF folder the corpus was tokenized with ("": --from_hf's)
+        title="auto",         # auto: titles for DPR passages; yes / no
+        max_length=0,         # 0: the tower's max_position_embeddings
+        batch_size=256, dtype="float16", shard_size=1_000_000, poll_seconds=30.0,
+        keep_snapshots=3,
+        scann=dict(brute_force_below=20_000, num_neighbors=10, reorder=100, num_threads=0)))
     return c

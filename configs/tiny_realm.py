@@ -22,4 +22,8 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2,
         peak_flops_per_device=1e11))
+    c.refresh = ml_collections.ConfigDict(dict(
+        corpus="", tokenizer="", title="auto", max_length=0, batch_size=16, dtype="float16",
+        shard_size=0, poll_seconds=1.0, keep_snapshots=2,
+        scann=dict(brute_force_below=20_000, num_neighbors=10, num_threads=1)))
     return c

@@ -31,6 +31,74 @@ def _demo(args: argparse.Namespace) -> None:
              top_k=args.top_k, max_articles=args.max_articles)
 
 
+def _prepare_corpus(args: argparse.Namespace) -> None:
+    from realm_jax.data.corpus import prepare_corpus
+
+    result = prepare_corpus(
+        args.input, args.output, tokenizer=args.tokenizer, mode=args.mode,
+        input_format=args.format, max_tokens=args.max_tokens, passage_words=args.passage_words,
+        tfds_split=args.tfds_split, tfds_data_dir=args.tfds_data_dir,
+        id_field=args.id_field or None, title_field=args.title_field,
+        text_field=args.text_field, max_documents=args.max_documents,
+        overwrite=args.overwrite, batch_documents=args.batch_documents,
+        progress=not args.no_progress)
+    print(f"wrote {result.num_blocks} blocks ({result.num_tokens} tokens) from "
+          f"{result.num_documents} documents to {result.path}; skipped "
+          f"{result.skipped or 'nothing'}; fingerprint {result.fingerprint[:16]}")
+
+
+def _load_tower(model: str):
+    """(EmbedderConfig, params) from a realm-jax params checkpoint or a HF folder."""
+    from pathlib import Path
+
+    from realm_jax import hf
+    from realm_jax.train import checkpoints
+
+    if (Path(model) / checkpoints.MODEL_JSON).exists():
+        return checkpoints.load_params(model)
+    return hf.load_embedder(model)
+
+
+def _embed_corpus(args: argparse.Namespace) -> None:
+    from realm_jax.data.store import BlockStore
+    from realm_jax.index import embed_corpus as ec
+
+    store = BlockStore.open(args.corpus)
+    if args.model:
+        cfg, params = _load_tower(args.model)
+        embedder = ec.CorpusEmbedder(cfg, batch_size=args.batch_size, dtype=args.dtype)
+        rows = ec.RowBuilder.for_store(
+            store, args.tokenizer or args.model,
+            title={"auto": None, "yes": True, "no": False}[args.title],
+            max_length=args.max_length or embedder.max_length)
+        result = ec.embed_corpus(store, embedder, params, args.out, rows=rows,
+                                 model_fingerprint=ec.params_fingerprint(cfg, params),
+                                 worker=args.worker, num_workers=args.num_workers,
+                                 shard_size=args.shard_size or None,
+                                 progress=not args.no_progress)
+        print(f"worker {args.worker}/{args.num_workers}: {result.embedded} blocks embedded "
+              f"({result.docs_per_second:.1f} docs/s), {result.reused} reused, into {args.out}")
+    elif not args.merge_to:
+        raise ValueError("embed-corpus: give --model (to embed) and/or --merge_to (to merge)")
+    if args.merge_to:
+        matrix = ec.merge_shards(args.out, len(store), corpus_fingerprint=store.fingerprint,
+                                 out=args.merge_to)
+        print(f"merged {matrix.shape[0]} x {matrix.shape[1]} {matrix.dtype} embeddings "
+              f"into {args.merge_to}")
+
+
+def _refresh(args: argparse.Namespace) -> None:
+    from realm_jax import config as config_lib
+    from realm_jax import refresh
+
+    if not args.config:
+        raise ValueError("refresh: --config configs/NAME.py is required")
+    config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+    refresh.main(config, args.workdir, once=args.once, from_hf=args.from_hf,
+                 corpus=args.corpus, worker=args.worker, num_workers=args.num_workers,
+                 progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,13 +120,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=3)
     p.add_argument("--max_articles", type=int, default=None)
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser("prepare-corpus", help="corpus (JSONL, TFDS, Wikipedia XML) -> block store")
+    p.add_argument("--input", required=True,
+                   help="a .jsonl[.gz] file, a Wikipedia .xml[.bz2] dump, or tfds:NAME")
+    p.add_argument("--output", required=True, help="the block store folder to write")
+    p.add_argument("--tokenizer", required=True, help="local HF folder of the model's tokenizer")
+    p.add_argument("--mode", choices=("realm", "dpr"), default="realm",
+                   help="realm: blocks of <= --max_tokens wordpieces; dpr: --passage_words passages")
+    p.add_argument("--format", choices=("jsonl", "tfds", "wiki_xml"), default=None,
+                   help="input format (default: guessed from --input)")
+    p.add_argument("--max_tokens", type=int, default=288)
+    p.add_argument("--passage_words", type=int, default=100)
+    p.add_argument("--tfds_split", default="train")
+    p.add_argument("--tfds_data_dir", default=None)
+    p.add_argument("--id_field", default="id", help="'' numbers documents by position")
+    p.add_argument("--title_field", default="title")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--max_documents", type=int, default=None)
+    p.add_argument("--batch_documents", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no_progress", action="store_true")
+    p.set_defaults(run=_prepare_corpus)
+
+    p = sub.add_parser("embed-corpus", help="embed a block store with a document tower, "
+                       "in shards (one slice per worker), and merge them")
+    p.add_argument("--corpus", required=True, help="block store folder")
+    p.add_argument("--out", required=True, help="folder of the embedding shards")
+    p.add_argument("--model", help="a realm-jax params checkpoint or HF folder of the tower")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF folder of the corpus tokenizer (default: --model)")
+    p.add_argument("--worker", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--shard_size", type=int, default=0, help="blocks per shard (0: one per worker)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=0, help="0: the tower's maximum")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--title", choices=("auto", "yes", "no"), default="auto",
+                   help="prepend titles ([CLS] title [SEP] text [SEP]); auto: for DPR passages")
+    p.add_argument("--merge_to", default=None,
+                   help="then merge all shards into this .npy (all ids must be covered)")
+    p.add_argument("--no_progress", action="store_true")
+    p.set_defaults(run=_embed_corpus)
+
+    p = sub.add_parser("refresh", help="keep WORKDIR/index up to date with the trainer's "
+                       "document tower (the refresher process)")
+    p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
+                   "--config.refresh.FIELD=VALUE")
+    p.add_argument("--workdir", required=True, help="the trainer's working folder")
+    p.add_argument("--once", action="store_true", help="one refresh, then exit")
+    p.add_argument("--from_hf", default=None,
+                   help="HF folder of a pretrained document tower: the first index (step 0) "
+                        "while no checkpoint exists")
+    p.add_argument("--corpus", default=None, help="block store (default: config.refresh.corpus)")
+    p.add_argument("--worker", type=int, default=0, help="this worker (0: the chief)")
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--no_progress", action="store_true")
+    p.set_defaults(run=_refresh, overrides=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "refresh" and all(a.startswith("--config.") for a in extra):
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

@@ -1,0 +1,479 @@
+"""The refresher process: keeps WORKDIR/index in step with the trainer's document tower.
+
+    realm-jax refresh --config configs/x.py --workdir DIR [--once] [--from_hf HF_DIR]
+                      [--corpus STORE] [--worker I --num_workers N] [--config.refresh.*=...]
+
+Loop (worker 0, the chief): take the newest complete checkpoint in WORKDIR/checkpoints
+(the ones written while it was busy are skipped), restore only its document tower, embed
+the corpus block store, build the ScaNN index, publish an IndexStore snapshot at
+WORKDIR/index (checkpoint step, model and corpus fingerprints), prune old versions, append a
+line to WORKDIR/refresh_log.jsonl; repeat until the trainer's FINISHED marker exists, with a
+last refresh when the final checkpoint is newer than the index. `--from_hf` builds the
+first index (step 0) from pretrained weights while no checkpoint exists.
+
+With N workers (hosts), the chief announces each refresh in WORKDIR/refresh/job.json; every
+worker embeds its contiguous slice into the job's shard folder; the chief merges the shards
+once all ids are covered, then publishes.
+
+Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
+restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
+the partial ones, and never publishes anything half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from realm_jax.data.store import BlockStore
+from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
+from realm_jax.train.checkpoints import TrainCheckpoints
+
+_log = logging.getLogger(__name__)
+_stages = logging.getLogger(__name__ + ".stages")  # DEBUG lines: where a refresh is
+
+INDEX_DIR = "index"
+SCRATCH_DIR = "refresh"
+JOB_FILE = "job.json"
+REFRESH_LOG = "refresh_log.jsonl"
+DOC_TOWER = "doc_tower"
+_TRASH = ".trash-"
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshSettings:
+    """The `refresh` section of a config.
+
+    corpus: block store folder; tokenizer: HF folder the corpus was tokenized with ("": the
+    --from_hf folder); title: "auto" (titles for DPR passages), "yes" or "no"; max_length:
+    row cap (0: the tower's max_position_embeddings); dtype: stored embeddings (float16,
+    bfloat16, float32); shard_size: blocks per embedding shard (0: one per worker slice);
+    scann: ScannSettings fields, or None for no ScaNN index."""
+
+    corpus: str
+    tokenizer: str = ""
+    title: str = "auto"
+    max_length: int = 0
+    batch_size: int = 32
+    dtype: str = "float16"
+    shard_size: int = 0
+    poll_seconds: float = 30.0
+    keep_snapshots: int = 3
+    scann: ScannSettings | None = dataclasses.field(default_factory=ScannSettings)
+
+    @classmethod
+    def from_config(cls, config, corpus: str | None = None) -> "RefreshSettings":
+        section = config.get("refresh") if hasattr(config, "get") else None
+        if section is None:
+            raise ValueError("the config has no `refresh` section (see configs/tiny_realm.py)")
+        values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.refresh: unknown field(s) {unknown}; known: {sorted(known)}")
+        if corpus:
+            values["corpus"] = corpus
+        if not values.get("corpus"):
+            raise ValueError("no corpus: set config.refresh.corpus or pass --corpus STORE "
+                             "(a block store made by `realm-jax prepare-corpus`)")
+        scann = values.get("scann", {})
+        values["scann"] = None if scann is None else ScannSettings(**scann)
+        settings = cls(**values)
+        if settings.title not in ("auto", "yes", "no"):
+            raise ValueError(f"config.refresh.title must be auto, yes or no, got {settings.title!r}")
+        return settings
+
+    @property
+    def with_title(self) -> bool | None:
+        return {"auto": None, "yes": True, "no": False}[self.title]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a document tower comes from: a checkpoint step, or a HF folder (step 0)."""
+
+    step: int
+    kind: str   # "checkpoint" or "hf"
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshResult:
+    """One published refresh (also the JSONL line in refresh_log.jsonl)."""
+
+    step: int
+    source: str
+    version: str
+    count: int
+    embedded: int
+    reused: int
+    skipped_steps: list[int]
+    restore_seconds: float
+    embed_seconds: float
+    build_seconds: float
+    publish_seconds: float
+    seconds: float
+    docs_per_second: float
+    model_fingerprint: str
+    corpus_fingerprint: str
+
+
+class _Superseded(Exception):
+    """A worker's job was replaced by a newer one while it was embedding."""
+
+
+class Refresher:
+    """Refreshes WORKDIR/index from WORKDIR/checkpoints (see the module docstring).
+
+    `embedder_factory(config) -> CorpusEmbedder` may be given to share compiled functions
+    (tests); by default one CorpusEmbedder per tower config over all local devices."""
+
+    def __init__(self, workdir: str | os.PathLike, settings: RefreshSettings, *,
+                 from_hf: str | os.PathLike | None = None, worker: int = 0,
+                 num_workers: int = 1, progress: bool = True,
+                 on_stage: Callable[[str], None] | None = None,
+                 embedder_factory: Callable[[Any], Any] | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        from realm_jax.index.embed_corpus import worker_range
+        worker_range(1, worker, num_workers)  # validates
+        self.workdir = Path(workdir)
+        self.settings = settings
+        self.from_hf = None if from_hf is None else os.fspath(from_hf)
+        if self.from_hf is not None and not Path(self.from_hf).is_dir():
+            raise FileNotFoundError(f"--from_hf {self.from_hf}: not a folder")
+        self.worker, self.num_workers = worker, num_workers
+        self.progress = progress
+        self.on_stage = on_stage or (lambda name: _stages.debug("refresh stage: %s", name))
+        self.sleep = sleep
+        self.checkpoints = TrainCheckpoints(self.workdir)
+        self.index = IndexStore(self.workdir / INDEX_DIR, keep=settings.keep_snapshots)
+        self.scratch = self.workdir / SCRATCH_DIR
+        corpus = Path(settings.corpus)
+        if not corpus.is_dir():
+            raise FileNotFoundError(f"corpus block store {corpus}: not found (config "
+                                    "refresh.corpus or --corpus; made by `realm-jax prepare-corpus`)")
+        self.store = BlockStore.open(corpus)
+        self._embedder_factory = embedder_factory
+        self._embedders: dict[Any, Any] = {}
+        self._rows: dict[int, Any] = {}
+        self._waiting_logged = False
+
+    # ------------------------------------------------------------------ inputs
+
+    def newest_source(self) -> Source | None:
+        """The newest checkpoint step, else the --from_hf weights as step 0, else None."""
+        step = self.checkpoints.latest_step()
+        if step is not None:
+            return Source(step, "checkpoint", self.checkpoints.step_path(step))
+        if self.from_hf is not None:
+            return Source(0, "hf", self.from_hf)
+        return None
+
+    def published(self) -> Snapshot | None:
+        """The snapshot LATEST names (or the newest valid one), without checksums."""
+        return self.index.latest_valid(self.store.fingerprint, checksums=False, log=_log)
+
+    @staticmethod
+    def _is_current(source: Source, snapshot: Snapshot | None) -> bool:
+        return (snapshot is not None and snapshot.step == source.step
+                and snapshot.manifest.get("extra", {}).get("source") == source.kind)
+
+    def load_tower(self, source: Source):
+        """(EmbedderConfig, host params) of the document tower of `source`."""
+        from realm_jax import hf
+        from realm_jax.models.towers import EmbedderConfig
+
+        if source.kind == "hf":
+            return hf.load_embedder(source.path)
+        configs = self.checkpoints.model_configs()
+        if DOC_TOWER not in configs:
+            raise ValueError(f"{self.workdir / 'model.json'}: no {DOC_TOWER!r} config "
+                             f"(parts: {sorted(configs)})")
+        config = configs[DOC_TOWER]
+        if not isinstance(config, EmbedderConfig):
+            raise ValueError(f"{self.workdir / 'model.json'}: {DOC_TOWER} is a "
+                             f"{type(config).__name__}, not an EmbedderConfig")
+        return config, self.checkpoints.restore_part(source.step, DOC_TOWER)
+
+    def embedder(self, config):
+        if config not in self._embedders:
+            if self._embedder_factory is not None:
+                self._embedders[config] = self._embedder_factory(config)
+            else:
+                from realm_jax.index.embed_corpus import CorpusEmbedder
+                self._embedders[config] = CorpusEmbedder(
+                    config, batch_size=self.settings.batch_size, dtype=self.settings.dtype)
+        return self._embedders[config]
+
+    def rows(self, max_length: int):
+        if max_length not in self._rows:
+            from realm_jax.index.embed_corpus import RowBuilder
+            tokenizer = self.settings.tokenizer or self.from_hf
+            if not tokenizer:
+                raise ValueError("no tokenizer: set config.refresh.tokenizer to the HF folder "
+                                 "the corpus was prepared with (or pass --from_hf)")
+            self._rows[max_length] = RowBuilder.for_store(
+                self.store, tokenizer, title=self.settings.with_title, max_length=max_length)
+        return self._rows[max_length]
+
+    # ------------------------------------------------------------------ scratch
+
+    def _shard_dir(self, step: int, model_fingerprint: str) -> Path:
+        return self.scratch / f"emb-{step:010d}-{model_fingerprint[:16]}-{self.num_workers}w"
+
+    def _trash(self, path: Path) -> None:
+        """Remove a folder: renamed first (atomic), so a kill never leaves half of it."""
+        trash = self.scratch / f"{_TRASH}{uuid.uuid4().hex[:12]}"
+        try:
+            path.rename(trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _cleanup_scratch(self, keep: Path | None = None, shards: bool = True) -> None:
+        """Remove half-deleted folders, and (with `shards`) every shard folder but `keep`."""
+        if not self.scratch.is_dir():
+            return
+        for path in self.scratch.iterdir():
+            if path.name.startswith(_TRASH):
+                shutil.rmtree(path, ignore_errors=True)
+            elif shards and path.name.startswith("emb-") and path != keep:
+                self._trash(path)
+
+    def _read_job(self) -> dict | None:
+        try:
+            return json.loads((self.scratch / JOB_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_job(self, job: dict) -> None:
+        from realm_jax.train.checkpoints import _atomic_write_text
+        _atomic_write_text(self.scratch / JOB_FILE, json.dumps(job, indent=1) + "\n")
+
+    # ------------------------------------------------------------------ one refresh
+
+    def refresh(self, source: Source, previous: Snapshot | None = None) -> RefreshResult:
+        """Embed the corpus with `source`'s document tower and publish a snapshot."""
+        from realm_jax.index.embed_corpus import embed_corpus, merge_shards, params_fingerprint
+
+        started = time.perf_counter()
+        self.on_stage("restore")
+        config, params = self.load_tower(source)
+        model_fingerprint = params_fingerprint(config, params)
+        restore_seconds = time.perf_counter() - started
+        _log.info("step %d: restored the document tower from %s in %.1fs", source.step,
+                  source.path, restore_seconds)
+        shard_dir = self._shard_dir(source.step, model_fingerprint)
+        self._cleanup_scratch(keep=shard_dir)
+        if self.num_workers > 1:
+            self._write_job({"step": source.step, "kind": source.kind, "path": source.path,
+                             "model_fingerprint": model_fingerprint,
+                             "shard_dir": shard_dir.name, "num_workers": self.num_workers})
+
+        self.on_stage("embed")
+        embedder = self.embedder(config)
+        rows = self.rows(self.settings.max_length or embedder.max_length)
+        t0 = time.perf_counter()
+        result = embed_corpus(self.store, embedder, params, shard_dir, rows=rows,
+                              model_fingerprint=model_fingerprint, worker=self.worker,
+                              num_workers=self.num_workers,
+                              shard_size=self.settings.shard_size or None,
+                              progress=self.progress,
+                              on_shard=lambda info: self.on_stage("shard"))
+        if self.num_workers > 1:
+            self.on_stage("wait_workers")
+            self._wait_for_shards(shard_dir)
+        self.on_stage("merge")
+        embeddings = merge_shards(shard_dir, len(self.store), model_fingerprint=model_fingerprint,
+                                  corpus_fingerprint=self.store.fingerprint)
+        embed_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        searcher = None
+        if self.settings.scann is not None:
+            self.on_stage("build")
+            searcher = ScannSearcher.build(embeddings, settings=self.settings.scann)
+        build_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.on_stage("publish")
+        skipped = [s for s in self.checkpoints.all_steps()
+                   if (previous.step if previous else -1) < s < source.step] \
+            if source.kind == "checkpoint" else []
+        snapshot = self.index.publish(
+            embeddings, step=source.step, model_fingerprint=model_fingerprint,
+            corpus_fingerprint=self.store.fingerprint, scann=searcher,
+            dtype=self.settings.dtype,
+            extra={"source": source.kind, "source_path": source.path,
+                   "corpus_path": os.fspath(self.store.path)},
+            on_stage=lambda name: self.on_stage(f"publish:{name}"))
+        publish_seconds = time.perf_counter() - t0
+        self.on_stage("published")
+        self._cleanup_scratch()
+        seconds = time.perf_counter() - started
+        out = RefreshResult(
+            step=source.step, source=source.kind, version=snapshot.version,
+            count=snapshot.count, embedded=result.embedded, reused=result.reused,
+            skipped_steps=skipped, restore_seconds=restore_seconds,
+            embed_seconds=embed_seconds, build_seconds=build_seconds,
+            publish_seconds=publish_seconds, seconds=seconds,
+            docs_per_second=result.docs_per_second,
+            model_fingerprint=model_fingerprint, corpus_fingerprint=self.store.fingerprint)
+        self._log_result(out)
+        self.on_stage("logged")
+        return out
+
+    def _wait_for_shards(self, shard_dir: Path) -> None:
+        from realm_jax.index.embed_corpus import list_shards, missing_ranges
+
+        last_log = time.monotonic()
+        while True:
+            missing = missing_ranges(list_shards(shard_dir), len(self.store))
+            if not missing:
+                return
+            if time.monotonic() - last_log > 60:
+                _log.info("waiting for the other workers' shards: %d id range(s) missing, "
+                          "first [%d, %d)", len(missing), *missing[0])
+                last_log = time.monotonic()
+            self.sleep(min(self.settings.poll_seconds, 1.0))
+
+    def _log_result(self, result: RefreshResult) -> None:
+        line = dict(dataclasses.asdict(result),
+                    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        fd = os.open(self.workdir / REFRESH_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)  # one write: lines never interleave
+        finally:
+            os.close(fd)
+        skipped = f"; skipped steps {result.skipped_steps}" if result.skipped_steps else ""
+        _log.info("published %s (step %d, %d blocks) in %.1fs: restore %.1fs, embed %.1fs "
+                  "(%.1f docs/s, %d reused), build %.1fs, publish %.1fs%s", result.version,
+                  result.step, result.count, result.seconds, result.restore_seconds,
+                  result.embed_seconds, result.docs_per_second, result.reused,
+                  result.build_seconds, result.publish_seconds, skipped)
+
+    def refresh_once(self) -> RefreshResult | None:
+        """Refresh from the newest source if the index is not already at it (chief)."""
+        source = self.newest_source()
+        if source is None:
+            return None
+        previous = self.published()
+        if self._is_current(source, previous):
+            self._cleanup_scratch()  # shards of a run killed after publishing
+            return None
+        try:
+            return self.refresh(source, previous)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            # The trainer may delete a checkpoint (max_to_keep) while it is being restored.
+            if source.kind == "checkpoint" and source.step not in self.checkpoints.all_steps():
+                _log.warning("checkpoint step %d disappeared while refreshing (%s); moving on",
+                             source.step, e)
+                return None
+            raise
+
+    # ------------------------------------------------------------------ loops
+
+    def run(self, once: bool = False) -> list[RefreshResult]:
+        """The chief's loop (worker 0) or a worker's (see `run_worker`)."""
+        if self.worker != 0:
+            return self.run_worker(once)
+        self._cleanup_scratch(shards=False)  # kept: a killed run's shards are resumed
+        results: list[RefreshResult] = []
+        try:
+            while True:
+                finished = self.checkpoints.is_finished()  # before looking at the steps
+                result = self.refresh_once()
+                if result is not None:
+                    results.append(result)
+                elif once:
+                    self._nothing_to_do(fail=True)
+                if once or finished:
+                    if finished:
+                        _log.info("the trainer has finished; the index is at its last checkpoint")
+                    return results
+                if result is None:
+                    self._nothing_to_do(fail=False)
+                    self.sleep(self.settings.poll_seconds)
+        finally:
+            if self.num_workers > 1 and (once or self.checkpoints.is_finished()):
+                self._write_job({"stop": True})
+
+    def _nothing_to_do(self, fail: bool) -> None:
+        source = self.newest_source()
+        if source is None:
+            message = (f"no checkpoint in {self.checkpoints.directory} and no --from_hf "
+                       "weights to build a first index from")
+            if fail:
+                raise FileNotFoundError(message)
+            if not self._waiting_logged:
+                _log.info("%s: waiting", message)
+                self._waiting_logged = True
+        elif fail:
+            _log.info("the index is already at step %d (%s)", source.step, source.path)
+
+    def run_worker(self, once: bool = False) -> int:
+        """A non-chief worker: embed this worker's slice for each job the chief announces;
+        returns the number of jobs done. Exits when the chief says stop (or after one job
+        with `once`)."""
+        from realm_jax.index.embed_corpus import embed_corpus, params_fingerprint
+
+        done_job, jobs = None, 0
+        while True:
+            job = self._read_job()
+            if job and job.get("stop"):
+                return jobs
+            if job and job != done_job:
+                source = Source(int(job["step"]), job["kind"], job["path"])
+                try:
+                    config, params = self.load_tower(source)
+                    fingerprint = params_fingerprint(config, params)
+                    if fingerprint != job["model_fingerprint"]:
+                        raise ValueError(f"{source.path}: document tower fingerprint "
+                                         f"{fingerprint[:16]} != the chief's "
+                                         f"{job['model_fingerprint'][:16]}")
+                    embedder = self.embedder(config)
+
+                    def check(_info, job=job):
+                        if self._read_job() != job:
+                            raise _Superseded()
+
+                    self.on_stage("embed")
+                    embed_corpus(self.store, embedder, params, self.scratch / job["shard_dir"],
+                                 rows=self.rows(self.settings.max_length or embedder.max_length),
+                                 model_fingerprint=fingerprint, worker=self.worker,
+                                 num_workers=self.num_workers,
+                                 shard_size=self.settings.shard_size or None,
+                                 progress=self.progress, on_shard=check)
+                    jobs += 1
+                    if once:
+                        return jobs
+                except _Superseded:
+                    _log.info("worker %d: job for step %d superseded", self.worker, source.step)
+                except (FileNotFoundError, KeyError) as e:
+                    _log.warning("worker %d: cannot do the job for step %d (%s); waiting for the "
+                                 "next", self.worker, source.step, e)
+                done_job = job
+            self.sleep(min(self.settings.poll_seconds, 1.0))
+
+
+def main(config, workdir: str | os.PathLike, *, once: bool = False,
+         from_hf: str | None = None, corpus: str | None = None, worker: int = 0,
+         num_workers: int = 1, progress: bool = True,
+         on_stage: Callable[[str], None] | None = None) -> list[RefreshResult]:
+    """`realm-jax refresh`: settings from `config.refresh`, then the refresher's loop."""
+    settings = RefreshSettings.from_config(config, corpus)
+    refresher = Refresher(workdir, settings, from_hf=from_hf, worker=worker,
+                          num_workers=num_workers, progress=progress, on_stage=on_stage)
+    result = refresher.run(once=once)
+    return result if isinstance(result, list) else []
