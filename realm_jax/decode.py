@@ -1,0 +1,465 @@
+"""RAG decoding: greedy and RAG-Token beam search, RAG-Sequence thorough and fast decoding.
+
+Everything is jitted and batched over questions; the time loop is a `lax.while_loop` over
+BART's incremental-decoding cache (realm_jax/models/bart.py). Shapes: B questions, K
+documents, N beams, M = max_length, V vocabulary entries.
+
+- RAG-Token (`rag_token_generate`): the next-token distribution is the document-
+  marginalized log sum_z p(z|x) p(v|x, z, y<t); the encoder states of all K documents are
+  kept (B * N * K decoder rows), and the cache follows the beams. num_beams=1 is greedy.
+- RAG-Sequence (`rag_sequence_generate`): beam search per (question, document); the
+  K * N hypotheses of a question are pooled (duplicates dropped) and scored by
+  log sum_z p(z|x) p(y|x, z). Thorough decoding rescores every hypothesis under every
+  document with a teacher-forced pass; fast decoding (fast=True) runs no extra pass and
+  counts p(y|x, z) as 0 for a document whose beam did not produce y.
+
+The search follows transformers' `generate` with the same settings (`GenerationConfig`):
+decoding starts from `decoder_start_token_id`; logits processors for `min_length` (eos
+barred while the sequence, start token included, is shorter), `forced_bos_token_id` (at
+the first step) and `forced_eos_token_id` (at the last, max_length - 1); beam search keeps
+2N candidates per step, finishes a hypothesis on eos or at max_length with score
+sum log p / generated_length ** length_penalty, and stops early as `early_stopping`
+(True, False or "never") says; greedy pads finished sequences. RAG-Sequence scores
+hypotheses as transformers' RagSequenceForGeneration does (labels = the hypothesis, the
+first target dropped when every hypothesis of the question starts with bos, pads masked),
+except that the document prior always counts (see realm_jax/objectives/rag.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from realm_jax.models.bart import Bart, init_cache
+from realm_jax.models.rag import RagConfig
+from realm_jax.objectives.rag import doc_log_probs, marginalize_token_logprobs
+
+Array = jax.Array
+
+# transformers' "very large negative" for hypotheses out of the running (added, not set).
+NEG = -1.0e9
+
+__all__ = ["GenerationConfig", "Generated", "Hypotheses", "beam_search", "greedy_search",
+           "rag_sequence_generate", "rag_token_generate", "trim"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings, as in transformers' GenerationConfig (same names and defaults;
+    BART's token ids). `GenerationConfig.from_rag(cfg)` takes the token ids from a RAG
+    model's config."""
+    max_length: int = 20
+    min_length: int = 0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    decoder_start_token_id: int = 2
+    bos_token_id: int | None = 0
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (the start token and one more), "
+                             f"got {self.max_length}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', "
+                             f"got {self.early_stopping!r}")
+
+    @classmethod
+    def from_rag(cls, config: RagConfig, **settings) -> "GenerationConfig":
+        """Token ids from the RAG config's generator (and its forced bos/eos); any field
+        may be given in `settings`."""
+        g = config.generator
+        ids = dict(decoder_start_token_id=g.decoder_start_token_id, bos_token_id=g.bos_token_id,
+                   eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id,
+                   forced_bos_token_id=config.forced_bos_token_id,
+                   forced_eos_token_id=config.forced_eos_token_id)
+        return cls(**(ids | settings))
+
+    def replace(self, **changes) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def fill_token_id(self) -> int:
+        """What fills a beam hypothesis after its end (transformers: pad, or eos if pad is 0)."""
+        return self.pad_token_id if self.pad_token_id else self.eos_token_id
+
+
+class Generated(NamedTuple):
+    """Decoded sequences: the decoder start token, the generated tokens, then fill."""
+    sequences: Array   # [B, R, max_length] int32
+    scores: Array      # [B, R] float32 (beam: length-penalized; greedy: sum of log-probs;
+                       # RAG-Sequence: log p(y|x))
+    lengths: Array     # [B, R] int32: positions used, the start token included
+
+
+class Hypotheses(NamedTuple):
+    """What a search returns for each of its B items: N hypotheses, best first."""
+    sequences: Array         # [B, N, M] int32
+    scores: Array            # [B, N] float32
+    lengths: Array           # [B, N] int32
+    token_logprobs: Array    # [B, N, M] float32: log p(token t | prefix), unprocessed (0 at t=0)
+
+
+# A decoding step: (state, tokens [rows]) -> (next-token logits [rows, V], state).
+StepFn = Callable[[Any, Array], tuple[Array, Any]]
+# (state, source rows [rows]) -> state: row r continues row source[r].
+ReorderFn = Callable[[Any, Array], Any]
+
+
+def trim(generated: Generated) -> np.ndarray:
+    """[B * R, L] numpy: the sequences cut to the longest one, as transformers returns them."""
+    seqs = np.asarray(generated.sequences)
+    length = int(np.max(np.asarray(generated.lengths)))
+    return seqs.reshape(-1, seqs.shape[-1])[:, :length]
+
+
+def _process(scores: Array, cur_len: Array, gen: GenerationConfig) -> Array:
+    """transformers' logits processors (min_length, forced bos, forced eos), in its order;
+    `cur_len` counts the tokens so far, the start token included."""
+    vocab = jnp.arange(scores.shape[-1])
+    if gen.min_length > 0:
+        scores = jnp.where((cur_len < gen.min_length) & (vocab == gen.eos_token_id), -jnp.inf,
+                           scores)
+
+    def force(scores, token, when):
+        return jnp.where(when, jnp.where(vocab == token, 0.0, -jnp.inf), scores)
+
+    if gen.forced_bos_token_id is not None:
+        scores = force(scores, gen.forced_bos_token_id, cur_len == 1)
+    if gen.forced_eos_token_id is not None:
+        scores = force(scores, gen.forced_eos_token_id, cur_len == gen.max_length - 1)
+    return scores
+
+
+def _set_column(x: Array, t: Array, value: Array) -> Array:
+    """x[..., t] = value (t traced)."""
+    return jnp.where(jnp.arange(x.shape[-1]) == t, value[..., None], x)
+
+
+def _take(x: Array, idx: Array) -> Array:
+    """x [B, n, ...] gathered along axis 1 by idx [B, m]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def greedy_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConfig
+                  ) -> Hypotheses:
+    """Greedy decoding of `batch_size` sequences (N = 1): the argmax of the processed logits;
+    finished sequences continue with pad; stops when all have produced eos or at
+    max_length."""
+    m, start = gen.max_length, gen.decoder_start_token_id
+    seqs = jnp.full((batch_size, m), gen.pad_token_id, jnp.int32).at[:, 0].set(start)
+    init = dict(cur_len=jnp.int32(1), seqs=seqs, tlp=jnp.zeros((batch_size, m), jnp.float32),
+                score=jnp.zeros((batch_size,), jnp.float32),
+                length=jnp.ones((batch_size,), jnp.int32),
+                unfinished=jnp.ones((batch_size,), bool), state=state)
+
+    def cond(c):
+        return (c["cur_len"] < m) & jnp.any(c["unfinished"])
+
+    def body(c):
+        cur_len, live = c["cur_len"], c["unfinished"]
+        tokens = jnp.take(c["seqs"], cur_len - 1, axis=1)
+        logits, state = step(c["state"], tokens)
+        logits = logits.astype(jnp.float32)
+        nxt = jnp.argmax(_process(logits, cur_len, gen), axis=-1).astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), nxt[:, None], axis=-1)[:, 0]
+        nxt = jnp.where(live, nxt, gen.pad_token_id)
+        lp = jnp.where(live, lp, 0.0)
+        done = (nxt == gen.eos_token_id) | (cur_len + 1 >= m)
+        return dict(cur_len=cur_len + 1, seqs=_set_column(c["seqs"], cur_len, nxt),
+                    tlp=_set_column(c["tlp"], cur_len, lp), score=c["score"] + lp,
+                    length=jnp.where(live, cur_len + 1, c["length"]),
+                    unfinished=live & ~done, state=state)
+
+    c = lax.while_loop(cond, body, init)
+    return Hypotheses(c["seqs"][:, None], c["score"][:, None], c["length"][:, None],
+                      c["tlp"][:, None])
+
+
+def beam_search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
+                gen: GenerationConfig) -> Hypotheses:
+    """Beam search over `batch_size` items of `gen.num_beams` beams each (decoder rows
+    item-major: row b * N + n), transformers' algorithm step for step: the top 2N
+    continuations of all beams; those ending in eos (or reaching max_length) among the top
+    N become finished hypotheses, scored sum log p / generated_length ** length_penalty,
+    the best N kept; the best N unfinished continue (`reorder` moves the state with them).
+    Stops when no item can improve (or, with early_stopping=True, when all have N
+    finished hypotheses), or at max_length."""
+    b, n, m = batch_size, gen.num_beams, gen.max_length
+    k2 = 2 * n                                    # (one eos token + 1) * num_beams
+    lp_exp = gen.length_penalty
+    # length ** length_penalty for every length, computed as Python does (then float32)
+    penalty = jnp.asarray(np.array([max(t, 1) ** lp_exp for t in range(m + 1)], np.float64),
+                          jnp.float32)
+    early = gen.early_stopping
+    fill = gen.fill_token_id
+
+    running = jnp.full((b, n, m), fill, jnp.int32).at[:, :, 0].set(gen.decoder_start_token_id)
+    init = dict(
+        cur_len=jnp.int32(1), running=running,
+        running_scores=jnp.zeros((b, n), jnp.float32).at[:, 1:].set(NEG),
+        running_tlp=jnp.zeros((b, n, m), jnp.float32),
+        seqs=running, scores=jnp.full((b, n), NEG, jnp.float32),
+        tlp=jnp.zeros((b, n, m), jnp.float32), lengths=jnp.ones((b, n), jnp.int32),
+        finished=jnp.zeros((b, n), bool), unsatisfied=jnp.ones((b, 1), bool),
+        go=jnp.bool_(True), state=state)
+
+    def body(c):
+        cur_len = c["cur_len"]
+        tokens = jnp.take(c["running"], cur_len - 1, axis=2).reshape(b * n)
+        logits, state = step(c["state"], tokens)
+        raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)          # [B*N, V]
+        vocab = raw.shape[-1]
+        lp = _process(raw, cur_len, gen).reshape(b, n, vocab) + c["running_scores"][:, :, None]
+        topk_lp, idx = lax.top_k(lp.reshape(b, n * vocab), k2)                  # [B, 2N]
+        src, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+        tok_raw = jnp.take_along_axis(raw.reshape(b, n * vocab), idx, axis=1)
+        topk_seqs = _set_column(_take(c["running"], src), cur_len, tok)         # [B, 2N, M]
+        topk_tlp = _set_column(_take(c["running_tlp"], src), cur_len, tok_raw)
+        hits = (tok == gen.eos_token_id) | (cur_len + 1 >= m)
+
+        # the best N unfinished continue
+        run_lp = topk_lp + hits.astype(jnp.float32) * NEG
+        _, keep = lax.top_k(run_lp, n)
+        running, running_scores = _take(topk_seqs, keep), _take(run_lp, keep)
+        running_tlp, source = _take(topk_tlp, keep), _take(src, keep)
+
+        # finished ones among the top N join the best N finished hypotheses
+        just_done = hits & (jnp.arange(k2) < n)[None, :]
+        fin = topk_lp / penalty[cur_len]
+        if early is True:
+            fin = fin + jnp.all(c["finished"], axis=-1, keepdims=True).astype(jnp.float32) * NEG
+        fin = fin + (~c["unsatisfied"]).astype(jnp.float32) * NEG
+        fin = fin + (~just_done).astype(jnp.float32) * NEG
+        merged_scores = jnp.concatenate([c["scores"], fin], axis=1)
+        _, best = lax.top_k(merged_scores, n)
+
+        def merge(old, new):
+            return _take(jnp.concatenate([old, new], axis=1), best)
+
+        seqs, tlp = merge(c["seqs"], topk_seqs), merge(c["tlp"], topk_tlp)
+        lengths = merge(c["lengths"], jnp.full((b, k2), cur_len + 1, jnp.int32))
+        finished = merge(c["finished"], just_done)
+        scores = _take(merged_scores, best)
+
+        rows = (source + jnp.arange(b, dtype=source.dtype)[:, None] * n).reshape(b * n)
+        state = reorder(state, rows)
+        cur_len = cur_len + 1
+
+        # can the running beams still beat the worst finished hypothesis?
+        if early == "never" and lp_exp > 0.0:
+            best_len = jnp.int32(m - 1)
+        else:
+            best_len = cur_len - 1
+        best_possible = running_scores[:, :1] / penalty[best_len]
+        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+        unsatisfied = c["unsatisfied"] & jnp.any(best_possible > worst, axis=-1, keepdims=True)
+        go = jnp.any(unsatisfied) & ~jnp.all(hits)
+        if early is True:
+            go = go & ~jnp.all(finished)
+        return dict(cur_len=cur_len, running=running, running_scores=running_scores,
+                    running_tlp=running_tlp, seqs=seqs, scores=scores, tlp=tlp,
+                    lengths=lengths, finished=finished, unsatisfied=unsatisfied, go=go,
+                    state=state)
+
+    c = lax.while_loop(lambda c: c["go"] & (c["cur_len"] < m), body, init)
+    return Hypotheses(c["seqs"], c["scores"], c["lengths"], c["tlp"])
+
+
+# ---------------------------------------------------------------------------------------
+# The BART generator inside the loops
+
+
+def _reorder_cache(cache: Any, rows: Array) -> Any:
+    """Gather the decoder cache's rows (realm_jax.models.bart.reorder_cache), leaving the
+    cross-attention keys/values as they are: beams move within a question, whose rows
+    share one context."""
+    def take(path, x):
+        if getattr(path[-1], "key", None) in ("context_key", "context_value") or x.ndim < 4:
+            return x
+        return jnp.take(x, rows, axis=x.ndim - 4)
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def _expand(x: Array, b: int, n: int, k: int) -> Array:
+    """[B * K, ...] -> [B * N * K, ...]: every beam of a question gets its K documents."""
+    x = x.reshape((b, 1, k) + x.shape[1:])
+    x = jnp.broadcast_to(x, (b, n, k) + x.shape[3:])
+    return x.reshape((b * n * k,) + x.shape[3:])
+
+
+def _check_inputs(config: RagConfig, context_ids: Array, context_mask: Array | None,
+                  doc_scores: Array) -> Array:
+    if context_ids.ndim != 3:
+        raise ValueError(f"context_ids must be [B, K, L], got shape {context_ids.shape}")
+    if doc_scores.shape != context_ids.shape[:2]:
+        raise ValueError(f"doc_scores {doc_scores.shape} do not match context_ids "
+                         f"{context_ids.shape} (want [B, K])")
+    if context_mask is None:
+        return jnp.ones_like(context_ids)
+    if context_mask.shape != context_ids.shape:
+        raise ValueError(f"context_mask {context_mask.shape} != context_ids {context_ids.shape}")
+    return context_mask
+
+
+def _decoder_step(bart: Bart, params: Any, states: Array, mask: Array, copies: int) -> StepFn:
+    """A cached BART step over rows = tokens repeated `copies` times each."""
+    def step(cache, tokens):
+        ids = jnp.repeat(tokens.astype(jnp.int32), copies)[:, None]
+        logits, v = bart.apply({"params": params, "cache": cache}, ids, states, mask,
+                               decode=True, method=Bart.decode, mutable=["cache"])
+        return logits[:, 0], v["cache"]
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("config", "gen"))
+def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | None,
+                       doc_scores: Array, *, config: RagConfig, gen: GenerationConfig
+                       ) -> Generated:
+    """RAG-Token decoding: beam search (greedy for num_beams=1) over the document-
+    marginalized next-token distribution, as transformers' RagTokenForGeneration.generate
+    given the same contexts and scores.
+
+    params: the `Rag` params (only "generator" is read). context_ids/mask: [B, K, L].
+    doc_scores: [B, K] (e.g. `Rag.doc_scores`). Returns `Generated` with R =
+    gen.num_return_sequences sequences per question."""
+    context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
+    b, k, length = context_ids.shape
+    n, r = gen.num_beams, gen.num_return_sequences
+    if r > n:
+        raise ValueError(f"num_return_sequences {r} > num_beams {n}")
+    bart = config.generator.module()
+    gp = params["generator"]
+    flat_mask = context_mask.reshape(b * k, length)
+    states = bart.apply({"params": gp}, context_ids.reshape(b * k, length), flat_mask,
+                        method=Bart.encode)
+    states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
+    scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
+    decoder = _decoder_step(bart, gp, states, flat_mask, k)
+
+    def step(cache, tokens):
+        logits, cache = decoder(cache, tokens)
+        return marginalize_token_logprobs(logits.reshape(b * n, k, -1), scores), cache
+
+    def reorder(cache, rows):
+        return _reorder_cache(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
+
+    cache = init_cache(config.generator, b * n * k, gen.max_length - 1, length)
+    if n == 1:
+        hyps = greedy_search(step, cache, b, gen)
+    else:
+        hyps = beam_search(step, cache, reorder, b, gen)
+    return Generated(hyps.sequences[:, :r], hyps.scores[:, :r], hyps.lengths[:, :r])
+
+
+def _targets_mask(targets: Array, gen: GenerationConfig) -> Array:
+    """Scored positions of the hypotheses' targets [B, C, T] (labels = hypothesis[1:]):
+    not pad, and not position 0 when every hypothesis of the question starts with bos
+    (transformers' exclude_bos_score=True, checked per question)."""
+    mask = targets != gen.pad_token_id
+    if gen.bos_token_id is not None:
+        all_bos = jnp.all(targets[:, :, 0] == gen.bos_token_id, axis=1)         # [B]
+        first = jnp.arange(targets.shape[-1]) == 0
+        mask = mask & ~(first[None, None, :] & all_bos[:, None, None])
+    return mask
+
+
+def _rescore(bart: Bart, params: Any, states: Array, mask: Array, candidates: Array,
+             k: int) -> Array:
+    """log p(hypothesis token t | document k) by a teacher-forced pass of every candidate
+    [B, C, M] under every document: [B, C, K, M - 1] (the target of position t is token
+    t + 1). One candidate per question at a time, over all B * K contexts."""
+    b, c, m = candidates.shape
+
+    def one(seq):                                            # seq [B, M]
+        dec = jnp.repeat(seq[:, :-1], k, axis=0)             # [B*K, M-1]
+        logits = bart.apply({"params": params}, dec, states, mask, method=Bart.decode)
+        target = jnp.repeat(seq[:, 1:], k, axis=0)[..., None]
+        picked = jnp.take_along_axis(logits, target, axis=-1)[..., 0]
+        lp = picked - jax.nn.logsumexp(logits, axis=-1)
+        return lp.reshape(b, k, m - 1)
+
+    out = lax.map(one, jnp.swapaxes(candidates, 0, 1))       # [C, B, K, M-1]
+    return jnp.transpose(out, (1, 0, 2, 3))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "gen", "fast", "deduplicate"))
+def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array | None,
+                          doc_scores: Array, *, config: RagConfig, gen: GenerationConfig,
+                          fast: bool = False, deduplicate: bool = True) -> Generated:
+    """RAG-Sequence decoding. Per (question, document): beam search with gen.num_beams
+    beams (greedy for 1), keeping every beam's hypothesis; the K * N hypotheses of a
+    question are pooled (`deduplicate`: identical ones counted once) and the
+    gen.num_return_sequences best by log p(y|x) = logsumexp_z(log p(z|x) + log p(y|x, z))
+    returned.
+
+    Thorough (fast=False), as transformers' RagSequenceForGeneration.generate: log p(y|x, z)
+    from a teacher-forced pass of every hypothesis under every document. Fast: no extra
+    pass; log p(y|x, z) from document z's own beam, and p(y|x, z) = 0 where that beam did
+    not produce y. The generator sees the contexts through `context_mask` (transformers
+    derives it from the pad ids: the same for right-padded contexts).
+
+    Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
+    left (R larger than the number of distinct hypotheses)."""
+    context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
+    b, k, length = context_ids.shape
+    n, r = gen.num_beams, gen.num_return_sequences
+    c, m = k * n, gen.max_length
+    if r > c:
+        raise ValueError(f"num_return_sequences {r} > documents x beams {c}")
+    bart = config.generator.module()
+    gp = params["generator"]
+    flat_mask = context_mask.reshape(b * k, length)
+    states = bart.apply({"params": gp}, context_ids.reshape(b * k, length), flat_mask,
+                        method=Bart.encode)
+    beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
+    beam_mask = jnp.repeat(flat_mask, n, axis=0)
+    step = _decoder_step(bart, gp, beam_states, beam_mask, 1)
+    cache = init_cache(config.generator, b * k * n, m - 1, length)
+    if n == 1:
+        hyps = greedy_search(step, cache, b * k, gen)
+    else:
+        hyps = beam_search(step, cache, _reorder_cache, b * k, gen)
+
+    candidates = hyps.sequences.reshape(b, c, m)                               # doc-major
+    lengths = hyps.lengths.reshape(b, c)
+    targets = candidates[:, :, 1:]
+    same = jnp.all(candidates[:, :, None, :] == candidates[:, None, :, :], axis=-1)  # [B,C,C]
+    if fast:
+        by_doc = candidates.reshape(b, k, n, m)
+        match = jnp.all(candidates[:, :, None, None, :] == by_doc[:, None], axis=-1)  # [B,C,K,N]
+        present = jnp.any(match, axis=-1)                                       # [B, C, K]
+        which = jnp.argmax(match, axis=-1)
+        tlp = hyps.token_logprobs.reshape(b, k, n, m)[..., 1:]
+        tok_lp = jnp.take_along_axis(tlp[:, None], which[..., None, None], axis=3)[:, :, :, 0]
+    else:
+        tok_lp = _rescore(bart, gp, states, flat_mask, candidates, k)          # [B, C, K, M-1]
+        present = None
+    scored = _targets_mask(targets, gen)
+    # also drop what follows the end (fill tokens, which transformers pads out)
+    scored = scored & (jnp.arange(m - 1)[None, None, :] < (lengths - 1)[:, :, None])
+    seq_ll = jnp.sum(jnp.where(scored[:, :, None, :], tok_lp, 0.0), axis=-1)   # [B, C, K]
+    if present is not None:
+        seq_ll = jnp.where(present, seq_ll, -jnp.inf)
+    loglik = jax.nn.logsumexp(seq_ll + doc_log_probs(doc_scores)[:, None, :], axis=-1)
+    if deduplicate:
+        earlier = jnp.tril(jnp.ones((c, c), bool), -1)                         # j < i
+        duplicate = jnp.any(same & earlier[None], axis=-1)
+        loglik = jnp.where(duplicate, -jnp.inf, loglik)
+    top, pick = lax.top_k(loglik, r)
+    return Generated(_take(candidates, pick), top, _take(lengths, pick))
