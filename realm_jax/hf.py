@@ -36,6 +36,9 @@ from realm_jax.models.towers import EmbedderConfig
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+# Where a layout finds (or puts) the folder's generation_config.json inside the config dict.
+_GENERATION_KEY = "_generation_config"
 
 
 class CheckpointError(ValueError):
@@ -306,9 +309,13 @@ def _rag_from_hf(hf: dict, arch: str) -> RagConfig:
         raise CheckpointError(f"RAG generator {g.get('model_type')!r} is not supported "
                               "(only BART)")
 
+    generation = hf.get(_GENERATION_KEY)
+
     def token(name: str, default: int | None) -> int | None:
-        if hf.get(name) is not None:   # the RAG config's own value wins, as in transformers
-            return hf[name]
+        if generation is not None:     # generation_config.json decides, as in transformers
+            return generation.get(name)
+        if hf.get(name) is not None:   # older folders: the RAG config's own value wins,
+            return hf[name]            # then its generator's, then BART's default
         return g[name] if name in g else default
 
     return RagConfig(
@@ -333,7 +340,13 @@ def _rag_to_hf(cfg: RagConfig, arch: str) -> dict:
         max_combined_length=cfg.max_combined_length, prefix=cfg.prefix or None,
         retrieval_vector_size=cfg.retrieval_dim, use_cache=True, label_smoothing=0.0,
         reduce_loss=False, do_deduplication=True, exclude_bos_score=False,
-        do_marginalize=False, output_retrieved=False)
+        do_marginalize=False, output_retrieved=False,
+        **{_GENERATION_KEY: dict(
+            bos_token_id=cfg.generator.bos_token_id, eos_token_id=cfg.generator.eos_token_id,
+            pad_token_id=cfg.generator.pad_token_id,
+            decoder_start_token_id=cfg.generator.decoder_start_token_id,
+            forced_bos_token_id=cfg.forced_bos_token_id,
+            forced_eos_token_id=cfg.forced_eos_token_id)})
 
 
 def _nest(entries: list[Entry], path: str, key: str) -> list[Entry]:
@@ -574,6 +587,8 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
     folder = Path(folder)
     hf = _read_config(folder)
     layout, arch = _layout_for(hf, folder)
+    if layout is RAG and (folder / GENERATION_CONFIG).exists():
+        hf[_GENERATION_KEY] = json.loads((folder / GENERATION_CONFIG).read_text())
     files = _tensor_files(folder)
     cfg = layout.config_from_hf(hf, arch)
     prefix = _body_prefix(files)
@@ -670,6 +685,7 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
     tensors.update(_tied_tensors(tensors))
     hf_config = layout.config_to_hf(flat_cfg, arch)
     hf_config["torch_dtype"] = "float32"
+    generation = hf_config.pop(_GENERATION_KEY, None)
 
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -677,6 +693,8 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if generation is not None:
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)

@@ -209,7 +209,7 @@ def retrieve(searcher: _Searcher, question_embeddings: Any, doc_embeddings: Any,
         raise ValueError(f"the searcher returned block ids up to {ids.max()}, but the "
                          f"embedding matrix has {n} rows")
     rows = np.clip(ids, 0, None).reshape(-1)
-    gathered = np.asarray(jax.device_get(doc_embeddings[rows]), np.float32)
+    gathered = np.array(jax.device_get(doc_embeddings[rows]), np.float32)   # (a copy)
     gathered = gathered.reshape(ids.shape + (gathered.shape[-1],))
     gathered[ids < 0] = 0.0
     return Retrieved(ids, np.asarray(scores, np.float32), gathered)
