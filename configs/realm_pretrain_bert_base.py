@@ -15,22 +15,35 @@ def bert_base() -> ml_collections.ConfigDict:
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
+    # tokenizer it was made with; the trainer and the refresher both read them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""          # a local HF folder (e.g. a REALM or BERT checkpoint)
+    # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
+    # each, when set, replaces what init_from_hf (or random init) gives that part.
+    c.model.query_tower_hf = ""
+    c.model.doc_tower_hf = ""
+    c.model.reader_hf = ""
     c.model.encoder = bert_base()
     c.model.retriever_proj_size = 128
     c.model.pooling = "pooler"
+    # mode: "scann" (queries embedded and searched on the host, in the input pipeline) or
+    # "device" (exact search of the sharded embedding matrix inside the step).
+    # exclude_slack: extra neighbours fetched so that dropping the query's own document's
+    # blocks still leaves num_candidates - 1.
     c.retrieval = ml_collections.ConfigDict(dict(
-        num_candidates=8, query_length=96, block_length=288, mode="scann"))
+        num_candidates=8, query_length=96, block_length=288, max_mask_tokens=10, mode="scann",
+        exclude_slack=16, score_scale=1.0, search_block_size=4096, scann_threads=0))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))   # (data, fsdp, tensor)
     c.sharding_rules = None                                      # None: realm_jax.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(
         batch_size=512, steps=200_000, learning_rate=3e-5, warmup_steps=10_000,
-        checkpoint_every=500, peak_flops_per_device=197e12))
+        decay="linear", weight_decay=0.01, clip_norm=1.0, checkpoint_every=500,
+        keep_checkpoints=3, async_checkpoints=True, log_every=10, index_wait_seconds=3600,
+        peak_flops_per_device=197e12))   # bf16 peak of one TPU v5e chip
     # The refresher (realm-jax refresh): see realm_jax.refresh.RefreshSettings.
     c.refresh = ml_collections.ConfigDict(dict(
-        corpus="",            # block store folder (realm-jax prepare-corpus), or --corpus
-        tokenizer="",         # HF folder the corpus was tokenized with ("": --from_hf's)
         title="auto",         # auto: titles for DPR passages; yes / no
         max_length=0,         # 0: the tower's max_position_embeddings
         batch_size=256, dtype="float16", shard_size=1_000_000, poll_seconds=30.0,

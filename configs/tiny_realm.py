@@ -6,8 +6,16 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
+    # tokenizer it was made with; the trainer and the refresher both read them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""
+    # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
+    # each, when set, replaces what init_from_hf (or random init) gives that part.
+    c.model.query_tower_hf = ""
+    c.model.doc_tower_hf = ""
+    c.model.reader_hf = ""
     c.model.encoder = ml_collections.ConfigDict(dict(
         vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
         max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12,
@@ -16,14 +24,17 @@ def get_config(arg=None):
     c.model.retriever_proj_size = 16
     c.model.pooling = "pooler"
     c.retrieval = ml_collections.ConfigDict(dict(
-        num_candidates=4, query_length=24, block_length=32, mode="device"))
+        num_candidates=4, query_length=24, block_length=32, max_mask_tokens=10, mode="device",
+        exclude_slack=16, score_scale=1.0, search_block_size=256, scann_threads=1))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
     c.sharding_rules = None
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2,
+        batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, decay="linear",
+        weight_decay=0.01, clip_norm=1.0, checkpoint_every=2, keep_checkpoints=3,
+        async_checkpoints=True, log_every=1, index_wait_seconds=300,
         peak_flops_per_device=1e11))
     c.refresh = ml_collections.ConfigDict(dict(
-        corpus="", tokenizer="", title="auto", max_length=0, batch_size=16, dtype="float16",
+        title="auto", max_length=0, batch_size=16, dtype="float16",
         shard_size=0, poll_seconds=1.0, keep_snapshots=2,
         scann=dict(brute_force_below=20_000, num_neighbors=10, num_threads=1)))
     return c

@@ -99,6 +99,24 @@ def _refresh(args: argparse.Namespace) -> None:
                  progress=not args.no_progress)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from realm_jax import config as config_lib
+
+    if not args.config:
+        raise ValueError("train: --config configs/NAME.py is required")
+    config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+    if "rag" in config:
+        raise ValueError(f"train: {args.config} is a RAG config; `realm-jax train` runs REALM "
+                         "configs only so far (RAG fine-tuning is not wired into it yet)")
+    from realm_jax.train import trainer
+    result = trainer.train(config, args.workdir)
+    first, last = result["first"], result["last"]
+    if first and last:
+        print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
+              f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
+              f"(steps {first['step']} -> {last['step']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,18 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from_hf", default=None,
                    help="HF folder of a pretrained document tower: the first index (step 0) "
                         "while no checkpoint exists")
-    p.add_argument("--corpus", default=None, help="block store (default: config.refresh.corpus)")
+    p.add_argument("--corpus", default=None, help="block store (default: config.data.corpus)")
     p.add_argument("--worker", type=int, default=0, help="this worker (0: the chief)")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--no_progress", action="store_true")
     p.set_defaults(run=_refresh, overrides=[])
+
+    p = sub.add_parser("train", help="the trainer (REALM pre-training); swaps in the "
+                       "refresher's index snapshots from WORKDIR/index")
+    p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
+                   "--config.FIELD=VALUE")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
+    p.set_defaults(run=_train, overrides=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "refresh" and all(a.startswith("--config.") for a in extra):
+    if args.command in ("refresh", "train") and all(a.startswith("--config.") for a in extra):
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

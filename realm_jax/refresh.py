@@ -81,10 +81,14 @@ class RefreshSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config.refresh: unknown field(s) {unknown}; known: {sorted(known)}")
+        data = config.get("data") if hasattr(config, "get") else None
+        for name in ("corpus", "tokenizer"):  # shared with the trainer: config.data
+            if not values.get(name) and data is not None and data.get(name):
+                values[name] = data[name]
         if corpus:
             values["corpus"] = corpus
         if not values.get("corpus"):
-            raise ValueError("no corpus: set config.refresh.corpus or pass --corpus STORE "
+            raise ValueError("no corpus: set config.data.corpus or pass --corpus STORE "
                              "(a block store made by `realm-jax prepare-corpus`)")
         scann = values.get("scann", {})
         values["scann"] = None if scann is None else ScannSettings(**scann)
@@ -161,7 +165,7 @@ class Refresher:
         corpus = Path(settings.corpus)
         if not corpus.is_dir():
             raise FileNotFoundError(f"corpus block store {corpus}: not found (config "
-                                    "refresh.corpus or --corpus; made by `realm-jax prepare-corpus`)")
+                                    "data.corpus or --corpus; made by `realm-jax prepare-corpus`)")
         self.store = BlockStore.open(corpus)
         self._embedder_factory = embedder_factory
         self._embedders: dict[Any, Any] = {}
@@ -220,7 +224,7 @@ class Refresher:
             from realm_jax.index.embed_corpus import RowBuilder
             tokenizer = self.settings.tokenizer or self.from_hf
             if not tokenizer:
-                raise ValueError("no tokenizer: set config.refresh.tokenizer to the HF folder "
+                raise ValueError("no tokenizer: set config.data.tokenizer to the HF folder "
                                  "the corpus was prepared with (or pass --from_hf)")
             self._rows[max_length] = RowBuilder.for_store(
                 self.store, tokenizer, title=self.settings.with_title, max_length=max_length)

@@ -342,7 +342,7 @@ def test_two_workers(tmp_path, base_params, settings, embedder, expected):
 def test_cli_refresh(tmp_path, base_params, store, minilm_path, capsys):
     make_workdir(tmp_path, base_params, [3])
     argv = ["refresh", "--config", "configs/tiny_realm.py", "--workdir", str(tmp_path),
-            "--corpus", os.fspath(store.path), f"--config.refresh.tokenizer={minilm_path}",
+            "--corpus", os.fspath(store.path), f"--config.data.tokenizer={minilm_path}",
             "--config.refresh.scann.brute_force_below=0", "--once", "--no_progress"]
     assert cli.main(argv) == 0
     snapshot = IndexStore(tmp_path / "index").latest()
@@ -350,7 +350,7 @@ def test_cli_refresh(tmp_path, base_params, store, minilm_path, capsys):
     assert cli.main(argv[:-2] + ["--config.refresh.nope=1", "--once"]) != 0
     assert cli.main(["refresh", "--workdir", str(tmp_path), "--config",
                      "configs/tiny_realm.py", "--once", "--no_progress"]) == 2
-    assert "no corpus: set config.refresh.corpus or pass --corpus" in capsys.readouterr().err
+    assert "no corpus: set config.data.corpus or pass --corpus" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_sigkill_at_random_moments(tmp_path, base_params, store, expected, minil
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     argv = ["refresh", "--config", "configs/tiny_realm.py", "--workdir", str(workdir),
-            "--corpus", os.fspath(store.path), f"--config.refresh.tokenizer={minilm_path}",
+            "--corpus", os.fspath(store.path), f"--config.data.tokenizer={minilm_path}",
             "--config.refresh.shard_size=16", "--config.refresh.scann.brute_force_below=0",
             "--config.refresh.poll_seconds=0.05", "--no_progress"]
 

@@ -159,9 +159,8 @@ class TrainCheckpoints:
         return (self.directory / FINISHED).exists() or (self.workdir / FINISHED).exists()
 
     def _read_manager(self) -> ocp.CheckpointManager | None:
-        if self._writer is not None:
-            self._writer.reload()
-            return self._writer
+        if self._writer is not None:  # the writer's own list is current (and a reload
+            return self._writer         # could drop a save still in flight)
         if self._reader is None:
             if not self.directory.exists():
                 return None

@@ -1,0 +1,264 @@
+"""REALM pre-training: the three models, the input pipeline, retrieval (on the devices or
+from ScaNN on the host), and the jitted loss.
+
+The model is three parts, each a pure linen module with its own params:
+  query_tower (Embedder), doc_tower (Embedder), reader (MaskedLM, the knowledge-augmented
+  encoder). The stale index only decides which blocks are looked at: inside the step the
+  candidates are re-embedded with the live document tower and scored with the live query
+  tower, so gradients reach both towers and the reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from realm_jax import config as config_lib
+from realm_jax import hf
+from realm_jax.data.realm_examples import QueryMaker, SpecialIds, candidate_tokens, collate_queries
+from realm_jax.data.store import BlockStore
+from realm_jax.index.device import device_topk
+from realm_jax.models import EmbedderConfig, MaskedLMConfig
+from realm_jax.objectives.realm import exclude_source, reader_inputs, realm_loss_from_logits
+
+_log = logging.getLogger(__name__)
+
+PARTS = ("query_tower", "doc_tower", "reader")
+QUERY_FIELDS = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid",
+                "doc_index")
+CANDIDATE_FIELDS = ("cand_ids", "cand_valid", "cand_tokens", "cand_lengths")
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+def _random_params(cfg, seed: int) -> dict:
+    variables = cfg.module().init(jax.random.key(seed), **hf.example_inputs(cfg))
+    return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+
+
+def _knobs(section: ml_collections.ConfigDict) -> dict:
+    """Run-time settings applied to pretrained weights (the sizes come from the folder)."""
+    return {k: section[k] for k in ("dtype", "scan_layers", "remat") if k in section}
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(configs, host params) of the three parts, from `config.model`:
+
+    - `init_from_hf`: one BERT-layout folder (e.g. MiniLM) for all three parts: towers with
+      the folder's pooling, the reader's MLM head newly initialised;
+    - `query_tower_hf` / `doc_tower_hf` / `reader_hf`: per-part folders (REALM's embedder
+      and knowledge-augmented encoder checkpoints); they take precedence;
+    - otherwise random weights of the sizes in `model.encoder`.
+    """
+    m = config.model
+    seed = config.seed
+    knobs = _knobs(m.encoder)
+    configs, params = {}, {}
+    if m.init_from_hf:
+        tower_cfg, tower_params = hf.load_embedder(m.init_from_hf, **knobs)
+        for part in ("query_tower", "doc_tower"):
+            configs[part], params[part] = tower_cfg, tower_params
+        reader_cfg = MaskedLMConfig(tower_cfg.encoder.replace(add_pooler=False))
+        reader_params = _random_params(reader_cfg, seed + 2)
+        reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items() if k != "pooler"}
+        configs["reader"], params["reader"] = reader_cfg, reader_params
+    else:
+        enc = config_lib.encoder_config(m.encoder)
+        proj = m.retriever_proj_size or None
+        tower_cfg = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
+                                   projection_layer_norm=bool(proj))
+        configs["query_tower"], configs["doc_tower"] = tower_cfg, tower_cfg
+        configs["reader"] = MaskedLMConfig(enc.replace(add_pooler=False))
+        for i, part in enumerate(PARTS):
+            params[part] = _random_params(configs[part], seed + i)
+    for part in PARTS:
+        folder = m[f"{part}_hf"]
+        if folder:
+            configs[part], params[part] = (hf.load_embedder(folder, **knobs) if part != "reader"
+                                           else hf.load(folder, **knobs))
+    return configs, params
+
+
+def param_shardings(configs: dict, mesh, rules) -> dict:
+    from realm_jax import sharding
+    return {part: sharding.param_shardings(
+        lambda c=cfg: c.module().init(jax.random.key(0), **hf.example_inputs(c)),
+        mesh=mesh, rules=rules)["params"] for part, cfg in configs.items()}
+
+
+def abstract_params(configs: dict) -> dict:
+    return {part: hf.abstract_params(cfg) for part, cfg in configs.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Input pipeline
+
+def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: int,
+                  *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of masked queries: blocks in a seeded shuffled order (repeated forever), one
+    query per block drawn with a per-element seed, this host's share of every global batch.
+    The iterator's position (`get_state`) is saved with each checkpoint."""
+    if batch_size % process_count:
+        raise ValueError(f"train.batch_size={batch_size} does not divide over {process_count} hosts")
+
+    def pick(block_id, rng: np.random.Generator):
+        queries = maker.from_block(store, int(block_id), seed=int(rng.integers(2**31)))
+        return queries[int(rng.integers(len(queries)))] if queries else None
+
+    ds = grain.MapDataset.range(len(store)).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(pick, seed=seed).to_iter_dataset()
+    ds = ds.batch(batch_size, batch_fn=collate_queries)
+    if process_count > 1:
+        local = batch_size // process_count
+        ds = ds.map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
+                               for k, v in b.items()})
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Retrieval
+
+@dataclasses.dataclass
+class DeviceCorpus:
+    """What the `device` retrieval mode keeps on the devices: the snapshot's embeddings and
+    the blocks' tokens, lengths and documents, all sharded along the corpus axis."""
+    embeddings: jax.Array
+    tokens: jax.Array
+    lengths: jax.Array
+    doc_index: jax.Array
+    num_valid: int
+    block_size: int
+
+    def arrays(self) -> dict:
+        return {"embeddings": self.embeddings, "tokens": self.tokens, "lengths": self.lengths,
+                "doc_index": self.doc_index}
+
+
+def device_corpus(snapshot, store: BlockStore, block_length: int, mesh, block_size: int = 4096
+                  ) -> DeviceCorpus:
+    searcher = snapshot.device_searcher(mesh, block_size=block_size)
+    padded = searcher.embeddings.shape[0]
+    n = len(store)
+    tokens, lengths = store.tokens_batch(np.arange(n), max_length=block_length)
+    pad = padded - n
+    tokens = np.pad(tokens, ((0, pad), (0, 0)))
+    lengths = np.pad(lengths.astype(np.int32), (0, pad))
+    docs = np.pad(np.asarray(store.doc_index, np.int32), (0, pad), constant_values=-1)
+    put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(searcher.sharding.spec[0], *([None] * (x.ndim - 1)))))
+    return DeviceCorpus(searcher.embeddings, put(tokens.astype(np.int32)), put(lengths),
+                        put(docs), searcher.num_valid, searcher.block_size)
+
+
+class HostRetriever:
+    """The `scann` retrieval mode: queries embedded by the query tower of the snapshot's own
+    checkpoint, searched with the snapshot's ScaNN index on the host, the candidates' tokens
+    attached to the batch (runs in the input pipeline, overlapping the step)."""
+
+    def __init__(self, snapshot, query_cfg: EmbedderConfig, query_params, store: BlockStore,
+                 num_candidates: int, exclude_slack: int, block_length: int, num_threads: int = 0):
+        self.snapshot = snapshot
+        self.searcher = snapshot.scann_searcher(num_threads)
+        self.params = jax.device_put(query_params)
+        module = query_cfg.module()
+        self._embed = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
+        self.store = store
+        self.k = num_candidates
+        self.depth = num_candidates - 1 + exclude_slack
+        self.block_length = block_length
+        self.doc_index = np.asarray(store.doc_index)
+
+    def __call__(self, batch: dict) -> dict:
+        queries = np.asarray(self._embed(self.params, batch["input_ids"], batch["attention_mask"]))
+        _, ids = self.searcher.search(queries, min(self.depth, self.searcher.size))
+        docs = np.where(ids >= 0, self.doc_index[np.maximum(ids, 0)], -1)
+        cand, valid = exclude_source(ids, docs, batch["doc_index"], self.k)
+        tokens, lengths = candidate_tokens(self.store, cand, max_length=self.block_length)
+        return dict(batch, cand_ids=cand, cand_valid=valid, cand_tokens=tokens,
+                    cand_lengths=lengths)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss
+
+def doc_tower_inputs(tokens: jax.Array, lengths: jax.Array, special: SpecialIds):
+    """`[CLS] block [SEP]` rows (the null document: `[CLS] [SEP]`) from stored block tokens
+    [..., C] and their lengths [...]; returns ids and attention mask [..., C + 2]."""
+    c = tokens.shape[-1]
+    t = jnp.arange(c + 2)
+    n = lengths[..., None]
+    source = jnp.broadcast_to(jnp.clip(t - 1, 0, c - 1), tokens.shape[:-1] + (c + 2,))
+    body = jnp.take_along_axis(tokens, source, axis=-1)
+    ids = jnp.where(t == 0, special.cls,
+                    jnp.where(t <= n, body, jnp.where(t == n + 1, special.sep, special.pad)))
+    return ids.astype(jnp.int32), (t <= n + 1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmLossFn:
+    configs: dict
+    special: SpecialIds
+    num_candidates: int
+    exclude_slack: int
+    score_scale: float
+    mode: str                       # "device" or "scann"
+    num_valid: int = 0              # device mode: corpus rows that are real
+    block_size: int = 4096
+
+    def device_candidates(self, params, batch, corpus) -> dict:
+        """Embed the queries with the live tower, search the sharded corpus, drop the
+        source document's blocks, gather the candidates' tokens."""
+        q = self.configs["query_tower"].module().apply(
+            {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"])
+        depth = min(self.num_candidates - 1 + self.exclude_slack, self.num_valid)
+        _, rows = device_topk(jax.lax.stop_gradient(q), corpus["embeddings"], depth,
+                              block_size=self.block_size, num_valid=self.num_valid)
+        docs = jnp.take(corpus["doc_index"], rows, axis=0)
+        cand, valid = exclude_source(rows, docs, batch["doc_index"].astype(rows.dtype),
+                                     self.num_candidates)
+        safe = jnp.maximum(cand, 0)
+        tokens = jnp.take(corpus["tokens"], safe, axis=0)
+        lengths = jnp.where(cand >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
+        return dict(cand_ids=cand, cand_valid=valid, cand_tokens=tokens, cand_lengths=lengths)
+
+    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array):
+        if self.mode == "device":
+            batch = dict(batch, **self.device_candidates(params, batch, corpus))
+        q_rng, d_rng, r_rng = jax.random.split(rng, 3)
+        train = {"deterministic": False}
+        q = self.configs["query_tower"].module().apply(
+            {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"],
+            rngs={"dropout": q_rng}, **train)                                      # [B, P]
+        tokens, lengths = batch["cand_tokens"], batch["cand_lengths"]              # [B, K, C]
+        b, k, c = tokens.shape
+        d_ids, d_mask = doc_tower_inputs(tokens.reshape(b * k, c), lengths.reshape(b * k),
+                                         self.special)
+        d = self.configs["doc_tower"].module().apply(
+            {"params": params["doc_tower"]}, d_ids, d_mask, rngs={"dropout": d_rng}, **train)
+        scores = jnp.einsum("bp,bkp->bk", q, d.reshape(b, k, -1)) * self.score_scale
+
+        r = reader_inputs(batch["input_ids"], batch["attention_mask"], tokens, lengths,
+                          sep_id=self.special.sep, pad_id=self.special.pad)
+        t = r.input_ids.shape[-1]
+        positions = jnp.repeat(batch["mask_positions"][:, None], k, axis=1).reshape(b * k, -1)
+        mlm = self.configs["reader"].module().apply(
+            {"params": params["reader"]}, r.input_ids.reshape(b * k, t),
+            r.attention_mask.reshape(b * k, t), r.token_type_ids.reshape(b * k, t), positions,
+            rngs={"dropout": r_rng}, **train)
+        out = realm_loss_from_logits(scores, mlm.reshape(b, k, *mlm.shape[1:]),
+                                     batch["mask_targets"], batch["mask_valid"],
+                                     batch["cand_valid"])
+        metrics = {"loss": out.loss, "retrieval_utility": out.retrieval_utility,
+                   "masked_tokens": out.num_tokens,
+                   "top_candidate_prob": jnp.exp(out.retrieval_log_probs.max(-1)).mean(),
+                   "null_prob": jnp.exp(out.retrieval_log_probs[:, 0]).mean()}
+        return out.loss, (metrics, batch["cand_ids"])

@@ -1,0 +1,216 @@
+"""The REALM trainer: one jitted, sharded step; orbax checkpoints the refresher reads;
+index snapshots swapped in at step boundaries; metrics; a resumable input pipeline.
+
+    realm-jax train --config configs/tiny_realm.py --workdir DIR
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from realm_jax import sharding
+from realm_jax.data.realm_examples import QueryMaker
+from realm_jax.data.store import BlockStore
+from realm_jax.index.store import IndexStore, SnapshotWatcher
+from realm_jax.train import realm
+from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints
+from realm_jax.train.metrics import MetricsWriter, progress_line
+from realm_jax.train.optim import make_optimizer
+from realm_jax.train.state import TrainState, abstract_state, create_state, state_shardings
+
+_log = logging.getLogger(__name__)
+
+
+def _global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def wait_for_snapshot(watcher: SnapshotWatcher, timeout: float, index_dir: Path):
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        snapshot = watcher.poll()
+        if snapshot is not None:
+            return snapshot
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no index snapshot in {index_dir} after {timeout:.0f}s: start the refresher "
+                f"(realm-jax refresh --config ... --workdir {index_dir.parent}) or build a "
+                "first index with --from_hf")
+        if not logged:
+            _log.info("waiting for the refresher to publish a first index in %s", index_dir)
+            logged = True
+        time.sleep(1.0)
+
+
+def step_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train until `config.train.steps`; returns the first and last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc, rc = config.train, config.retrieval
+    if rc.mode not in ("device", "scann"):
+        raise ValueError(f"--config.retrieval.mode={rc.mode!r}: expected 'device' or 'scann'")
+    mesh = sharding.mesh_from_config(config)
+    rules = sharding.rules_from_config(config)
+    if not config.data.corpus or not config.data.tokenizer:
+        raise ValueError("set --config.data.corpus (a block store from `realm-jax "
+                         "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer folder)")
+    store = BlockStore.open(config.data.corpus)
+    maker = QueryMaker.for_store(store, config.data.tokenizer, query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    configs, host_params = realm.build_models(config)
+    checkpoints = TrainCheckpoints(workdir, max_to_keep=tc.keep_checkpoints,
+                                   async_save=tc.async_checkpoints)
+    checkpoints.write_model_configs(configs)
+    optimizer = make_optimizer(tc)
+    p_shardings = realm.param_shardings(configs, mesh, rules)
+    shardings = state_shardings(optimizer, realm.abstract_params(configs), p_shardings, mesh)
+    dataset = realm.query_dataset(store, maker, tc.batch_size, config.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    batches = iter(dataset)
+
+    start = checkpoints.latest_step()
+    if start is not None and start < tc.steps:  # more steps asked of a finished run
+        (checkpoints.directory / FINISHED).unlink(missing_ok=True)
+    if start is None:
+        state = create_state(optimizer, sharding.place(host_params, p_shardings), shardings)
+        checkpoints.save(0, state.params, train_state={"step": state.step, "opt_state": state.opt_state},
+                         meta={"data": batches.get_state()})
+        start = 0
+        _log.info("initialised a new run in %s", workdir)
+    else:
+        target = abstract_state(optimizer, realm.abstract_params(configs), shardings)
+        state, meta = checkpoints.restore(start, target)
+        batches.set_state(meta["data"])
+        _log.info("resumed %s at step %d", workdir, start)
+    del host_params
+
+    index_dir = workdir / "index"
+    watcher = SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint)
+    snapshot = wait_for_snapshot(watcher, tc.index_wait_seconds, index_dir)
+
+    loss_fn = realm.RealmLossFn(
+        configs, maker.special, rc.num_candidates, rc.exclude_slack,
+        rc.score_scale, rc.mode, num_valid=len(store),
+        block_size=rc.search_block_size)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def use_snapshot(snap):
+        if rc.mode == "device":
+            with sharding.activate(mesh, rules):
+                return realm.device_corpus(snap, store, rc.block_length, mesh,
+                                           loss_fn.block_size), None
+        steps = checkpoints.all_steps()
+        if snap.step in steps:
+            query_params = checkpoints.restore_part(snap.step, "query_tower")
+        else:  # an index from pretrained weights, or its checkpoint was pruned
+            _log.warning("checkpoint %d of snapshot %s is gone: embedding queries with the "
+                         "live query tower", snap.step, snap.version)
+            query_params = jax.device_get(state.params["query_tower"])
+        return None, realm.HostRetriever(snap, configs["query_tower"], query_params, store,
+                                         rc.num_candidates, rc.exclude_slack,
+                                         rc.block_length, rc.scann_threads)
+
+    corpus, retriever = use_snapshot(snapshot)
+    _log.info("using index %s (checkpoint step %d)", snapshot.version, snapshot.step)
+
+    def train_step(state: TrainState, batch, corpus_arrays, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, corpus_arrays, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def corpus_arrays():
+        return corpus.arrays() if corpus is not None else None
+
+    corpus_shardings = (jax.tree.map(lambda x: x.sharding, corpus.arrays())
+                        if corpus is not None else None)
+    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding, corpus_shardings, replicated),
+                      out_shardings=(shardings, replicated), donate_argnums=0)
+    rng = jax.random.key(config.seed)
+
+    def prepare(local):
+        if retriever is not None:
+            local = retriever(local)
+        fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if retriever is not None else ())
+        return _global_batch({k: local[k] for k in fields}, batch_sharding)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # the next batch is prepared during a step
+
+    def fetch():
+        local = next(batches)
+        return local, batches.get_state()
+
+    pending = pool.submit(fetch)
+    writer = MetricsWriter(workdir)
+    flops = None
+    log_every = tc.log_every
+    first = last = None
+    step = start
+    try:
+        while step < tc.steps:
+            new = watcher.poll()
+            if new is not None:
+                snapshot = new
+                corpus, retriever = use_snapshot(snapshot)
+                _log.info("swapped in index %s (checkpoint step %d) at step %d",
+                          snapshot.version, snapshot.step, step)
+            local, data_state = pending.result()
+            with sharding.activate(mesh, rules):
+                batch = prepare(local)
+                pending = pool.submit(fetch)
+                if flops is None:
+                    compiled = step_fn.lower(state, batch, corpus_arrays(), rng).compile()
+                    flops = step_flops(compiled)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, batch, corpus_arrays(), rng)
+                step += 1
+                if step % log_every == 0 or step == tc.steps or step == start + 1:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    seconds = time.perf_counter() - t0
+                    reader_tokens = tc.batch_size * rc.num_candidates * (rc.query_length + rc.block_length)
+                    values.update(
+                        staleness=float(snapshot.staleness(step)), step_time=seconds,
+                        reader_tokens_per_s=reader_tokens / seconds,
+                        mfu=flops / seconds / (tc.peak_flops_per_device * jax.device_count()))
+                    writer.write(step, values)
+                    if jax.process_index() == 0:
+                        print(progress_line(step, tc.steps, {k: values[k] for k in (
+                            "loss", "retrieval_utility", "staleness", "step_time", "mfu")}),
+                            flush=True)
+                    first = first or dict(values, step=step)
+                    last = dict(values, step=step)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoints.save(step, state.params,
+                                 train_state={"step": state.step, "opt_state": state.opt_state},
+                                 meta={"data": data_state, "index": snapshot.version})
+        checkpoints.mark_finished()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        writer.close()
+        checkpoints.wait_until_finished()
+    return {"first": first, "last": last, "final_state": state, "configs": configs,
+            "snapshot": snapshot}
