@@ -28,7 +28,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from realm_jax import demo
     demo.run(workdir=args.workdir, model=args.model, questions=args.question or None,
-             top_k=args.top_k, max_articles=args.max_articles)
+             top_k=args.top_k, max_articles=args.max_articles, steps=args.steps)
 
 
 def _prepare_corpus(args: argparse.Namespace) -> None:
@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder of the retriever tower (default: the installed all-MiniLM-L6-v2)")
     p.add_argument("--question", action="append", help="a question (repeatable)")
     p.add_argument("--top_k", type=int, default=3)
-    p.add_argument("--max_articles", type=int, default=None)
+    p.add_argument("--max_articles", type=int, default=40,
+                   help="articles of the sample to use (it has 106)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="REALM pre-training steps (default: the demo config's; 0 skips it)")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("prepare-corpus", help="corpus (JSONL, TFDS, Wikipedia XML) -> block store")

@@ -1,7 +1,14 @@
 """The main job on its embedded default: real MiniLM weights, the real Wikipedia sample
-shipped in gensim, passages embedded with the Flax encoder, questions answered by retrieval.
+shipped in gensim.
 
-    realm-jax demo [--question "..."]...
+1. Retrieval: passages embedded with the Flax encoder, indexed with ScaNN, questions
+   answered by retrieval.
+2. REALM pre-training: the trainer (here) and the refresher (a second process) side by
+   side over one workdir; the trainer swaps in the refreshed indexes; at the end, the loss
+   and retrieval utility from start to end and a few masked sentences with the blocks
+   retrieved and the tokens predicted.
+
+    realm-jax demo [--question "..."]... [--steps N]
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.
 DEFAULT_QUESTIONS = (
     "Who was the teacher of Alexander the Great?",
     "How much sunlight does fresh snow reflect?",
-    "Who were the first astronauts to land on the Moon?",
-    "What is the capital city of Angola?",
-    "Which theory made Albert Einstein famous?",
-    "What does an aardvark eat?",
+    "Who killed Hector in the Trojan War?",
+    "What is the capital city of Alabama?",
+    "Who wrote the novel Atlas Shrugged?",
+    "What is the largest country in Africa?",
 )
+DEFAULT_ARTICLES = 40   # the first 40 articles of the sample hold the answers
+PRETRAIN_ARTICLES = 20  # REALM pre-training: re-embedded at every refresh, so kept small
 
 
 def default_model() -> str:
@@ -48,7 +57,20 @@ def wiki_sample() -> str:
 
 
 def run(workdir: str | os.PathLike = "workdir/demo", model: str | None = None,
-        questions=None, top_k: int = 3, max_articles: int | None = None) -> dict:
+        questions=None, top_k: int = 3, max_articles: int | None = DEFAULT_ARTICLES,
+        steps: int | None = None) -> dict:
+    """Both parts; `steps=0` skips the pre-training."""
+    model = model or default_model()
+    result = retrieve(Path(workdir) / "retrieval", model, questions, top_k, max_articles)
+    if steps != 0:
+        result["pretraining"] = pretrain(Path(workdir) / "realm", model,
+                                         min(max_articles or PRETRAIN_ARTICLES, PRETRAIN_ARTICLES),
+                                         steps)
+    return result
+
+
+def retrieve(workdir: str | os.PathLike, model: str, questions=None, top_k: int = 3,
+             max_articles: int | None = DEFAULT_ARTICLES) -> dict:
     """Prepare the corpus, embed it, search it. Returns the retrieved passage ids per
     question (and prints them)."""
     from realm_jax import TextEmbedder
@@ -56,7 +78,6 @@ def run(workdir: str | os.PathLike = "workdir/demo", model: str | None = None,
     from realm_jax.data.store import BlockStore
     from realm_jax.index import ScannSearcher
 
-    model = model or default_model()
     workdir = Path(workdir)
     started = time.perf_counter()
 
@@ -90,6 +111,61 @@ def run(workdir: str | os.PathLike = "workdir/demo", model: str | None = None,
             snippet = textwrap.shorten(store.text(int(i)), 160, placeholder=" ...")
             print(f"  {rank}. [{s:.3f}] {store.title(int(i))}: {snippet}")
         answers[q] = [int(i) for i in row_ids]
-    print(f"\ndone in {time.perf_counter() - started:.0f}s")
+    print(f"\nretrieval done in {time.perf_counter() - started:.0f}s")
     return {"questions": answers, "titles": {q: [store.title(i) for i in v] for q, v in answers.items()},
             "embeddings": np.asarray(vectors)}
+
+
+def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = PRETRAIN_ARTICLES,
+             steps: int | None = None) -> dict:
+    """REALM pre-training from MiniLM: the refresher as a second process, the trainer here."""
+    import subprocess
+    import sys
+
+    from realm_jax import config as config_lib
+    from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.train import trainer
+
+    workdir = Path(workdir)
+    if workdir.exists():  # a fresh run each time
+        import shutil
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    block_length = config_lib.load_config("demo_realm_minilm").retrieval.block_length
+    print(f"\n[REALM 1/3] corpus: {max_articles} articles of the Wikipedia sample -> blocks of "
+          f"<= {block_length} wordpieces ({workdir / 'corpus'})")
+    prepare_corpus(wiki_sample(), workdir / "corpus", tokenizer=model, mode="realm",
+                   max_tokens=block_length, max_documents=max_articles, progress=False)
+    overrides = [f"data.corpus={workdir / 'corpus'}", f"data.tokenizer={model}",
+                 f"model.init_from_hf={model}"] + ([f"train.steps={steps}"] if steps else [])
+    config = config_lib.load_config("demo_realm_minilm", *overrides)
+    log = open(workdir / "refresher.log", "w")
+    command = [sys.executable, "-m", "realm_jax.cli", "refresh", "--workdir", str(workdir),
+               "--config", str(config_lib.CONFIG_DIR / "demo_realm_minilm.py"),
+               "--from_hf", model, "--no_progress"] + [f"--config.{o}" for o in overrides]
+    refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {workdir / 'refresher.log'});"
+          f" training {config.train.steps} steps, checkpoints every "
+          f"{config.train.checkpoint_every}")
+    try:
+        result = trainer.train(config, workdir)
+        refresher.wait(timeout=600)   # its last refresh, after the FINISHED marker
+    finally:
+        if refresher.poll() is None:
+            refresher.terminate()
+            refresher.wait(timeout=60)
+        log.close()
+    first, last = result["first"], result["last"]
+    print(f"\n[REALM 3/3] loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+          f"(step {last['step']}); retrieval_utility {first['retrieval_utility']:+.4f} -> "
+          f"{last['retrieval_utility']:+.4f}")
+    for swap in result["swaps"]:
+        print(f"  index {swap['index']} (embedded at checkpoint {swap['checkpoint_step']}) "
+              f"swapped in at step {swap['step']}")
+    examples = trainer.predict_examples(config, workdir, result["final_state"].params)
+    for ex in examples:
+        print(f"\n  {textwrap.shorten(ex['sentence'], 150, placeholder=' ...')}")
+        print(f"    masked: {ex['masked']!r}  predicted: {ex['predicted']!r}")
+        for title, p in ex["retrieved"]:
+            print(f"    [{p:.2f}] {title}")
+    return {"first": first, "last": last, "swaps": result["swaps"], "examples": examples}

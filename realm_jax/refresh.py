@@ -268,7 +268,8 @@ class Refresher:
 
     def refresh(self, source: Source, previous: Snapshot | None = None) -> RefreshResult:
         """Embed the corpus with `source`'s document tower and publish a snapshot."""
-        from realm_jax.index.embed_corpus import embed_corpus, merge_shards, params_fingerprint
+        from realm_jax.index.embed_corpus import (
+            EmbedResult, embed_corpus, merge_shards, params_fingerprint)
 
         started = time.perf_counter()
         self.on_stage("restore")
@@ -284,22 +285,32 @@ class Refresher:
                              "model_fingerprint": model_fingerprint,
                              "shard_dir": shard_dir.name, "num_workers": self.num_workers})
 
-        self.on_stage("embed")
-        embedder = self.embedder(config)
-        rows = self.rows(self.settings.max_length or embedder.max_length)
         t0 = time.perf_counter()
-        result = embed_corpus(self.store, embedder, params, shard_dir, rows=rows,
-                              model_fingerprint=model_fingerprint, worker=self.worker,
-                              num_workers=self.num_workers,
-                              shard_size=self.settings.shard_size or None,
-                              progress=self.progress,
-                              on_shard=lambda info: self.on_stage("shard"))
-        if self.num_workers > 1:
-            self.on_stage("wait_workers")
-            self._wait_for_shards(shard_dir)
-        self.on_stage("merge")
-        embeddings = merge_shards(shard_dir, len(self.store), model_fingerprint=model_fingerprint,
-                                  corpus_fingerprint=self.store.fingerprint)
+        if (previous is not None and previous.model_fingerprint == model_fingerprint
+                and previous.count == len(self.store)):
+            # The same weights (e.g. the trainer's step-0 checkpoint of the --from_hf tower):
+            # the embeddings are those of the published snapshot; only the step is new.
+            _log.info("step %d: the document tower equals the one of %s; reusing its "
+                      "embeddings", source.step, previous.version)
+            embeddings = np.asarray(previous.embeddings(mmap=False))
+            result = EmbedResult([], 0, len(embeddings), 0.0)
+        else:
+            self.on_stage("embed")
+            embedder = self.embedder(config)
+            rows = self.rows(self.settings.max_length or embedder.max_length)
+            result = embed_corpus(self.store, embedder, params, shard_dir, rows=rows,
+                                  model_fingerprint=model_fingerprint, worker=self.worker,
+                                  num_workers=self.num_workers,
+                                  shard_size=self.settings.shard_size or None,
+                                  progress=self.progress,
+                                  on_shard=lambda info: self.on_stage("shard"))
+            if self.num_workers > 1:
+                self.on_stage("wait_workers")
+                self._wait_for_shards(shard_dir)
+            self.on_stage("merge")
+            embeddings = merge_shards(shard_dir, len(self.store),
+                                      model_fingerprint=model_fingerprint,
+                                      corpus_fingerprint=self.store.fingerprint)
         embed_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()

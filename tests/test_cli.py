@@ -90,7 +90,7 @@ def test_sharded_restore_of_params(tmp_path):
 def test_demo_retrieves_the_right_articles(tmp_path, minilm_path):
     """The main job on two articles: questions land on the article that answers them."""
     from realm_jax import demo
-    result = demo.run(workdir=tmp_path, model=minilm_path, max_articles=3, top_k=2,
+    result = demo.run(workdir=tmp_path, model=minilm_path, max_articles=3, top_k=2, steps=0,
                       questions=["What is the albedo of snow?",
                                  "Which disorder affects social interaction and communication?"])
     titles = result["titles"]

@@ -230,35 +230,55 @@ class RealmLossFn:
         lengths = jnp.where(cand >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
         return dict(cand_ids=cand, cand_valid=valid, cand_tokens=tokens, cand_lengths=lengths)
 
-    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array):
-        if self.mode == "device":
-            batch = dict(batch, **self.device_candidates(params, batch, corpus))
-        q_rng, d_rng, r_rng = jax.random.split(rng, 3)
-        train = {"deterministic": False}
-        q = self.configs["query_tower"].module().apply(
-            {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"],
-            rngs={"dropout": q_rng}, **train)                                      # [B, P]
+    def forward(self, params, batch: dict, rng: jax.Array | None):
+        """Relevance scores [B, K] of the candidates in `batch` (live towers) and the reader's
+        MLM logits at the masked positions [B, K, M, V]; dropout on when `rng` is given."""
+        rngs = dict(zip(PARTS, jax.random.split(rng, 3))) if rng is not None else {}
+
+        def apply(part, *args):
+            kwargs = ({"rngs": {"dropout": rngs[part]}, "deterministic": False}
+                      if rng is not None else {})
+            return self.configs[part].module().apply({"params": params[part]}, *args, **kwargs)
+
+        q = apply("query_tower", batch["input_ids"], batch["attention_mask"])      # [B, P]
         tokens, lengths = batch["cand_tokens"], batch["cand_lengths"]              # [B, K, C]
         b, k, c = tokens.shape
         d_ids, d_mask = doc_tower_inputs(tokens.reshape(b * k, c), lengths.reshape(b * k),
                                          self.special)
-        d = self.configs["doc_tower"].module().apply(
-            {"params": params["doc_tower"]}, d_ids, d_mask, rngs={"dropout": d_rng}, **train)
-        scores = jnp.einsum("bp,bkp->bk", q, d.reshape(b, k, -1)) * self.score_scale
+        d = apply("doc_tower", d_ids, d_mask).reshape(b, k, -1)
+        scores = jnp.einsum("bp,bkp->bk", q, d) * self.score_scale
 
         r = reader_inputs(batch["input_ids"], batch["attention_mask"], tokens, lengths,
                           sep_id=self.special.sep, pad_id=self.special.pad)
         t = r.input_ids.shape[-1]
         positions = jnp.repeat(batch["mask_positions"][:, None], k, axis=1).reshape(b * k, -1)
-        mlm = self.configs["reader"].module().apply(
-            {"params": params["reader"]}, r.input_ids.reshape(b * k, t),
-            r.attention_mask.reshape(b * k, t), r.token_type_ids.reshape(b * k, t), positions,
-            rngs={"dropout": r_rng}, **train)
-        out = realm_loss_from_logits(scores, mlm.reshape(b, k, *mlm.shape[1:]),
-                                     batch["mask_targets"], batch["mask_valid"],
+        mlm = apply("reader", r.input_ids.reshape(b * k, t), r.attention_mask.reshape(b * k, t),
+                    r.token_type_ids.reshape(b * k, t), positions)
+        return scores, mlm.reshape(b, k, *mlm.shape[1:])
+
+    def with_candidates(self, params, batch: dict, corpus: dict | None) -> dict:
+        if self.mode == "device":
+            return dict(batch, **self.device_candidates(params, batch, corpus))
+        return batch
+
+    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array):
+        batch = self.with_candidates(params, batch, corpus)
+        scores, mlm = self.forward(params, batch, rng)
+        out = realm_loss_from_logits(scores, mlm, batch["mask_targets"], batch["mask_valid"],
                                      batch["cand_valid"])
         metrics = {"loss": out.loss, "retrieval_utility": out.retrieval_utility,
                    "masked_tokens": out.num_tokens,
                    "top_candidate_prob": jnp.exp(out.retrieval_log_probs.max(-1)).mean(),
                    "null_prob": jnp.exp(out.retrieval_log_probs[:, 0]).mean()}
         return out.loss, (metrics, batch["cand_ids"])
+
+    def predict(self, params, batch: dict, corpus: dict | None) -> dict:
+        """The candidates, their retrieval probabilities [B, K] and the predicted masked
+        tokens [B, M] (argmax of the marginal over candidates), without dropout."""
+        batch = self.with_candidates(params, batch, corpus)
+        scores, mlm = self.forward(params, batch, None)
+        scores = jnp.where(batch["cand_valid"], scores, -jnp.inf)
+        log_pz = jax.nn.log_softmax(scores, axis=-1)
+        marginal = jax.nn.logsumexp(log_pz[:, :, None, None] + jax.nn.log_softmax(mlm, -1), axis=1)
+        return {"cand_ids": batch["cand_ids"], "retrieval_probs": jnp.exp(log_pz),
+                "predicted": jnp.argmax(marginal, axis=-1)}

@@ -169,6 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     flops = None
     log_every = tc.log_every
     first = last = None
+    swaps: list[dict] = []
     step = start
     try:
         while step < tc.steps:
@@ -176,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             if new is not None:
                 snapshot = new
                 corpus, retriever = use_snapshot(snapshot)
+                swaps.append({"step": step, "index": snapshot.version,
+                              "checkpoint_step": snapshot.step})
                 _log.info("swapped in index %s (checkpoint step %d) at step %d",
                           snapshot.version, snapshot.step, step)
             local, data_state = pending.result()
@@ -213,4 +216,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         writer.close()
         checkpoints.wait_until_finished()
     return {"first": first, "last": last, "final_state": state, "configs": configs,
-            "snapshot": snapshot}
+            "snapshot": snapshot, "swaps": swaps}
+
+
+def predict_examples(config: ml_collections.ConfigDict, workdir: str | Path, params,
+                     num: int = 4, seed: int = 1) -> list[dict]:
+    """Masked queries (from a pipeline with another seed), the blocks the newest index and
+    `params` retrieve for them, and the tokens the reader predicts: for showing a run."""
+    rc = config.retrieval
+    store = BlockStore.open(config.data.corpus)
+    maker = QueryMaker.for_store(store, config.data.tokenizer, query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    configs = TrainCheckpoints(workdir).model_configs()
+    snapshot = IndexStore(Path(workdir) / "index").latest()
+    params = jax.device_get(params)
+    retriever = realm.HostRetriever(snapshot, configs["query_tower"], params["query_tower"],
+                                    store, rc.num_candidates, rc.exclude_slack, rc.block_length,
+                                    rc.scann_threads)
+    loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
+                                rc.score_scale, "scann")
+    queries = [q for q, _ in zip(maker.iter_store(store, np.random.default_rng(seed).permutation(
+        len(store)), seed=seed), range(num))]
+    from realm_jax.data.realm_examples import collate_queries
+    batch = retriever(collate_queries(queries))
+    fields = realm.QUERY_FIELDS + realm.CANDIDATE_FIELDS
+    out = jax.device_get(jax.jit(loss_fn.predict)(params, {k: batch[k] for k in fields}, None))
+    tokenizer = maker.tokenizer.backend
+    rows = []
+    for i, q in enumerate(queries):
+        valid = q.mask_valid
+        rows.append({
+            "sentence": q.sentence, "masked": q.span_text,
+            "predicted": tokenizer.decode([int(t) for t in out["predicted"][i][valid]]),
+            "retrieved": [(store.title(int(c)) if c >= 0 else "(null document)", float(p))
+                          for c, p in zip(out["cand_ids"][i], out["retrieval_probs"][i])],
+        })
+    return rows

@@ -1,0 +1,43 @@
+"""The main job's REALM pre-training (`realm-jax demo`, which fills in the paths):
+all-MiniLM-L6-v2 towers and reader (the reader's MLM head newly initialised) on the
+Wikipedia sample shipped in gensim, sized for a 2-core CPU in about ten minutes: shorter
+blocks and queries, fewer candidates and smaller batches than the paper's 288 / 96 / 8 / 512
+(one step is still ~100 GFLOP)."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
+    # tokenizer it was made with; the trainer and the refresher both read them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from_hf = ""           # the MiniLM folder
+    # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
+    # each, when set, replaces what init_from_hf (or random init) gives that part.
+    c.model.query_tower_hf = ""
+    c.model.doc_tower_hf = ""
+    c.model.reader_hf = ""
+    c.model.encoder = ml_collections.ConfigDict(dict(
+        # Sizes come from the HF folder; these knobs apply to it.
+        dtype="float32", scan_layers=False, remat=False))
+    c.model.retriever_proj_size = 0
+    c.model.pooling = "pooler"
+    c.retrieval = ml_collections.ConfigDict(dict(
+        num_candidates=3, query_length=48, block_length=96, max_mask_tokens=10, mode="scann",
+        exclude_slack=24, score_scale=20.0, search_block_size=1024, scann_threads=1))
+    # score_scale: MiniLM's embeddings are unit vectors; 20 turns cosines into logits.
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    c.sharding_rules = None
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=2, steps=120, learning_rate=1e-4, warmup_steps=10, decay="linear",
+        weight_decay=0.01, clip_norm=1.0, checkpoint_every=30, keep_checkpoints=4,
+        async_checkpoints=True, log_every=10, index_wait_seconds=900,
+        peak_flops_per_device=1e11))   # rough FP32 peak of 2 CPU cores
+    c.refresh = ml_collections.ConfigDict(dict(
+        title="auto", max_length=0, batch_size=16, dtype="float16",
+        shard_size=0, poll_seconds=2.0, keep_snapshots=3,
+        scann=dict(brute_force_below=20_000, num_neighbors=10, num_threads=1)))
+    return c
