@@ -352,3 +352,155 @@ def test_retrieve_from_either_backend():
     assert np.all(small.doc_ids[:, 2] == -1) and not np.any(small.doc_embeddings[:, 2])
     with pytest.raises(ValueError, match="rows"):
         retrieve(NumpySearcher(corpus), queries, corpus[:10], 4)
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny fine-tuning run on real text
+
+
+def _random_params(cfg, seed: int = 0, std: float = 0.02) -> dict:
+    """Freshly initialized parameters (normal(std) weights, zero biases, unit LayerNorm
+    scales) drawn with numpy: a jitted flax init compiles for longer than this test trains."""
+    module = cfg.module()
+    shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                                         **cfg.example_inputs())))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name in ("bias", "final_logits_bias"):
+            return np.zeros(leaf.shape, np.float32)
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _normalize(text: str) -> str:
+    """SQuAD-style answer normalization: lower case, no punctuation, no articles, single
+    blanks."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def test_fine_tuning_on_wikipedia_passages(tmp_path, minilm_path, wiki_sample_path):
+    """Questions whose answers (article titles) are in Wikipedia sample passages: DPR-style
+    passages in a block store, MiniLM (its first two layers) as the frozen context encoder
+    and as the initial question encoder, a tiny BART generator from scratch. A few dozen
+    Adam steps on the RAG-Token loss lower it and raise the exact match of greedy answers.
+    The vocabulary is cut down to the wordpieces this tiny corpus uses (the same MiniLM
+    embeddings for them), which keeps the run to seconds on a CPU."""
+    optax = pytest.importorskip("optax")
+    from realm_jax.data import BlockStore, Document, SkipCounter, prepare_corpus, read_wiki_xml
+    from realm_jax.decode import GenerationConfig, rag_token_generate
+
+    docs = []
+    for doc in read_wiki_xml(wiki_sample_path, SkipCounter()):
+        docs.append(Document(doc.doc_id, doc.title, " ".join(doc.text.split()[:72])))
+        if len(docs) == 24:
+            break
+    store = BlockStore.open(prepare_corpus(docs, tmp_path / "passages", tokenizer=minilm_path,
+                                           mode="dpr", passage_words=24, progress=False).path)
+    assert len(store) == 72
+    tok = hf.load_tokenizer(minilm_path)
+    n_layers, k, n_steps = 2, 2, 40
+    qcfg, minilm = hf.load_embedder(minilm_path)
+    assert (qcfg.pooling, qcfg.normalize) == ("mean", True)
+    qcfg = dataclasses.replace(qcfg, encoder=qcfg.encoder.replace(num_layers=n_layers))
+    minilm = {"encoder": {**minilm["encoder"], "layers": {
+        f"layers_{i}": minilm["encoder"]["layers"][f"layers_{i}"] for i in range(n_layers)}}}
+
+    # Questions: words of the first passage of eight articles with short titles.
+    questions, answers = [], []
+    for i in range(0, len(store), 3):
+        title = store.title(i)
+        if (len(tok(title, add_special_tokens=False)["input_ids"]) <= 3 and _normalize(title)
+                and len(questions) < 8):
+            questions.append(" ".join(store.text(i).split()[3:13]) + "?")
+            answers.append(title)
+    passages = [f"{store.title(i)}. {store.text(i)}" for i in range(len(store))]
+
+    def ids(texts, length):
+        enc = tok(texts, max_length=length, padding="max_length", truncation=True,
+                  return_tensors="np")
+        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+    # The frozen context encoder embeds every passage once (the index).
+    passage_ids = ids(passages, 64)
+    embed = jax.jit(lambda p, i, m: qcfg.module().apply({"params": p}, i, m))
+    corpus = np.asarray(embed.lower(minilm, *passage_ids).compile(FAST_COMPILE)(
+        minilm, *passage_ids))
+
+    # The wordpieces in use, renumbered (MiniLM's rows for them; the special ids stay first).
+    q_ids, q_mask = ids(questions, 16)
+    labels, _ = ids(answers, 6)                                   # [CLS] title [SEP] pad
+    everything = [tok(passages + questions)["input_ids"], [[0, 100, 101, 102, 103]]]
+    used = np.unique(np.concatenate([np.concatenate(x) for x in everything]))
+    compact = np.zeros(tok.vocab_size, np.int32)
+    compact[used] = np.arange(len(used))
+    pad, bos, eos = (int(compact[i]) for i in (tok.pad_token_id, tok.cls_token_id,
+                                                 tok.sep_token_id))
+    qcfg = dataclasses.replace(qcfg, encoder=qcfg.encoder.replace(vocab_size=len(used)))
+    question_encoder = {"encoder": {**minilm["encoder"], "word_embeddings": {
+        "embedding": minilm["encoder"]["word_embeddings"]["embedding"][used]}}}
+    generator = BartConfig(
+        vocab_size=len(used), d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=pad, bos_token_id=bos,
+        eos_token_id=eos, decoder_start_token_id=eos, dropout=0.0)
+    cfg = RagConfig(qcfg, generator, n_docs=k, max_combined_length=64,
+                    forced_bos_token_id=bos, forced_eos_token_id=eos)
+    model = cfg.module()
+    params = {"question_encoder": question_encoder, "generator": _random_params(generator)}
+
+    # Retrieval with the question encoder as it starts; contexts "title / text // question".
+    q_ids, labels = compact[q_ids], compact[labels]
+    embed_questions = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m,
+                                                          method=Rag.embed_questions))
+    found = retrieve(NumpySearcher(corpus), embed_questions(params, q_ids, q_mask), corpus, k)
+    assert [store.title(i) for i in found.doc_ids[:, 0]] == answers   # the index works
+    ctx, ctx_mask = build_contexts(store, found.doc_ids, questions, tok, cfg)
+    ctx = compact[ctx]
+    decoder_inputs = np.asarray(shift_tokens_right(labels, pad, eos))
+    batch = (q_ids, q_mask, found.doc_embeddings, ctx, ctx_mask, decoder_inputs, labels)
+
+    def loss_fn(params, batch):
+        q_ids, q_mask, docs, ctx, ctx_mask, dec, labels = batch
+        out = model.apply({"params": params}, q_ids, q_mask, docs, ctx, ctx_mask, dec)
+        return rag_token_nll(out.logits, labels, out.doc_scores, pad_id=pad) / len(labels)
+
+    tx = optax.multi_transform({"q": optax.adam(1e-4), "g": optax.adam(1e-2)},
+                               {"question_encoder": "q", "generator": "g"})
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    gen = GenerationConfig.from_rag(cfg, num_beams=1, max_length=8)
+    decode = rag_token_generate.lower(params, ctx, ctx_mask, found.index_scores, config=cfg,
+                                      gen=gen).compile(FAST_COMPILE)
+
+    def exact_match(params):
+        scores = np.einsum("bp,bkp->bk", embed_questions(params, q_ids, q_mask),
+                           found.doc_embeddings)             # the live question encoder's
+        out = decode(params, ctx, ctx_mask, scores.astype(np.float32))
+        texts = tok.batch_decode(used[np.asarray(out.sequences[:, 0])], skip_special_tokens=True)
+        return np.mean([_normalize(t) == _normalize(a) for t, a in zip(texts, answers)])
+
+    before = exact_match(params)
+    opt_state = tx.init(params)
+    step = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, batch).compile(FAST_COMPILE)
+    losses = []
+    for i in range(n_steps):
+        params, opt_state, loss, grads = step(params, opt_state, batch)
+        losses.append(float(loss))
+        if i == 0:      # the loss reaches the question encoder, through all its layers
+            q_grads = grads["question_encoder"]["encoder"]
+            assert np.abs(q_grads["word_embeddings"]["embedding"]).max() > 0
+            assert np.abs(q_grads["layers"]["layers_0"]["mlp"]["wi"]["kernel"]).max() > 0
+    after = exact_match(params)
+    assert np.mean(losses[-5:]) < 0.25 * losses[0]
+    assert before == 0.0 and after >= 0.5, (before, after, losses[::5])
