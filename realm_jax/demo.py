@@ -155,10 +155,17 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
             refresher.terminate()
             refresher.wait(timeout=60)
         log.close()
-    first, last = result["first"], result["last"]
-    print(f"\n[REALM 3/3] loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
-          f"(step {last['step']}); retrieval_utility {first['retrieval_utility']:+.4f} -> "
+    from realm_jax.train.metrics import read_metrics
+    rows = read_metrics(workdir)
+    n = max(1, min(5, len(rows) // 2))   # single small batches are noisy: average a few
+    first, last = _mean(rows[:n]), _mean(rows[-n:])
+    print(f"\n[REALM 3/3] mean of the first / last {n} logged steps: loss {first['loss']:.3f} "
+          f"-> {last['loss']:.3f}; retrieval_utility {first['retrieval_utility']:+.4f} -> "
           f"{last['retrieval_utility']:+.4f}")
+    for name in ("first_eval", "last_eval"):
+        if result.get(name):
+            print(f"  held-out ({name.split('_')[0]}): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in result[name].items()))
     for swap in result["swaps"]:
         print(f"  index {swap['index']} (embedded at checkpoint {swap['checkpoint_step']}) "
               f"swapped in at step {swap['step']}")
@@ -169,3 +176,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
         for title, p in ex["retrieved"]:
             print(f"    [{p:.2f}] {title}")
     return {"first": first, "last": last, "swaps": result["swaps"], "examples": examples}
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("loss", "retrieval_utility")}
