@@ -55,7 +55,7 @@ class RefreshSettings:
     """The `refresh` section of a config.
 
     corpus: block store folder; tokenizer: HF folder the corpus was tokenized with ("": the
-    --from_hf folder); title: "auto" (titles for DPR passages), "yes" or "no"; max_length:
+    --from_hf folder); both default to config.data's, which the trainer reads too. title: "auto" (titles for DPR passages), "yes" or "no"; max_length:
     row cap (0: the tower's max_position_embeddings); dtype: stored embeddings (float16,
     bfloat16, float32); shard_size: blocks per embedding shard (0: one per worker slice);
     scann: ScannSettings fields, or None for no ScaNN index."""
