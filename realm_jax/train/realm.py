@@ -40,9 +40,21 @@ CANDIDATE_FIELDS = ("cand_ids", "cand_valid", "cand_tokens", "cand_lengths")
 # ---------------------------------------------------------------------------------------
 # Models
 
+def _init_params(module: nn.Module, key: jax.Array, inputs: dict) -> dict:
+    return nn.unbox(module.init(key, **inputs))["params"]
+
+
+# One compiled init per model config in a process (op by op, an init compiles dozens of
+# little programs); on CPU compiled cheaply: it runs once, its speed does not matter.
+_init_params_jit = jax.jit(_init_params, static_argnums=0)
+_init_params_cpu = jax.jit(_init_params, static_argnums=0, compiler_options={
+    "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+
+
 def _random_params(cfg, seed: int) -> dict:
-    variables = cfg.module().init(jax.random.key(seed), **hf.example_inputs(cfg))
-    return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+    init = _init_params_cpu if jax.default_backend() == "cpu" else _init_params_jit
+    params = init(cfg.module(), jax.random.key(seed), hf.example_inputs(cfg))
+    return jax.tree.map(np.asarray, jax.device_get(params))
 
 
 def _knobs(section: ml_collections.ConfigDict) -> dict:
@@ -103,10 +115,12 @@ def abstract_params(configs: dict) -> dict:
 # Input pipeline
 
 def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: int,
-                  *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Batches of masked queries: blocks in a seeded shuffled order (repeated forever), one
-    query per block drawn with a per-element seed, this host's share of every global batch.
-    The iterator's position (`get_state`) is saved with each checkpoint."""
+                  *, block_ids: np.ndarray | None = None, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+    """Batches of masked queries: blocks (`block_ids`, default all; the trainer passes the
+    training blocks, see `heldout.split_blocks`) in a seeded shuffled order (repeated
+    forever), one query per block drawn with a per-element seed, this host's share of every
+    global batch. The iterator's position (`get_state`) is saved with each checkpoint."""
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} does not divide over {process_count} hosts")
 
@@ -114,7 +128,14 @@ def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: i
         queries = maker.from_block(store, int(block_id), seed=int(rng.integers(2**31)))
         return queries[int(rng.integers(len(queries)))] if queries else None
 
-    ds = grain.MapDataset.range(len(store)).shuffle(seed=seed).repeat(None)
+    if block_ids is None:
+        ds = grain.MapDataset.range(len(store))
+    else:
+        block_ids = np.asarray(block_ids, np.int64)
+        if not len(block_ids):
+            raise ValueError("query_dataset: no blocks to draw queries from")
+        ds = grain.MapDataset.source(block_ids)
+    ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(pick, seed=seed).to_iter_dataset()
     ds = ds.batch(batch_size, batch_fn=collate_queries)
     if process_count > 1:
@@ -261,7 +282,8 @@ class RealmLossFn:
             return dict(batch, **self.device_candidates(params, batch, corpus))
         return batch
 
-    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array):
+    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array | None):
+        """(loss, (metrics, candidate ids)); dropout on when `rng` is given (None: evaluation)."""
         batch = self.with_candidates(params, batch, corpus)
         scores, mlm = self.forward(params, batch, rng)
         out = realm_loss_from_logits(scores, mlm, batch["mask_targets"], batch["mask_valid"],
