@@ -12,7 +12,9 @@ def get_config(arg=None):
     c.seed = 0
     # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
     # tokenizer it was made with; the trainer and the refresher both read them.
-    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
+    # heldout_fraction: documents held out of training (0, 1/f, 2/f, ...: every 10th for
+    # 0.1); the held-out evaluation's masked sentences come from them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer="", heldout_fraction=0.1))
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""           # the MiniLM folder
     # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
@@ -35,7 +37,13 @@ def get_config(arg=None):
         batch_size=2, steps=120, learning_rate=1e-4, warmup_steps=10, decay="linear",
         weight_decay=0.01, clip_norm=1.0, checkpoint_every=30, keep_checkpoints=4,
         async_checkpoints=True, log_every=10, index_wait_seconds=900,
-        peak_flops_per_device=1e11))   # rough FP32 peak of 2 CPU cores
+        peak_flops_per_device=1e11,  # rough FP32 peak of 2 CPU cores
+        # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
+        # held-out documents, scored at the start, every eval_every steps (0: never) and at
+        # the end. max_index_staleness: wait (up to index_wait_seconds) for a newer index
+        # when the one in use is this many steps stale and a newer checkpoint exists (0:
+        # never wait; the trainer and the refresher run independently).
+        eval_queries=32, eval_every=0, max_index_staleness=0))
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto", max_length=0, batch_size=16, dtype="float16",
         shard_size=0, poll_seconds=2.0, keep_snapshots=3,

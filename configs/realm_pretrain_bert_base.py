@@ -17,7 +17,9 @@ def get_config(arg=None):
     c.seed = 0
     # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
     # tokenizer it was made with; the trainer and the refresher both read them.
-    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
+    # heldout_fraction: documents held out of training (0, 1/f, 2/f, ...: every 10th for
+    # 0.1); the held-out evaluation's masked sentences come from them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer="", heldout_fraction=0.1))
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""          # a local HF folder (e.g. a REALM or BERT checkpoint)
     # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
@@ -41,7 +43,13 @@ def get_config(arg=None):
         batch_size=512, steps=200_000, learning_rate=3e-5, warmup_steps=10_000,
         decay="linear", weight_decay=0.01, clip_norm=1.0, checkpoint_every=500,
         keep_checkpoints=3, async_checkpoints=True, log_every=10, index_wait_seconds=3600,
-        peak_flops_per_device=197e12))   # bf16 peak of one TPU v5e chip
+        peak_flops_per_device=197e12,  # bf16 peak of one TPU v5e chip
+        # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
+        # held-out documents, scored at the start, every eval_every steps (0: never) and at
+        # the end. max_index_staleness: wait (up to index_wait_seconds) for a newer index
+        # when the one in use is this many steps stale and a newer checkpoint exists (0:
+        # never wait; the trainer and the refresher run independently).
+        eval_queries=32, eval_every=1000, max_index_staleness=0))
     # The refresher (realm-jax refresh): see realm_jax.refresh.RefreshSettings.
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto",         # auto: titles for DPR passages; yes / no

@@ -8,7 +8,9 @@ def get_config(arg=None):
     c.seed = 0
     # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
     # tokenizer it was made with; the trainer and the refresher both read them.
-    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer=""))
+    # heldout_fraction: documents held out of training (0, 1/f, 2/f, ...: every 10th for
+    # 0.1); the held-out evaluation's masked sentences come from them.
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer="", heldout_fraction=0.1))
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""
     # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);
@@ -32,7 +34,13 @@ def get_config(arg=None):
         batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, decay="linear",
         weight_decay=0.01, clip_norm=1.0, checkpoint_every=2, keep_checkpoints=3,
         async_checkpoints=True, log_every=1, index_wait_seconds=300,
-        peak_flops_per_device=1e11))
+        peak_flops_per_device=1e11,
+        # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
+        # held-out documents, scored at the start, every eval_every steps (0: never) and at
+        # the end. max_index_staleness: wait (up to index_wait_seconds) for a newer index
+        # when the one in use is this many steps stale and a newer checkpoint exists (0:
+        # never wait; the trainer and the refresher run independently).
+        eval_queries=16, eval_every=0, max_index_staleness=0))
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto", max_length=0, batch_size=16, dtype="float16",
         shard_size=0, poll_seconds=1.0, keep_snapshots=2,

@@ -22,7 +22,7 @@ from realm_jax import sharding
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
 from realm_jax.index.store import IndexStore, SnapshotWatcher
-from realm_jax.train import realm
+from realm_jax.train import heldout, realm
 from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optim import make_optimizer
@@ -61,8 +61,31 @@ def step_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train until `config.train.steps`; returns the first and last logged metrics."""
+def wait_for_newer_snapshot(watcher: SnapshotWatcher, current, timeout: float):
+    """A snapshot newer than `current`, or None after `timeout` seconds (training goes on
+    with the one it has: the refresher may be dead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = watcher.poll()
+        if snapshot is not None:
+            return snapshot
+        if time.monotonic() > deadline:
+            _log.warning("no index newer than %s (checkpoint step %d) after %.0fs: training "
+                         "on with it", current.version, current.step, timeout)
+            return None
+        time.sleep(0.2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train until `config.train.steps`. Returns a dict: "first" and "last" (the first and
+    last logged metrics), "first_eval" and "last_eval" (the held-out evaluation at the start
+    and at the end of this run, None without held-out queries), "final_state", "configs",
+    "snapshot" (the index in use at the end), "swaps" (the snapshots swapped in).
+
+    `stop_after`: stop once this step is reached (with a checkpoint, the run not marked
+    finished), as a preempted run would; a later call resumes it. The learning-rate
+    schedule still runs to `train.steps`."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc, rc = config.train, config.retrieval
@@ -83,8 +106,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     optimizer = make_optimizer(tc)
     p_shardings = realm.param_shardings(configs, mesh, rules)
     shardings = state_shardings(optimizer, realm.abstract_params(configs), p_shardings, mesh)
+    train_blocks, heldout_blocks = heldout.split_blocks(
+        store, config.data.get("heldout_fraction", 0.0))
     dataset = realm.query_dataset(store, maker, tc.batch_size, config.seed,
-                                  process_index=jax.process_index(),
+                                  block_ids=train_blocks, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     batches = iter(dataset)
 
@@ -152,6 +177,36 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                       out_shardings=(shardings, replicated), donate_argnums=0)
     rng = jax.random.key(config.seed)
 
+    evaluator = None
+    eval_queries = int(tc.get("eval_queries", 0))
+    if eval_queries > 0 and len(heldout_blocks):
+        queries = heldout.heldout_queries(store, maker, heldout_blocks, eval_queries, config.seed)
+        if queries:
+            evaluator = heldout.HeldoutEval(loss_fn, queries, mesh=mesh,
+                                            param_shardings=shardings.params,
+                                            corpus_shardings=corpus_shardings)
+            _log.info("held-out evaluation: %d masked queries from %d held-out blocks",
+                      len(queries), len(heldout_blocks))
+    if evaluator is None:
+        _log.info("no held-out evaluation (data.heldout_fraction=%s, train.eval_queries=%d, "
+                  "%d held-out blocks)", config.data.get("heldout_fraction", 0.0),
+                  eval_queries, len(heldout_blocks))
+    eval_every = int(tc.get("eval_every", 0))
+
+    def evaluate(at_step: int) -> dict:
+        with sharding.activate(mesh, rules):
+            values = evaluator(state.params, corpus_arrays(), retriever)
+        values.update(step=at_step, index_step=snapshot.step)
+        if jax.process_index() == 0:
+            print(progress_line(at_step, tc.steps, {
+                "heldout_loss": values["heldout_loss"],
+                "heldout_retrieval_utility": values["heldout_retrieval_utility"]}), flush=True)
+        return values
+
+    end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
+    max_staleness = int(tc.get("max_index_staleness", 0))
+    saved_step = start
+
     def prepare(local):
         if retriever is not None:
             local = retriever(local)
@@ -168,12 +223,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     writer = MetricsWriter(workdir)
     flops = None
     log_every = tc.log_every
-    first = last = None
+    first = last = first_eval = last_eval = None
     swaps: list[dict] = []
     step = start
     try:
-        while step < tc.steps:
+        if evaluator is not None:
+            first_eval = last_eval = evaluate(step)
+            writer.write(step, {k: v for k, v in first_eval.items() if k != "step"})
+        while step < end:
             new = watcher.poll()
+            if (new is None and max_staleness and snapshot.staleness(step) >= max_staleness
+                    and saved_step > snapshot.step):
+                # Bounded staleness (opt-in): wait for the refresher to index a newer
+                # checkpoint; after index_wait_seconds, go on with the stale index.
+                _log.info("index %s is %d steps stale (train.max_index_staleness=%d): waiting "
+                          "for a newer one", snapshot.version, snapshot.staleness(step),
+                          max_staleness)
+                new = wait_for_newer_snapshot(watcher, snapshot, tc.index_wait_seconds)
             if new is not None:
                 snapshot = new
                 corpus, retriever = use_snapshot(snapshot)
@@ -191,32 +257,44 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch, corpus_arrays(), rng)
                 step += 1
-                if step % log_every == 0 or step == tc.steps or step == start + 1:
+                eval_due = evaluator is not None and (
+                    step == end or (eval_every > 0 and step % eval_every == 0))
+                if step % log_every == 0 or step == end or step == start + 1 or eval_due:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     seconds = time.perf_counter() - t0
                     reader_tokens = tc.batch_size * rc.num_candidates * (rc.query_length + rc.block_length)
                     values.update(
-                        staleness=float(snapshot.staleness(step)), step_time=seconds,
+                        staleness=float(snapshot.staleness(step)),
+                        index_step=float(snapshot.step), step_time=seconds,
                         reader_tokens_per_s=reader_tokens / seconds,
                         mfu=flops / seconds / (tc.peak_flops_per_device * jax.device_count()))
-                    writer.write(step, values)
                     if jax.process_index() == 0:
                         print(progress_line(step, tc.steps, {k: values[k] for k in (
                             "loss", "retrieval_utility", "staleness", "step_time", "mfu")}),
                             flush=True)
                     first = first or dict(values, step=step)
                     last = dict(values, step=step)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    if eval_due:
+                        last_eval = evaluate(step)
+                        values.update({k: v for k, v in last_eval.items()
+                                       if k.startswith(heldout.PREFIX)})
+                    writer.write(step, values)
+            if step % tc.checkpoint_every == 0 or step == end:
                 checkpoints.save(step, state.params,
                                  train_state={"step": state.step, "opt_state": state.opt_state},
                                  meta={"data": data_state, "index": snapshot.version})
-        checkpoints.mark_finished()
+                saved_step = step
+        if step >= tc.steps:
+            checkpoints.mark_finished()
+        else:
+            _log.info("stopped at step %d of %d (stop_after); resume with the same workdir",
+                      step, tc.steps)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
         checkpoints.wait_until_finished()
-    return {"first": first, "last": last, "final_state": state, "configs": configs,
-            "snapshot": snapshot, "swaps": swaps}
+    return {"first": first, "last": last, "first_eval": first_eval, "last_eval": last_eval,
+            "final_state": state, "configs": configs, "snapshot": snapshot, "swaps": swaps}
 
 
 def predict_examples(config: ml_collections.ConfigDict, workdir: str | Path, params,

@@ -1,0 +1,137 @@
+"""Held-out evaluation for REALM pre-training.
+
+A fraction of the corpus's documents (`data.heldout_fraction`) is held out of training:
+the trainer draws its masked queries from the other documents only. A fixed set of
+`train.eval_queries` masked sentences from the held-out documents (one per block, chosen
+with the config seed) is scored without dropout, through the newest index snapshot in the
+configured retrieval mode, at the start, every `train.eval_every` steps and at the end:
+`heldout_loss` and `heldout_retrieval_utility` (the marginal MLM loss and its gain over the
+null document), measured on sentences the model never trained on.
+
+The held-out documents stay in the index: they are knowledge, not answers. A held-out
+sentence never retrieves its own document (the source document is excluded, as in
+training), and no training query masks a held-out sentence.
+"""
+
+from __future__ import annotations
+
+import fractions
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from realm_jax.data.realm_examples import MaskedQuery, QueryMaker, collate_queries
+from realm_jax.data.store import BlockStore
+
+PREFIX = "heldout_"
+
+
+def heldout_documents(num_documents: int, fraction: float) -> np.ndarray:
+    """bool [num_documents]: which documents are held out.
+
+    Document d is held out when floor(d * fraction) steps up at d: for 0.1 the documents
+    0, 10, 20, ... (the first of every ten), ceil(num_documents * fraction) in all, spread
+    evenly over the corpus and fixed by the document order alone (no seed)."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.heldout_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return np.zeros(num_documents, bool)
+    f = fractions.Fraction(fraction).limit_denominator(1_000_000)
+    d = np.arange(num_documents, dtype=np.int64)
+    return (d * f.numerator) // f.denominator != ((d - 1) * f.numerator) // f.denominator
+
+
+def split_blocks(store: BlockStore, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training block ids, held-out block ids) of `store`, split by source document
+    (`heldout_documents`), ascending."""
+    docs = np.asarray(store.doc_index, np.int64)
+    if not len(docs):
+        raise ValueError(f"block store {store.path} is empty")
+    held = heldout_documents(int(docs.max()) + 1, fraction)[docs]
+    train, heldout = np.flatnonzero(~held), np.flatnonzero(held)
+    if not len(train):
+        raise ValueError(f"data.heldout_fraction={fraction} leaves no training document in "
+                         f"{store.path}")
+    return train, heldout
+
+
+def heldout_queries(store: BlockStore, maker: QueryMaker, block_ids: Sequence[int], num: int,
+                    seed: int) -> list[MaskedQuery]:
+    """Up to `num` masked queries from the blocks `block_ids`: the blocks in a seeded order,
+    one query (seeded) from each block that has one. The same arguments give the same
+    queries."""
+    rng = np.random.default_rng([int(seed), 0x4E1D])
+    out: list[MaskedQuery] = []
+    if num <= 0:
+        return out
+    for block_id in rng.permutation(np.asarray(block_ids, np.int64)).tolist():
+        queries = maker.from_block(store, int(block_id), seed=int(rng.integers(2**31)))
+        if queries:
+            out.append(queries[int(rng.integers(len(queries)))])
+            if len(out) == num:
+                break
+    return out
+
+
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """Rows appended (copies of row 0 with no valid masked token, so they weigh nothing in
+    the loss) until the batch size divides by `multiple`."""
+    n = len(batch["input_ids"])
+    pad = -n % multiple
+    if not pad:
+        return batch
+    out = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
+    out["mask_valid"][n:] = False
+    return out
+
+
+class HeldoutEval:
+    """The held-out evaluation: a fixed batch of held-out queries scored by a jitted
+    `loss_fn` without dropout.
+
+    `loss_fn`: a `realm.RealmLossFn`; in `scann` mode call with the snapshot's
+    `HostRetriever` (the candidates are searched on the host), in `device` mode with the
+    corpus arrays (searched inside the jitted function)."""
+
+    def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
+                 corpus_shardings=None):
+        from realm_jax.train import realm
+
+        if not queries:
+            raise ValueError("HeldoutEval: no held-out queries")
+        self.num_queries = len(queries)
+        self.mesh = mesh
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch = pad_batch(collate_queries(queries), shards)
+        self.scann = loss_fn.mode == "scann"
+        self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
+
+        def metrics(params, batch, corpus):
+            _, (values, _) = loss_fn(params, batch, corpus, None)
+            return {PREFIX + k: v for k, v in values.items()}
+
+        self._metrics = jax.jit(metrics, in_shardings=(
+            param_shardings, self.batch_sharding, corpus_shardings),
+            out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def _global(self, array: np.ndarray) -> jax.Array:
+        array = np.asarray(array)
+        return jax.make_array_from_callback(array.shape, self.batch_sharding,
+                                            lambda index: array[index])
+
+    def __call__(self, params, corpus_arrays=None, retriever=None) -> dict[str, float]:
+        """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats."""
+        batch = self.batch
+        if self.scann:
+            if retriever is None:
+                raise ValueError("HeldoutEval: scann mode needs the snapshot's HostRetriever")
+            batch = retriever(batch)
+        batch = {k: self._global(batch[k]) for k in self.fields}
+        values = jax.device_get(self._metrics(params, batch, corpus_arrays))
+        out = {k: float(v) for k, v in values.items()}
+        out[PREFIX + "queries"] = float(self.num_queries)
+        return out
