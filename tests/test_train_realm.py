@@ -1,9 +1,22 @@
 """REALM pre-training end to end on the Wikipedia sample with tiny models: the trainer and
 the refresher side by side (the refresher in a thread here; two processes in launch/),
-both retrieval modes, checkpoints, resumption, and the input pipeline's determinism."""
+both retrieval modes, index swaps and staleness, held-out evaluation, checkpoints,
+resumption (parameter-exact), SIGKILL of the refresher and of the trainer, and the input
+pipeline's determinism.
+
+The trainer runs here compile the same step (same shapes and config); a persistent
+compilation cache, shared with the subprocesses, compiles it once (each compile of the step
+takes 20-40 s on a 2-core machine)."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,10 +26,33 @@ from realm_jax import config as config_lib
 from realm_jax.data.corpus import prepare_corpus
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
+from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
+from realm_jax.index.store import IndexStore
 from realm_jax.refresh import Refresher, RefreshSettings
-from realm_jax.train import realm, trainer
+from realm_jax.train import heldout, realm, trainer
 from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_FLAGS = {"jax_compilation_cache_dir": None,
+               "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": -1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's runs (restored afterwards)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    old = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
+    for name, value in dict(CACHE_FLAGS, jax_compilation_cache_dir=path).items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # the cache is looked up once per process: look again
+    yield path
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +63,41 @@ def corpus(tmp_path_factory, wiki_sample_path, minilm_path):
     return str(out)
 
 
+def _overrides(corpus, tokenizer, *overrides):
+    return [f"data.corpus={corpus}", f"data.tokenizer={tokenizer}",
+            "model.encoder.vocab_size=30522", "refresh.poll_seconds=0.1", "train.log_every=1",
+            "train.index_wait_seconds=300", "train.steps=6", "train.checkpoint_every=2",
+            *overrides]
+
+
 def _config(corpus, tokenizer, *overrides):
-    return config_lib.load_config(
-        "tiny_realm", f"data.corpus={corpus}", f"data.tokenizer={tokenizer}",
-        "model.encoder.vocab_size=30522", "refresh.poll_seconds=0.1", "train.log_every=1",
-        "train.index_wait_seconds=300", *overrides)
+    return config_lib.load_config("tiny_realm", *_overrides(corpus, tokenizer, *overrides))
+
+
+@pytest.fixture(scope="module")
+def initial_index(tmp_path_factory, corpus, minilm_path):
+    """An index folder holding one snapshot (step 0) of the corpus embedded with the
+    initial document tower, as the refresher would publish it from the step-0 checkpoint:
+    copied into a workdir, it fixes the index of a run (no refresher)."""
+    config = _config(corpus, minilm_path)
+    configs, params = realm.build_models(config)
+    store = BlockStore.open(corpus)
+    tower = configs["doc_tower"]
+    embedder = CorpusEmbedder(tower, batch_size=config.refresh.batch_size,
+                              dtype=config.refresh.dtype)
+    rows = RowBuilder.for_store(store, minilm_path, max_length=embedder.max_length)
+    embeddings = embedder.embed_blocks(embedder.place(params["doc_tower"]), rows,
+                                       np.arange(len(store)))
+    root = tmp_path_factory.mktemp("initial") / "index"
+    IndexStore(root).publish(embeddings, step=0,
+                             model_fingerprint=params_fingerprint(tower, params["doc_tower"]),
+                             corpus_fingerprint=store.fingerprint, dtype=config.refresh.dtype)
+    return root
+
+
+def _with_index(workdir: Path, index: Path) -> Path:
+    shutil.copytree(index, workdir / "index")
+    return workdir
 
 
 def _run(config, workdir):
@@ -45,20 +111,79 @@ def _run(config, workdir):
     return result
 
 
+def _train_rows(workdir):
+    return [r for r in read_metrics(workdir) if "loss" in r]
+
+
+def _assert_eval(values, step):
+    assert values["step"] == step
+    assert np.isfinite(values["heldout_loss"]) and values["heldout_loss"] > 0
+    assert np.isfinite(values["heldout_retrieval_utility"])
+    assert values["heldout_masked_tokens"] > 0 and values["heldout_queries"] == 16
+
+
+def test_heldout_documents_and_queries(corpus, minilm_path):
+    held = heldout.heldout_documents(25, 0.1)
+    assert np.flatnonzero(held).tolist() == [0, 10, 20]          # every 10th, from the first
+    assert heldout.heldout_documents(10, 0.25).sum() == 3          # ceil(10 * 0.25)
+    assert not heldout.heldout_documents(5, 0.0).any()
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        heldout.heldout_documents(5, 1.0)
+
+    store = BlockStore.open(corpus)                                # 3 documents: 0 held out
+    train_ids, heldout_ids = heldout.split_blocks(store, 0.1)
+    docs = np.asarray(store.doc_index)
+    assert set(docs[heldout_ids]) == {0} and 0 not in set(docs[train_ids])
+    assert len(train_ids) + len(heldout_ids) == len(store)
+    maker = QueryMaker.for_store(store, minilm_path, query_length=24)
+    queries = heldout.heldout_queries(store, maker, heldout_ids, 16, seed=0)
+    again = heldout.heldout_queries(store, maker, heldout_ids, 16, seed=0)
+    assert len(queries) == 16 and len({q.block_id for q in queries}) == 16
+    assert [q.block_id for q in queries] == [q.block_id for q in again]
+    assert all(q.doc_index == 0 for q in queries)
+    # Training batches come from the training documents only.
+    it = iter(realm.query_dataset(store, maker, 8, seed=0, block_ids=train_ids))
+    for _ in range(3):
+        assert 0 not in set(next(it)["doc_index"].tolist())
+    # Padding rows carry no masked token.
+    from realm_jax.data.realm_examples import collate_queries
+    padded = heldout.pad_batch(collate_queries(queries[:5]), 8)
+    assert padded["input_ids"].shape[0] == 8 and not padded["mask_valid"][5:].any()
+
+
 @pytest.mark.parametrize("mode", ["device", "scann"])
 def test_trainer_and_refresher_side_by_side(tmp_path, corpus, minilm_path, mode):
-    config = _config(corpus, minilm_path, "train.steps=6", "train.checkpoint_every=2",
-                     f"retrieval.mode={mode}")
+    # max_index_staleness=2 with a checkpoint every 2 steps: at steps 2 and 4 the trainer
+    # waits for the refresher's index of that step's checkpoint, so swaps happen at fixed
+    # steps however fast either side runs.
+    config = _config(corpus, minilm_path, f"retrieval.mode={mode}", "train.max_index_staleness=2")
     result = _run(config, tmp_path)
-    rows = read_metrics(tmp_path)
+    rows = _train_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         assert np.isfinite(r["loss"]) and r["masked_tokens"] > 0
-        assert r["staleness"] >= 0 and r["step_time"] > 0 and r["mfu"] > 0
+        assert r["step_time"] > 0 and r["mfu"] > 0
+        assert r["staleness"] == r["step"] - r["index_step"] >= 1
+    ckpts = TrainCheckpoints(tmp_path)
     assert ckpts.is_finished() and ckpts.latest_step() == 6
+    # Snapshots were swapped in, and after each swap the staleness fell back to the steps
+    # since the new snapshot's checkpoint.
+    assert [(s["step"], s["checkpoint_step"]) for s in result["swaps"]] == [(2, 2), (4, 4)]
+    assert [r["staleness"] for r in rows] == [1, 2, 1, 2, 1, 2]
+    by_step = {r["step"]: r for r in rows}
+    for swap in result["swaps"]:
+        after, before = by_step[swap["step"] + 1], by_step[swap["step"]]
+        assert after["staleness"] == swap["step"] + 1 - swap["checkpoint_step"]
+        assert after["staleness"] < before["staleness"] + 1
     # The refresher followed the trainer to its last checkpoint.
     log = [json.loads(l) for l in (tmp_path / "refresh_log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 0 and log[-1]["step"] == 6
+    # Held-out evaluation at the start and at the end, in the result and in the metrics.
+    _assert_eval(result["first_eval"], 0)
+    _assert_eval(result["last_eval"], 6)
+    evals = [r for r in read_metrics(tmp_path) if "heldout_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6]
+    assert evals[-1]["heldout_loss"] == pytest.approx(result["last_eval"]["heldout_loss"])
     # Gradients reached all three parts: each moved away from its initialisation.
     _, initial = realm.build_models(config)
     trained = jax.device_get(result["final_state"].params)
@@ -71,22 +196,111 @@ def test_trainer_and_refresher_side_by_side(tmp_path, corpus, minilm_path, mode)
                   - trained["doc_tower"]["projection"]["kernel"]).max() > 0
 
 
-def test_resumed_run_continues_where_it_stopped(tmp_path, corpus, minilm_path):
-    config = _config(corpus, minilm_path, "train.steps=2", "train.checkpoint_every=2")
-    _run(config, tmp_path)
-    resumed = _config(corpus, minilm_path, "train.steps=4", "train.checkpoint_every=2")
-    result = _run(resumed, tmp_path)
-    assert int(result["final_state"].step) == 4
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
-    assert TrainCheckpoints(tmp_path).is_finished()
-    # The pipeline position saved at step 4 is where 4 batches from the start lead.
-    state, meta = TrainCheckpoints(tmp_path).restore(4)
+def test_resumed_run_matches_an_uninterrupted_run(tmp_path, corpus, minilm_path, initial_index):
+    """A run stopped at step 3 and resumed reaches step 6 with the parameters of a run that
+    went straight to 6. One index for both (published once; no refresher): training goes
+    on without a refresher, the staleness growing. (Checkpoints at 0 and 6 only, and at the
+    stop: each save costs seconds with 8 emulated devices.)"""
+    config = _config(corpus, minilm_path, "train.checkpoint_every=6")
+    straight_dir = _with_index(tmp_path / "straight", initial_index)
+    straight = trainer.train(config, straight_dir)
+
+    resumed_dir = _with_index(tmp_path / "resumed", initial_index)
+    stopped = trainer.train(config, resumed_dir, stop_after=3)
+    ckpts = TrainCheckpoints(resumed_dir)
+    assert int(stopped["final_state"].step) == 3 and ckpts.latest_step() == 3
+    assert not ckpts.is_finished()
+    resumed = trainer.train(config, resumed_dir)
+    assert int(resumed["final_state"].step) == 6 and ckpts.is_finished()
+    assert [r["step"] for r in _train_rows(resumed_dir)] == [1, 2, 3, 4, 5, 6]
+    assert resumed["first_eval"]["step"] == 3
+
+    np.testing.assert_allclose(_train_rows(resumed_dir)[-1]["loss"],
+                               _train_rows(straight_dir)[-1]["loss"], rtol=1e-5)
+    a, b = (jax.device_get(r["final_state"].params) for r in (straight, resumed))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+    assert resumed["last_eval"]["heldout_loss"] == pytest.approx(
+        straight["last_eval"]["heldout_loss"], rel=1e-5)
+    # No new index came: the staleness is the step (the index is of step 0's checkpoint).
+    assert [r["staleness"] for r in _train_rows(straight_dir)] == [1, 2, 3, 4, 5, 6]
+    assert straight["swaps"] == []
+    # The pipeline position saved at step 6 is where 6 batches of training blocks lead.
+    _, meta = ckpts.restore(6)
     store = BlockStore.open(corpus)
     maker = QueryMaker.for_store(store, minilm_path, query_length=24)
-    it = iter(realm.query_dataset(store, maker, config.train.batch_size, config.seed))
-    for _ in range(4):
+    train_ids, _ = heldout.split_blocks(store, config.data.heldout_fraction)
+    it = iter(realm.query_dataset(store, maker, config.train.batch_size, config.seed,
+                                  block_ids=train_ids))
+    for _ in range(6):
         next(it)
     assert meta["data"] == it.get_state()
+
+
+def _wait_for(condition, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: process {p.args[3]} exited with {p.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_refresher_then_trainer_and_resume(tmp_path, corpus, minilm_path,
+                                                   compilation_cache):
+    """`realm-jax train` and `realm-jax refresh` as two processes. The refresher is killed
+    (SIGKILL) once it has published the first index: training goes on with that index.
+    The trainer is killed once it has saved a checkpoint beyond step 0; restarted, it
+    resumes from its last complete checkpoint and finishes."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    flags = ["--workdir", str(tmp_path), "--config", str(REPO / "configs" / "tiny_realm.py")] + [
+        f"--config.{o}" for o in _overrides(corpus, minilm_path)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(command, name):
+        out = open(logs / name, "w")
+        return subprocess.Popen([sys.executable, "-m", "realm_jax.cli", command, *flags],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    index = IndexStore(tmp_path / "index")
+    ckpts = TrainCheckpoints(tmp_path)
+    train_proc = start("train", "train1.log")
+    refresh_proc = start("refresh", "refresh.log")
+    try:
+        _wait_for(lambda: index.latest_version() is not None, 240, "the first index",
+                  [train_proc, refresh_proc])
+        refresh_proc.send_signal(signal.SIGKILL)
+        assert refresh_proc.wait() == -signal.SIGKILL
+        _wait_for(lambda: any(s >= 2 for s in ckpts.all_steps()), 240,
+                  "a checkpoint after the refresher died", [train_proc])
+        train_proc.send_signal(signal.SIGKILL)
+        assert train_proc.wait() == -signal.SIGKILL
+    finally:
+        for p in (train_proc, refresh_proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    killed_at = ckpts.latest_step()
+    assert 2 <= killed_at < 6 and not ckpts.is_finished(), (
+        f"the trainer got to step {killed_at} before it was killed")
+    assert index.versions() == [index.latest_version()]  # nothing published after the kill
+
+    restarted = subprocess.run([sys.executable, "-m", "realm_jax.cli", "train", *flags],
+                               capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    output = restarted.stdout + restarted.stderr
+    assert restarted.returncode == 0, output[-3000:]
+    assert f"at step {killed_at}" in output and "resumed" in output, output[-3000:]
+    assert ckpts.is_finished() and ckpts.latest_step() == 6
+    rows = _train_rows(tmp_path)
+    assert rows[-1]["step"] == 6 and np.isfinite(rows[-1]["loss"])
+    resumed_steps = [r["step"] for r in rows if r["step"] > killed_at]
+    assert resumed_steps[-(6 - killed_at):] == list(range(killed_at + 1, 7))
+    # One index all along (of step 0's checkpoint): the staleness is the step.
+    assert all(r["staleness"] == r["step"] and r["index_step"] == 0 for r in rows)
 
 
 def test_query_pipeline_is_deterministic_and_resumable(corpus, minilm_path):
