@@ -34,6 +34,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax import lax
 
 from realm_jax.models.bart import Bart, init_cache
@@ -285,17 +286,6 @@ def beam_search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
 # The BART generator inside the loops
 
 
-def _reorder_cache(cache: Any, rows: Array) -> Any:
-    """Gather the decoder cache's rows (realm_jax.models.bart.reorder_cache), leaving the
-    cross-attention keys/values as they are: beams move within a question, whose rows
-    share one context."""
-    def take(path, x):
-        if getattr(path[-1], "key", None) in ("context_key", "context_value") or x.ndim < 4:
-            return x
-        return jnp.take(x, rows, axis=x.ndim - 4)
-    return jax.tree_util.tree_map_with_path(take, cache)
-
-
 def _expand(x: Array, b: int, n: int, k: int) -> Array:
     """[B * K, ...] -> [B * N * K, ...]: every beam of a question gets its K documents."""
     x = x.reshape((b, 1, k) + x.shape[1:])
@@ -317,14 +307,44 @@ def _check_inputs(config: RagConfig, context_ids: Array, context_mask: Array | N
     return context_mask
 
 
-def _decoder_step(bart: Bart, params: Any, states: Array, mask: Array, copies: int) -> StepFn:
-    """A cached BART step over rows = tokens repeated `copies` times each."""
-    def step(cache, tokens):
+_CONTEXT = ("context_key", "context_value")
+
+
+def _decoder(bart: Bart, params: Any, states: Array, mask: Array, copies: int,
+             max_steps: int) -> tuple[StepFn, Any]:
+    """A cached BART step over rows = tokens repeated `copies` times each, and its
+    initial state: the decoder cache without the cross-attention keys/values. Those are
+    projected once here and held outside the loop (constant across steps), so that the
+    loop neither carries nor copies them: inside the step they are put back with their
+    "ready" flag a constant, which lets XLA drop the cache's conditional."""
+    cfg = bart.config
+    cache = init_cache(cfg, states.shape[0], max_steps, states.shape[1])
+    dummy = jnp.zeros((states.shape[0], 1), jnp.int32)
+    _, primed = bart.apply({"params": params, "cache": cache}, dummy, states, mask,
+                           decode=True, method=Bart.decode, mutable=["cache"])
+    primed = traverse_util.flatten_dict(primed["cache"])
+    context = {k: v for k, v in primed.items() if k[-1] in _CONTEXT}
+    ready = [k for k in primed if k[-1] == "context_ready"]
+    state = {k: v for k, v in traverse_util.flatten_dict(cache).items()
+             if k not in context and k[-1] != "context_ready"}
+
+    def step(state, tokens):
         ids = jnp.repeat(tokens.astype(jnp.int32), copies)[:, None]
-        logits, v = bart.apply({"params": params, "cache": cache}, ids, states, mask,
-                               decode=True, method=Bart.decode, mutable=["cache"])
-        return logits[:, 0], v["cache"]
-    return step
+        full = {**state, **context, **{k: jnp.ones((), bool) for k in ready}}
+        logits, v = bart.apply({"params": params, "cache": traverse_util.unflatten_dict(full)},
+                               ids, states, mask, decode=True, method=Bart.decode,
+                               mutable=["cache"])
+        new = traverse_util.flatten_dict(v["cache"])
+        return logits[:, 0], {k: new[k] for k in state}
+
+    return step, state
+
+
+def _reorder_rows(state: dict, rows: Array) -> dict:
+    """The loop state (flattened cache, cross-attention left out) gathered by rows: the
+    keys/values [..., rows, length, heads, head_dim] move; indices and positions stay."""
+    return {k: (jnp.take(x, rows, axis=x.ndim - 4) if x.ndim >= 4 else x)
+            for k, x in state.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "gen"))
@@ -350,16 +370,15 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
                         method=Bart.encode)
     states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
     scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
-    decoder = _decoder_step(bart, gp, states, flat_mask, k)
+    decoder, cache = _decoder(bart, gp, states, flat_mask, k, gen.max_length - 1)
 
     def step(cache, tokens):
         logits, cache = decoder(cache, tokens)
         return marginalize_token_logprobs(logits.reshape(b * n, k, -1), scores), cache
 
     def reorder(cache, rows):
-        return _reorder_cache(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
+        return _reorder_rows(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
 
-    cache = init_cache(config.generator, b * n * k, gen.max_length - 1, length)
     if n == 1:
         hyps = greedy_search(step, cache, b, gen)
     else:
@@ -429,12 +448,11 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
                         method=Bart.encode)
     beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
     beam_mask = jnp.repeat(flat_mask, n, axis=0)
-    step = _decoder_step(bart, gp, beam_states, beam_mask, 1)
-    cache = init_cache(config.generator, b * k * n, m - 1, length)
+    step, cache = _decoder(bart, gp, beam_states, beam_mask, 1, m - 1)
     if n == 1:
         hyps = greedy_search(step, cache, b * k, gen)
     else:
-        hyps = beam_search(step, cache, _reorder_cache, b * k, gen)
+        hyps = beam_search(step, cache, _reorder_rows, b * k, gen)
 
     candidates = hyps.sequences.reshape(b, c, m)                               # doc-major
     lengths = hyps.lengths.reshape(b, c)
