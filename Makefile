@@ -23,7 +23,7 @@ test: setup
 
 bench: setup
 	$(PY) -m pip install -q "faiss-cpu>=1.9"
-	$(PY) benchmarks/run_all.py
+	for b in encoder mips corpus_embedding rag; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV)

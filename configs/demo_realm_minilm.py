@@ -36,7 +36,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         batch_size=2, steps=120, learning_rate=1e-4, warmup_steps=10, decay="linear",
         weight_decay=0.01, clip_norm=1.0, checkpoint_every=30, keep_checkpoints=4,
-        async_checkpoints=True, log_every=10, index_wait_seconds=900,
+        async_checkpoints=True, log_every=5, index_wait_seconds=900,
         peak_flops_per_device=1e11,  # rough FP32 peak of 2 CPU cores
         # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
         # held-out documents, scored at the start, every eval_every steps (0: never) and at

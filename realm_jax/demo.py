@@ -156,7 +156,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
             refresher.wait(timeout=60)
         log.close()
     from realm_jax.train.metrics import read_metrics
-    rows = read_metrics(workdir)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]   # train rows, not eval rows
     n = max(1, min(5, len(rows) // 2))   # single small batches are noisy: average a few
     first, last = _mean(rows[:n]), _mean(rows[-n:])
     print(f"\n[REALM 3/3] mean of the first / last {n} logged steps: loss {first['loss']:.3f} "

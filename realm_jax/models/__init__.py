@@ -9,11 +9,12 @@ from typing import Any
 from realm_jax.models.bart import Bart, BartConfig
 from realm_jax.models.encoder import BertEncoder, EncoderConfig
 from realm_jax.models.heads import MaskedLM, MaskedLMConfig, SpanReader, SpanReaderConfig
+from realm_jax.models.rag import Rag, RagConfig
 from realm_jax.models.towers import Embedder, EmbedderConfig, relevance_scores
 
 _CONFIG_TYPES: dict[str, type] = {
     cls.__name__: cls for cls in (EncoderConfig, EmbedderConfig, MaskedLMConfig, SpanReaderConfig,
-                                 BartConfig)}
+                                 BartConfig, RagConfig)}
 
 
 def register_config(cls: type) -> type:
@@ -39,6 +40,6 @@ def config_from_dict(d: dict[str, Any]):
     return _CONFIG_TYPES[kind](**fields)
 
 
-__all__ = ["Bart", "BartConfig", "BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
+__all__ = ["Bart", "BartConfig", "Rag", "RagConfig", "BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
            "MaskedLMConfig", "SpanReader", "SpanReaderConfig", "relevance_scores",
            "config_to_dict", "config_from_dict", "register_config"]
