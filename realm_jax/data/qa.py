@@ -1,0 +1,466 @@
+"""Open-domain QA datasets: local JSONL/JSON/TSV files, prepared TFDS datasets, and cloze
+questions made from a block store.
+
+Files (:func:`read_qa`):
+
+- JSONL, one object per line (ORQA's and DPR's field names both work): ``question``;
+  ``answers`` or ``answer`` (a list of strings, or one string); optional ``id`` (or ``qid``,
+  ``question_id``); optional gold passages, ``gold_passages`` (titles or ids) or DPR's
+  ``positive_ctxs`` (their titles). ``.jsonl.gz`` is read too.
+- JSON: an array of such objects (DPR's retriever files, e.g. ``nq-dev.json``).
+- TSV (DPR's ``*.qa.csv``, ORQA's TSVs): ``question<TAB>answers``, the answers a Python list
+  literal (``["Limp Bizkit"]``) or a ``|``-separated string. CuratedTrec answers are regular
+  expressions (``is_regex``): a non-list answer field is then one pattern, not split at ``|``
+  (which is alternation inside a pattern).
+
+A bad row raises :class:`QADataError` naming the file, the line (or record) and the field;
+blank lines and a ``question<TAB>answer(s)`` header line are skipped, counted and logged.
+
+TFDS (:func:`load_tfds_qa`): ``natural_questions_open`` (``question``, ``answer``),
+``web_questions`` (``question``, ``answers``), ``trivia_qa/unfiltered.nocontext`` or
+``trivia_qa/rc.nocontext`` (``question``, ``question_id``, ``answer.value`` and
+``answer.aliases``), read through ``tfds.data_source`` (array_record, no TensorFlow). They are
+never downloaded: an unprepared dataset fails at once, naming the command that prepares it.
+
+:func:`questions_from_store` makes cloze questions from a block store, for demos and tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import gzip
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from realm_jax.data.readers import SkipCounter
+from realm_jax.evaluate import compile_regex
+
+_log = logging.getLogger(__name__)
+
+QA_FORMATS = ("jsonl", "json", "tsv")
+TFDS_QA_DATASETS = ("natural_questions_open", "web_questions", "trivia_qa")
+TRIVIA_QA_DEFAULT_CONFIG = "unfiltered.nocontext"  # the open-domain setting of ORQA and DPR
+_VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
+
+
+@dataclasses.dataclass(frozen=True)
+class QAExample:
+    """A question with its answers (regular expressions when ``is_regex``), the titles or ids
+    of its gold passages when the dataset names them, and, for questions made from a block
+    store, the block they came from."""
+
+    qid: str
+    question: str
+    answers: tuple[str, ...]
+    is_regex: bool = False
+    gold_passages: tuple[str, ...] = ()
+    source_block: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("answers", "gold_passages"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"QAExample.{name} must be a sequence of strings, not the "
+                                f"string {value!r}")
+            object.__setattr__(self, name, tuple(value))
+
+
+class QADataError(ValueError):
+    """A bad record in a QA dataset; the message names where and which field."""
+
+    def __init__(self, where: str, field: str | None, problem: str):
+        super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + problem)
+        self.where, self.field = where, field
+
+
+def _strings(value: Any, where: str, field: str) -> list[str]:
+    """A string or a list of strings (JSON ints as ids are accepted for gold passages)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise QADataError(where, field, f"expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) and not (field == "gold_passages" and type(item) is int):
+            raise QADataError(where, field,
+                              f"item {i} is {type(item).__name__} {item!r}, expected a string")
+    return [str(item) for item in value]
+
+
+def _example(where: str, qid: str, question: Any, answers: list[str], *, is_regex: bool,
+             gold: Sequence[str] = (), hint: str = "") -> QAExample:
+    """Validates one row's fields into an example."""
+    if question is None:
+        raise QADataError(where, "question", "missing")
+    if not isinstance(question, str):
+        raise QADataError(where, "question", f"expected a string, got {type(question).__name__}")
+    if not question.strip():
+        raise QADataError(where, "question", "empty")
+    if not answers:
+        raise QADataError(where, "answers", "empty (no answer)" + hint)
+    for i, answer in enumerate(answers):
+        if not answer.strip():
+            raise QADataError(where, "answers", f"answer {i} is blank")
+        if is_regex:
+            try:
+                compile_regex(answer)
+            except ValueError as e:
+                raise QADataError(where, "answers", str(e)) from None
+    return QAExample(qid, question.strip(), tuple(answers), is_regex, tuple(gold))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def detect_qa_format(path: str | os.PathLike) -> str:
+    """``jsonl`` (.jsonl, .jsonl.gz, .ndjson), ``json`` (.json) or ``tsv`` (.tsv, .txt, .csv)."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    for fmt, suffixes in (("jsonl", (".jsonl", ".ndjson")), ("json", (".json",)),
+                          ("tsv", (".tsv", ".txt", ".csv"))):
+        if name.endswith(suffixes):
+            return fmt
+    raise ValueError(f"cannot tell the QA file format of {path}: name it .jsonl, .json or "
+                     f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) per line, decoded one by one so a bad byte names its line."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise QADataError(f"{path}:{lineno}", None,
+                                  f"not UTF-8 (byte {e.start}: {e.reason})") from None
+            yield lineno, line.rstrip("\r\n")
+
+
+def _record_fields(record: Any, where: str, index: int) -> tuple[str, Any, list[str], list[str]]:
+    """(qid, question, answers, gold passages) of a JSON object."""
+    if not isinstance(record, dict):
+        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
+    key = "answers" if "answers" in record else "answer"
+    if key not in record:
+        raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")
+    answers = _strings(record[key], where, key)
+    qid = next((record[k] for k in ("id", "qid", "question_id") if k in record), index)
+    if "gold_passages" in record:
+        gold = _strings(record["gold_passages"], where, "gold_passages")
+    elif "positive_ctxs" in record:
+        ctxs = record["positive_ctxs"]
+        if not isinstance(ctxs, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("title"), str) for c in ctxs):
+            raise QADataError(where, "positive_ctxs", "expected a list of objects with a "
+                                                      "'title' string")
+        gold = [c["title"] for c in ctxs]
+    else:
+        gold = []
+    return str(qid), record.get("question"), answers, gold
+
+
+def _jsonl_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
+    for lineno, line in _lines(path):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            skips.skip("blank_line", where)
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QADataError(where, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                              ) from None
+
+
+def _json_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column "
+                             f"{e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of question objects, got "
+                         f"{type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{path} record {i}", record
+
+
+def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
+    text = field.strip()
+    if text.startswith("["):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as e:
+            raise QADataError(where, "answers", f"unparsable list literal {text[:80]!r} "
+                                                f"({type(e).__name__})") from None
+        return _strings(value, where, "answers")
+    if is_regex:
+        return [field] if text else []
+    parts = field.split("|")
+    if text and not all(p.strip() for p in parts):
+        raise QADataError(where, "answers", f"blank answer in {field!r}")
+    return parts if text else []
+
+
+def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
+              ) -> Iterator[tuple[str, tuple[str, Any, list[str], list[str]]]]:
+    for lineno, line in _lines(path):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            skips.skip("blank_line", where)
+            continue
+        fields = line.split("\t")
+        if len(fields) == 1:
+            raise QADataError(where, "answers", "missing (no tab after the question)")
+        if len(fields) != 2:
+            raise QADataError(where, None, f"expected 2 tab-separated fields (question, "
+                                           f"answers), got {len(fields)}")
+        if lineno == 1 and fields[0].strip().lower() == "question" and \
+                fields[1].strip().lower() in ("answer", "answers"):
+            skips.skip("header", where)
+            continue
+        yield where, (str(lineno - 1), fields[0], _tsv_answers(fields[1], where, is_regex), [])
+
+
+def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None = None,
+            skips: SkipCounter | None = None) -> list[QAExample]:
+    """Reads a QA file (see the module docstring for the formats).
+
+    Args:
+      path: the file.
+      format: ``"jsonl"``, ``"json"``, ``"tsv"`` or ``"auto"`` (from the file name).
+      regex: whether the answers are regular expressions; None: when the file name contains
+        "trec" (CuratedTrec). Patterns are checked when read.
+      skips: counts the skipped lines (blank lines, a header) by reason; they are logged.
+
+    Without an id, a question's id is its position in the file (0-based, over kept rows).
+
+    Raises:
+      FileNotFoundError: no such file.
+      QADataError (a ValueError): a bad row (missing or empty question, missing, empty or
+        unparsable answers, an invalid pattern, bad gold passages, a repeated id), naming the
+        file, line and field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"QA file not found: {p}")
+    fmt = detect_qa_format(p) if format == "auto" else format
+    if fmt not in QA_FORMATS:
+        raise ValueError(f"unknown QA format {fmt!r}; expected one of {', '.join(QA_FORMATS)}")
+    is_regex = "trec" in p.name.lower() if regex is None else regex
+    skips = SkipCounter() if skips is None else skips
+    if fmt == "tsv":
+        rows: Iterable[tuple[str, Any]] = _tsv_rows(p, skips, is_regex)
+    else:
+        rows = _jsonl_rows(p, skips) if fmt == "jsonl" else _json_rows(p, skips)
+    examples: list[QAExample] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        qid, question, answers, gold = row if fmt == "tsv" else _record_fields(
+            row, where, len(examples))
+        if qid in seen:
+            raise QADataError(where, "id", f"{qid!r} repeats the id of {seen[qid]}")
+        seen[qid] = where
+        examples.append(_example(where, qid, question, answers, is_regex=is_regex, gold=gold))
+    if not examples:
+        raise ValueError(f"no questions in {p} (skipped: {skips.as_dict() or 'nothing'})")
+    if skips.counts:
+        _log.info("read %d questions from %s; skipped %s", len(examples), p, skips.as_dict())
+    return examples
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalar
+        return _tfds_text(value.item())
+    return str(value)
+
+
+def _tfds_texts(value: Any) -> list[str]:
+    return [_tfds_text(v) for v in value]
+
+
+def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
+                           where: str | None = None) -> QAExample:
+    """One TFDS record (a dict of numpy values, as ``tfds.data_source`` gives them) of
+    ``natural_questions_open``, ``web_questions`` or ``trivia_qa`` (any config) as a
+    :class:`QAExample`. TriviaQA's answers are its value then its aliases, without repeats."""
+    base = dataset.removeprefix("tfds:").split("/")[0].split(":")[0]
+    where = where or f"tfds:{dataset} record {index}"
+    hint = ""
+    if base == "natural_questions_open":
+        qid, answers = str(index), _tfds_texts(record["answer"])
+    elif base == "web_questions":
+        qid, answers = str(index), _tfds_texts(record["answers"])
+    elif base == "trivia_qa":
+        answer = record["answer"]
+        qid = _tfds_text(record["question_id"])
+        answers = list(dict.fromkeys(
+            a for a in [_tfds_text(answer["value"])] + _tfds_texts(answer["aliases"]) if a))
+        hint = " (TriviaQA's test answers are not public: evaluate on 'validation')"
+    else:
+        raise ValueError(f"no QA reader for TFDS dataset {dataset!r}; supported: "
+                         f"{', '.join(TFDS_QA_DATASETS)}")
+    return _example(where, qid, _tfds_text(record["question"]), answers, is_regex=False,
+                    hint=hint)
+
+
+def _tfds_parts(name: str) -> tuple[str, str | None, str | None]:
+    """``base[/config][:version]`` -> (base, config, version)."""
+    name, _, version = name.removeprefix("tfds:").partition(":")
+    base, _, config = name.partition("/")
+    return base, config or None, version or None
+
+
+def _prepare_hint(dataset: str, data_dir: Path) -> str:
+    return (f"prepare it there first, on a machine with network access: `tfds build {dataset} "
+            f"--data_dir {data_dir} --file_format array_record` (or in Python: "
+            f"tfds.builder({dataset!r}, data_dir={str(data_dir)!r}, "
+            f"file_format='array_record').download_and_prepare())")
+
+
+def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = None
+                 ) -> list[QAExample]:
+    """The questions of a prepared TFDS QA dataset split, in record order.
+
+    ``name``: ``natural_questions_open`` (splits ``train``, ``validation``: the latter is the
+    NQ-open test set of ORQA/DPR), ``web_questions`` (``train``, ``test``) or ``trivia_qa``
+    with a config (``trivia_qa/unfiltered.nocontext``, the default, or
+    ``trivia_qa/rc.nocontext``; ``validation`` is the usual test set); a ``:VERSION`` may
+    follow. ``data_dir`` defaults to ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+
+    Never downloads. The prepared files are looked for before TFDS is even imported: a
+    missing dataset, an unknown split or a non-array_record build raises at once
+    (``FileNotFoundError`` / ``ValueError``) naming the dataset, the folder and the command
+    that prepares it.
+    """
+    base, config, version = _tfds_parts(name)
+    if base not in TFDS_QA_DATASETS:
+        raise ValueError(f"no QA reader for TFDS dataset {name!r}; supported: "
+                         f"{', '.join(TFDS_QA_DATASETS)}")
+    if base == "trivia_qa" and config is None:
+        config = TRIVIA_QA_DEFAULT_CONFIG
+    dataset = base + (f"/{config}" if config else "")
+    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+                ).expanduser()
+    folder = root / dataset
+    infos = sorted((p for p in folder.glob(f"{version or '*'}/dataset_info.json")
+                    if _VERSION_RE.fullmatch(p.parent.name)),  # not "incomplete.*" folders
+                   key=lambda p: tuple(int(x) for x in p.parent.name.split(".")))
+    if not infos:
+        raise FileNotFoundError(f"TFDS dataset {dataset!r}"
+                                f"{f' version {version}' if version else ''} is not prepared "
+                                f"in {root} (no {folder}/*/dataset_info.json); "
+                                + _prepare_hint(dataset, root))
+    info = json.loads(infos[-1].read_text())  # the newest version when several
+    file_format = info.get("fileFormat", "tfrecord")
+    if file_format not in ("array_record", "parquet"):
+        raise ValueError(f"TFDS dataset {dataset!r} in {infos[-1].parent} was prepared as "
+                         f"{file_format}, which has no random access without TensorFlow; "
+                         + _prepare_hint(dataset, root))
+    splits = {s.get("name") for s in info.get("splits", [])}
+    for part in split.split("+"):
+        if part.split("[")[0] not in splits:
+            raise ValueError(f"TFDS dataset {dataset!r} in {infos[-1].parent} has no split "
+                             f"{part!r}; it has {sorted(splits)}")
+    import tensorflow_datasets as tfds  # only now: importing it takes a second
+
+    version_dir = infos[-1].parent.name
+    try:
+        source = tfds.data_source(f"{dataset}:{version_dir}", split=split, data_dir=root,
+                                  download=False)
+    except Exception as e:  # e.g. missing or corrupt shards
+        raise FileNotFoundError(f"TFDS dataset {dataset!r} (split {split!r}) cannot be read "
+                                f"from {root}: {str(e).splitlines()[0]}; "
+                                + _prepare_hint(dataset, root)) from e
+    return records_to_examples(source, dataset, label=f"tfds:{dataset}[{split}]")
+
+
+def records_to_examples(source: Any, dataset: str, *, label: str | None = None,
+                        batch_size: int = 1024) -> list[QAExample]:
+    """All records of a random-access source (``len`` and ``[i]``, or ``__getitems__``) of a
+    TFDS QA dataset as examples."""
+    label = label or f"tfds:{dataset}"
+    get_many = getattr(source, "__getitems__", None)
+    out = []
+    for first in range(0, len(source), batch_size):
+        indices = list(range(first, min(first + batch_size, len(source))))
+        records = get_many(indices) if get_many else [source[i] for i in indices]
+        out.extend(tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
+                   for i, r in zip(indices, records))
+    return out
+
+
+def load_qa(spec: str | os.PathLike, *, split: str = "test",
+            data_dir: str | os.PathLike | None = None, regex: bool | None = None
+            ) -> list[QAExample]:
+    """Questions from a file (``.jsonl``, ``.json``, ``.tsv``, ``.txt``, ``.csv``, optionally
+    ``.gz``; ``split`` is ignored) or from a prepared TFDS dataset (``NAME`` or ``tfds:NAME``
+    of :func:`load_tfds_qa`, with ``split`` and ``data_dir``)."""
+    s = os.fspath(spec)
+    exists = Path(s).exists()
+    if s.startswith("tfds:") or (_tfds_parts(s)[0] in TFDS_QA_DATASETS and not exists):
+        return load_tfds_qa(s, split, data_dir=data_dir)
+    if not exists and not Path(s).suffix:
+        raise ValueError(f"{s!r} is neither a QA file (.jsonl, .json, .tsv) nor a supported "
+                         f"TFDS dataset ({', '.join(TFDS_QA_DATASETS)})")
+    return read_qa(s, regex=regex)
+
+
+# ----------------------------------------------------------------------------- from a store
+
+
+def questions_from_store(store: Any, tokenizer: Any, *, num: int, seed: int,
+                         block_ids: Iterable[int] | None = None) -> list[QAExample]:
+    """Cloze questions from a block store, for demos and tests.
+
+    Blocks are visited in a seeded random order; in each, :class:`QueryMaker` (with the
+    store's default span finders) picks a salient span per sentence, and one of those
+    sentences is kept (seeded by ``seed`` and the block id). The question is the sentence
+    with the span replaced by ``_`` ("X was born in _ in Ulm."), the answer the span's text,
+    the gold passage the block's title, ``source_block`` the block id and the id
+    ``store-BLOCK``. These are cloze questions, not natural ones. Deterministic given ``seed``.
+
+    Returns ``num`` questions, or fewer (with a warning) when the blocks give fewer.
+    """
+    from realm_jax.data.realm_examples import QueryMaker  # tokenizers, transformers
+
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    maker = QueryMaker.for_store(store, tokenizer)
+    ids = np.arange(len(store)) if block_ids is None else np.asarray(list(block_ids), np.int64)
+    order = np.random.default_rng(seed).permutation(ids).tolist()
+    out: list[QAExample] = []
+    skipped: collections.Counter[str] = collections.Counter()
+    queries = maker.iter_store(store, order, seed=seed, skipped=skipped)
+    for block_id, group in itertools.groupby(queries, key=lambda q: q.block_id):
+        sentences = list(group)
+        q = sentences[int(np.random.default_rng([seed, block_id]).integers(len(sentences)))]
+        cloze = q.sentence[:q.span.start] + "_" + q.sentence[q.span.end:]
+        title = store.title(block_id)
+        out.append(QAExample(f"store-{block_id}", cloze, (q.span_text,),
+                             gold_passages=(title,) if title else (), source_block=block_id))
+        if len(out) == num:
+            break
+    if not out:
+        raise ValueError(f"no sentence with a salient span in the {len(ids)} blocks given of "
+                         f"{getattr(store, 'path', store)} (sentences skipped: "
+                         f"{dict(skipped)})")
+    if len(out) < num:
+        _log.warning("questions_from_store: %d questions asked, the %d blocks gave %d",
+                     num, len(ids), len(out))
+    return out
