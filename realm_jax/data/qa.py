@@ -144,15 +144,15 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line.rstrip("\r\n")
 
 
-def _record_fields(record: Any, where: str, index: int) -> tuple[str, Any, list[str], list[str]]:
-    """(qid, question, answers, gold passages) of a JSON object."""
+def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str], list[str]]:
+    """(qid or None, question, answers, gold passages) of a JSON object."""
     if not isinstance(record, dict):
         raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
     key = "answers" if "answers" in record else "answer"
     if key not in record:
         raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")
     answers = _strings(record[key], where, key)
-    qid = next((record[k] for k in ("id", "qid", "question_id") if k in record), index)
+    qid = next((str(record[k]) for k in ("id", "qid", "question_id") if k in record), None)
     if "gold_passages" in record:
         gold = _strings(record["gold_passages"], where, "gold_passages")
     elif "positive_ctxs" in record:
@@ -164,7 +164,7 @@ def _record_fields(record: Any, where: str, index: int) -> tuple[str, Any, list[
         gold = [c["title"] for c in ctxs]
     else:
         gold = []
-    return str(qid), record.get("question"), answers, gold
+    return qid, record.get("question"), answers, gold
 
 
 def _jsonl_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
@@ -213,7 +213,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
 
 
 def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
-              ) -> Iterator[tuple[str, tuple[str, Any, list[str], list[str]]]]:
+              ) -> Iterator[tuple[str, tuple[None, str, list[str], list[str]]]]:
     for lineno, line in _lines(path):
         where = f"{path}:{lineno}"
         if not line.strip():
@@ -229,7 +229,7 @@ def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
                 fields[1].strip().lower() in ("answer", "answers"):
             skips.skip("header", where)
             continue
-        yield where, (str(lineno - 1), fields[0], _tsv_answers(fields[1], where, is_regex), [])
+        yield where, (None, fields[0], _tsv_answers(fields[1], where, is_regex), [])
 
 
 def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None = None,
@@ -266,8 +266,8 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     examples: list[QAExample] = []
     seen: dict[str, str] = {}
     for where, row in rows:
-        qid, question, answers, gold = row if fmt == "tsv" else _record_fields(
-            row, where, len(examples))
+        qid, question, answers, gold = row if fmt == "tsv" else _record_fields(row, where)
+        qid = str(len(examples)) if qid is None else qid
         if qid in seen:
             raise QADataError(where, "id", f"{qid!r} repeats the id of {seen[qid]}")
         seen[qid] = where
