@@ -1,6 +1,9 @@
 """Pure loss functions, arrays in and arrays out: REALM marginal MLM, ORQA, RAG-Sequence,
 RAG-Token."""
 
+from realm_jax.objectives.orqa import (
+    OrqaLoss, best_span, evidence_mask, joint_span_logits, marginal_nll, orqa_loss,
+    span_valid_mask)
 from realm_jax.objectives.rag import (
     doc_log_probs, marginalize_token_logprobs, rag_sequence_nll, rag_token_nll, shift_targets,
     split_docs)
@@ -9,6 +12,8 @@ from realm_jax.objectives.realm import (
     realm_loss_from_logits, target_log_probs)
 
 __all__ = [
+    "OrqaLoss", "best_span", "evidence_mask", "joint_span_logits", "marginal_nll", "orqa_loss",
+    "span_valid_mask",
     "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
     "shift_targets", "split_docs",
     "RealmLoss", "ReaderInputs", "exclude_source", "prepend_null_score", "reader_inputs",
