@@ -170,7 +170,8 @@ def answer_spans(text: str, answers: str | Iterable[str], *, regex: bool = False
 
 
 def has_answer(passage_text: str, answers: str | Iterable[str], *, regex: bool = False) -> bool:
-    """Whether the passage holds an answer (DPR's rule; see the module docstring)."""
+    """Whether the passage holds an answer (DPR's rule; see the module docstring). Only the
+    text given is searched: prepend the title to count it, as DPR's ``use_title`` does."""
     answers = _as_list(answers)
     found = _regex_spans(passage_text, answers) if regex else _matches(_words(passage_text),
                                                                        answers)
@@ -314,16 +315,14 @@ def summarize(predictions: Sequence[Prediction], ks: Iterable[int] = DEFAULT_KS
     if answered:
         out["answered"] = len(answered)
         out["exact_match"] = sum(p.correct for p in answered) / len(answered)
-    if ks:
-        for k, r in recall_at_k([[q.has_answer for q in p.passages] for p in predictions],
-                                ks).items():
-            out[f"recall@{k}"] = r
     gold = [p for p in predictions if p.gold_passages]
     if gold:
         out["gold_count"] = len(gold)
-        if ks:
-            for k, r in recall_at_k([[q.is_gold for q in p.passages] for p in gold], ks).items():
-                out[f"gold_recall@{k}"] = r
+    for prefix, group, hit in (("recall@", predictions, "has_answer"),
+                               ("gold_recall@", gold, "is_gold")):
+        if group and ks:
+            hits = [[getattr(q, hit) for q in p.passages] for p in group]
+            out.update((f"{prefix}{k}", r) for k, r in recall_at_k(hits, ks).items())
     return out
 
 

@@ -204,12 +204,14 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
             raise QADataError(where, "answers", f"unparsable list literal {text[:80]!r} "
                                                 f"({type(e).__name__})") from None
         return _strings(value, where, "answers")
+    if not text:
+        return []
     if is_regex:
-        return [field] if text else []
-    parts = field.split("|")
-    if text and not all(p.strip() for p in parts):
+        return [text]
+    parts = [p.strip() for p in text.split("|")]
+    if not all(parts):
         raise QADataError(where, "answers", f"blank answer in {field!r}")
-    return parts if text else []
+    return parts
 
 
 def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
