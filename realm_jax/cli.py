@@ -89,11 +89,12 @@ def _embed_corpus(args: argparse.Namespace) -> None:
 
 def _refresh(args: argparse.Namespace) -> None:
     from realm_jax import config as config_lib
-    from realm_jax import refresh
+    from realm_jax import distributed, refresh
 
     if not args.config:
         raise ValueError("refresh: --config configs/NAME.py is required")
     config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+    distributed.from_args(args)
     refresh.main(config, args.workdir, once=args.once, from_hf=args.from_hf,
                  corpus=args.corpus, worker=args.worker, num_workers=args.num_workers,
                  progress=not args.no_progress)
@@ -101,6 +102,7 @@ def _refresh(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from realm_jax import config as config_lib
+    from realm_jax import distributed
 
     if not args.config:
         raise ValueError("train: --config configs/NAME.py is required")
@@ -108,13 +110,19 @@ def _train(args: argparse.Namespace) -> None:
     if "rag" in config:
         raise ValueError(f"train: {args.config} is a RAG config; `realm-jax train` runs REALM "
                          "configs only so far (RAG fine-tuning is not wired into it yet)")
+    distributed.from_args(args)
     from realm_jax.train import trainer
-    result = trainer.train(config, args.workdir)
+    result = trainer.train(config, args.workdir, stop_after=args.stop_after)
     first, last = result["first"], result["last"]
     if first and last:
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
               f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
               f"(steps {first['step']} -> {last['step']})")
+
+
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    from realm_jax import distributed
+    distributed.add_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder of a pretrained document tower: the first index (step 0) "
                         "while no checkpoint exists")
     p.add_argument("--corpus", default=None, help="block store (default: config.data.corpus)")
-    p.add_argument("--worker", type=int, default=0, help="this worker (0: the chief)")
-    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--worker", type=int, default=None,
+                   help="this worker (0: the chief; default: the process index, else 0)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="workers embedding slices (default: the process count, else 1)")
     p.add_argument("--no_progress", action="store_true")
+    _distributed_flags(p)
     p.set_defaults(run=_refresh, overrides=[])
 
     p = sub.add_parser("train", help="the trainer (REALM pre-training); swaps in the "
@@ -204,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
                    "--config.FIELD=VALUE")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="stop (with a checkpoint) once this step is reached; rerun to resume")
+    _distributed_flags(p)
     p.set_defaults(run=_train, overrides=[])
     return parser
 

@@ -87,16 +87,22 @@ class TrainCheckpoints:
 
     The trainer calls `save` every few steps and `mark_finished` at the end; the refresher
     lists steps and restores only the document tower with `restore_part`. Each side opens
-    its own instance; reads see the other side's new steps (the step list is re-read)."""
+    its own instance; reads see the other side's new steps (the step list is re-read).
+
+    In a multi-process run every process saves and restores (orbax writes each process's
+    shards and synchronizes them); model.json and FINISHED are written by process 0 only.
+    `independent`: this process reads on its own schedule, synchronizing with no other
+    (the refresher's workers, each restoring when its job comes)."""
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, independent: bool = False):
         from etils import epath
 
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CHECKPOINTS_DIR
         self._max_to_keep = max_to_keep
         self._async_save = async_save
+        self._independent = independent
         self._writer: ocp.CheckpointManager | None = None
         self._reader: ocp.CheckpointManager | None = None
 
@@ -132,14 +138,17 @@ class TrainCheckpoints:
 
     def write_model_configs(self, configs: dict) -> None:
         """WORKDIR/model.json: each part's model config (config_to_dict), written atomically."""
+        if jax.process_index() != 0:
+            return
         text = json.dumps({name: config_to_dict(cfg) for name, cfg in configs.items()},
                           indent=2) + "\n"
         _atomic_write_text(self.workdir / MODEL_JSON, text)
 
     def mark_finished(self) -> None:
-        """Wait for pending saves, then write the FINISHED marker."""
+        """Wait for pending saves, then write the FINISHED marker (process 0)."""
         self.wait_until_finished()
-        _atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
+        if jax.process_index() == 0:
+            _atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
 
     # ---- reading (the refresher, or the trainer when it resumes)
 
@@ -164,7 +173,12 @@ class TrainCheckpoints:
         if self._reader is None:
             if not self.directory.exists():
                 return None
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            alone = {}
+            if self._independent:  # barriers over this process only: none
+                me = jax.process_index()
+                alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me})
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, **alone)
             self._reader = ocp.CheckpointManager(self.directory, options=options,
                                                  item_handlers=_item_handlers())
         else:

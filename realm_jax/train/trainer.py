@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from realm_jax import sharding
+from realm_jax import distributed, sharding
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
 from realm_jax.index.store import IndexStore, SnapshotWatcher
@@ -43,7 +43,7 @@ def wait_for_snapshot(watcher: SnapshotWatcher, timeout: float, index_dir: Path)
         snapshot = watcher.poll()
         if snapshot is not None:
             return snapshot
-        if time.monotonic() > deadline:
+        if distributed.agree(time.monotonic() > deadline):
             raise TimeoutError(
                 f"no index snapshot in {index_dir} after {timeout:.0f}s: start the refresher "
                 f"(realm-jax refresh --config ... --workdir {index_dir.parent}) or build a "
@@ -69,11 +69,26 @@ def wait_for_newer_snapshot(watcher: SnapshotWatcher, current, timeout: float):
         snapshot = watcher.poll()
         if snapshot is not None:
             return snapshot
-        if time.monotonic() > deadline:
+        if distributed.agree(time.monotonic() > deadline):
             _log.warning("no index newer than %s (checkpoint step %d) after %.0fs: training "
                          "on with it", current.version, current.step, timeout)
             return None
         time.sleep(0.2)
+
+
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
+    """The REALM train step (state, batch, corpus arrays or None, rng) -> (state, metrics):
+    what the trainer jits with its shardings, and `realm-jax aot` compiles ahead of time."""
+    def train_step(state: TrainState, batch, corpus_arrays, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, corpus_arrays, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -93,6 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         raise ValueError(f"--config.retrieval.mode={rc.mode!r}: expected 'device' or 'scann'")
     mesh = sharding.mesh_from_config(config)
     rules = sharding.rules_from_config(config)
+    _log.info("mesh %s over %d process(es); axes across processes: %s", dict(mesh.shape),
+              jax.process_count(), distributed.axes_across_processes(mesh) or "none")
     if not config.data.corpus or not config.data.tokenizer:
         raise ValueError("set --config.data.corpus (a block store from `realm-jax "
                          "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer folder)")
@@ -130,7 +147,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     del host_params
 
     index_dir = workdir / "index"
-    watcher = SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint)
+    watcher = distributed.shared_watcher(  # one swap decision for all processes
+        SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint))
     snapshot = wait_for_snapshot(watcher, tc.index_wait_seconds, index_dir)
 
     loss_fn = realm.RealmLossFn(
@@ -159,14 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     corpus, retriever = use_snapshot(snapshot)
     _log.info("using index %s (checkpoint step %d)", snapshot.version, snapshot.step)
 
-    def train_step(state: TrainState, batch, corpus_arrays, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, corpus_arrays, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return TrainState(state.step + 1, params, opt_state), metrics
+    train_step = make_train_step(loss_fn, optimizer)
 
     def corpus_arrays():
         return corpus.arrays() if corpus is not None else None
