@@ -140,14 +140,16 @@ class Refresher:
     """Refreshes WORKDIR/index from WORKDIR/checkpoints (see the module docstring).
 
     `embedder_factory(config) -> CorpusEmbedder` may be given to share compiled functions
-    (tests); by default one CorpusEmbedder per tower config over all local devices."""
+    (tests); by default one CorpusEmbedder per tower config over all local devices.
+    `frozen`: training leaves the document tower alone (RAG's context encoder): the index
+    is the corpus embedded by the --from_hf weights, never by the trainer's checkpoints."""
 
     def __init__(self, workdir: str | os.PathLike, settings: RefreshSettings, *,
                  from_hf: str | os.PathLike | None = None, worker: int = 0,
                  num_workers: int = 1, progress: bool = True,
                  on_stage: Callable[[str], None] | None = None,
                  embedder_factory: Callable[[Any], Any] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, frozen: bool = False):
         from realm_jax.index.embed_corpus import worker_range
         worker_range(1, worker, num_workers)  # validates
         self.workdir = Path(workdir)
@@ -156,6 +158,7 @@ class Refresher:
         if self.from_hf is not None and not Path(self.from_hf).is_dir():
             raise FileNotFoundError(f"--from_hf {self.from_hf}: not a folder")
         self.worker, self.num_workers = worker, num_workers
+        self.frozen = frozen
         self.progress = progress
         self.on_stage = on_stage or (lambda name: _stages.debug("refresh stage: %s", name))
         self.sleep = sleep
@@ -176,7 +179,7 @@ class Refresher:
 
     def newest_source(self) -> Source | None:
         """The newest checkpoint step, else the --from_hf weights as step 0, else None."""
-        step = self.checkpoints.latest_step()
+        step = None if self.frozen else self.checkpoints.latest_step()
         if step is not None:
             return Source(step, "checkpoint", self.checkpoints.step_path(step))
         if self.from_hf is not None:
@@ -488,7 +491,14 @@ def main(config, workdir: str | os.PathLike, *, once: bool = False,
          on_stage: Callable[[str], None] | None = None) -> list[RefreshResult]:
     """`realm-jax refresh`: settings from `config.refresh`, then the refresher's loop."""
     settings = RefreshSettings.from_config(config, corpus)
+    frozen = config.get("task") == "rag"  # RAG: the context encoder is never trained
+    if frozen:
+        from_hf = from_hf or config.model.get("context_encoder_hf") or None
+        if from_hf is None:
+            raise ValueError("a RAG index is the corpus embedded by the frozen context "
+                             "encoder: set --config.model.context_encoder_hf or pass --from_hf")
     refresher = Refresher(workdir, settings, from_hf=from_hf, worker=worker,
-                          num_workers=num_workers, progress=progress, on_stage=on_stage)
+                          num_workers=num_workers, progress=progress, on_stage=on_stage,
+                          frozen=frozen)
     result = refresher.run(once=once)
     return result if isinstance(result, list) else []
