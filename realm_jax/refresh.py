@@ -11,9 +11,13 @@ line to WORKDIR/refresh_log.jsonl; repeat until the trainer's FINISHED marker ex
 last refresh when the final checkpoint is newer than the index. `--from_hf` builds the
 first index (step 0) from pretrained weights while no checkpoint exists.
 
-With N workers (hosts), the chief announces each refresh in WORKDIR/refresh/job.json; every
-worker embeds its contiguous slice into the job's shard folder; the chief merges the shards
-once all ids are covered, then publishes.
+With N workers (hosts: `--worker i --num_workers n`, or the process index and count of a
+jax.distributed run), the chief announces each refresh in WORKDIR/refresh/job.json
+(checkpoint step, tower and corpus fingerprints, worker count); every worker checks it can
+share the job and embeds its contiguous slice into the job's shard folder; the chief merges
+and publishes only once the shards cover every row exactly once and all agree on the step,
+the tower and the corpus. Workers read checkpoints on their own schedule (no orbax barrier
+between processes); they share nothing but WORKDIR.
 
 Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
 restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
@@ -162,7 +166,7 @@ class Refresher:
         self.progress = progress
         self.on_stage = on_stage or (lambda name: _stages.debug("refresh stage: %s", name))
         self.sleep = sleep
-        self.checkpoints = TrainCheckpoints(self.workdir)
+        self.checkpoints = TrainCheckpoints(self.workdir, independent=True)
         self.index = IndexStore(self.workdir / INDEX_DIR, keep=settings.keep_snapshots)
         self.scratch = self.workdir / SCRATCH_DIR
         corpus = Path(settings.corpus)
@@ -264,7 +268,9 @@ class Refresher:
             return None
 
     def _write_job(self, job: dict) -> None:
+        """Announce a job (or {"stop": True}); the id makes every announcement distinct."""
         from realm_jax.train.checkpoints import _atomic_write_text
+        job = dict(job, id=uuid.uuid4().hex)
         _atomic_write_text(self.scratch / JOB_FILE, json.dumps(job, indent=1) + "\n")
 
     # ------------------------------------------------------------------ one refresh
@@ -286,6 +292,7 @@ class Refresher:
         if self.num_workers > 1:
             self._write_job({"step": source.step, "kind": source.kind, "path": source.path,
                              "model_fingerprint": model_fingerprint,
+                             "corpus_fingerprint": self.store.fingerprint,
                              "shard_dir": shard_dir.name, "num_workers": self.num_workers})
 
         t0 = time.perf_counter()
@@ -302,7 +309,8 @@ class Refresher:
             embedder = self.embedder(config)
             rows = self.rows(self.settings.max_length or embedder.max_length)
             result = embed_corpus(self.store, embedder, params, shard_dir, rows=rows,
-                                  model_fingerprint=model_fingerprint, worker=self.worker,
+                                  model_fingerprint=model_fingerprint, step=source.step,
+                                  worker=self.worker,
                                   num_workers=self.num_workers,
                                   shard_size=self.settings.shard_size or None,
                                   progress=self.progress,
@@ -311,7 +319,7 @@ class Refresher:
                 self.on_stage("wait_workers")
                 self._wait_for_shards(shard_dir)
             self.on_stage("merge")
-            embeddings = merge_shards(shard_dir, len(self.store),
+            embeddings = merge_shards(shard_dir, len(self.store), step=source.step,
                                       model_fingerprint=model_fingerprint,
                                       corpus_fingerprint=self.store.fingerprint)
         embed_seconds = time.perf_counter() - t0
@@ -442,17 +450,25 @@ class Refresher:
 
     def run_worker(self, once: bool = False) -> int:
         """A non-chief worker: embed this worker's slice for each job the chief announces;
-        returns the number of jobs done. Exits when the chief says stop (or after one job
-        with `once`)."""
+        returns the number of jobs done. It exits when the chief says stop, after one job
+        with `once`, or when nothing is left to announce: the index is at the newest
+        checkpoint and (unless `once`) the trainer has finished. An announcement found at
+        start is a previous run's: its job is done unless already published, its stop
+        ignored."""
         from realm_jax.index.embed_corpus import embed_corpus, params_fingerprint
 
+        stale = self._read_job()
         done_job, jobs = None, 0
         while True:
             job = self._read_job()
-            if job and job.get("stop"):
+            if job and job.get("stop") and job != stale:
                 return jobs
-            if job and job != done_job:
+            if job and not job.get("stop") and job != done_job:
+                done_job = job
                 source = Source(int(job["step"]), job["kind"], job["path"])
+                self._check_job(job)
+                if self._is_current(source, self.published()):
+                    continue
                 try:
                     config, params = self.load_tower(source)
                     fingerprint = params_fingerprint(config, params)
@@ -469,8 +485,8 @@ class Refresher:
                     self.on_stage("embed")
                     embed_corpus(self.store, embedder, params, self.scratch / job["shard_dir"],
                                  rows=self.rows(self.settings.max_length or embedder.max_length),
-                                 model_fingerprint=fingerprint, worker=self.worker,
-                                 num_workers=self.num_workers,
+                                 model_fingerprint=fingerprint, step=source.step,
+                                 worker=self.worker, num_workers=self.num_workers,
                                  shard_size=self.settings.shard_size or None,
                                  progress=self.progress, on_shard=check)
                     jobs += 1
@@ -481,15 +497,41 @@ class Refresher:
                 except (FileNotFoundError, KeyError) as e:
                     _log.warning("worker %d: cannot do the job for step %d (%s); waiting for the "
                                  "next", self.worker, source.step, e)
-                done_job = job
+            elif self._nothing_left(once):
+                _log.info("worker %d: the index is at the newest checkpoint%s; exiting",
+                          self.worker, "" if once else " and the trainer has finished")
+                return jobs
             self.sleep(min(self.settings.poll_seconds, 1.0))
+
+    def _check_job(self, job: dict) -> None:
+        """A job this worker can share: the same worker count and the same corpus."""
+        if int(job["num_workers"]) != self.num_workers:
+            raise ValueError(f"worker {self.worker}: the chief splits the corpus over "
+                             f"{job['num_workers']} workers, this one was started with "
+                             f"--num_workers {self.num_workers}; start all with the same")
+        if job.get("corpus_fingerprint", self.store.fingerprint) != self.store.fingerprint:
+            raise ValueError(f"worker {self.worker}: corpus {self.store.path} (fingerprint "
+                             f"{self.store.fingerprint[:16]}) is not the chief's "
+                             f"({job['corpus_fingerprint'][:16]}): give every worker the same "
+                             "block store (--corpus or config.data.corpus)")
+
+    def _nothing_left(self, once: bool) -> bool:
+        """True when the chief has nothing more to announce: the index is at the newest
+        source and, unless `once`, the trainer has finished."""
+        finished = once or self.checkpoints.is_finished()
+        source = self.newest_source()
+        return finished and source is not None and self._is_current(source, self.published())
 
 
 def main(config, workdir: str | os.PathLike, *, once: bool = False,
-         from_hf: str | None = None, corpus: str | None = None, worker: int = 0,
-         num_workers: int = 1, progress: bool = True,
+         from_hf: str | None = None, corpus: str | None = None, worker: int | None = None,
+         num_workers: int | None = None, progress: bool = True,
          on_stage: Callable[[str], None] | None = None) -> list[RefreshResult]:
-    """`realm-jax refresh`: settings from `config.refresh`, then the refresher's loop."""
+    """`realm-jax refresh`: settings from `config.refresh`, then the refresher's loop.
+    `worker` / `num_workers` default to this process's index and the process count (0 and
+    1 outside a multi-process run)."""
+    import jax
+
     settings = RefreshSettings.from_config(config, corpus)
     frozen = config.get("task") == "rag"  # RAG: the context encoder is never trained
     if frozen:
@@ -497,6 +539,8 @@ def main(config, workdir: str | os.PathLike, *, once: bool = False,
         if from_hf is None:
             raise ValueError("a RAG index is the corpus embedded by the frozen context "
                              "encoder: set --config.model.context_encoder_hf or pass --from_hf")
+    worker = jax.process_index() if worker is None else worker
+    num_workers = jax.process_count() if num_workers is None else num_workers
     refresher = Refresher(workdir, settings, from_hf=from_hf, worker=worker,
                           num_workers=num_workers, progress=progress, on_stage=on_stage,
                           frozen=frozen)

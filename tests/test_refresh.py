@@ -349,7 +349,69 @@ def test_two_workers(tmp_path, base_params, settings, embedder, expected):
     np.testing.assert_allclose(
         IndexStore(tmp_path / "index").latest().embeddings().astype(np.float32),
         expected(step_params(base_params, 9)["doc_tower"]), atol=2e-3)
-    assert json.loads((tmp_path / "refresh" / "job.json").read_text()) == {"stop": True}
+    assert json.loads((tmp_path / "refresh" / "job.json").read_text())["stop"] is True
+
+
+def test_two_worker_processes_publish_what_one_worker_does(tmp_path, base_params, settings,
+                                                           embedder, store, minilm_path):
+    """`realm-jax refresh --once` as two jax.distributed processes (the worker index is the
+    process index): the chief publishes only once both slices are in, the same snapshot
+    as one worker. A second round (a new checkpoint) starts over the first round's stop
+    announcement, which the worker must not take for its own."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for workdir in (one, two):
+        make_workdir(workdir, base_params, [5])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    argv = [sys.executable, "-m", "realm_jax.cli", "refresh", "--config",
+            "configs/tiny_realm.py", "--workdir", str(two), "--corpus", os.fspath(store.path),
+            f"--config.data.tokenizer={minilm_path}", "--config.refresh.poll_seconds=0.1",
+            "--once", "--no_progress"]
+
+    def two_workers(round_: int):
+        port = socket_port()
+        procs = [subprocess.Popen(argv + [f"--coordinator_address=localhost:{port}",
+                                          "--num_processes=2", f"--process_id={i}"],
+                                  stdout=open(tmp_path / f"round{round_}-p{i}.log", "w"),
+                                  stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                 for i in range(2)]
+        try:
+            codes = [p.wait(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        logs = [(tmp_path / f"round{round_}-p{i}.log").read_text() for i in range(2)]
+        assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+        assert "worker 1/2: embedded" in logs[1]
+        return IndexStore(two / "index").latest()
+
+    [single] = refresher(one, settings, embedder).run(once=True)
+    reference = IndexStore(one / "index").latest()
+    for round_ in (1, 2):
+        snapshot = two_workers(round_)
+        assert snapshot.step == reference.step == single.step
+        np.testing.assert_allclose(snapshot.embeddings().astype(np.float32),
+                                   reference.embeddings().astype(np.float32), atol=2e-3)
+        for field in ("step", "model_fingerprint", "corpus_fingerprint", "count", "dim",
+                      "dtype", "searcher"):
+            assert snapshot.manifest[field] == reference.manifest[field], field
+        assert snapshot.manifest["extra"]["source"] == "checkpoint"
+        if round_ == 1:  # a newer checkpoint for both
+            for workdir in (one, two):
+                make_workdir(workdir, base_params, [6])
+            [single] = refresher(one, settings, embedder).run(once=True)
+            reference = IndexStore(one / "index").latest()
+    assert [r["step"] for r in log_lines(two)] == [5, 6]
+
+
+def socket_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def test_cli_refresh(tmp_path, base_params, store, minilm_path, capsys):

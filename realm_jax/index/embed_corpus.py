@@ -413,10 +413,12 @@ def write_shard(folder: str | os.PathLike, start: int, array: np.ndarray, *, dty
 
 def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
                  out_dir: str | os.PathLike, *, rows: RowBuilder, model_fingerprint: str,
-                 worker: int = 0, num_workers: int = 1, shard_size: int | None = None,
+                 step: int | None = None, worker: int = 0, num_workers: int = 1,
+                 shard_size: int | None = None,
                  progress: bool = True,
                  on_shard: Callable[[ShardInfo], None] | None = None) -> EmbedResult:
-    """Embed this worker's slice of `store` into shards under `out_dir`.
+    """Embed this worker's slice of `store` into shards under `out_dir` (`step`: the
+    checkpoint step of the tower, recorded in each shard for `merge_shards` to check).
 
     Complete shards already there for the same model and corpus are kept (a killed run
     resumes); this worker's leftovers (temporary files, shards of another model or of
@@ -425,8 +427,8 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, end = worker_range(len(store), worker, num_workers)
-    step = int(shard_size) if shard_size else max(1, end - start)
-    pieces = [(a, min(a + step, end)) for a in range(start, end, step)]
+    size = int(shard_size) if shard_size else max(1, end - start)
+    pieces = [(a, min(a + size, end)) for a in range(start, end, size)]
     tag = f"w{worker}"
     for path in out_dir.iterdir():  # our own temporary files of a killed run
         if path.name.startswith(f"{TMP_PREFIX}{tag}-"):
@@ -447,7 +449,7 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
             continue
         if ((a, b) in pieces and info.model_fingerprint == model_fingerprint
                 and info.corpus_fingerprint == store.fingerprint and info.dim == embedder.dim
-                and info.dtype == embedder.dtype):
+                and info.dtype == embedder.dtype and info.meta.get("step") == step):
             reuse[(a, b)] = info
         else:
             _log.warning("discarding shard %s (another model, corpus or layout)", path.name)
@@ -474,7 +476,8 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
             info = write_shard(out_dir, a, array, dtype=embedder.dtype,
                                model_fingerprint=model_fingerprint,
                                corpus_fingerprint=store.fingerprint,
-                               extra={"tag": tag, "worker": worker, "num_workers": num_workers})
+                               extra={"tag": tag, "worker": worker, "num_workers": num_workers,
+                                      "step": step})
             embedded += b - a
             shards.append(info)
             if on_shard is not None:
@@ -508,23 +511,29 @@ def missing_ranges(shards: Sequence[ShardInfo], count: int) -> list[tuple[int, i
 
 
 def merge_shards(folder: str | os.PathLike, count: int, *, model_fingerprint: str | None = None,
-                 corpus_fingerprint: str | None = None,
+                 corpus_fingerprint: str | None = None, step: int | None = None,
                  out: str | os.PathLike | None = None) -> np.ndarray:
     """The full [count, P] matrix from the shards in `folder` (into the .npy file `out` when
     given, else in memory). Every id in [0, count) must be covered exactly once, and all
-    shards must agree on dim, dtype and (when given) the fingerprints."""
+    shards must agree on dim, dtype, checkpoint step (`step` when given) and fingerprints
+    (the given ones)."""
     folder = Path(folder)
     shards = list_shards(folder)
     if not shards:
         raise ValueError(f"no embedding shards in {folder}")
     first = shards[0]
+    want_step = first.meta.get("step") if step is None else step
     for s in shards:
-        for field, want in (("dim", first.dim), ("dtype", first.dtype),
-                            ("model_fingerprint", model_fingerprint or first.model_fingerprint),
-                            ("corpus_fingerprint", corpus_fingerprint or first.corpus_fingerprint)):
-            if getattr(s, field) != want:
-                raise ValueError(f"{s.path.with_suffix('.json')}: {field} {getattr(s, field)!r} "
-                                 f"differs from {want!r}")
+        for field, got, want in (
+                ("dim", s.dim, first.dim), ("dtype", s.dtype, first.dtype),
+                ("model_fingerprint", s.model_fingerprint,
+                 model_fingerprint or first.model_fingerprint),
+                ("corpus_fingerprint", s.corpus_fingerprint,
+                 corpus_fingerprint or first.corpus_fingerprint),
+                ("step", s.meta.get("step"), want_step)):
+            if got != want:
+                raise ValueError(f"{s.path.with_suffix('.json')}: {field} {got!r} differs "
+                                 f"from {want!r}")
     gaps = missing_ranges(shards, count)
     if gaps:
         shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:5])
