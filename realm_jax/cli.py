@@ -120,6 +120,36 @@ def _train(args: argparse.Namespace) -> None:
               f"(steps {first['step']} -> {last['step']})")
 
 
+def _aot(args: argparse.Namespace) -> None:
+    import json
+
+    from realm_jax import aot
+    from realm_jax import config as config_lib
+
+    if not args.config:
+        raise ValueError("aot: --config configs/NAME.py is required")
+    config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+    if config.get("task", "realm") != "realm":
+        raise ValueError(f"aot: config.task={config.get('task')!r}; `realm-jax aot` compiles "
+                         "the REALM pre-training step")
+    advice = ("spread it over more devices (--topology, --mesh with fsdp/tensor > 1), or "
+              "lower --config.train.batch_size, or turn on --config.model.encoder.remat")
+    try:
+        result = aot.report(config, args.topology, mesh_shape=aot.parse_mesh(args.mesh),
+                            corpus_rows=args.corpus_rows,
+                            device_memory_gib=args.device_memory_gib)
+    except aot.DoesNotFit as e:
+        raise SystemExit(f"realm-jax aot: does not fit: {e}; {advice}") from None
+    print("\n".join(result.lines()))
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    if result.fits is False:
+        raise SystemExit(
+            f"realm-jax aot: does not fit: one step needs {result.peak_bytes / aot.GIB:.2f} GiB "
+            f"per device, a {result.device_kind} has {result.device_memory_bytes / aot.GIB:.2f} "
+            f"GiB; {advice}")
+
+
 def _distributed_flags(parser: argparse.ArgumentParser) -> None:
     from realm_jax import distributed
     distributed.add_flags(parser)
@@ -219,13 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) once this step is reached; rerun to resume")
     _distributed_flags(p)
     p.set_defaults(run=_train, overrides=[])
+
+    p = sub.add_parser("aot", help="compile the REALM train step ahead of time for a device "
+                       "topology (e.g. a TPU slice this host does not have): memory per "
+                       "device and FLOPs per step; exits 1 when it does not fit")
+    p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
+                   "--config.FIELD=VALUE")
+    p.add_argument("--topology", required=True,
+                   help="a TPU topology CHIP:SHAPE (v5e:2x2, v5p:2x2x2, v4:4x4x4; needs "
+                        "libtpu: pip install 'realm-jax[aot]'), or local (this host's devices)")
+    p.add_argument("--mesh", default=None,
+                   help="DATA,FSDP,TENSOR over the topology's devices (default: config.mesh.shape)")
+    p.add_argument("--corpus_rows", type=int, default=None,
+                   help="retrieval.mode=device: corpus blocks held on the devices (default: "
+                        "config.data.corpus's count, else 13,353,718 as REALM's Wikipedia)")
+    p.add_argument("--device_memory_gib", type=float, default=None,
+                   help="memory of one device (default: the runtime's, else by device kind)")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.set_defaults(run=_aot, overrides=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("refresh", "train") and all(a.startswith("--config.") for a in extra):
+    if args.command in ("refresh", "train", "aot") and all(a.startswith("--config.") for a in extra):
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -44,6 +44,17 @@ def corpus_sharding(mesh: Mesh, rules=rsharding.DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes or None, None))
 
 
+def padded_rows(n: int, mesh: Mesh | jax.sharding.AbstractMesh, block_size: int,
+                rules=rsharding.DEFAULT_RULES) -> tuple[int, int]:
+    """(rows, block size) of an n-row corpus laid out on `mesh`: the same whole number of
+    blocks on every corpus shard, a block no larger than a shard's share of the rows."""
+    axes = corpus_mesh_axes(mesh, rules)
+    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    per_shard = -(-n // shards)
+    block_size = min(int(block_size), per_shard)
+    return -(-per_shard // block_size) * block_size * shards, block_size
+
+
 def _merge(best_s, best_r, scores, rows, k):
     """Top-k of the running best and a new candidate set (running first: on ties the lower
     row, which was seen earlier, wins because lax.top_k is stable)."""
@@ -194,12 +205,7 @@ class DeviceSearcher:
         self._ids = base.check_ids(ids, n)
         self.mesh = mesh if mesh is not None else rsharding.make_mesh()
         self.rules = rules
-        axes = corpus_mesh_axes(self.mesh, rules)
-        shards = math.prod(self.mesh.shape[a] for a in axes) if axes else 1
-        per_shard = -(-n // shards)
-        self.block_size = min(int(block_size), per_shard)
-        per_shard = -(-per_shard // self.block_size) * self.block_size
-        padded = per_shard * shards
+        padded, self.block_size = padded_rows(n, self.mesh, block_size, rules)
         dtype = np.dtype(dtype) if dtype is not None else embeddings.dtype
         self.sharding = corpus_sharding(self.mesh, rules)
 

@@ -84,12 +84,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items() if k != "pooler"}
         configs["reader"], params["reader"] = reader_cfg, reader_params
     else:
-        enc = config_lib.encoder_config(m.encoder)
-        proj = m.retriever_proj_size or None
-        tower_cfg = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
-                                   projection_layer_norm=bool(proj))
-        configs["query_tower"], configs["doc_tower"] = tower_cfg, tower_cfg
-        configs["reader"] = MaskedLMConfig(enc.replace(add_pooler=False))
+        configs = _sized_configs(m)
         for i, part in enumerate(PARTS):
             params[part] = _random_params(configs[part], seed + i)
     for part in PARTS:
@@ -98,6 +93,41 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             configs[part], params[part] = (hf.load_embedder(folder, **knobs) if part != "reader"
                                            else hf.load(folder, **knobs))
     return configs, params
+
+
+def _sized_configs(m: ml_collections.ConfigDict) -> dict:
+    """The parts' configs of the sizes in `model.encoder` (no HF folder)."""
+    enc = config_lib.encoder_config(m.encoder)
+    proj = m.retriever_proj_size or None
+    tower_cfg = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
+                               projection_layer_norm=bool(proj))
+    return {"query_tower": tower_cfg, "doc_tower": tower_cfg,
+            "reader": MaskedLMConfig(enc.replace(add_pooler=False))}
+
+
+def model_configs(config: ml_collections.ConfigDict) -> dict:
+    """The parts' configs `build_models` gives, without making weights (only when HF
+    folders are named are they read, weights included)."""
+    m = config.model
+    if m.init_from_hf or any(m[f"{part}_hf"] for part in PARTS):
+        return build_models(config)[0]
+    return _sized_configs(m)
+
+
+def batch_shapes(batch_size: int, rc: ml_collections.ConfigDict) -> dict:
+    """ShapeDtypeStructs of a global batch as the step receives it (`query_dataset`'s
+    fields, with the candidates in `scann` mode; integers are int32 on the devices)."""
+    b, q, m, k, c = (batch_size, rc.query_length, rc.max_mask_tokens, rc.num_candidates,
+                     rc.block_length)
+    i32, flag = np.dtype(np.int32), np.dtype(bool)
+    shapes = {"input_ids": ((b, q), i32), "attention_mask": ((b, q), i32),
+              "mask_positions": ((b, m), i32), "mask_targets": ((b, m), i32),
+              "mask_valid": ((b, m), flag), "doc_index": ((b,), i32)}
+    if rc.mode == "scann":
+        shapes.update(cand_ids=((b, k), i32), cand_valid=((b, k), flag),
+                      cand_tokens=((b, k, c), i32), cand_lengths=((b, k), i32))
+    return {name: jax.ShapeDtypeStruct(*shapes[name])
+            for name in QUERY_FIELDS + (CANDIDATE_FIELDS if rc.mode == "scann" else ())}
 
 
 def param_shardings(configs: dict, mesh, rules) -> dict:
@@ -167,17 +197,36 @@ class DeviceCorpus:
 def device_corpus(snapshot, store: BlockStore, block_length: int, mesh, block_size: int = 4096
                   ) -> DeviceCorpus:
     searcher = snapshot.device_searcher(mesh, block_size=block_size)
-    padded = searcher.embeddings.shape[0]
     n = len(store)
+    shapes = device_corpus_shapes(n, searcher.dim, snapshot.dtype, block_length, mesh,
+                                  block_size)
     tokens, lengths = store.tokens_batch(np.arange(n), max_length=block_length)
-    pad = padded - n
+    pad = searcher.embeddings.shape[0] - n
     tokens = np.pad(tokens, ((0, pad), (0, 0)))
     lengths = np.pad(lengths.astype(np.int32), (0, pad))
     docs = np.pad(np.asarray(store.doc_index, np.int32), (0, pad), constant_values=-1)
-    put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(searcher.sharding.spec[0], *([None] * (x.ndim - 1)))))
-    return DeviceCorpus(searcher.embeddings, put(tokens.astype(np.int32)), put(lengths),
-                        put(docs), searcher.num_valid, searcher.block_size)
+    put = lambda x, name: jax.device_put(x, shapes[name].sharding)  # noqa: E731
+    return DeviceCorpus(searcher.embeddings, put(tokens.astype(np.int32), "tokens"),
+                        put(lengths, "lengths"), put(docs, "doc_index"), searcher.num_valid,
+                        searcher.block_size)
+
+
+def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int, mesh,
+                         block_size: int = 4096) -> dict:
+    """ShapeDtypeStructs, with their shardings, of `device_corpus(...).arrays()` for a
+    corpus of `num_rows` blocks and `dim`-wide embeddings stored as `dtype`."""
+    from realm_jax.index.device import corpus_sharding, padded_rows
+    from realm_jax.index.embed_corpus import numpy_dtype
+
+    rows = corpus_sharding(mesh)
+    padded, _ = padded_rows(num_rows, mesh, block_size)
+    spec = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, jax.sharding.PartitionSpec(rows.spec[0], *([None] * (ndim - 1))))
+    i32 = np.dtype(np.int32)
+    return {"embeddings": jax.ShapeDtypeStruct((padded, dim), numpy_dtype(dtype), sharding=rows),
+            "tokens": jax.ShapeDtypeStruct((padded, block_length), i32, sharding=spec(2)),
+            "lengths": jax.ShapeDtypeStruct((padded,), i32, sharding=spec(1)),
+            "doc_index": jax.ShapeDtypeStruct((padded,), i32, sharding=spec(1))}
 
 
 class HostRetriever:

@@ -76,9 +76,11 @@ def wait_for_newer_snapshot(watcher: SnapshotWatcher, current, timeout: float):
         time.sleep(0.2)
 
 
-def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
-    """The REALM train step (state, batch, corpus arrays or None, rng) -> (state, metrics):
-    what the trainer jits with its shardings, and `realm-jax aot` compiles ahead of time."""
+def jit_train_step(loss_fn, optimizer: optax.GradientTransformation, shardings: TrainState,
+                   batch_sharding: NamedSharding, corpus_shardings=None):
+    """The REALM train step (state, batch, corpus arrays or None, rng) -> (state, metrics),
+    jitted with its shardings, the state donated: what the trainer runs, and what
+    `realm-jax aot` compiles for a topology it does not have."""
     def train_step(state: TrainState, batch, corpus_arrays, rng):
         rng = jax.random.fold_in(rng, state.step)
         (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -88,7 +90,10 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return train_step
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding, corpus_shardings,
+                                             replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -156,7 +161,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         rc.score_scale, rc.mode, num_valid=len(store),
         block_size=rc.search_block_size)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def use_snapshot(snap):
         if rc.mode == "device":
@@ -177,15 +181,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     corpus, retriever = use_snapshot(snapshot)
     _log.info("using index %s (checkpoint step %d)", snapshot.version, snapshot.step)
 
-    train_step = make_train_step(loss_fn, optimizer)
-
     def corpus_arrays():
         return corpus.arrays() if corpus is not None else None
 
     corpus_shardings = (jax.tree.map(lambda x: x.sharding, corpus.arrays())
                         if corpus is not None else None)
-    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding, corpus_shardings, replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=0)
+    step_fn = jit_train_step(loss_fn, optimizer, shardings, batch_sharding, corpus_shardings)
     rng = jax.random.key(config.seed)
 
     evaluator = None
