@@ -100,17 +100,46 @@ def _refresh(args: argparse.Namespace) -> None:
                  progress=not args.no_progress)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace):
+    """The experiment config: --config (or the one the run saved in WORKDIR/config.json for
+    commands given --workdir), with the --config.FIELD=VALUE overrides."""
     from realm_jax import config as config_lib
+
+    if args.config:
+        config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+        return config
+    if args.command == "train":
+        raise ValueError(f"{args.command}: --config configs/NAME.py is required")
+    from realm_jax.train import loop
+    config = loop.read_config(args.workdir)
+    for flag in args.overrides:
+        dotted, _, raw = flag[len("--config."):].partition("=")
+        config_lib.apply_override(config, dotted, raw)
+    return config
+
+
+def _task(config, command: str, supported: tuple[str, ...]) -> str:
+    task = config.get("task", "realm")
+    if task not in supported:
+        raise ValueError(f"{command}: config.task={task!r}; `realm-jax {command}` runs "
+                         f"{' and '.join(supported)} configs")
+    return task
+
+
+def _train(args: argparse.Namespace) -> None:
     from realm_jax import distributed
 
-    if not args.config:
-        raise ValueError("train: --config configs/NAME.py is required")
-    config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
-    if "rag" in config:
-        raise ValueError(f"train: {args.config} is a RAG config; `realm-jax train` runs REALM "
-                         "configs only so far (RAG fine-tuning is not wired into it yet)")
+    config = _config(args)
+    task = _task(config, "train", ("realm", "orqa"))
     distributed.from_args(args)
+    if task == "orqa":
+        from realm_jax.train import orqa
+        result = orqa.train(config, args.workdir, stop_after=args.stop_after)
+        first, last = result["first_eval"], result["last_eval"]
+        if first and last and "eval_exact_match" in first:
+            print(f"exact match {first['eval_exact_match']:.3f} -> "
+                  f"{last['eval_exact_match']:.3f} (steps {first['step']} -> {last['step']})")
+        return
     from realm_jax.train import trainer
     result = trainer.train(config, args.workdir, stop_after=args.stop_after)
     first, last = result["first"], result["last"]
@@ -118,6 +147,31 @@ def _train(args: argparse.Namespace) -> None:
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
               f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
               f"(steps {first['step']} -> {last['step']})")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from realm_jax import evaluate
+
+    config = _config(args)
+    _task(config, "eval", ("orqa",))
+    from realm_jax.train import orqa
+    summary, path = orqa.run_eval(config, args.workdir, step=args.step, out=args.out)
+    print(evaluate.format_summary(summary))
+    print(f"predictions: {path}")
+
+
+def _answer(args: argparse.Namespace) -> None:
+    config = _config(args)
+    _task(config, "answer", ("orqa",))
+    questions = args.question or [line.strip() for line in sys.stdin if line.strip()]
+    if not questions:
+        raise ValueError("answer: no question (give them as arguments or one per line on stdin)")
+    from realm_jax.train import orqa
+    for a in orqa.load_predictor(config, args.workdir, args.step)(questions):
+        print(f"Q: {a.question}\nA: {a.answer or '(no answer)'}  (score {a.score:.3f})")
+        for rank, (block, title, score) in enumerate(zip(a.block_ids, a.titles, a.scores)):
+            mark = "*" if rank == a.candidate and a.answer else " "
+            print(f"  {mark}{rank + 1}. [{block}] {title} ({score:.3f})")
 
 
 def _aot(args: argparse.Namespace) -> None:
@@ -240,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed_flags(p)
     p.set_defaults(run=_refresh, overrides=[])
 
-    p = sub.add_parser("train", help="the trainer (REALM pre-training); swaps in the "
-                       "refresher's index snapshots from WORKDIR/index")
+    p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training or ORQA "
+                       "fine-tuning); index snapshots from WORKDIR/index")
     p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
                    "--config.FIELD=VALUE")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
@@ -249,6 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) once this step is reached; rerun to resume")
     _distributed_flags(p)
     p.set_defaults(run=_train, overrides=[])
+
+    def run_flags(p):
+        p.add_argument("--workdir", required=True, help="the fine-tuning run's working folder")
+        p.add_argument("--config", help="experiment config (default: the run's "
+                       "WORKDIR/config.json); override fields with --config.FIELD=VALUE")
+        p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
+
+    p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA): "
+                       "exact match and recall@k on data.eval; predictions as JSONL")
+    run_flags(p)
+    p.add_argument("--out", default=None,
+                   help="predictions file (default WORKDIR/eval/predictions.jsonl)")
+    p.set_defaults(run=_eval, overrides=[])
+
+    p = sub.add_parser("answer", help="answer questions (arguments, else one per line on "
+                       "stdin) with a fine-tuning run (ORQA)")
+    run_flags(p)
+    p.add_argument("question", nargs="*", help="questions")
+    p.set_defaults(run=_answer, overrides=[])
 
     p = sub.add_parser("aot", help="compile the REALM train step ahead of time for a device "
                        "topology (e.g. a TPU slice this host does not have): memory per "
@@ -273,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("refresh", "train", "aot") and all(a.startswith("--config.") for a in extra):
+    if (args.command in ("refresh", "train", "eval", "answer", "aot")
+            and all(a.startswith("--config.") for a in extra)):
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

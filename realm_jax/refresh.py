@@ -533,12 +533,16 @@ def main(config, workdir: str | os.PathLike, *, once: bool = False,
     import jax
 
     settings = RefreshSettings.from_config(config, corpus)
-    frozen = config.get("task") == "rag"  # RAG: the context encoder is never trained
+    # RAG and ORQA never train the document tower: the index is the corpus embedded by it.
+    frozen = config.get("task") in ("rag", "orqa")
     if frozen:
         from_hf = from_hf or config.model.get("context_encoder_hf") or None
         if from_hf is None:
-            raise ValueError("a RAG index is the corpus embedded by the frozen context "
-                             "encoder: set --config.model.context_encoder_hf or pass --from_hf")
+            raise ValueError(
+                "a RAG index is the corpus embedded by the frozen context encoder: set "
+                "--config.model.context_encoder_hf or pass --from_hf" if config.task == "rag"
+                else "an ORQA index is the corpus embedded by a frozen document tower: pass "
+                "--from_hf DOC_TOWER (or point --config.retrieval.index at a REALM run's)")
     worker = jax.process_index() if worker is None else worker
     num_workers = jax.process_count() if num_workers is None else num_workers
     refresher = Refresher(workdir, settings, from_hf=from_hf, worker=worker,

@@ -5,8 +5,6 @@ devices equal to one device's, and a tiny fine-tuning run on Wikipedia sample te
 weights) through the trainer, the frozen index built by the refresher from the same
 weights, that raises exact match above the untrained reader's."""
 
-import dataclasses
-import json
 import shutil
 
 import jax
@@ -222,3 +220,228 @@ def test_answer_spans_use_the_evaluation_normalization(tokenizer):
         assert spans == want, answers
         assert all(normalize_answer(p.span_text(i, j)) in {normalize_answer(a) for a in answers}
                    for i, j in spans)
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded: the loss and gradients on 8 emulated devices equal one device's
+
+SPECIAL = SpecialIds(cls=1, sep=2, mask=3, pad=0)
+B, Q, C, R, K, N, NUM_VALID = 8, 12, 10, 6, 3, 64, 61
+
+
+def _numpy_params(cfg, seed: int, std: float = 0.05) -> dict:
+    """Random parameters drawn with numpy (a jitted flax init compiles for longer than this
+    test runs): normal(std) weights, zero biases, unit LayerNorm scales."""
+    from realm_jax import hf
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, hf.abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The tiny config's two parts, one layer each, random."""
+    from realm_jax.models import EmbedderConfig, SpanReaderConfig
+    from realm_jax.train import orqa as train_orqa
+
+    c = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1")
+    enc = config_lib.encoder_config(c.model.encoder)
+    configs = {"query_tower": EmbedderConfig(enc, pooling="pooler", projection_dim=16,
+                                             projection_layer_norm=True),
+               "reader": SpanReaderConfig(enc.replace(add_pooler=False), span_hidden_size=32)}
+    params = {part: _numpy_params(cfg, i) for i, (part, cfg) in enumerate(configs.items())}
+    model = train_orqa.OrqaModel(configs, SPECIAL, beam_size=R, num_read=K, score_scale=1.0,
+                                 num_valid=NUM_VALID, block_size=8)
+    return model, params
+
+
+def _synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    corpus = {"embeddings": rng.normal(size=(N, 16)).astype(np.float32),
+              "lengths": rng.integers(2, C + 1, N).astype(np.int32)}
+    corpus["tokens"] = np.where(np.arange(C) < corpus["lengths"][:, None],
+                                rng.integers(4, 128, (N, C)), 0).astype(np.int32)
+    n_q = rng.integers(3, Q + 1, B)
+    ids = np.where(np.arange(Q) < n_q[:, None], rng.integers(4, 128, (B, Q)), 0)
+    ids[:, 0] = SPECIAL.cls
+    ids[np.arange(B), n_q - 1] = SPECIAL.sep
+    beam = np.stack([rng.permutation(NUM_VALID)[:R] for _ in range(B)]).astype(np.int32)
+    beam[1, -2:] = -1                                     # empty slots
+    retrieval_correct = rng.random((B, R)) < 0.3
+    retrieval_correct[2] = False                          # a dropped retrieval term
+    span_correct = rng.random((B, K, orqa.num_spans(Q + C, 10))) < 0.02
+    span_correct[3] = False                               # a dropped reader term
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": (ids != 0).astype(np.int32),
+             "beam_ids": beam, "retrieval_correct": retrieval_correct,
+             "span_correct": span_correct}
+    return batch, corpus
+
+
+def _loss_and_grads(model, params, batch, corpus, mesh):
+    from realm_jax.index.device import corpus_sharding
+    from realm_jax.train import realm as train_realm
+
+    rules = sharding.DEFAULT_RULES
+    p_shardings = train_realm.param_shardings(model.configs, mesh, rules)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    rows = NamedSharding(mesh, PartitionSpec(corpus_sharding(mesh, rules).spec[0]))
+    fn = jax.jit(jax.value_and_grad(lambda p, b, c: model.loss(p, b, c, None), has_aux=True),
+                 in_shardings=(p_shardings, batch_sharding, rows),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+    args = (sharding.place(params, p_shardings),
+            {k: jax.device_put(v, batch_sharding) for k, v in batch.items()},
+            {k: jax.device_put(v, rows) for k, v in corpus.items()})
+    with sharding.activate(mesh, rules):
+        (loss, metrics), grads = fn.lower(*args).compile(FAST)(*args)
+    return jax.device_get((loss, metrics, grads))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (emulated) devices")
+def test_loss_and_gradients_sharded_equal_one_device(tiny_model):
+    model, params = tiny_model
+    batch, corpus = _synthetic()
+    one = _loss_and_grads(model, params, batch, corpus,
+                          sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    loss, metrics, grads = one
+    assert np.isfinite(loss) and loss > 0
+    assert int(metrics["retrieval_dropped"]) == 1 and int(metrics["reader_dropped"]) >= 1
+    for part in ("query_tower", "reader"):      # the loss trains both parts
+        assert max(np.abs(g).max() for g in jax.tree.leaves(grads[part])) > 0, part
+    # data x fsdp x tensor: batch over 4, parameters over fsdp and tensor, corpus over 8.
+    got_loss, got_metrics, got_grads = _loss_and_grads(model, params, batch, corpus,
+                                                       sharding.make_mesh((2, 2, 2)))
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
+    assert int(got_metrics["retrieval_dropped"]) == 1
+    for part in ("query_tower", "reader"):   # (compared against the part's gradient scale)
+        scale = max(np.abs(g).max() for g in jax.tree.leaves(grads[part]))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+                     got_grads[part], grads[part])
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny fine-tuning run on real text
+
+
+@pytest.fixture(scope="module")
+def wiki_store(tmp_path_factory, wiki_sample_path, minilm_path):
+    """The beginnings (~600 characters) of ten Wikipedia sample articles, in REALM blocks
+    of at most 40 wordpieces (about 40 blocks)."""
+    from realm_jax.data import Document, SkipCounter, prepare_corpus, read_wiki_xml
+
+    docs = []
+    for doc in read_wiki_xml(wiki_sample_path, SkipCounter()):
+        cut = doc.text.rfind(" ", 0, 600)
+        docs.append(Document(doc.doc_id, doc.title, doc.text[:cut],
+                             [s for s in doc.spans if s.end <= cut]))
+        if len(docs) == 10:
+            break
+    out = tmp_path_factory.mktemp("orqa") / "store"
+    return str(prepare_corpus(docs, out, tokenizer=minilm_path, mode="realm", max_tokens=40,
+                              progress=False).path)
+
+
+@pytest.fixture(scope="module")
+def minilm_1layer(tmp_path_factory, minilm_path):
+    """all-MiniLM-L6-v2 cut to its first layer, as a Hugging Face folder (sentence-
+    transformers pooling kept): both towers' and the reader encoder's weights."""
+    from realm_jax import hf
+
+    cfg, params = hf.load_embedder(minilm_path)
+    enc = params["encoder"]
+    folder = tmp_path_factory.mktemp("minilm_1layer")
+    hf.save(folder, cfg.encoder.replace(num_layers=1),
+            {**enc, "layers": {"layers_0": enc["layers"]["layers_0"]}})
+    src = minilm_path if isinstance(minilm_path, str) else str(minilm_path)
+    shutil.copy(f"{src}/modules.json", folder / "modules.json")
+    shutil.copytree(f"{src}/1_Pooling", folder / "1_Pooling")
+    return str(folder)
+
+
+def _orqa_config(store, tokenizer, model, *overrides):
+    return config_lib.load_config("tiny_orqa", *(
+        f"data.corpus={store}", f"data.tokenizer={tokenizer}", f"model.init_from_hf={model}",
+        "data.cloze_questions=8", "data.eval_split=train", "train.eval_questions=8",
+        "retrieval.query_length=32", "retrieval.block_length=40", "mesh.shape=(1,8,1)",
+        "train.steps=4", "train.checkpoint_every=100", "train.fast_compile=True",
+        "eval.batch_size=8", *overrides))
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, wiki_store, minilm_1layer, minilm_path):
+    """`realm-jax refresh --once --from_hf` builds the frozen index, then the trainer
+    fine-tunes on eight cloze questions (evaluated on the same ones: a test of the
+    machinery, not of generalization)."""
+    from realm_jax import refresh
+    from realm_jax.train import orqa as train_orqa
+
+    config = _orqa_config(wiki_store, minilm_path, minilm_1layer)
+    workdir = tmp_path_factory.mktemp("orqa_run")
+    refresh.main(config, workdir, once=True, from_hf=minilm_1layer, progress=False)
+    return config, workdir, train_orqa.train(config, workdir)
+
+
+def test_fine_tuning_raises_exact_match(finetuned):
+    from realm_jax.train.metrics import read_metrics
+
+    config, workdir, result = finetuned
+    before, after = result["first_eval"], result["last_eval"]
+    print(f"exact match {before['eval_exact_match']:.3f} -> {after['eval_exact_match']:.3f}, "
+          f"recall@1 {before['eval_recall@1']:.3f} -> {after['eval_recall@1']:.3f}")
+    assert before["step"] == 0 and after["step"] == 4
+    assert after["eval_exact_match"] > before["eval_exact_match"]
+    assert after["eval_exact_match"] >= 0.5
+    assert before["eval_recall@3"] >= 0.75          # MiniLM finds the cloze's own block
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 5))
+    assert rows[-1]["reader_loss"] < rows[0]["reader_loss"]
+    for r in rows:
+        assert np.isfinite(r["loss"]) and r["loss"] == pytest.approx(
+            r["retrieval_loss"] + r["reader_loss"], rel=1e-5)
+        assert r["read_recall"] > 0 and r["reader_dropped"] < 8
+    # The query tower is trained too (retrieval and reader losses both reach it).
+    from realm_jax.train import orqa as train_orqa
+    _, initial = train_orqa.build_models(config)
+    trained = jax.device_get(result["final_state"].params)
+    for part in ("query_tower", "reader"):
+        moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), initial[part],
+                                             trained[part]))
+        assert max(moved) > 0, part
+    from realm_jax.train.checkpoints import TrainCheckpoints
+    assert TrainCheckpoints(workdir).is_finished()
+
+
+def test_predictions_read_the_retrieved_blocks_and_cli(finetuned, capsys):
+    """realm-jax eval and answer on the run: the predictions' recall@k counts the very blocks
+    the reader read, every answer is text of the block it came from."""
+    from realm_jax import cli, evaluate
+    from realm_jax.data.store import BlockStore
+
+    config, workdir, result = finetuned
+    assert cli.main(["eval", "--workdir", str(workdir), "--config.eval.num_questions=8"]) == 0
+    out = capsys.readouterr().out
+    assert "| questions | EM | R@1 | R@3 |" in out
+    predictions = evaluate.read_predictions(workdir / "eval" / "predictions.jsonl")
+    summary = evaluate.summarize(predictions, ks=(1, 3))
+    assert summary["exact_match"] == pytest.approx(result["last_eval"]["eval_exact_match"])
+    store = BlockStore.open(config.data.corpus)
+    hits = []
+    for p in predictions:
+        assert len(p.passages) == 3
+        texts = [store.text(q.id) for q in p.passages]
+        hits.append([evaluate.has_answer(t, p.gold_answers) for t in texts])
+        assert [q.has_answer for q in p.passages] == hits[-1]
+        if p.answer:
+            assert any(p.answer in t for t in texts)
+    assert summary["recall@3"] == evaluate.recall_at_k(hits, (3,))[3]
+    question = predictions[0].question
+    assert cli.main(["answer", "--workdir", str(workdir), question]) == 0
+    out = capsys.readouterr().out
+    assert f"Q: {question}" in out and f"A: {predictions[0].answer}" in out

@@ -1,0 +1,632 @@
+"""ORQA / REALM open-QA fine-tuning: the model, the training loop and the predictor.
+
+Two trained parts, each a pure linen module with its own params: `query_tower` (Embedder)
+and `reader` (SpanReader: BERT encoder + span head). The document index is frozen: the
+embeddings of an IndexStore snapshot (from REALM pre-training, or built from pretrained
+weights with `realm-jax refresh --once --from_hf`), sharded along the corpus axis on the
+devices with the blocks' tokens.
+
+One training step:
+
+1. host: a batch of questions (a seeded, checkpointed pipeline over the QA examples),
+   tokenized `[CLS] question [SEP]`;
+2. devices (jitted, sharded): the live query tower embeds them and the exact search over the
+   frozen embeddings returns the retriever beam (`retrieval.beam_size` blocks, 5000 in ORQA);
+3. host: answer matching on the blocks' texts (`data.answers.AnswerMatcher`): which beam
+   blocks contain an answer, which spans of the first `retrieval.num_read` (5) match one;
+4. devices (the jitted, sharded train step): the beam's retrieval logits recomputed by the
+   live query tower against the frozen embeddings of the beam (so the query tower gets
+   gradients), the span reader over `[CLS] question [SEP] block [SEP]` of the first k
+   blocks, the ORQA loss (`objectives.orqa`), the update.
+
+Steps 2 and 4 see the same parameters, so the beam is exactly what a search inside the step
+would return; the search is its own jitted call because the answer matching (3) needs the
+blocks' texts on the host, between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from realm_jax import config as config_lib
+from realm_jax import hf, sharding
+from realm_jax.data.answers import AnswerMatcher
+from realm_jax.data.blocks import load_tokenizer
+from realm_jax.data.qa import QAExample, load_qa, questions_from_store
+from realm_jax.data.realm_examples import SpecialIds, special_ids
+from realm_jax.data.store import BlockStore
+from realm_jax.index.device import device_topk
+from realm_jax.index.store import IndexStore
+from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig
+from realm_jax.objectives.orqa import (best_span, evidence_mask, joint_span_logits, orqa_loss,
+                                       span_labels, span_valid_mask)
+from realm_jax.objectives.realm import reader_inputs
+from realm_jax.train import loop, realm
+from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.train.metrics import MetricsWriter, progress_line
+from realm_jax.train.optim import make_optimizer
+from realm_jax.train.state import state_shardings
+from realm_jax.train.trainer import _global_batch, step_flops
+
+_log = logging.getLogger(__name__)
+
+PARTS = ("query_tower", "reader")
+# `train.fast_compile`: cheap XLA compilation, for CPU tests where compiling the step takes
+# longer than running it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+STEP_FIELDS = ("input_ids", "attention_mask", "beam_ids", "retrieval_correct", "span_correct")
+EVAL_PREFIX = "eval_"
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+def _span_reader(encoder: EncoderConfig, m: ml_collections.ConfigDict) -> SpanReaderConfig:
+    return SpanReaderConfig(encoder.replace(add_pooler=False),
+                            span_hidden_size=m.span_hidden_size, max_span_width=m.max_span_width)
+
+
+def _reader_encoder(cfg, params, where: str) -> tuple[EncoderConfig, dict]:
+    """The BERT encoder of any model that has one (a REALM reader or knowledge-augmented
+    encoder, a tower, a BERT folder)."""
+    if isinstance(cfg, EncoderConfig):
+        return cfg, params
+    if hasattr(cfg, "encoder") and "encoder" in params:
+        return cfg.encoder, params["encoder"]
+    raise ValueError(f"{where}: a {type(cfg).__name__} has no BERT encoder for the reader")
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(configs, host params) of the two parts, from `config.model`, in this order (a later
+    source replaces what an earlier one gave):
+
+    - `init_from_realm`: a REALM pre-training workdir: its query tower, and its reader's
+      encoder under a new span head (checkpoint `realm_step`; -1: the newest);
+    - `init_from_hf`: one BERT-layout folder for both (the reader's span head new);
+    - otherwise random weights of the sizes in `model.encoder`;
+    - `query_tower_hf`: a retriever tower folder (REALM embedder, DPR question encoder, BERT);
+    - `reader_hf`: a REALM reader folder (span head included) or any folder with a BERT
+      encoder (span head new).
+    The span head's sizes: `model.span_hidden_size`, `model.max_span_width`."""
+    m = config.model
+    knobs = realm._knobs(m.encoder)
+    if m.init_from_realm:
+        ckpts = TrainCheckpoints(m.init_from_realm)
+        step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
+        if step is None:
+            raise FileNotFoundError(f"model.init_from_realm={m.init_from_realm}: no checkpoint "
+                                    f"in {ckpts.directory}")
+        saved = ckpts.model_configs()
+        query = saved["query_tower"], ckpts.restore_part(step, "query_tower")
+        encoder = _reader_encoder(saved["reader"], ckpts.restore_part(step, "reader"),
+                                  f"model.init_from_realm={m.init_from_realm}")
+    elif m.init_from_hf:
+        query = hf.load_embedder(m.init_from_hf, **knobs)
+        encoder = query[0].encoder, query[1]["encoder"]
+    else:
+        enc = config_lib.encoder_config(m.encoder)
+        proj = m.retriever_proj_size or None
+        tower = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
+                               projection_layer_norm=bool(proj))
+        query = tower, realm._random_params(tower, config.seed)
+        encoder = enc, None
+    if m.query_tower_hf:
+        query = hf.load_embedder(m.query_tower_hf, **knobs)
+    reader = None
+    if m.reader_hf:
+        cfg, params = hf.load(m.reader_hf, **knobs)
+        if isinstance(cfg, SpanReaderConfig):
+            reader = dataclasses.replace(cfg, max_span_width=m.max_span_width), params
+        else:
+            encoder = _reader_encoder(cfg, params, f"model.reader_hf={m.reader_hf}")
+    if reader is None:
+        cfg = _span_reader(encoder[0], m)
+        params = realm._random_params(cfg, config.seed + 1)
+        if encoder[1] is not None:
+            params["encoder"] = {k: v for k, v in encoder[1].items() if k != "pooler"}
+        reader = cfg, params
+    return ({"query_tower": query[0], "reader": reader[0]},
+            {"query_tower": query[1], "reader": reader[1]})
+
+
+@dataclasses.dataclass(frozen=True)
+class OrqaModel:
+    """The ORQA computation on device arrays (pure methods, for jit). `corpus`: the
+    DeviceCorpus arrays (frozen embeddings, block tokens and lengths, corpus-sharded).
+    Batches hold `input_ids`, `attention_mask` [B, Q] (`[CLS] question [SEP]`); training
+    batches also `beam_ids` [B, R] (-1: empty), `retrieval_correct` [B, R] and
+    `span_correct` [B, k, S]."""
+
+    configs: dict
+    special: SpecialIds
+    beam_size: int
+    num_read: int
+    score_scale: float
+    num_valid: int
+    block_size: int = 4096
+    reader_length: int | None = None   # T of `[CLS] question [SEP] block [SEP]` (None: Q + C)
+
+    def _apply(self, part: str, params, *args, rng=None):
+        kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
+        return self.configs[part].module().apply({"params": params[part]}, *args, **kwargs)
+
+    def embed(self, params, batch: dict, rng=None) -> jax.Array:
+        """[B, P] the live query tower's question embeddings."""
+        return self._apply("query_tower", params, batch["input_ids"], batch["attention_mask"],
+                           rng=rng)
+
+    def top_rows(self, questions: jax.Array, corpus: dict, depth: int) -> jax.Array:
+        """Rows [B, depth] of the best-scoring blocks for question embeddings, best first
+        (the exact search of the corpus-sharded frozen embeddings; no gradient)."""
+        _, rows = device_topk(jax.lax.stop_gradient(questions), corpus["embeddings"],
+                              min(depth, self.num_valid), block_size=self.block_size,
+                              num_valid=self.num_valid)
+        return rows
+
+    def search(self, params, batch: dict, corpus: dict) -> jax.Array:
+        """The retriever beam: rows [B, beam_size]."""
+        return self.top_rows(self.embed(params, batch), corpus, self.beam_size)
+
+    def retrieval_logits(self, questions: jax.Array, corpus: dict, rows: jax.Array) -> jax.Array:
+        """[B, R] question embeddings . the frozen embeddings of `rows` (scaled)."""
+        docs = jnp.take(corpus["embeddings"], jnp.maximum(rows, 0), axis=0).astype(jnp.float32)
+        return jnp.einsum("bp,brp->br", questions, docs) * self.score_scale
+
+    def read(self, params, batch: dict, corpus: dict, rows: jax.Array, rng=None):
+        """The reader over `[CLS] question [SEP] block [SEP]` of `rows` [B, k]: span logits
+        [B, k, S], the spans' starts and ends [S] (reader positions) and their validity
+        [B, k, S] (inside the block's tokens; empty slots have none)."""
+        safe = jnp.maximum(rows, 0)
+        tokens = jnp.take(corpus["tokens"], safe, axis=0)
+        lengths = jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
+        r = reader_inputs(batch["input_ids"], batch["attention_mask"], tokens, lengths,
+                          sep_id=self.special.sep, pad_id=self.special.pad,
+                          length=self.reader_length)
+        b, k, t = r.input_ids.shape
+        evidence = evidence_mask(r.token_type_ids)
+        logits, starts, ends = self._apply(
+            "reader", params, r.input_ids.reshape(b * k, t), r.attention_mask.reshape(b * k, t),
+            r.token_type_ids.reshape(b * k, t), evidence.reshape(b * k, t), rng=rng)
+        return logits.reshape(b, k, -1), starts, ends, span_valid_mask(evidence, starts, ends)
+
+    def loss(self, params, batch: dict, corpus: dict, rng: jax.Array | None):
+        """(loss, metrics); dropout on when `rng` is given."""
+        rng_q, rng_r = jax.random.split(rng) if rng is not None else (None, None)
+        rows = batch["beam_ids"]
+        logits = self.retrieval_logits(self.embed(params, batch, rng_q), corpus, rows)
+        span_logits, _, _, span_valid = self.read(params, batch, corpus,
+                                                  rows[:, :self.num_read], rng_r)
+        out = orqa_loss(logits, batch["retrieval_correct"], span_logits, batch["span_correct"],
+                        beam_valid=rows >= 0, span_valid=span_valid)
+        metrics = {"loss": out.loss, "retrieval_loss": out.retrieval_loss,
+                   "reader_loss": out.reader_loss, "retrieval_dropped": out.retrieval_dropped,
+                   "reader_dropped": out.reader_dropped,
+                   "read_recall": batch["retrieval_correct"][:, :self.num_read].any(-1).mean()}
+        return out.loss, metrics
+
+    def predict(self, params, batch: dict, corpus: dict) -> dict:
+        """The top k blocks (`rows` [B, k], retrieval `scores` [B, k]) and the best span over
+        all of them by the joint logits (`candidate`, reader positions `start`, `end`,
+        `score`, each [B])."""
+        questions = self.embed(params, batch)
+        rows = self.top_rows(questions, corpus, self.num_read)
+        scores = self.retrieval_logits(questions, corpus, rows)
+        span_logits, starts, ends, valid = self.read(params, batch, corpus, rows)
+        best = best_span(joint_span_logits(span_logits, scores), starts, ends,
+                         valid & (rows >= 0)[..., None])
+        return {"rows": rows, "scores": scores, **best._asdict()}
+
+
+# ---------------------------------------------------------------------------------------
+# Host side: questions, answer targets
+
+def encode_questions(tokenizer, special: SpecialIds, questions: Sequence[str], length: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] question [SEP]` ids and attention masks [N, length] (questions cut to fit)."""
+    ids = np.full((len(questions), length), special.pad, np.int32)
+    mask = np.zeros((len(questions), length), np.int32)
+    for i, enc in enumerate(tokenizer.encode_batch(list(questions))):
+        body = enc.ids[:length - 2]
+        ids[i, :len(body) + 2] = [special.cls, *body, special.sep]
+        mask[i, :len(body) + 2] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass
+class Targets:
+    """The answer targets of a batch, on the host: `retrieval_correct` [B, R] (the block
+    contains an answer) and `span_correct` [B, k, S] (the span of a read block matches one,
+    placed as the model's reader lays the block out)."""
+
+    matcher: AnswerMatcher
+    model: OrqaModel
+    block_length: int
+
+    def __call__(self, examples: Sequence[QAExample], batch: dict, rows: np.ndarray) -> dict:
+        b, k = len(examples), self.model.num_read
+        width = self.model.configs["reader"].max_span_width
+        store = self.matcher.store
+        read = rows[:, :k]
+        lengths = np.where(read >= 0, np.minimum(store.lengths[np.maximum(read, 0)],
+                                                 self.block_length), 0).astype(np.int32)
+        layout = reader_inputs(batch["input_ids"], batch["attention_mask"],
+                               np.zeros((b, k, self.block_length), np.int32), lengths,
+                               sep_id=self.model.special.sep, pad_id=self.model.special.pad,
+                               length=self.model.reader_length)
+        evidence = evidence_mask(layout.token_type_ids)            # [B, k, T]
+        t = evidence.shape[-1]
+        retrieval = np.zeros(rows.shape, bool)
+        spans = []
+        for i, ex in enumerate(examples):
+            retrieval[i] = self.matcher.contains(rows[i], ex.answers, regex=ex.is_regex)
+            for j in range(k):
+                where = np.flatnonzero(evidence[i, j])
+                found = self.matcher.spans(int(read[i, j]), ex.answers, width,
+                                           regex=ex.is_regex)
+                spans.append(span_labels(found, int(where[0]) if len(where) else 0,
+                                         len(where), t, width))
+        return {"retrieval_correct": retrieval,
+                "span_correct": np.stack(spans).reshape(b, k, -1)}
+
+
+def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str,
+                tokenizer=None) -> list[QAExample]:
+    """The QA examples of `which` ("train" or "eval"): `data.<which>` is a QA file or a TFDS
+    dataset (`load_qa`, split `data.<which>_split`, `data.data_dir`), or "cloze" for
+    `data.cloze_questions` cloze questions made from the store (seeded by the config seed
+    and the split's name: the same split gives the same questions)."""
+    d = config.data
+    spec, split = d[which], d[f"{which}_split"]
+    if spec == "cloze":
+        seed = config.seed + zlib.crc32(split.encode())
+        return questions_from_store(store, tokenizer or d.tokenizer, num=d.cloze_questions,
+                                    seed=seed)
+    if not spec:
+        raise ValueError(f"set --config.data.{which} (a QA file, tfds:natural_questions_open, "
+                         "... or 'cloze')")
+    examples = load_qa(spec, split=split, data_dir=d.data_dir or None)
+    if not examples:
+        raise ValueError(f"data.{which}={spec} (split {split!r}) holds no questions")
+    return examples
+
+
+def question_batches(num_examples: int, batch_size: int, seed: int, *, process_index: int = 0,
+                     process_count: int = 1) -> grain.IterDataset:
+    """Batches of example indices [batch_size / hosts] (this host's share): a seeded
+    shuffle, repeated forever; its position (`get_state`) goes with each checkpoint."""
+    if batch_size % process_count:
+        raise ValueError(f"train.batch_size={batch_size} does not divide over "
+                         f"{process_count} hosts")
+    local = batch_size // process_count
+    ds = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
+    ds = ds.batch(batch_size, batch_fn=lambda xs: np.asarray(xs, np.int64))
+    return ds.map(lambda b: b[process_index * local:(process_index + 1) * local])
+
+
+def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore):
+    """The newest valid snapshot under `retrieval.index` (default WORKDIR/index) of the
+    corpus `data.corpus`."""
+    root = Path(config.retrieval.index or Path(workdir) / "index")
+    snapshot = IndexStore(root).latest_valid(store.fingerprint, checksums=False, log=_log)
+    if snapshot is None:
+        raise FileNotFoundError(
+            f"retrieval.index: no index snapshot of corpus {store.path} in {root}: point "
+            "--config.retrieval.index at a REALM pre-training run's WORKDIR/index, or build "
+            f"one from pretrained weights: realm-jax refresh --config ... --workdir "
+            f"{root.parent} --once --from_hf DOC_TOWER_DIR")
+    return snapshot
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    rc, d = config.retrieval, config.data
+    if not d.corpus or not d.tokenizer:
+        raise ValueError("set --config.data.corpus (a block store from `realm-jax "
+                         "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer folder)")
+    if rc.get("mode", "device") != "device":
+        raise ValueError(f"retrieval.mode={rc.mode!r}: ORQA fine-tuning searches on the "
+                         "devices only ('device')")
+    if not 1 <= rc.num_read <= rc.beam_size:
+        raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
+                         f"retrieval.beam_size ({rc.beam_size})")
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+    return FAST_COMPILE if config.train.get("fast_compile", False) else None
+
+
+# ---------------------------------------------------------------------------------------
+# What the trainer and `realm-jax eval` / `answer` share
+
+@dataclasses.dataclass
+class Setup:
+    """The mesh, the corpus and its tokenizer, the frozen index on the devices, the model."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    rules: Any
+    store: BlockStore
+    tokenizer: Any
+    snapshot: Any
+    corpus: realm.DeviceCorpus
+    model: OrqaModel
+    matcher: AnswerMatcher
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, workdir: str | Path, configs: dict
+               ) -> "Setup":
+        check_config(config)
+        rc = config.retrieval
+        mesh = sharding.mesh_from_config(config)
+        rules = sharding.rules_from_config(config)
+        store = BlockStore.open(config.data.corpus)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        snapshot = frozen_index(config, workdir, store)
+        with sharding.activate(mesh, rules):
+            corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
+                                         rc.search_block_size)
+        model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
+                          rc.score_scale, corpus.num_valid, corpus.block_size,
+                          rc.get("reader_length", 0) or None)
+        return cls(config, mesh, rules, store, tokenizer, snapshot, corpus, model,
+                   AnswerMatcher(store, tokenizer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A question's predicted answer (the best span's text, "" when no block has a valid
+    span), its joint score, and the blocks read (ids, titles, retrieval scores), best
+    first; `candidate` indexes them (the block the answer is from), `span` is its first and
+    last wordpiece in that block."""
+
+    question: str
+    answer: str
+    score: float
+    block_ids: tuple[int, ...]
+    titles: tuple[str, ...]
+    scores: tuple[float, ...]
+    candidate: int
+    span: tuple[int, int]
+
+
+class Predictor:
+    """Answers questions: search, reading and the best span jitted on the mesh (batches of
+    `eval.batch_size` questions, the last one padded), the span's text taken from the
+    block's own characters on the host. `params`: the default parameters."""
+
+    def __init__(self, setup: Setup, param_shardings, params=None):
+        self.setup, self.params = setup, params
+        shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+        self.batch_size = -(-setup.config.eval.batch_size // shards) * shards
+        self.batch_sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp")))
+        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
+        self._predict = jax.jit(setup.model.predict, in_shardings=(
+            param_shardings, self.batch_sharding, corpus_shardings),
+            out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
+            compiler_options=compiler_options(setup.config))
+
+    def _global(self, array: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(array.shape, self.batch_sharding,
+                                            lambda index: array[index])
+
+    def __call__(self, questions: Sequence[str], params=None) -> list[Answer]:
+        s = self.setup
+        params = self.params if params is None else params
+        out: list[Answer] = []
+        for first in range(0, len(questions), self.batch_size):
+            chunk = list(questions[first:first + self.batch_size])
+            ids, mask = encode_questions(s.tokenizer, s.model.special,
+                                         chunk + [""] * (self.batch_size - len(chunk)),
+                                         s.config.retrieval.query_length)
+            batch = {"input_ids": self._global(ids), "attention_mask": self._global(mask)}
+            with sharding.activate(s.mesh, s.rules):
+                pred = self._predict(params, batch, s.corpus.arrays())
+            pred = {k: np.asarray(v.addressable_data(0)) for k, v in pred.items()}
+            for i, question in enumerate(chunk):
+                rows, c = pred["rows"][i], int(pred["candidate"][i])
+                found = bool(np.isfinite(pred["score"][i]) and rows[c] >= 0)
+                # reader positions -> the block's wordpieces (it follows [CLS] question [SEP])
+                span = (int(pred["start"][i] - mask[i].sum()), int(pred["end"][i] - mask[i].sum()))
+                read = [(int(r), float(score)) for r, score in zip(rows, pred["scores"][i])
+                        if r >= 0]
+                out.append(Answer(
+                    question, s.matcher.span_text(int(rows[c]), *span) if found else "",
+                    float(pred["score"][i]), tuple(r for r, _ in read),
+                    tuple(s.store.title(r) for r, _ in read), tuple(x for _, x in read), c,
+                    span if found else (-1, -1)))
+        return out
+
+    def evaluate(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = ()):
+        """(evaluate.Prediction per example, evaluate.summarize of them): exact match of
+        the answers, recall@k (`ks`, default 1 and k) over the very blocks the reader read."""
+        from realm_jax import evaluate
+
+        answers = self([ex.question for ex in examples], params)
+        predictions = [evaluate.Prediction.from_retrieval(
+            ex, a.answer, ids=a.block_ids, titles=a.titles, scores=a.scores,
+            texts=[self.setup.store.text(b) for b in a.block_ids])
+            for ex, a in zip(examples, answers)]
+        ks = tuple(ks) or (1, self.setup.model.num_read)
+        return predictions, evaluate.summarize(predictions, ks=ks)
+
+
+def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
+                   step: int | None = None) -> Predictor:
+    """A Predictor with the parameters of an ORQA run's checkpoint (`step`, default the
+    newest) in `workdir`."""
+    ckpts = TrainCheckpoints(workdir)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
+                                "(realm-jax train --config ... --workdir ...)")
+    configs = ckpts.model_configs()
+    if set(configs) != set(PARTS):
+        raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
+                         f"({', '.join(PARTS)})")
+    setup = Setup.create(config, workdir, configs)
+    shardings = realm.param_shardings(configs, setup.mesh, setup.rules)
+    params = {part: ckpts.restore_part(step, part, shardings[part]) for part in PARTS}
+    return Predictor(setup, shardings, params)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Fine-tune until `config.train.steps`. Returns a dict: "first" and "last" (the first
+    and last logged train metrics), "first_eval" and "last_eval" (exact match and recall of
+    the first `train.eval_questions` questions of `data.eval` at the start and the end of
+    this run, and every `train.eval_every` steps; None without them), "final_state",
+    "configs", "snapshot".
+
+    `stop_after`: stop once this step is reached (with a checkpoint, not marked finished);
+    a later call resumes."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc, rc = config.train, config.retrieval
+    configs, host_params = build_models(config)
+    setup = Setup.create(config, workdir, configs)
+    mesh, model = setup.mesh, setup.model
+    loop.write_config(workdir, config)
+    checkpoints = TrainCheckpoints(workdir, max_to_keep=tc.keep_checkpoints,
+                                   async_save=tc.async_checkpoints)
+    checkpoints.write_model_configs(configs)
+    optimizer = make_optimizer(tc)
+    p_shardings = realm.param_shardings(configs, mesh, setup.rules)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_params)
+    shardings = state_shardings(optimizer, abstract, p_shardings, mesh)
+
+    examples = qa_examples(config, setup.store, "train", setup.tokenizer)
+    batches = iter(question_batches(len(examples), tc.batch_size, config.seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count()))
+    state, start = loop.restore_or_init(checkpoints, optimizer, shardings, abstract,
+                                        host_params, batches, tc.steps)
+    del host_params
+    _log.info("%s %s at step %d: %d training questions, index %s (checkpoint step %d)",
+              "resumed" if start else "started", workdir, start, len(examples),
+              setup.snapshot.version, setup.snapshot.step)
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
+    options = compiler_options(config)
+    search_fn = jax.jit(model.search, in_shardings=(
+        p_shardings, batch_sharding, corpus_shardings), out_shardings=replicated,
+        compiler_options=options)
+    step_fn = jax.jit(loop.train_step(lambda p, inputs, r: model.loss(p, *inputs, r), optimizer),
+                      in_shardings=(shardings, (batch_sharding, corpus_shardings), replicated),
+                      out_shardings=(shardings, replicated), donate_argnums=0,
+                      compiler_options=options)
+    targets = Targets(setup.matcher, model, rc.block_length)
+    rng = jax.random.key(config.seed)
+    corpus = setup.corpus.arrays()
+
+    eval_examples = []
+    if tc.eval_questions > 0:
+        eval_examples = qa_examples(config, setup.store, "eval",
+                                    setup.tokenizer)[:tc.eval_questions]
+    predictor = Predictor(setup, p_shardings) if eval_examples else None
+    writer = MetricsWriter(workdir)
+
+    def evaluate(at_step: int) -> dict:
+        _, summary = predictor.evaluate(eval_examples, state.params, config.eval.recall_at)
+        values = {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
+        writer.write(at_step, values)
+        if jax.process_index() == 0:
+            print(progress_line(at_step, tc.steps, values), flush=True)
+        return dict(values, step=at_step)
+
+    def make_batch(indices):
+        chosen = [examples[i] for i in indices]
+        ids, mask = encode_questions(setup.tokenizer, model.special,
+                                     [ex.question for ex in chosen], rc.query_length)
+        local = {"input_ids": ids, "attention_mask": mask}
+        with sharding.activate(mesh, setup.rules):
+            rows = search_fn(state.params, _global_batch(local, batch_sharding), corpus)
+        rows = np.asarray(rows.addressable_data(0))
+        n = len(indices)
+        rows = rows[jax.process_index() * n:(jax.process_index() + 1) * n]
+        local.update(beam_ids=rows, **targets(chosen, local, rows))
+        return _global_batch({k: local[k] for k in STEP_FIELDS}, batch_sharding)
+
+    end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
+    first = last = first_eval = last_eval = None
+    flops = None
+    step = start
+    try:
+        if predictor is not None:
+            first_eval = last_eval = evaluate(step)
+        while step < end:
+            t0 = time.perf_counter()
+            batch = make_batch(next(batches))
+            data_state = batches.get_state()
+            host_seconds = time.perf_counter() - t0
+            with sharding.activate(mesh, setup.rules):
+                if flops is None:
+                    flops = step_flops(step_fn.lower(state, (batch, corpus), rng).compile())
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, (batch, corpus), rng)
+                step += 1
+                if step % tc.log_every == 0 or step == end or step == start + 1:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    seconds = time.perf_counter() - t0
+                    values.update(step_time=seconds, host_time=host_seconds,
+                                  mfu=flops / seconds / (tc.peak_flops_per_device
+                                                         * jax.device_count()))
+                    if jax.process_index() == 0:
+                        print(progress_line(step, tc.steps, {k: values[k] for k in (
+                            "loss", "retrieval_loss", "reader_loss", "read_recall",
+                            "step_time")}), flush=True)
+                    first = first or dict(values, step=step)
+                    last = dict(values, step=step)
+                    writer.write(step, values)
+            if predictor is not None and (step == end or (tc.eval_every > 0
+                                                          and step % tc.eval_every == 0)):
+                last_eval = evaluate(step)
+            if step % tc.checkpoint_every == 0 or step == end:
+                loop.save(checkpoints, step, state, data_state, index=setup.snapshot.version)
+        if step >= tc.steps:
+            checkpoints.mark_finished()
+        else:
+            _log.info("stopped at step %d of %d (stop_after); resume with the same workdir",
+                      step, tc.steps)
+    finally:
+        writer.close()
+        checkpoints.wait_until_finished()
+    return {"first": first, "last": last, "first_eval": first_eval, "last_eval": last_eval,
+            "final_state": state, "configs": configs, "snapshot": setup.snapshot}
+
+
+
+# ---------------------------------------------------------------------------------------
+# `realm-jax eval` / `realm-jax answer`
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
+             out: str | Path | None = None) -> tuple[dict, Path]:
+    """Answers the first `eval.num_questions` (0: all) questions of `data.eval` with the
+    run's checkpoint `step` (default the newest); writes the predictions (JSONL, default
+    WORKDIR/eval/predictions.jsonl) and returns (evaluate.summarize figures, its path)."""
+    from realm_jax import evaluate
+
+    predictor = load_predictor(config, workdir, step)
+    examples = qa_examples(config, predictor.setup.store, "eval", predictor.setup.tokenizer)
+    if config.eval.num_questions > 0:
+        examples = examples[:config.eval.num_questions]
+    predictions, summary = predictor.evaluate(examples, ks=config.eval.recall_at)
+    path = Path(out) if out else Path(workdir) / "eval" / "predictions.jsonl"
+    if jax.process_index() == 0:
+        evaluate.write_predictions(path, predictions)
+    return summary, path
