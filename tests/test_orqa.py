@@ -445,3 +445,37 @@ def test_predictions_read_the_retrieved_blocks_and_cli(finetuned, capsys):
     assert cli.main(["answer", "--workdir", str(workdir), question]) == 0
     out = capsys.readouterr().out
     assert f"Q: {question}" in out and f"A: {predictions[0].answer}" in out
+
+
+def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model):
+    """model.init_from_realm: the query tower and the reader's encoder of a REALM
+    pre-training checkpoint (the span head new); model.reader_hf: a RealmReader folder
+    whole (its span head too)."""
+    from realm_jax import hf
+    from realm_jax.models import MaskedLMConfig
+    from realm_jax.train import orqa as train_orqa
+    from realm_jax.train.checkpoints import TrainCheckpoints
+
+    model, params = tiny_model
+    tower, reader = model.configs["query_tower"], model.configs["reader"]
+    mlm = MaskedLMConfig(reader.encoder)
+    realm_params = {"query_tower": params["query_tower"], "doc_tower": params["query_tower"],
+                    "reader": _numpy_params(mlm, 7)}
+    with TrainCheckpoints(tmp_path / "realm") as ckpts:
+        ckpts.write_model_configs({"query_tower": tower, "doc_tower": tower, "reader": mlm})
+        ckpts.save(3, realm_params)
+    config = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1",
+                                    f"model.init_from_realm={tmp_path / 'realm'}")
+    configs, got = train_orqa.build_models(config)
+    assert configs["query_tower"] == tower and configs["reader"].encoder == reader.encoder
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+    same(got["query_tower"], params["query_tower"])
+    same(got["reader"]["encoder"], realm_params["reader"]["encoder"])
+    assert set(got["reader"]) == set(params["reader"])       # a span head of the right shape
+
+    folder = hf.save(tmp_path / "realm_reader", reader, params["reader"])
+    config = config_lib.load_config("tiny_orqa", f"model.reader_hf={folder}",
+                                    "model.max_span_width=4")
+    configs, got = train_orqa.build_models(config)
+    assert configs["reader"].max_span_width == 4
+    same(got["reader"], params["reader"])
