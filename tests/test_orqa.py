@@ -479,3 +479,25 @@ def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model)
     configs, got = train_orqa.build_models(config)
     assert configs["reader"].max_span_width == 4
     same(got["reader"], params["reader"])
+
+
+def test_answer_matcher_contains_is_has_answer(tmp_path, tokenizer):
+    """The beam's retrieval targets: has_answer exactly, through the substring prefilter
+    (case folding, NFKC, punctuation and articles), empty slots False."""
+    from realm_jax.data import Document, prepare_corpus
+    from realm_jax.data.answers import AnswerMatcher
+    from realm_jax.data.store import BlockStore
+    from realm_jax.evaluate import has_answer
+
+    texts = ["The Beatles were an English rock band formed in Liverpool in 1960.",
+             "ΟΔΟΣ is Greek; Straße; Café; ½ cup; U.S. politics; the Beatles' album.",
+             "Nothing to see here."]
+    path = prepare_corpus([Document(str(i), f"t{i}", t) for i, t in enumerate(texts)],
+                          tmp_path / "store", tokenizer=tokenizer, mode="dpr",
+                          passage_words=100, progress=False).path
+    matcher = AnswerMatcher(BlockStore.open(path), tokenizer)
+    for answers in (["liverpool"], ["οδος"], ["strasse"], ["Café"], ["cafe"], ["1/2"],
+                    ["US"], ["u.s."], ["the Beatles"], ["the"], ["zzz", "rock band"]):
+        want = [has_answer(t, answers) for t in texts]
+        assert matcher.contains([0, 1, 2, -1], answers).tolist() == want + [False], answers
+    assert matcher.contains([0, 1], [r"\d{4}"], regex=True).tolist() == [True, False]
