@@ -501,3 +501,19 @@ def test_answer_matcher_contains_is_has_answer(tmp_path, tokenizer):
         want = [has_answer(t, answers) for t in texts]
         assert matcher.contains([0, 1, 2, -1], answers).tolist() == want + [False], answers
     assert matcher.contains([0, 1], [r"\d{4}"], regex=True).tolist() == [True, False]
+
+
+def test_cli_refuses_clearly(tmp_path, capsys):
+    from realm_jax import cli
+
+    assert cli.main(["eval", "--workdir", str(tmp_path), "--config", "configs/tiny_orqa.py"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert cli.main(["answer", "--workdir", str(tmp_path), "--config", "configs/tiny_realm.py",
+                     "who?"]) == 2
+    assert "config.task='realm'" in capsys.readouterr().err
+    assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2     # no --config, no config.json
+    assert "config.json: missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="retrieval.num_read"):
+        from realm_jax.train.orqa import check_config
+        check_config(config_lib.load_config("tiny_orqa", "data.corpus=c", "data.tokenizer=t",
+                                            "retrieval.num_read=9"))
