@@ -130,8 +130,16 @@ def _train(args: argparse.Namespace) -> None:
     from realm_jax import distributed
 
     config = _config(args)
-    task = _task(config, "train", ("realm", "orqa"))
+    task = _task(config, "train", ("realm", "orqa", "rag"))
     distributed.from_args(args)
+    if task == "rag":
+        from realm_jax.train import rag
+        result = rag.train(config, args.workdir, stop_after=args.stop_after)
+        first, last = result["first"], result["last"]
+        if first and last:
+            print(f"loss {first['loss']:.4f} -> {last['loss']:.4f} "
+                  f"(steps {first['step']} -> {last['step']})")
+        return
     if task == "orqa":
         from realm_jax.train import orqa
         result = orqa.train(config, args.workdir, stop_after=args.stop_after)
@@ -153,19 +161,30 @@ def _eval(args: argparse.Namespace) -> None:
     from realm_jax import evaluate
 
     config = _config(args)
-    _task(config, "eval", ("orqa",))
-    from realm_jax.train import orqa
-    summary, path = orqa.run_eval(config, args.workdir, step=args.step, out=args.out)
+    if _task(config, "eval", ("orqa", "rag")) == "rag":
+        from realm_jax.train import rag
+        summary = rag.evaluate(config, args.workdir, step=args.step, out=args.out)
+        path = summary["predictions"]
+    else:
+        from realm_jax.train import orqa
+        summary, path = orqa.run_eval(config, args.workdir, step=args.step, out=args.out)
     print(evaluate.format_summary(summary))
     print(f"predictions: {path}")
 
 
 def _answer(args: argparse.Namespace) -> None:
     config = _config(args)
-    _task(config, "answer", ("orqa",))
+    task = _task(config, "answer", ("orqa", "rag"))
     questions = args.question or [line.strip() for line in sys.stdin if line.strip()]
     if not questions:
         raise ValueError("answer: no question (give them as arguments or one per line on stdin)")
+    if task == "rag":
+        from realm_jax.train import rag
+        for a in rag.predict(config, args.workdir, questions, step=args.step):
+            print(f"Q: {a['question']}\nA: {a['answer'] or '(no answer)'}  (score {a['score']:.3f})")
+            for rank, p in enumerate(a["passages"]):
+                print(f"   {rank + 1}. [{p['id']}] {p['title']} ({p['score']:.3f})")
+        return
     from realm_jax.train import orqa
     for a in orqa.load_predictor(config, args.workdir, args.step)(questions):
         print(f"Q: {a.question}\nA: {a.answer or '(no answer)'}  (score {a.score:.3f})")
@@ -294,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed_flags(p)
     p.set_defaults(run=_refresh, overrides=[])
 
-    p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training or ORQA "
-                       "fine-tuning); index snapshots from WORKDIR/index")
+    p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training, ORQA or "
+                       "RAG fine-tuning); index snapshots from WORKDIR/index")
     p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
                    "--config.FIELD=VALUE")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
@@ -310,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "WORKDIR/config.json); override fields with --config.FIELD=VALUE")
         p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
 
-    p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA): "
+    p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA, RAG): "
                        "exact match and recall@k on data.eval; predictions as JSONL")
     run_flags(p)
     p.add_argument("--out", default=None,
@@ -318,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval, overrides=[])
 
     p = sub.add_parser("answer", help="answer questions (arguments, else one per line on "
-                       "stdin) with a fine-tuning run (ORQA)")
+                       "stdin) with a fine-tuning run (ORQA, RAG)")
     run_flags(p)
     p.add_argument("question", nargs="*", help="questions")
     p.set_defaults(run=_answer, overrides=[])
