@@ -236,3 +236,28 @@ def test_bad_settings_are_named(data, tmp_path):
                               ("retrieval.backend=faiss", "retrieval.backend='faiss'")):
         with pytest.raises(ValueError, match=message):
             rag.train(_config(data, "", f"--config.{override}"), tmp_path / "w")
+
+
+def test_both_parts_from_a_rag_folder(data, tmp_path):
+    """A Hugging Face RAG folder (question encoder + BART, tokenizers in its subfolders)
+    gives both parts, its own generation ids, and the run's n_docs and loss."""
+    from realm_jax.models import BartConfig, EmbedderConfig, EncoderConfig, RagConfig
+
+    tok = hf.load_tokenizer(data["encoder"])
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+               eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.sep_token_id)
+    saved = RagConfig(
+        EmbedderConfig(EncoderConfig(len(tok), 16, 1, 2, 32, add_pooler=False)),
+        BartConfig(len(tok), 16, 1, 1, 2, 2, 32, 32, **ids), forced_eos_token_id=ids["eos_token_id"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32),
+                          hf.abstract_params(saved))
+    folder = hf.save(tmp_path / "rag", saved, params, architecture="RagSequenceForGeneration")
+    for sub in ("question_encoder_tokenizer", "generator_tokenizer"):
+        tok.save_pretrained(folder / sub)
+    config = _config(data, "sequence", f"--config.model.question_encoder_hf={folder}",
+                     f"--config.model.generator_hf={folder}", "--config.data.generator_tokenizer=")
+    cfg, loaded = rag.build_model(config, rag.load_tokenizers(config))
+    assert cfg == saved.replace(n_docs=2, max_combined_length=64,
+                                hf_architecture="RagSequenceForGeneration")
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
