@@ -491,11 +491,15 @@ class Answered:
 class Reader:
     """A RAG workdir's model, ready to answer: a checkpoint's params on the mesh, the frozen
     index, and the decoder of `rag.loss` (RAG-Token beam search; RAG-Sequence thorough or
-    fast decoding as `eval.decoding`), reading `eval.n_docs` documents per question."""
+    fast decoding as `eval.decoding`), reading `eval.n_docs` documents per question. One
+    process (its devices form the mesh): evaluation is not split over hosts."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, *,
                  step: int | None = None):
         check_config(config)
+        if jax.process_count() > 1:
+            raise ValueError("RAG evaluation and answering run in one process; this is "
+                             f"process {jax.process_index()} of {jax.process_count()}")
         workdir = Path(workdir)
         checkpoints = TrainCheckpoints(workdir)
         configs = checkpoints.model_configs()
