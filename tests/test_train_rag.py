@@ -22,25 +22,10 @@ from realm_jax.train import rag
 from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 
-CACHE_FLAGS = {"jax_compilation_cache_dir": None,
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": -1}
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache_rag")
-    old = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
-    for name, value in dict(CACHE_FLAGS, jax_compilation_cache_dir=path).items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield path
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -34,25 +34,9 @@ from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE_FLAGS = {"jax_compilation_cache_dir": None,
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": -1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's runs (restored afterwards)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    old = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
-    for name, value in dict(CACHE_FLAGS, jax_compilation_cache_dir=path).items():
-        jax.config.update(name, value)
-    cc.reset_cache()  # the cache is looked up once per process: look again
-    yield path
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
