@@ -206,7 +206,9 @@ def _aot(args: argparse.Namespace) -> None:
         raise ValueError(f"aot: config.task={config.get('task')!r}; `realm-jax aot` compiles "
                          "the REALM pre-training step")
     advice = ("spread it over more devices (--topology, --mesh with fsdp/tensor > 1), or "
-              "lower --config.train.batch_size, or turn on --config.model.encoder.remat")
+              "lower --config.train.batch_size"
+              + ("" if config.model.encoder.get("remat") else
+                 ", or turn on --config.model.encoder.remat"))
     try:
         result = aot.report(config, args.topology, mesh_shape=aot.parse_mesh(args.mesh),
                             corpus_rows=args.corpus_rows,
