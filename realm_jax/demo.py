@@ -7,6 +7,10 @@ shipped in gensim.
    side over one workdir; the trainer swaps in the refreshed indexes; at the end, the loss
    and retrieval utility from start to end and a few masked sentences with the blocks
    retrieved and the tokens predicted.
+3. Open-QA fine-tuning (ORQA) from that pre-training run: its query tower and reader under a
+   new span head, its last index frozen, trained briefly on cloze questions made from the
+   corpus; exact match and recall@k on the eval split's cloze questions (another draw
+   from the same corpus) before and after.
 
     realm-jax demo [--question "..."]... [--steps N]
 """
@@ -35,6 +39,7 @@ DEFAULT_QUESTIONS = (
 )
 DEFAULT_ARTICLES = 40   # the first 40 articles of the sample hold the answers
 PRETRAIN_ARTICLES = 20  # REALM pre-training: re-embedded at every refresh, so kept small
+QA_STEPS = 30
 
 
 def default_model() -> str:
@@ -59,13 +64,15 @@ def wiki_sample() -> str:
 def run(workdir: str | os.PathLike = "workdir/demo", model: str | None = None,
         questions=None, top_k: int = 3, max_articles: int | None = DEFAULT_ARTICLES,
         steps: int | None = None) -> dict:
-    """Both parts; `steps=0` skips the pre-training."""
+    """All three parts; `steps=0` skips pre-training and fine-tuning."""
     model = model or default_model()
     result = retrieve(Path(workdir) / "retrieval", model, questions, top_k, max_articles)
     if steps != 0:
-        result["pretraining"] = pretrain(Path(workdir) / "realm", model,
+        realm_dir = Path(workdir) / "realm"
+        result["pretraining"] = pretrain(realm_dir, model,
                                          min(max_articles or PRETRAIN_ARTICLES, PRETRAIN_ARTICLES),
                                          steps)
+        result["finetuning"] = finetune_qa(realm_dir, Path(workdir) / "orqa", model)
     return result
 
 
@@ -176,6 +183,36 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
         for title, p in ex["retrieved"]:
             print(f"    [{p:.2f}] {title}")
     return {"first": first, "last": last, "swaps": result["swaps"], "examples": examples}
+
+
+def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, model: str,
+                steps: int = QA_STEPS) -> dict:
+    """ORQA fine-tuning from the pre-training run in `realm_workdir` (configs/tiny_orqa.py
+    with the demo's lengths; sizes come from the REALM checkpoint)."""
+    from realm_jax import config as config_lib
+    from realm_jax.train import orqa
+
+    realm_workdir, workdir = Path(realm_workdir), Path(workdir)
+    if workdir.exists():
+        import shutil
+        shutil.rmtree(workdir)
+    realm = config_lib.load_config("demo_realm_minilm").retrieval
+    config = config_lib.load_config(
+        "tiny_orqa", f"data.corpus={realm_workdir / 'corpus'}", f"data.tokenizer={model}",
+        f"model.init_from_realm={realm_workdir}", f"retrieval.index={realm_workdir / 'index'}",
+        f"retrieval.query_length={realm.query_length}",
+        f"retrieval.block_length={realm.block_length}", f"retrieval.score_scale={realm.score_scale}",
+        "model.span_hidden_size=128", f"train.steps={steps}", "train.learning_rate=1e-4",
+        f"train.checkpoint_every={steps}", "train.log_every=5", "train.eval_questions=32")
+    print(f"\n[QA 1/2] ORQA fine-tuning from {realm_workdir}: its last index frozen, "
+          f"{config.retrieval.beam_size}-block beam, top {config.retrieval.num_read} read, "
+          f"{steps} steps on cloze questions from the corpus")
+    result = orqa.train(config, workdir)
+    before, after = result["first_eval"], result["last_eval"]
+    print(f"\n[QA 2/2] on {config.train.eval_questions} cloze questions of the eval split: " + ", ".join(
+        f"{k.removeprefix(orqa.EVAL_PREFIX)} {before[k]:.3f} -> {after[k]:.3f}"
+        for k in sorted(before) if "exact_match" in k or "recall@" in k))
+    return {"before": before, "after": after}
 
 
 def _mean(rows: list[dict]) -> dict:
