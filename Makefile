@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/realm-jax demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) -m pip install -q "faiss-cpu>=1.9"
