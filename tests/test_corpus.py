@@ -85,6 +85,30 @@ def test_jsonl_round_trip_counts_bad_lines(tmp_path, tok):
     _no_leftovers(tmp_path)
 
 
+def test_jsonl_pre_annotated_spans_in_byte_offsets(tmp_path, tok):
+    """A record's `spans` (UTF-8 byte offsets, as in REALM's preprocessed data) reach the
+    store as character spans of the text; spans that do not fit are counted, not kept."""
+    text = "Zürich lies on the Limmat. The Romans founded Turicum there in 15 BC."
+    data = text.encode()
+
+    def at(word):
+        start = data.index(word.encode())
+        return [start, start + len(word.encode())]
+
+    src = _write_jsonl(tmp_path / "spans.jsonl", [
+        {"id": "z", "title": "Zürich", "text": text,
+         "spans": [at("Zürich") + ["LOC"], {**dict(zip(("start", "end"), at("Romans"))),
+                                            "label": "NORP"}, at("15 BC")]},
+        {"id": "bad", "title": "B", "text": "Short.", "spans": [[0, 99]]},   # past the end
+        {"id": "mid", "title": "M", "text": "Zürich.", "spans": [[2, 4]]},  # inside "ü"
+    ])
+    result = prepare_corpus(src, tmp_path / "store", tokenizer=tok, mode="realm", progress=False)
+    assert result.skipped == {"bad_spans": 2} and result.num_documents == 1
+    with BlockStore.open(tmp_path / "store") as store:
+        got = [(store.text(0)[s.start:s.end], s.target) for s in store.spans(0)]
+    assert got == [("Zürich", "LOC"), ("Romans", "NORP"), ("15 BC", "ANNOTATED")]
+
+
 def test_random_access_multi_block_documents(tmp_path, tok):
     rng = np.random.default_rng(0)
     words = ["river", "mountain", "city", "bridge", "forest", "castle", "harbor", "valley"]

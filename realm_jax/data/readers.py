@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from realm_jax.data.spans import parse_span_annotations
 from realm_jax.data.wikitext import Span, wikitext_to_text
 
 _log = logging.getLogger(__name__)
@@ -103,8 +104,12 @@ def read_jsonl(path: str | os.PathLike, skips: SkipCounter, *, id_field: str | N
 
     Lines are decoded one by one, so a bad UTF-8 line is skipped and counted, not fatal.
     Reasons counted: ``blank_line``, ``bad_utf8``, ``invalid_json``, ``not_an_object``,
-    ``missing_field:F``, ``bad_field_type:F``, ``empty_text``. ``id_field=None`` numbers the
-    documents by line instead. A missing file raises at once.
+    ``missing_field:F``, ``bad_field_type:F``, ``empty_text``, ``bad_spans``. ``id_field=None``
+    numbers the documents by line instead. A missing file raises at once.
+
+    An optional ``spans`` field holds pre-annotated salient spans, ``[start, end(, label)]``
+    or ``{"start", "end", "label"}`` items in byte offsets of the UTF-8 text (as in REALM's
+    preprocessed data); a document whose spans do not fit its text is skipped and counted.
     """
     return _iter_jsonl(_require_file(path), skips, id_field, title_field, text_field)
 
@@ -147,7 +152,12 @@ def _iter_jsonl(p: Path, skips: SkipCounter, id_field: str | None, title_field: 
             if not text.strip():
                 skips.skip("empty_text", where)
                 continue
-            yield Document(str(doc_id), title, text)
+            try:
+                spans = parse_span_annotations(record.get("spans") or [], text, offsets="byte")
+            except ValueError as e:
+                skips.skip("bad_spans", f"{where} ({e})")
+                continue
+            yield Document(str(doc_id), title, text, spans)
 
 
 def _decode_tfds(value: Any) -> str:
