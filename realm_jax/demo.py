@@ -196,12 +196,13 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     if workdir.exists():
         import shutil
         shutil.rmtree(workdir)
-    realm = config_lib.load_config("demo_realm_minilm").retrieval
+    lengths = config_lib.load_config("demo_realm_minilm").retrieval  # the pre-training's
     config = config_lib.load_config(
         "tiny_orqa", f"data.corpus={realm_workdir / 'corpus'}", f"data.tokenizer={model}",
         f"model.init_from_realm={realm_workdir}", f"retrieval.index={realm_workdir / 'index'}",
-        f"retrieval.query_length={realm.query_length}",
-        f"retrieval.block_length={realm.block_length}", f"retrieval.score_scale={realm.score_scale}",
+        f"retrieval.query_length={lengths.query_length}",
+        f"retrieval.block_length={lengths.block_length}",
+        f"retrieval.score_scale={lengths.score_scale}",
         "model.span_hidden_size=128", f"train.steps={steps}", "train.learning_rate=1e-4",
         f"train.checkpoint_every={steps}", "train.log_every=5", "train.eval_questions=32")
     print(f"\n[QA 1/2] ORQA fine-tuning from {realm_workdir}: its last index frozen, "
@@ -209,9 +210,10 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
           f"{steps} steps on cloze questions from the corpus")
     result = orqa.train(config, workdir)
     before, after = result["first_eval"], result["last_eval"]
-    print(f"\n[QA 2/2] on {config.train.eval_questions} cloze questions of the eval split: " + ", ".join(
-        f"{k.removeprefix(orqa.EVAL_PREFIX)} {before[k]:.3f} -> {after[k]:.3f}"
-        for k in sorted(before) if "exact_match" in k or "recall@" in k))
+    changes = ", ".join(f"{k.removeprefix(orqa.EVAL_PREFIX)} {before[k]:.3f} -> {after[k]:.3f}"
+                        for k in sorted(before) if "exact_match" in k or "recall@" in k)
+    print(f"\n[QA 2/2] on {config.train.eval_questions} cloze questions of the eval split: "
+          f"{changes}")
     return {"before": before, "after": after}
 
 
