@@ -19,25 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
-import numpy as np
+from timing import median_seconds
 
 WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
-
-def _seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -82,7 +71,7 @@ def main() -> None:
     questions = [ex.question for ex in examples]
 
     # End to end, as `realm-jax eval` answers them.
-    end_to_end = _seconds(lambda: predictor(questions), args.repeats)
+    end_to_end = median_seconds(lambda: predictor(questions), args.repeats)
 
     # The device parts on one batch, each jitted alone.
     model, corpus = setup.model, setup.corpus.arrays()
@@ -95,9 +84,10 @@ def main() -> None:
         read = jax.jit(lambda p, b, c, r: model.read(p, b, c, r)[0])
         q = embed(params, batch)
         rows = search(q, corpus)
-        per_batch = {"embed": _seconds(lambda: embed(params, batch), args.repeats),
-                     "search": _seconds(lambda: search(q, corpus), args.repeats),
-                     "read": _seconds(lambda: read(params, batch, corpus, rows), args.repeats)}
+        r = args.repeats
+        per_batch = {"embed": median_seconds(lambda: embed(params, batch), r),
+                     "search": median_seconds(lambda: search(q, corpus), r),
+                     "read": median_seconds(lambda: read(params, batch, corpus, rows), r)}
     batches = -(-len(questions) // predictor.batch_size)
     split = {k: v * batches for k, v in per_batch.items()}
     split["host and the rest"] = max(0.0, end_to_end - sum(split.values()))

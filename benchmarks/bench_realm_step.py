@@ -29,11 +29,11 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from timing import median_seconds
 
 WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SIZES = {"tiny": ("tiny_realm", ["model.encoder.vocab_size=30522"]),
@@ -77,15 +77,6 @@ def _publish_initial_index(config, workdir: Path, model: str) -> None:
         scann=RefreshSettings.from_config(config).scann or True)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
     """Seconds per batch of the retrieval alone, in the run's mode, on a real batch."""
@@ -107,7 +98,7 @@ def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
                                         jax.device_get(params["query_tower"]), store,
                                         rc.num_candidates, rc.exclude_slack, rc.block_length,
                                         rc.scann_threads)
-        return _median_seconds(lambda: retriever(batch)["cand_tokens"], repeats)
+        return median_seconds(lambda: retriever(batch)["cand_tokens"], repeats)
     mesh = sharding.mesh_from_config(config)
     loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
                                 rc.score_scale, rc.mode, num_valid=len(store),
@@ -116,7 +107,7 @@ def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
         corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh, loss_fn.block_size)
         fields = {k: batch[k] for k in realm.QUERY_FIELDS}
         search = jax.jit(loss_fn.device_candidates)
-        return _median_seconds(lambda: search(params, fields, corpus.arrays())["cand_tokens"],
+        return median_seconds(lambda: search(params, fields, corpus.arrays())["cand_tokens"],
                                repeats)
 
 
