@@ -82,7 +82,8 @@ def split_sentences(text: str, protected: Sequence[tuple[int, int]] = ()
             if not (nxt.isupper() or nxt.isdigit()):
                 continue
             if m.group(1) == ".":
-                word = _LAST_WORD_RE.search(text, 0, m.start(1))
+                # The word before the period; a bounded window keeps this linear in the text.
+                word = _LAST_WORD_RE.search(text, max(0, m.start(1) - 64), m.start(1))
                 w = word.group(1).lower().strip(".") if word else ""
                 last = w.rsplit(".", 1)[-1]  # "u.s" -> "s"
                 if (len(last) == 1 and last.isalpha()) or w in _ABBREVIATIONS:
