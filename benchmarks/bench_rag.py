@@ -1,8 +1,10 @@
 """RAG on CPU: realm-jax against transformers' PyTorch RAG on the same weights, alternating
 in one run.
 
-  (a) a RAG-Token training step: question encoder (document scores against K retrieved
-      document embeddings), BART over the B x K contexts, RAG-Token loss, backward, Adam;
+  (a) RAG-Token and RAG-Sequence training steps: question encoder (document scores against
+      K retrieved document embeddings), BART over the B x K contexts, the loss, backward,
+      Adam; steps/s, generator tokens/s, and model FLOP/s (XLA's count of the compiled
+      step, the same work on both sides) against the measured float32 matmul peak;
   (b) RAG-Token beam search (RagTokenForGeneration.generate), sequences/s;
   (c) RAG-Sequence thorough decoding (RagSequenceForGeneration.generate), sequences/s.
 
@@ -17,29 +19,12 @@ Prints a markdown table; ratios are realm-jax speed / PyTorch speed measured in 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaving the candidates call by call so that
-    background load hits all of them alike (one warm-up call each first: compilation)."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+from common import Report, add_markdown_flag, alternate, matmul_peak_flops
 
 
 def main() -> None:
@@ -55,6 +40,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    add_markdown_flag(parser)
     args = parser.parse_args()
 
     import optax
@@ -62,8 +48,9 @@ def main() -> None:
     import transformers as tr
 
     from realm_jax import hf
+    from realm_jax.train.trainer import step_flops
     from realm_jax.decode import GenerationConfig, rag_sequence_generate, rag_token_generate
-    from realm_jax.objectives import rag_token_nll, shift_targets
+    from realm_jax.objectives import rag_sequence_nll, rag_token_nll, shift_targets
 
     b, k, d, v = args.batch, args.docs, args.d_model, args.vocab
     heads, ffn = max(1, d // 64), 4 * d
@@ -98,46 +85,56 @@ def main() -> None:
     batch = (q_ids, q_mask, docs, ctx, ctx_mask, labels)
     model = cfg.module()
 
-    # (a) training step -------------------------------------------------------------------
-    def loss_fn(p, batch):
-        q_ids, q_mask, docs, ctx, ctx_mask, labels = batch
-        out = model.apply({"params": p}, q_ids, q_mask, docs, ctx, ctx_mask, labels)
-        return rag_token_nll(out.logits, shift_targets(labels, pad), out.doc_scores, pad_id=pad)
-
-    tx = optax.adam(1e-4)
-    state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
-
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-
-    def jax_step():
-        state["params"], state["opt"], loss = train_step(state["params"], state["opt"], batch)
-        loss.block_until_ready()
-
-    token_model.train()
+    # (a) training steps ------------------------------------------------------------------
+    peak = matmul_peak_flops()
     t = lambda a: torch.from_numpy(np.asarray(a, np.int64))
     t_batch = dict(q_ids=t(q_ids), q_mask=t(q_mask), docs=torch.from_numpy(docs),
                    ctx=t(ctx.reshape(b * k, -1)), ctx_mask=t(ctx_mask.reshape(b * k, -1)),
                    labels=t(labels))
-    optimizer = torch.optim.Adam(token_model.parameters(), lr=1e-4)
+    tokens = b * k * (args.context + args.target)
+    rows = []
+    for name, nll, torch_model in (("RAG-Token", rag_token_nll, token_model),
+                                   ("RAG-Sequence", rag_sequence_nll, seq_model)):
+        def loss_fn(p, batch, nll=nll):
+            q_ids, q_mask, docs, ctx, ctx_mask, labels = batch
+            out = model.apply({"params": p}, q_ids, q_mask, docs, ctx, ctx_mask, labels)
+            return nll(out.logits, shift_targets(labels, pad), out.doc_scores, pad_id=pad)
 
-    def torch_step():
-        q = token_model.question_encoder(t_batch["q_ids"], attention_mask=t_batch["q_mask"])[0]
-        scores = torch.bmm(q.unsqueeze(1), t_batch["docs"].transpose(1, 2)).squeeze(1)
-        out = token_model(context_input_ids=t_batch["ctx"],
-                          context_attention_mask=t_batch["ctx_mask"], doc_scores=scores,
-                          labels=t_batch["labels"], n_docs=k, reduce_loss=True)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        tx = optax.adam(1e-4)
+        state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
 
-    step = alternate({"jax": jax_step, "torch": torch_step}, args.repeats)
-    rows = [(f"RAG-Token train step (fwd + bwd + Adam), steps/s", 1 / step["jax"],
-             1 / step["torch"])]
+        def train_step(params, opt_state, batch, loss_fn=loss_fn, tx=tx):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        flops = step_flops(train_step.lower(state["params"], state["opt"], batch).compile())
+
+        def jax_step(state=state, train_step=train_step):
+            state["params"], state["opt"], loss = train_step(state["params"], state["opt"], batch)
+            return loss
+
+        torch_model.train()
+        optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-4)
+
+        def torch_step(torch_model=torch_model, optimizer=optimizer):
+            q = torch_model.question_encoder(t_batch["q_ids"], attention_mask=t_batch["q_mask"])[0]
+            scores = torch.bmm(q.unsqueeze(1), t_batch["docs"].transpose(1, 2)).squeeze(1)
+            out = torch_model(context_input_ids=t_batch["ctx"],
+                              context_attention_mask=t_batch["ctx_mask"], doc_scores=scores,
+                              labels=t_batch["labels"], n_docs=k, reduce_loss=True)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step = alternate({"jax": jax_step, "torch": torch_step}, args.repeats)
+        rows.append((f"{name} train step (fwd + bwd + Adam), steps/s",
+                     1 / step["jax"], 1 / step["torch"], ".2f"))
+        rows.append((f"{name} train step, generator tokens/s", tokens / step["jax"],
+                     tokens / step["torch"], ",.0f"))
+        rows.append((f"{name} train step, model GFLOP/s (utilization of the matmul peak)",
+                     flops / step["jax"], flops / step["torch"], "util"))
 
     # (b), (c) decoding, both from the weights as saved (before the training steps) --------
     scores = np.asarray(jax.jit(lambda p: model.apply(
@@ -171,22 +168,28 @@ def main() -> None:
     repeats = max(3, args.repeats // 2)
     dec = alternate({"jax_token": jax_token, "torch_token": torch_token}, repeats)
     rows.append((f"RAG-Token beam search ({args.beams} beams, max_length {args.max_length}), "
-                 "sequences/s", b / dec["jax_token"], b / dec["torch_token"]))
+                 "sequences/s", b / dec["jax_token"], b / dec["torch_token"], ".2f"))
     dec = alternate({"jax_seq": jax_sequence, "torch_seq": torch_sequence}, repeats)
     rows.append((f"RAG-Sequence thorough decoding ({args.beams} beams), sequences/s",
-                 b / dec["jax_seq"], b / dec["torch_seq"]))
+                 b / dec["jax_seq"], b / dec["torch_seq"], ".2f"))
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
-    print(f"config: d_model {d}, {args.layers}+{args.layers} BART layers, {args.layers}-layer "
-          f"DPR question encoder, vocab {v}; batch {b} questions x {k} documents, question "
-          f"{args.question}, context {args.context}, target {args.target} tokens\n")
-    print("| measurement | realm-jax | PyTorch | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, ours, other in rows:
-        print(f"| {name} | {ours:,.2f} | {other:,.2f} | {ours / other:.2f}x |")
+    def cell(value, fmt):
+        if fmt == "util":
+            return f"{value / 1e9:,.1f} ({value / peak:.0%})"
+        return format(value, fmt)
 
+    report = Report()
+    report.text(f"d_model {d}, {args.layers}+{args.layers} BART layers, {args.layers}-layer DPR "
+                f"question encoder, vocab {v}; batch {b} questions x {k} documents, question "
+                f"{args.question}, context {args.context}, target {args.target} tokens; JAX on "
+                f"{jax.devices()[0].platform}, PyTorch with {torch.get_num_threads()} threads; "
+                f"matmul peak {peak / 1e9:.0f} GFLOP/s; median of {args.repeats} alternating "
+                f"steps.")
+    report.table(["measurement", "realm-jax", "PyTorch", "ratio"],
+                 [(name, cell(ours, fmt), cell(other, fmt), f"{ours / other:.2f}x")
+                  for name, ours, other, fmt in rows])
+    report.aim("RAG-Token train steps/s against PyTorch:", rows[0][1] / rows[0][2], 2.0)
+    report.emit(args.markdown)
 
 if __name__ == "__main__":
     main()

