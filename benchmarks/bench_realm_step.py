@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
 from common import (Report, add_markdown_flag, matmul_peak_flops, median_seconds, minilm_folder,
                     wiki_sample_path)
 
@@ -52,30 +51,6 @@ def _config(size: str, corpus: Path, model: str, mode: str, steps: int, batch: i
     if batch:
         overrides.append(f"train.batch_size={batch}")
     return config_lib.load_config(name, *overrides)
-
-
-def _publish_initial_index(config, workdir: Path, model: str) -> None:
-    """Embed the corpus with the initial document tower and publish it as step 0, with a
-    ScaNN index built with the config's refresh settings (as the refresher does)."""
-    from realm_jax.data.store import BlockStore
-    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
-    from realm_jax.index.store import IndexStore
-    from realm_jax.refresh import RefreshSettings
-    from realm_jax.train import realm
-
-    configs, params = realm.build_models(config)
-    store = BlockStore.open(config.data.corpus)
-    tower = configs["doc_tower"]
-    embedder = CorpusEmbedder(tower, batch_size=config.refresh.batch_size,
-                              dtype=config.refresh.dtype)
-    rows = RowBuilder.for_store(store, model, max_length=embedder.max_length)
-    embeddings = embedder.embed_blocks(embedder.place(params["doc_tower"]), rows,
-                                       np.arange(len(store)))
-    IndexStore(workdir / "index").publish(
-        embeddings, step=0, model_fingerprint=params_fingerprint(tower, params["doc_tower"]),
-        corpus_fingerprint=store.fingerprint, dtype=config.refresh.dtype,
-        scann=RefreshSettings.from_config(config).scann or True)
-
 
 
 def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
@@ -122,6 +97,7 @@ def main() -> None:
     add_markdown_flag(parser)
     args = parser.parse_args()
 
+    from realm_jax import refresh
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
@@ -140,7 +116,7 @@ def main() -> None:
             config = _config(size, corpus, args.model, mode, args.steps + 2, args.batch or None,
                              peak)
             workdir = root / f"{size}_{mode}"
-            _publish_initial_index(config, workdir, args.model)
+            refresh.publish_initial_index(config, workdir / "index")
             result = trainer.train(config, workdir)
             logged = [r for r in read_metrics(workdir) if "loss" in r][2:]
             step = statistics.median(r["step_time"] for r in logged)

@@ -213,7 +213,7 @@ def report(config: ml_collections.ConfigDict, topology: str, *,
            mesh_shape: Sequence[int] | None = None, corpus_rows: int | None = None,
            device_memory_gib: float | None = None) -> Report:
     """Compile the train step of `config` for `topology` and measure it."""
-    from realm_jax.train.trainer import step_flops
+    from realm_jax.train.loop import step_flops
 
     devices = topology_devices(topology)
     compiled, mesh, rows = compile_train_step(config, devices, mesh_shape, corpus_rows)

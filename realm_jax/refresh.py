@@ -40,7 +40,7 @@ import numpy as np
 
 from realm_jax.data.store import BlockStore
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
-from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
+from realm_jax.index.store import IndexStore, Snapshot
 from realm_jax.train.checkpoints import TrainCheckpoints
 
 _log = logging.getLogger(__name__)
@@ -550,3 +550,24 @@ def main(config, workdir: str | os.PathLike, *, once: bool = False,
                           frozen=frozen)
     result = refresher.run(once=once)
     return result if isinstance(result, list) else []
+
+
+def publish_initial_index(config, index_dir: str | os.PathLike) -> Snapshot:
+    """A first snapshot (step 0) in `index_dir`: the corpus embedded by the document tower a
+    REALM run starts from (`realm.build_models(config)`), with the config's refresh
+    settings; what the refresher publishes from the step-0 checkpoint, for runs that keep
+    one index all along (tests, benchmarks)."""
+    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
+    from realm_jax.train import realm
+
+    settings = RefreshSettings.from_config(config)
+    configs, params = realm.build_models(config)
+    tower, tower_params = configs["doc_tower"], params["doc_tower"]
+    store = BlockStore.open(settings.corpus)
+    embedder = CorpusEmbedder(tower, batch_size=settings.batch_size, dtype=settings.dtype)
+    rows = RowBuilder.for_store(store, settings.tokenizer, title=settings.with_title,
+                                max_length=settings.max_length or embedder.max_length)
+    embeddings = embedder.embed_blocks(embedder.place(tower_params), rows, np.arange(len(store)))
+    return IndexStore(index_dir).publish(
+        embeddings, step=0, model_fingerprint=params_fingerprint(tower, tower_params),
+        corpus_fingerprint=store.fingerprint, dtype=settings.dtype, scann=settings.scann)

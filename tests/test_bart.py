@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from realm_jax import hf, sharding
 from realm_jax.models.bart import Bart, BartConfig, init_cache, reorder_cache, shift_tokens_right

@@ -4,7 +4,6 @@ HF round trip, and the errors for bad folders."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -12,7 +12,6 @@ import string
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn

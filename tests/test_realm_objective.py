@@ -196,7 +196,7 @@ def test_end_to_end_gradients_reach_both_towers_and_reader():
     tower = EmbedderConfig(enc, pooling="cls", projection_dim=8).module()
     reader = MaskedLMConfig(enc.replace(add_pooler=False)).module()
     rng = np.random.default_rng(0)
-    b, k, qlen, clen = 2, 3, 8, 6
+    b, k, clen = 2, 3, 6
     query = np.array([[CLS, 11, MASK, MASK, 12, SEP, 0, 0], [CLS, MASK, 21, 22, SEP, 0, 0, 0]])
     qmask = (query != 0).astype(np.int32)
     positions = np.array([[2, 3], [1, 0]])

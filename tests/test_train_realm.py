@@ -26,9 +26,8 @@ from realm_jax import config as config_lib
 from realm_jax.data.corpus import prepare_corpus
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
-from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
 from realm_jax.index.store import IndexStore
-from realm_jax.refresh import Refresher, RefreshSettings
+from realm_jax.refresh import Refresher, RefreshSettings, publish_initial_index
 from realm_jax.train import heldout, realm, trainer
 from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
@@ -63,19 +62,8 @@ def initial_index(tmp_path_factory, corpus, minilm_path):
     """An index folder holding one snapshot (step 0) of the corpus embedded with the
     initial document tower, as the refresher would publish it from the step-0 checkpoint:
     copied into a workdir, it fixes the index of a run (no refresher)."""
-    config = _config(corpus, minilm_path)
-    configs, params = realm.build_models(config)
-    store = BlockStore.open(corpus)
-    tower = configs["doc_tower"]
-    embedder = CorpusEmbedder(tower, batch_size=config.refresh.batch_size,
-                              dtype=config.refresh.dtype)
-    rows = RowBuilder.for_store(store, minilm_path, max_length=embedder.max_length)
-    embeddings = embedder.embed_blocks(embedder.place(params["doc_tower"]), rows,
-                                       np.arange(len(store)))
     root = tmp_path_factory.mktemp("initial") / "index"
-    IndexStore(root).publish(embeddings, step=0,
-                             model_fingerprint=params_fingerprint(tower, params["doc_tower"]),
-                             corpus_fingerprint=store.fingerprint, dtype=config.refresh.dtype)
+    publish_initial_index(_config(corpus, minilm_path), root)
     return root
 
 

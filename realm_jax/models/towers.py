@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from realm_jax.models.encoder import BertEncoder, EncoderConfig
-from realm_jax.models.layers import dense, layer_norm
+from realm_jax.models.layers import dense
 
 Array = jax.Array
 

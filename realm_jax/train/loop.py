@@ -1,21 +1,62 @@
 """Pieces the trainers' loops share: starting or resuming a run from its checkpoints, saving
-a step, and the experiment config kept in the workdir (for `realm-jax eval` / `answer`)."""
+a step, finishing, the first index, global batches, step FLOPs, and the experiment config
+kept in the workdir (for `realm-jax eval` / `answer`)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
-from realm_jax import sharding
+from realm_jax import distributed, sharding
+from realm_jax.index.store import SnapshotWatcher
 from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints, _atomic_write_text
 from realm_jax.train.state import TrainState, abstract_state, create_state
 
 CONFIG_JSON = "config.json"
+_log = logging.getLogger(__name__)
+
+
+def global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
+    """Global arrays of `batch_sharding` from this process's rows of each field."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def wait_for_snapshot(watcher: SnapshotWatcher, timeout: float, index_dir: Path):
+    """The first snapshot the watcher sees, waiting up to `timeout` seconds (one decision
+    for all processes)."""
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        snapshot = watcher.poll()
+        if snapshot is not None:
+            return snapshot
+        if distributed.agree(time.monotonic() > deadline):
+            raise TimeoutError(
+                f"no index snapshot in {index_dir} after {timeout:.0f}s: start the refresher "
+                f"(realm-jax refresh --config ... --workdir {index_dir.parent}) or build a "
+                "first index with --from_hf")
+        if not logged:
+            _log.info("waiting for the refresher to publish a first index in %s", index_dir)
+            logged = True
+        time.sleep(1.0)
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one call of a compiled step, from XLA's cost analysis (0 if unknown)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
 def restore_or_init(checkpoints: TrainCheckpoints, optimizer: optax.GradientTransformation,
@@ -42,6 +83,22 @@ def save(checkpoints: TrainCheckpoints, step: int, state: TrainState, data_state
     checkpoints.save(step, state.params,
                      train_state={"step": state.step, "opt_state": state.opt_state},
                      meta={"data": data_state, **meta})
+
+
+def end_step(start: int, total_steps: int, stop_after: int | None) -> int:
+    """The step this run stops at: `total_steps`, or `stop_after` (`train --stop_after`)
+    when that comes first, never before `start`."""
+    return total_steps if stop_after is None else max(start, min(total_steps, int(stop_after)))
+
+
+def finish(checkpoints: TrainCheckpoints, step: int, total_steps: int) -> None:
+    """At the end of a loop: the run marked finished (the refresher stops) when it reached
+    `total_steps`; otherwise left resumable."""
+    if step >= total_steps:
+        checkpoints.mark_finished()
+    else:
+        _log.info("stopped at step %d of %d (stop_after); resume with the same workdir",
+                  step, total_steps)
 
 
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:

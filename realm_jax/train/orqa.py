@@ -58,7 +58,6 @@ from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optim import make_optimizer
 from realm_jax.train.state import state_shardings
-from realm_jax.train.trainer import _global_batch, step_flops
 
 _log = logging.getLogger(__name__)
 
@@ -555,14 +554,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                      [ex.question for ex in chosen], rc.query_length)
         local = {"input_ids": ids, "attention_mask": mask}
         with sharding.activate(mesh, setup.rules):
-            rows = search_fn(state.params, _global_batch(local, batch_sharding), corpus)
+            rows = search_fn(state.params, loop.global_batch(local, batch_sharding), corpus)
         rows = np.asarray(rows.addressable_data(0))
         n = len(indices)
         rows = rows[jax.process_index() * n:(jax.process_index() + 1) * n]
         local.update(beam_ids=rows, **targets(chosen, local, rows))
-        return _global_batch({k: local[k] for k in STEP_FIELDS}, batch_sharding)
+        return loop.global_batch({k: local[k] for k in STEP_FIELDS}, batch_sharding)
 
-    end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
+    end = loop.end_step(start, tc.steps, stop_after)
     first = last = first_eval = last_eval = None
     flops = None
     step = start
@@ -576,7 +575,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             host_seconds = time.perf_counter() - t0
             with sharding.activate(mesh, setup.rules):
                 if flops is None:
-                    flops = step_flops(step_fn.lower(state, (batch, corpus), rng).compile())
+                    flops = loop.step_flops(step_fn.lower(state, (batch, corpus), rng).compile())
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, (batch, corpus), rng)
                 step += 1
@@ -598,11 +597,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 last_eval = evaluate(step)
             if step % tc.checkpoint_every == 0 or step == end:
                 loop.save(checkpoints, step, state, data_state, index=setup.snapshot.version)
-        if step >= tc.steps:
-            checkpoints.mark_finished()
-        else:
-            _log.info("stopped at step %d of %d (stop_after); resume with the same workdir",
-                      step, tc.steps)
+        loop.finish(checkpoints, step, tc.steps)
     finally:
         writer.close()
         checkpoints.wait_until_finished()

@@ -48,7 +48,6 @@ from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optim import make_optimizer
 from realm_jax.train.state import state_shardings
-from realm_jax.train.trainer import _global_batch, step_flops, wait_for_snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -346,7 +345,7 @@ def _open_index(workdir: Path, store: BlockStore, wait_seconds: float = 0.0):
     index_dir = workdir / "index"
     watcher = SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint)
     if wait_seconds > 0:
-        return wait_for_snapshot(watcher, wait_seconds, index_dir)
+        return loop.wait_for_snapshot(watcher, wait_seconds, index_dir)
     snapshot = watcher.poll()
     if snapshot is None:
         raise FileNotFoundError(f"no index of {store.path} in {index_dir}: build it with "
@@ -410,19 +409,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 ) -> tuple[dict, Retrieved]:
         """The global batch: the documents retrieved with the live question encoder, their
         contexts and the targets (the generator's tokenizer is used in this thread only)."""
-        batch = _global_batch(dict(question_ids=question_ids, question_mask=question_mask),
+        batch = loop.global_batch(dict(question_ids=question_ids, question_mask=question_mask),
                               batch_sharding)
         q = retriever.embed(params["question_encoder"], batch["question_ids"],
                             batch["question_mask"])
         found = retriever.search(_local_rows(q), rc.n_docs)
         ctx, ctx_mask = retriever.contexts(found.doc_ids, [ex.question for ex in chosen])
         dec, labels = encoder.targets([ex.answers[0] for ex in chosen])
-        batch.update(_global_batch(dict(
+        batch.update(loop.global_batch(dict(
             doc_embeddings=found.doc_embeddings, context_ids=ctx, context_mask=ctx_mask,
             decoder_input_ids=dec, labels=labels), batch_sharding))
         return batch, found
 
-    end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
+    end = loop.end_step(start, tc.steps, stop_after)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     pending = pool.submit(fetch)
     writer = MetricsWriter(workdir)
@@ -437,7 +436,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 batch, found = prepare(chosen, question_ids, question_mask, state.params)
                 host_seconds = time.perf_counter() - t_host
                 if flops is None:
-                    flops = step_flops(step_fn.lower(state, batch, rng).compile())
+                    flops = loop.step_flops(step_fn.lower(state, batch, rng).compile())
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch, rng)
                 step += 1
@@ -456,10 +455,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                     writer.write(step, values)
             if step % tc.checkpoint_every == 0 or step == end:
                 loop.save(checkpoints, step, state, data_state, index=snapshot.version)
-        if step >= tc.steps:
-            checkpoints.mark_finished()
-        else:
-            _log.info("stopped at step %d of %d; resume with the same workdir", step, tc.steps)
+        loop.finish(checkpoints, step, tc.steps)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
@@ -553,7 +549,7 @@ class Reader:
 
     def _answer(self, questions: list[str]) -> tuple[list[str], tuple]:
         """Answers, and (their scores, the documents retrieved, the documents' scores)."""
-        put = lambda x: _global_batch({"x": x}, self.batch_sharding)["x"]  # noqa: E731
+        put = lambda x: loop.global_batch({"x": x}, self.batch_sharding)["x"]  # noqa: E731
         with sharding.activate(self.mesh, self.rules):
             ids, mask = self.encoder.questions(questions)
             q = self.retriever.embed(self.params["question_encoder"], put(ids), put(mask))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import grain
 import jax

@@ -22,43 +22,13 @@ from realm_jax import distributed, sharding
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
 from realm_jax.index.store import IndexStore, SnapshotWatcher
-from realm_jax.train import heldout, realm
-from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints
+from realm_jax.train import heldout, loop, realm
+from realm_jax.train.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optim import make_optimizer
-from realm_jax.train.state import TrainState, abstract_state, create_state, state_shardings
+from realm_jax.train.state import TrainState, state_shardings
 
 _log = logging.getLogger(__name__)
-
-
-def _global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in local.items()}
-
-
-def wait_for_snapshot(watcher: SnapshotWatcher, timeout: float, index_dir: Path):
-    deadline = time.monotonic() + timeout
-    logged = False
-    while True:
-        snapshot = watcher.poll()
-        if snapshot is not None:
-            return snapshot
-        if distributed.agree(time.monotonic() > deadline):
-            raise TimeoutError(
-                f"no index snapshot in {index_dir} after {timeout:.0f}s: start the refresher "
-                f"(realm-jax refresh --config ... --workdir {index_dir.parent}) or build a "
-                "first index with --from_hf")
-        if not logged:
-            _log.info("waiting for the refresher to publish a first index in %s", index_dir)
-            logged = True
-        time.sleep(1.0)
-
-
-def step_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
 
 
 def wait_for_newer_snapshot(watcher: SnapshotWatcher, current, timeout: float):
@@ -135,26 +105,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                   process_count=jax.process_count())
     batches = iter(dataset)
 
-    start = checkpoints.latest_step()
-    if start is not None and start < tc.steps:  # more steps asked of a finished run
-        (checkpoints.directory / FINISHED).unlink(missing_ok=True)
-    if start is None:
-        state = create_state(optimizer, sharding.place(host_params, p_shardings), shardings)
-        checkpoints.save(0, state.params, train_state={"step": state.step, "opt_state": state.opt_state},
-                         meta={"data": batches.get_state()})
-        start = 0
-        _log.info("initialised a new run in %s", workdir)
-    else:
-        target = abstract_state(optimizer, realm.abstract_params(configs), shardings)
-        state, meta = checkpoints.restore(start, target)
-        batches.set_state(meta["data"])
+    resuming = checkpoints.latest_step() is not None
+    state, start = loop.restore_or_init(checkpoints, optimizer, shardings,
+                                        realm.abstract_params(configs), host_params, batches,
+                                        tc.steps)
+    if resuming:
         _log.info("resumed %s at step %d", workdir, start)
+    else:
+        _log.info("initialised a new run in %s", workdir)
     del host_params
 
     index_dir = workdir / "index"
     watcher = distributed.shared_watcher(  # one swap decision for all processes
         SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint))
-    snapshot = wait_for_snapshot(watcher, tc.index_wait_seconds, index_dir)
+    snapshot = loop.wait_for_snapshot(watcher, tc.index_wait_seconds, index_dir)
 
     loss_fn = realm.RealmLossFn(
         configs, maker.special, rc.num_candidates, rc.exclude_slack,
@@ -215,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 "heldout_retrieval_utility": values["heldout_retrieval_utility"]}), flush=True)
         return values
 
-    end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
+    end = loop.end_step(start, tc.steps, stop_after)
     max_staleness = int(tc.get("max_index_staleness", 0))
     saved_step = start
 
@@ -223,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         if retriever is not None:
             local = retriever(local)
         fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if retriever is not None else ())
-        return _global_batch({k: local[k] for k in fields}, batch_sharding)
+        return loop.global_batch({k: local[k] for k in fields}, batch_sharding)
 
     pool = concurrent.futures.ThreadPoolExecutor(1)  # the next batch is prepared during a step
 
@@ -265,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 pending = pool.submit(fetch)
                 if flops is None:
                     compiled = step_fn.lower(state, batch, corpus_arrays(), rng).compile()
-                    flops = step_flops(compiled)
+                    flops = loop.step_flops(compiled)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch, corpus_arrays(), rng)
                 step += 1
@@ -292,15 +256,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                        if k.startswith(heldout.PREFIX)})
                     writer.write(step, values)
             if step % tc.checkpoint_every == 0 or step == end:
-                checkpoints.save(step, state.params,
-                                 train_state={"step": state.step, "opt_state": state.opt_state},
-                                 meta={"data": data_state, "index": snapshot.version})
+                loop.save(checkpoints, step, state, data_state, index=snapshot.version)
                 saved_step = step
-        if step >= tc.steps:
-            checkpoints.mark_finished()
-        else:
-            _log.info("stopped at step %d of %d (stop_after); resume with the same workdir",
-                      step, tc.steps)
+        loop.finish(checkpoints, step, tc.steps)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
