@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["launch/local.sh", "launch/tpu_vm.sh", "launch/slurm.sbatch"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_vm.sh", "launch/slurm.sbatch", "launch/xpk.sh"]
 SHELLCHECK = shutil.which("shellcheck", path=os.pathsep.join(
     [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
@@ -51,6 +51,31 @@ def test_tpu_vm_dry_run():
         assert out.returncode == 0 and out.stdout.startswith("gcloud compute tpus tpu-vm ")
     usage = sh("launch/tpu_vm.sh", "--dry_run", "nonsense")
     assert usage.returncode == 2 and "launch/tpu_vm.sh [--dry_run] create" in usage.stderr
+
+
+def test_xpk_dry_run():
+    env = {"CLUSTER": "c1", "ZONE": "z1", "PROJECT": "p1", "STORAGE": "s1", "NUM_SLICES": "2"}
+    train = sh("launch/xpk.sh", "--dry_run", "train", "configs/tiny_realm.py", "/mnt/b/w",
+               "--config.train.steps=5", env=env)
+    assert train.returncode == 0, train.stderr
+    words = train.stdout.split(" ")
+    assert words[:6] == ["xpk", "workload", "create", "--cluster=c1", "--zone=z1",
+                         "--project=p1"]
+    for flag in ("--workload=realm-jax-train", "--tpu-type=v5litepod-16", "--num-slices=2",
+                 "--max-restarts=50", "--storage=s1", "--script-dir=."):
+        assert flag in words
+    assert train.stdout.rstrip().endswith(
+        "realm-jax\\ train\\ --config\\ configs/tiny_realm.py\\ --workdir\\ /mnt/b/w"
+        "\\ --config.train.steps=5")
+    refresh = sh("launch/xpk.sh", "--dry_run", "refresh", "configs/tiny_realm.py", "/mnt/b/w",
+                 env=dict(env, DOCKER_IMAGE="gcr.io/p1/realm")).stdout
+    assert "--workload=realm-jax-refresh" in refresh and "--tpu-type=v5litepod-8" in refresh
+    assert "--docker-image=gcr.io/p1/realm" in refresh and "pip" not in refresh
+    delete = sh("launch/xpk.sh", "--dry_run", "delete", env=env).stdout.splitlines()
+    assert [line.split()[-1] for line in delete] == ["--workload=realm-jax-train",
+                                                      "--workload=realm-jax-refresh"]
+    usage = sh("launch/xpk.sh", "--dry_run", "train", "configs/tiny_realm.py")
+    assert usage.returncode == 2 and "launch/xpk.sh [--dry_run] train" in usage.stderr
 
 
 def test_slurm_dry_run():
