@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
+from common import Report, add_markdown_flag, matmul_peak_flops, minilm_folder, wiki_sample_path
 
 from realm_jax.index import base
 
@@ -156,16 +156,20 @@ def run_jax(bench: Bench, corpus, queries, truth):
         return searcher.search(queries, k)[1]
     ids_found, seconds = timed(search, bench.args.repeat)
     recall = base.recall_at_k(ids_found, truth, k)
-    # The memory roofline: one batch reads the corpus once; a plain jitted sum reading the
-    # same array is the fastest that read can be on these devices.
+    # The roofline of one batch on these devices: the corpus read once (at the speed of a
+    # plain jitted read of the same array) or 2 Q N D FLOPs (at the measured matmul peak),
+    # whichever takes longer; the row says what fraction of it the search reaches.
     read_all = jax.jit(lambda e: jnp.sum(e, dtype=jnp.float32))
     _, read_s = timed(lambda: read_all(searcher.embeddings).block_until_ready(),
                       bench.args.repeat + 1)
+    flops = 2.0 * len(queries) * searcher.size * searcher.dim
     devices = jax.devices()
+    peak = matmul_peak_flops() * len(devices)  # the corpus is sharded over all of them
+    bound, roofline_s = max((("memory", read_s), ("compute", flops / peak)), key=lambda b: b[1])
     bench.add("exact JAX device search",
               f"{dtype}, {len(devices)} x {devices[0].platform}, block {searcher.block_size}; "
-              f"corpus read at {searcher.embeddings.nbytes / seconds / 1e9:.1f} GB/s, "
-              f"{read_s / seconds:.0%} of a plain read's",
+              f"{flops / seconds / 1e9:.0f} GFLOP/s, {searcher.embeddings.nbytes / seconds / 1e9:.1f}"
+              f" GB/s: {roofline_s / seconds:.0%} of the {bound}-bound roofline",
               build, recall, len(queries) / seconds,
               searcher.embeddings.nbytes / searcher.size)
 
