@@ -1,0 +1,84 @@
+"""How often can retrieval help REALM's held-out masked sentences on the Wikipedia sample?
+
+For the held-out masked queries the trainer evaluates (`train/heldout.py`), the fraction
+whose masked span (the exact wordpieces) appears in a block the initial MiniLM query tower
+retrieves through the ScaNN index, with the source document excluded as in training (or,
+with `--exclude block`, only the source block). A query whose answer is in no candidate
+cannot gain from retrieval, so this bounds how far the held-out retrieval_utility can
+rise on this corpus.
+
+    python benchmarks/realm_evidence.py [--articles 20 --candidates 3 --exclude article]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import minilm_folder, wiki_sample_path
+
+
+def contains(tokens: list[int], span: list[int]) -> bool:
+    return any(tokens[s:s + len(span)] == span for s in range(len(tokens) - len(span) + 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--articles", type=int, default=20, help="articles of the sample")
+    parser.add_argument("--candidates", type=int, default=3,
+                        help="retrieval.num_candidates (the null document included)")
+    parser.add_argument("--exclude", choices=("article", "block"), default="article")
+    parser.add_argument("--queries", type=int, default=64)
+    args = parser.parse_args()
+
+    from realm_jax import config as config_lib
+    from realm_jax import refresh
+    from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.data.realm_examples import QueryMaker, collate_queries
+    from realm_jax.data.store import BlockStore
+    from realm_jax.index.store import IndexStore
+    from realm_jax.train import heldout, realm
+
+    model = minilm_folder()
+    root = Path(tempfile.mkdtemp(prefix="realm_evidence_"))
+    config = config_lib.load_config(
+        "demo_realm_minilm", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
+        f"model.init_from_hf={model}", f"retrieval.num_candidates={args.candidates}")
+    rc = config.retrieval
+    prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model, mode="realm",
+                   max_tokens=rc.block_length, max_documents=args.articles, progress=False)
+    refresh.publish_initial_index(config, root / "index")
+    store = BlockStore.open(root / "corpus")
+    maker = QueryMaker.for_store(store, model, query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    _, held = heldout.split_blocks(store, config.data.heldout_fraction)
+    queries = heldout.heldout_queries(store, maker, held, args.queries, config.seed)
+    configs, params = realm.build_models(config)
+    retriever = realm.HostRetriever(IndexStore(root / "index").latest(), configs["query_tower"],
+                                    params["query_tower"], store,
+                                    rc.num_candidates + (args.exclude == "block"),
+                                    rc.exclude_slack, rc.block_length, rc.scann_threads)
+    batch = collate_queries(queries)
+    if args.exclude == "block":  # no document excluded; the source block (one candidate more
+        # was asked for) is skipped below
+        batch["doc_index"] = np.full_like(batch["doc_index"], -1)
+    out = retriever(batch)
+    in_any = in_top = 0
+    for i, query in enumerate(queries):
+        span = query.mask_targets[query.mask_valid].tolist()
+        found = [contains(out["cand_tokens"][i, j, :out["cand_lengths"][i, j]].tolist(), span)
+                 for j in range(out["cand_ids"].shape[1])
+                 if out["cand_valid"][i, j] and out["cand_ids"][i, j] >= 0
+                 and not (args.exclude == "block" and out["cand_ids"][i, j] == query.block_id)]
+        in_any += any(found)
+        in_top += bool(found and found[0])
+    n = len(queries)
+    print(f"{args.articles} articles ({len(store)} blocks), {n} held-out queries, "
+          f"{args.candidates - 1} retrieved blocks, source {args.exclude} excluded: the masked "
+          f"span is in the top block for {in_top / n:.0%}, in some block for {in_any / n:.0%}")
+
+
+if __name__ == "__main__":
+    main()
