@@ -45,10 +45,8 @@ MAX_RESTARTS=${MAX_RESTARTS:-50}
 PRIORITY=${PRIORITY:-medium}
 DRY_RUN=${DRY_RUN:-}
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 if [ "${1:-}" = "--dry_run" ]; then
   DRY_RUN=1
@@ -57,16 +55,6 @@ fi
 [ $# -ge 1 ] || usage
 command=$1
 shift
-
-# Run (or, dry, print) one command line.
-x() {
-  if [ -n "$DRY_RUN" ]; then
-    printf '%q ' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
 where=("--cluster=$CLUSTER" "--zone=$ZONE")
 if [ -n "$PROJECT" ]; then

