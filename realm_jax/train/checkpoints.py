@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -76,6 +77,7 @@ def load_params(folder: str | os.PathLike, shardings=None):
 
 CHECKPOINTS_DIR = "checkpoints"
 FINISHED = "FINISHED"
+_LIST_ATTEMPTS = 5  # listing the steps while the trainer prunes one can fail; tries
 PARAMS_ITEM = "params"
 STATE_ITEM = "train_state"
 META_ITEM = "meta"
@@ -170,6 +172,17 @@ class TrainCheckpoints:
     def _read_manager(self) -> ocp.CheckpointManager | None:
         if self._writer is not None:  # the writer's own list is current (and a reload
             return self._writer         # could drop a save still in flight)
+        for attempt in range(_LIST_ATTEMPTS):
+            try:
+                return self._list_steps()
+            except FileNotFoundError:
+                # The trainer pruned a step while orbax was reading it: list again.
+                if attempt == _LIST_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2)
+
+    def _list_steps(self) -> ocp.CheckpointManager | None:
+        """The read-only manager, (re)reading the steps on disk."""
         if self._reader is None:
             if not self.directory.exists():
                 return None
