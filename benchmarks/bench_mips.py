@@ -35,6 +35,11 @@ from realm_jax.index import base
 
 ALL_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-hnsw")
 DEFAULT_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq")
+# Fractions of the partitions searched per query in the sweeps (ScaNN's leaves, FAISS's
+# lists), steps of about 1.25x.
+SEARCH_FRACTIONS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125, 0.016,
+                    0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.125, 0.16, 0.2, 0.25,
+                    0.3, 0.4, 0.5)
 
 
 def make_data(n: int, dim: int, num_queries: int, kind: str, spread: float, seed: int
@@ -80,13 +85,16 @@ def minilm_sentences(num_queries: int, limit: int, seed: int
     return vectors[order[num_queries:]], vectors[order[:num_queries]]
 
 
-def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
-    """Result of fn and its best wall time over `repeat` runs."""
-    best, out = math.inf, None
-    for _ in range(repeat):
+def timed(fn: Callable[[], Any], repeat: int = 1, min_seconds: float = 0.0
+          ) -> tuple[Any, float]:
+    """Result of fn and its best wall time over at least `repeat` runs, repeated until
+    `min_seconds` have passed (short searches are noisy: best of many)."""
+    best, out, runs, spent = math.inf, None, 0, 0.0
+    while runs < repeat or spent < min_seconds:
         t = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        best, runs, spent = min(best, seconds), runs + 1, spent + seconds
     return out, best
 
 
@@ -114,7 +122,7 @@ class Bench:
         q, k, target = len(truth), self.args.k, self.args.target_recall
         results: list[tuple[str, float, float]] = []
         for settings, search in configs:
-            ids, seconds = timed(search, self.args.repeat)
+            ids, seconds = timed(search, self.args.repeat, self.args.min_seconds)
             recall = base.recall_at_k(ids, truth, k)
             results.append((settings, recall, q / seconds))
             if self.args.verbose:
@@ -183,11 +191,11 @@ def run_scann(bench: Bench, corpus, queries, truth):
         searcher.serialize(d)
         size = folder_bytes(d)
     leaves = searcher.settings["num_leaves"]
+    spill = f" (SOAR {searcher.settings['soar_lambda']})" if searcher.settings["soar_lambda"] else ""
     configs = []
-    for frac in (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5):
-        n_leaves = max(1, int(round(leaves * frac)))
-        for reorder in (50, 100, 200, 400):
-            configs.append((f"{leaves} leaves, search {n_leaves}, reorder {reorder}",
+    for n_leaves in sorted({max(1, int(round(leaves * f))) for f in SEARCH_FRACTIONS}):
+        for reorder in (25, 50, 100, 200, 400):
+            configs.append((f"{leaves} leaves{spill}, search {n_leaves}, reorder {reorder}",
                             lambda n_leaves=n_leaves, reorder=reorder: searcher.search(
                                 queries, k, leaves_to_search=n_leaves, reorder=reorder)[1]))
     bench.log(f"scann: built in {build:.1f}s ({searcher.settings})")
@@ -230,8 +238,8 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
             configs.append((f"efSearch {ef}", search_with(setp)))
     else:
         ivf = faiss.extract_index_ivf(index)
-        factors = (1,) if method == "faiss-ivfflat" else (2, 5, 10, 20, 40)
-        for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        factors = (1,) if method == "faiss-ivfflat" else (1, 2, 5, 10, 20, 40)
+        for nprobe in sorted({max(1, int(round(nlist * f))) for f in SEARCH_FRACTIONS}):
             for kf in factors:
                 def setp(nprobe=nprobe, kf=kf):
                     ivf.nprobe = nprobe
@@ -274,6 +282,8 @@ def main(argv=None) -> None:
     parser.add_argument("--block_size", type=int, default=4096, help="JAX device search")
     parser.add_argument("--jax_dtype", default="float32", help="JAX corpus storage dtype")
     parser.add_argument("--repeat", type=int, default=2, help="timing: best of this many")
+    parser.add_argument("--min_seconds", type=float, default=0.5,
+                        help="timing: repeat a search until this much time has passed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print every sweep point")

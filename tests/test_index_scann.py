@@ -35,7 +35,8 @@ def test_tree_ah_recall(corpus, tree_searcher):
     emb, queries, ids = corpus
     settings = tree_searcher.settings
     assert settings["mode"] == "tree_ah_reorder"
-    assert settings["num_leaves"] == 173 and 8 <= settings["leaves_to_search"] < 173
+    assert settings["num_leaves"] == 346 and settings["leaves_to_search"] == 18  # 2 sqrt(N), 5%
+    assert settings["soar_lambda"] == 1.5
     assert settings["anisotropic_quantization_threshold"] == 0.2
     assert isinstance(tree_searcher, base.Searcher)
     assert tree_searcher.size == 30_000 and tree_searcher.dim == 64

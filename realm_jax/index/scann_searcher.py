@@ -1,8 +1,10 @@
 """Approximate maximum-inner-product search on the host with ScaNN.
 
 Below a size threshold the searcher is exact (brute force). Above it: a k-means tree with
-about sqrt(N) leaves (a fraction of them searched per query), anisotropic asymmetric hashing
-of the residuals, and an exact float re-scoring (reorder) of the best candidates. The
+about 2 sqrt(N) leaves (a fraction of them searched per query), each vector also spilled to
+a second leaf chosen by SOAR (orthogonality-amplified residuals, Sun et al. 2023), anisotropic
+asymmetric hashing of the residuals, and an exact float re-scoring (reorder) of the best
+candidates. The
 resolved settings are kept as a plain dict, so a snapshot manifest can record them, and the
 searcher is serialized into a folder with relative paths (the folder can be moved).
 """
@@ -26,17 +28,20 @@ SETTINGS_FILE = "realm_scann_settings.json"
 class ScannSettings:
     """How to build a ScaNN searcher; None fields are resolved from the corpus size.
 
-    num_leaves: tree leaves (default ~sqrt(N)); leaves_to_search: leaves probed per query
-    (default leaves_fraction of them, at least min_leaves_to_search); reorder: candidates
-    re-scored exactly; brute_force_below: corpora smaller than this are searched exactly.
-    num_threads: search threads (0: all cores).
+    num_leaves: tree leaves (default leaves_per_sqrt * sqrt(N)); leaves_to_search: leaves
+    probed per query (default leaves_fraction of them, at least min_leaves_to_search);
+    soar_lambda: SOAR spilling of every vector to a second leaf (None: one leaf each);
+    reorder: candidates re-scored exactly; brute_force_below: corpora smaller than this are
+    searched exactly. num_threads: search threads (0: all cores).
     """
 
     num_neighbors: int = 10
     brute_force_below: int = 20_000
     num_leaves: int | None = None
+    leaves_per_sqrt: float = 2.0
     leaves_to_search: int | None = None
     leaves_fraction: float = 0.05
+    soar_lambda: float | None = 1.5
     min_leaves_to_search: int = 8
     training_sample_size: int | None = None
     dims_per_block: int = 2
@@ -49,7 +54,7 @@ class ScannSettings:
         if n < self.brute_force_below:
             return {"mode": "brute_force", "num_neighbors": self.num_neighbors,
                     "num_threads": self.num_threads, "count": n, "dim": dim}
-        leaves = self.num_leaves or max(2, int(round(math.sqrt(n))))
+        leaves = self.num_leaves or max(2, int(round(self.leaves_per_sqrt * math.sqrt(n))))
         search = self.leaves_to_search or min(
             leaves, max(self.min_leaves_to_search, int(math.ceil(leaves * self.leaves_fraction))))
         return {
@@ -57,6 +62,7 @@ class ScannSettings:
             "num_neighbors": self.num_neighbors,
             "num_leaves": leaves,
             "leaves_to_search": search,
+            "soar_lambda": self.soar_lambda,
             "training_sample_size": self.training_sample_size or min(n, 250_000),
             "dims_per_block": self.dims_per_block,
             "anisotropic_quantization_threshold": self.anisotropic_quantization_threshold,
@@ -104,7 +110,8 @@ class ScannSearcher:
             builder = builder.tree(
                 num_leaves=resolved["num_leaves"],
                 num_leaves_to_search=resolved["leaves_to_search"],
-                training_sample_size=resolved["training_sample_size"])
+                training_sample_size=resolved["training_sample_size"],
+                soar_lambda=resolved.get("soar_lambda"))
             builder = builder.score_ah(
                 resolved["dims_per_block"],
                 anisotropic_quantization_threshold=resolved["anisotropic_quantization_threshold"])
