@@ -4,7 +4,8 @@ made by `prepare_corpus` with the MiniLM tokenizer), alternating in one run.
 
   - realm-jax: `realm_jax.index.embed_corpus` over the block store: rows
     [CLS] title [SEP] text [SEP] built from the stored tokens, length-bucketed batches on
-    all local devices, float16 output (what `realm-jax embed-corpus` / the refresher do);
+    all local devices (on a CPU host, one JAX device per core, as `realm-jax embed-corpus`
+    and the refresher set up by default: `--cpu_devices`), float16 output;
   - PyTorch, the way a user does it (sentence-transformers' `encode`): passages sorted by
     length, each batch tokenized as (title, text) pairs and padded to its longest row,
     BertModel forward, mean pooling, L2 normalization, numpy out;
@@ -36,8 +37,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default=None, help="HF folder (default: installed MiniLM)")
     parser.add_argument("--workdir", default=None, help="where the block store goes")
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="as `realm-jax embed-corpus --cpu_devices` (0: one per core)")
     add_markdown_flag(parser)
     args = parser.parse_args()
+    from realm_jax import sharding
+    sharding.use_cpu_devices(args.cpu_devices)
 
     import torch
     import transformers

@@ -60,9 +60,11 @@ def _load_tower(model: str):
 
 
 def _embed_corpus(args: argparse.Namespace) -> None:
+    from realm_jax import sharding
     from realm_jax.data.store import BlockStore
     from realm_jax.index import embed_corpus as ec
 
+    sharding.use_cpu_devices(args.cpu_devices)
     store = BlockStore.open(args.corpus)
     if args.model:
         cfg, params = _load_tower(args.model)
@@ -89,11 +91,12 @@ def _embed_corpus(args: argparse.Namespace) -> None:
 
 def _refresh(args: argparse.Namespace) -> None:
     from realm_jax import config as config_lib
-    from realm_jax import distributed, refresh
+    from realm_jax import distributed, refresh, sharding
 
     if not args.config:
         raise ValueError("refresh: --config configs/NAME.py is required")
     config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
+    sharding.use_cpu_devices(args.cpu_devices)
     distributed.from_args(args)
     refresh.main(config, args.workdir, once=args.once, from_hf=args.from_hf,
                  corpus=args.corpus, worker=args.worker, num_workers=args.num_workers,
@@ -230,6 +233,13 @@ def _distributed_flags(parser: argparse.ArgumentParser) -> None:
     distributed.add_flags(parser)
 
 
+def _cpu_devices_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="JAX CPU devices to split the cores into, each embedding a shard "
+                             "of every batch (0: one per core; 1: JAX's single CPU device); "
+                             "no effect on GPU/TPU devices or when XLA_FLAGS sets the count")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -295,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge_to", default=None,
                    help="then merge all shards into this .npy (all ids must be covered)")
     p.add_argument("--no_progress", action="store_true")
+    _cpu_devices_flag(p)
     p.set_defaults(run=_embed_corpus)
 
     p = sub.add_parser("refresh", help="keep WORKDIR/index up to date with the trainer's "
@@ -312,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=None,
                    help="workers embedding slices (default: the process count, else 1)")
     p.add_argument("--no_progress", action="store_true")
+    _cpu_devices_flag(p)
     _distributed_flags(p)
     p.set_defaults(run=_refresh, overrides=[])
 

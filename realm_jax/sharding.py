@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,6 +32,27 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("layers", None),
 )
+
+
+def use_cpu_devices(count: int | None = None) -> int:
+    """Split the host's cores into `count` JAX CPU devices (default: one per usable core);
+    call before JAX creates its backends, else the backend keeps its devices. Returns the
+    count the CPU backend has or will have (XLA_FLAGS' device count, when given, wins).
+    Devices of a GPU or TPU host are unaffected.
+
+    Why: XLA:CPU runs a transformer's small operations (attention's per-head matmuls,
+    normalization, softmax) on few threads; separate devices, each a shard of the batch, run
+    them side by side (MiniLM corpus embedding on 2 cores: about 1.3x docs/s)."""
+    flag = "--xla_force_host_platform_device_count="
+    given = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(flag)]
+    if given:
+        return int(given[-1][len(flag):])
+    count = count or len(os.sched_getaffinity(0))
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backends already exist (e.g. an earlier jax.devices())
+        return len(jax.devices("cpu"))
+    return count
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -1,5 +1,9 @@
 """Meshes from configs, logical rules, and sharded forward passes on 8 emulated devices."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -87,3 +91,16 @@ def test_loaded_weights_are_placed_sharded(tmp_path):
     mlp = placed["encoder"]["layers"]["layers_1"]["mlp"]["wi"]["kernel"]
     assert mlp.sharding.spec == P("fsdp", "tensor")
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(placed))
+
+
+def test_use_cpu_devices_splits_the_cores_before_the_backend_exists():
+    """In a fresh process: the count takes effect; later calls report the backend's count;
+    a count in XLA_FLAGS wins (this test process runs under one: 8 devices)."""
+    script = ("import jax; from realm_jax import sharding; "
+              "print(sharding.use_cpu_devices(3), len(jax.devices()), "
+              "sharding.use_cpu_devices(5), len(jax.devices()))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["3", "3", "3", "3"]
+    assert sharding.use_cpu_devices(2) == jax.device_count() == 8
