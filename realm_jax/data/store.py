@@ -314,9 +314,11 @@ class BlockStore:
         return BlockRecord(int(i), r["doc_id"], r["title"], r["text"],
                            [Span(*s) for s in r["spans"]], self.tokens(i), int(self.doc_index[i]))
 
-    def close(self) -> None:
+    def close(self, _os_close=os.close) -> None:
+        # (os.close bound at definition: __del__ may run at interpreter exit, after `os` is
+        # torn down)
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            _os_close(self._fd)
             self._fd = None
 
     def __enter__(self) -> BlockStore:
