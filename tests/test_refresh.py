@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -193,6 +194,17 @@ def test_train_checkpoints_contract(tmp_path, base_params, embedder):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "FINISHED").write_text("")
     assert other.is_finished()
+    writer.close()
+
+
+def test_train_checkpoints_in_a_relative_workdir(tmp_path, monkeypatch, base_params):
+    """`realm-jax demo` trains in ./workdir/...: orbax wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    writer = TrainCheckpoints("run", async_save=True)
+    writer.save(1, jax.tree.map(jnp.asarray, step_params(base_params, 1)),
+                train_state={"step": jnp.int32(1)})
+    writer.wait_until_finished()
+    assert TrainCheckpoints(tmp_path / "run").all_steps() == [1]
     writer.close()
 
 

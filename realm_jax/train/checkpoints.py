@@ -100,6 +100,9 @@ class TrainCheckpoints:
                  async_save: bool = False, independent: bool = False):
         from etils import epath
 
+        workdir = os.fspath(workdir)
+        if "://" not in workdir:  # orbax refuses relative local paths
+            workdir = os.path.abspath(workdir)
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CHECKPOINTS_DIR
         self._max_to_keep = max_to_keep
