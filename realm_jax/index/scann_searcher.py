@@ -4,9 +4,9 @@ Below a size threshold the searcher is exact (brute force). Above it: a k-means 
 about 2 sqrt(N) leaves (a fraction of them searched per query), each vector also spilled to
 a second leaf chosen by SOAR (orthogonality-amplified residuals, Sun et al. 2023), anisotropic
 asymmetric hashing of the residuals, and an exact float re-scoring (reorder) of the best
-candidates. The
-resolved settings are kept as a plain dict, so a snapshot manifest can record them, and the
-searcher is serialized into a folder with relative paths (the folder can be moved).
+candidates. The resolved settings are kept as a plain dict, so a snapshot manifest can
+record them, and the searcher is serialized into a folder with relative paths (the folder
+can be moved).
 """
 
 from __future__ import annotations
