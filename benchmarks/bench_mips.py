@@ -42,6 +42,11 @@ SEARCH_FRACTIONS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.01
                     0.3, 0.4, 0.5)
 
 
+def partitions_to_search(total: int) -> list[int]:
+    """The sweep's counts of partitions searched out of `total` (SEARCH_FRACTIONS)."""
+    return sorted({max(1, int(round(total * f))) for f in SEARCH_FRACTIONS})
+
+
 def make_data(n: int, dim: int, num_queries: int, kind: str, spread: float, seed: int
               ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -191,9 +196,10 @@ def run_scann(bench: Bench, corpus, queries, truth):
         searcher.serialize(d)
         size = folder_bytes(d)
     leaves = searcher.settings["num_leaves"]
-    spill = f" (SOAR {searcher.settings['soar_lambda']})" if searcher.settings["soar_lambda"] else ""
+    soar = searcher.settings["soar_lambda"]
+    spill = f" (SOAR {soar})" if soar else ""
     configs = []
-    for n_leaves in sorted({max(1, int(round(leaves * f))) for f in SEARCH_FRACTIONS}):
+    for n_leaves in partitions_to_search(leaves):
         for reorder in (25, 50, 100, 200, 400):
             configs.append((f"{leaves} leaves{spill}, search {n_leaves}, reorder {reorder}",
                             lambda n_leaves=n_leaves, reorder=reorder: searcher.search(
@@ -239,7 +245,7 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
     else:
         ivf = faiss.extract_index_ivf(index)
         factors = (1,) if method == "faiss-ivfflat" else (1, 2, 5, 10, 20, 40)
-        for nprobe in sorted({max(1, int(round(nlist * f))) for f in SEARCH_FRACTIONS}):
+        for nprobe in partitions_to_search(nlist):
             for kf in factors:
                 def setp(nprobe=nprobe, kf=kf):
                     ivf.nprobe = nprobe

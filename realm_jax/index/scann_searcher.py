@@ -111,7 +111,7 @@ class ScannSearcher:
                 num_leaves=resolved["num_leaves"],
                 num_leaves_to_search=resolved["leaves_to_search"],
                 training_sample_size=resolved["training_sample_size"],
-                soar_lambda=resolved.get("soar_lambda"))
+                soar_lambda=resolved["soar_lambda"])
             builder = builder.score_ah(
                 resolved["dims_per_block"],
                 anisotropic_quantization_threshold=resolved["anisotropic_quantization_threshold"])
