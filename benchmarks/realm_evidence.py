@@ -2,12 +2,12 @@
 
 For the held-out masked queries the trainer evaluates (`train/heldout.py`), the fraction
 whose masked span (the exact wordpieces) appears in a block the initial MiniLM query tower
-retrieves through the ScaNN index, with the source document excluded as in training (or,
-with `--exclude block`, only the source block). A query whose answer is in no candidate
-cannot gain from retrieval, so this bounds how far the held-out retrieval_utility can
-rise on this corpus.
+retrieves through the ScaNN index, with the query's source excluded as in training
+(`--exclude`: its block, the default, or its whole document). A query whose answer is in
+no candidate cannot gain from retrieval, so this bounds how far the held-out
+retrieval_utility can rise on this corpus.
 
-    python benchmarks/realm_evidence.py [--articles 20 --candidates 3 --exclude article]
+    python benchmarks/realm_evidence.py [--articles 20 --candidates 3 --exclude block]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from common import minilm_folder, wiki_sample_path
 
 
@@ -29,7 +28,8 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=20, help="articles of the sample")
     parser.add_argument("--candidates", type=int, default=3,
                         help="retrieval.num_candidates (the null document included)")
-    parser.add_argument("--exclude", choices=("article", "block"), default="article")
+    parser.add_argument("--exclude", choices=("block", "document"), default="block",
+                        help="retrieval.exclude: the query's own block, or its whole document")
     parser.add_argument("--queries", type=int, default=64)
     args = parser.parse_args()
 
@@ -57,21 +57,16 @@ def main() -> None:
     queries = heldout.heldout_queries(store, maker, held, args.queries, config.seed)
     configs, params = realm.build_models(config)
     retriever = realm.HostRetriever(IndexStore(root / "index").latest(), configs["query_tower"],
-                                    params["query_tower"], store,
-                                    rc.num_candidates + (args.exclude == "block"),
-                                    rc.exclude_slack, rc.block_length, rc.scann_threads)
-    batch = collate_queries(queries)
-    if args.exclude == "block":  # no document excluded; the source block (one candidate more
-        # was asked for) is skipped below
-        batch["doc_index"] = np.full_like(batch["doc_index"], -1)
-    out = retriever(batch)
+                                    params["query_tower"], store, rc.num_candidates,
+                                    rc.exclude_slack, rc.block_length, rc.scann_threads,
+                                    args.exclude)
+    out = retriever(collate_queries(queries))
     in_any = in_top = 0
     for i, query in enumerate(queries):
         span = query.mask_targets[query.mask_valid].tolist()
         found = [contains(out["cand_tokens"][i, j, :out["cand_lengths"][i, j]].tolist(), span)
                  for j in range(out["cand_ids"].shape[1])
-                 if out["cand_valid"][i, j] and out["cand_ids"][i, j] >= 0
-                 and not (args.exclude == "block" and out["cand_ids"][i, j] == query.block_id)]
+                 if out["cand_valid"][i, j] and out["cand_ids"][i, j] >= 0]
         in_any += any(found)
         in_top += bool(found and found[0])
     n = len(queries)

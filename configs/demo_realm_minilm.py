@@ -29,7 +29,8 @@ def get_config(arg=None):
     c.model.pooling = "pooler"
     c.retrieval = ml_collections.ConfigDict(dict(
         num_candidates=3, query_length=48, block_length=96, max_mask_tokens=10, mode="scann",
-        exclude_slack=24, score_scale=20.0, search_block_size=1024, scann_threads=1))
+        exclude="block", exclude_slack=24, score_scale=20.0, search_block_size=1024,
+        scann_threads=1))
     # score_scale: MiniLM's embeddings are unit vectors; 20 turns cosines into logits.
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
     c.sharding_rules = None

@@ -32,11 +32,13 @@ def get_config(arg=None):
     c.model.pooling = "pooler"
     # mode: "scann" (queries embedded and searched on the host, in the input pipeline) or
     # "device" (exact search of the sharded embedding matrix inside the step).
-    # exclude_slack: extra neighbours fetched so that dropping the query's own document's
-    # blocks still leaves num_candidates - 1.
+    # exclude: the retrieved block a query may not read, "block" (the one its sentence came
+    # from, as REALM) or "document" (every block of its source document); exclude_slack:
+    # extra neighbours fetched so that dropping them still leaves num_candidates - 1.
     c.retrieval = ml_collections.ConfigDict(dict(
         num_candidates=8, query_length=96, block_length=288, max_mask_tokens=10, mode="scann",
-        exclude_slack=16, score_scale=1.0, search_block_size=4096, scann_threads=0))
+        exclude="block", exclude_slack=16, score_scale=1.0, search_block_size=4096,
+        scann_threads=0))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))   # (data, fsdp, tensor)
     c.sharding_rules = None                                      # None: realm_jax.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(

@@ -27,7 +27,8 @@ def get_config(arg=None):
     c.model.pooling = "pooler"
     c.retrieval = ml_collections.ConfigDict(dict(
         num_candidates=4, query_length=24, block_length=32, max_mask_tokens=10, mode="device",
-        exclude_slack=16, score_scale=1.0, search_block_size=256, scann_threads=1))
+        exclude="block", exclude_slack=16, score_scale=1.0, search_block_size=256,
+        scann_threads=1))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
     c.sharding_rules = None
     c.train = ml_collections.ConfigDict(dict(

@@ -150,6 +150,26 @@ def test_exclude_source_document(backend):
         exclude_source(ids, docs, src[:1], 4)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_exclusion_keys_block_or_document(backend):
+    from realm_jax.train.realm import exclusion_keys
+    conv = np.asarray if backend == "numpy" else jnp.asarray
+    rows = conv(np.array([[4, 5, 6, 1, -1]]))       # blocks 4..6 are document 2; -1 empty
+    row_docs = conv(np.array([0, 0, 1, 1, 2, 2, 2]))
+    batch = {"block_id": conv(np.array([5])), "doc_index": conv(np.array([2]))}
+    # "block": only the sentence's own block goes; its document's other blocks stay.
+    cand, _ = exclude_source(rows, *exclusion_keys("block", rows, row_docs, batch), 4)
+    np.testing.assert_array_equal(cand, [[-1, 4, 6, 1]])
+    # "document": every block of document 2 goes; the empty slot stays empty.
+    keys, src = exclusion_keys("document", rows, row_docs, batch)
+    np.testing.assert_array_equal(keys, [[2, 2, 2, 0, -1]])
+    cand, ok = exclude_source(rows, keys, src, 4)
+    np.testing.assert_array_equal(cand, [[-1, 1, -1, -1]])
+    np.testing.assert_array_equal(ok, [[1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="retrieval.exclude"):
+        exclusion_keys("article", rows, row_docs, batch)
+
+
 CLS, SEP, MASK = 101, 102, 103
 
 

@@ -51,6 +51,7 @@ def _query_batch(rng) -> dict:
         ids[b, start:start + m] = SPECIAL.mask
     return {"input_ids": ids, "attention_mask": (np.arange(Q) < lengths[:, None]).astype(np.int32),
             "mask_positions": positions, "mask_targets": targets, "mask_valid": valid,
+            "block_id": rng.integers(0, N, B).astype(np.int64),
             "doc_index": rng.integers(0, N // 4, B).astype(np.int64)}
 
 
@@ -96,7 +97,8 @@ class Step:
             rows = corpus_sharding(mesh, self.rules).spec[0]
             self.corpus_sharding = NamedSharding(mesh, PartitionSpec(rows))
         loss_fn = realm.RealmLossFn(configs, SPECIAL, K, exclude_slack=4, score_scale=1.0,
-                                    mode=mode, num_valid=NUM_VALID, block_size=8)
+                                    mode=mode, num_valid=NUM_VALID, block_size=8,
+                                    exclude="document")
         corpus_shardings = None if mode == "scann" else self.corpus_sharding
         self._fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(
             p_shardings, self.batch_sharding, corpus_shardings,

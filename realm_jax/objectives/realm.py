@@ -116,13 +116,15 @@ def realm_loss_from_logits(retrieval_logits: Array, mlm_logits: Array, mask_targ
 
 def exclude_source(retrieved_ids: Any, retrieved_docs: Any, source_docs: Any,
                    num_candidates: int, *, null_id: int = NULL_ID) -> tuple[Any, Any]:
-    """Drops retrieved blocks from the query's own document, keeps the best
+    """Drops the retrieved blocks whose key is the query's source key, keeps the best
     ``num_candidates - 1`` others (in retrieval order) and puts the null document first.
+    The keys are block ids (only the block the query came from is dropped) or document
+    ordinals (every block of its document).
 
     Args:
       retrieved_ids: [B, R] block ids, best first; negative ids are empty slots.
-      retrieved_docs: [B, R] the source-document ordinal of each retrieved block.
-      source_docs: [B] the document each query came from.
+      retrieved_docs: [B, R] the key of each retrieved block.
+      source_docs: [B] the key of each query's source.
       num_candidates: K, the null document included (8 in REALM).
       null_id: the id standing for the null document.
 

@@ -9,8 +9,9 @@ configured retrieval mode, at the start, every `train.eval_every` steps and at t
 null document), measured on sentences the model never trained on.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
-sentence never retrieves its own document (the source document is excluded, as in
-training), and no training query masks a held-out sentence.
+sentence never retrieves its own block (or its whole document, with
+`retrieval.exclude="document"`), as in training, and no training query masks a held-out
+sentence.
 """
 
 from __future__ import annotations

@@ -32,7 +32,11 @@ _log = logging.getLogger(__name__)
 
 PARTS = ("query_tower", "doc_tower", "reader")
 QUERY_FIELDS = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid",
-                "doc_index")
+                "block_id", "doc_index")
+# retrieval.exclude: which retrieved blocks a query may not read. "block": the block its
+# sentence came from (REALM's trivial candidate; the reference example generator drops that
+# one candidate), "document": every block of its source document.
+EXCLUDE_MODES = ("block", "document")
 CANDIDATE_FIELDS = ("cand_ids", "cand_valid", "cand_tokens", "cand_lengths")
 
 
@@ -121,7 +125,7 @@ def batch_shapes(batch_size: int, rc: ml_collections.ConfigDict) -> dict:
     i32, flag = np.dtype(np.int32), np.dtype(bool)
     shapes = {"input_ids": ((b, q), i32), "attention_mask": ((b, q), i32),
               "mask_positions": ((b, m), i32), "mask_targets": ((b, m), i32),
-              "mask_valid": ((b, m), flag), "doc_index": ((b,), i32)}
+              "mask_valid": ((b, m), flag), "block_id": ((b,), i32), "doc_index": ((b,), i32)}
     if rc.mode == "scann":
         shapes.update(cand_ids=((b, k), i32), cand_valid=((b, k), flag),
                       cand_tokens=((b, k, c), i32), cand_lengths=((b, k), i32))
@@ -228,13 +232,28 @@ def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int,
             "doc_index": jax.ShapeDtypeStruct((padded,), i32, sharding=spec(1))}
 
 
+def exclusion_keys(exclude: str, rows, row_docs, batch: dict):
+    """(keys of the retrieved rows [B, R], key of each query's source [B]) for
+    `exclude_source`: block ids, or (`exclude="document"`) source-document ordinals, where
+    `row_docs` maps a retrieved row to its document (rows < 0, empty slots, stay < 0).
+    numpy or jax, like `rows`."""
+    if exclude == "block":
+        return rows, batch["block_id"].astype(rows.dtype)
+    if exclude != "document":
+        raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, got {exclude!r}")
+    xp = np if isinstance(rows, np.ndarray) else jnp
+    docs = xp.where(rows >= 0, xp.take(row_docs, xp.maximum(rows, 0), axis=0), -1)
+    return docs.astype(rows.dtype), batch["doc_index"].astype(rows.dtype)
+
+
 class HostRetriever:
     """The `scann` retrieval mode: queries embedded by the query tower of the snapshot's own
     checkpoint, searched with the snapshot's ScaNN index on the host, the candidates' tokens
     attached to the batch (runs in the input pipeline, overlapping the step)."""
 
     def __init__(self, snapshot, query_cfg: EmbedderConfig, query_params, store: BlockStore,
-                 num_candidates: int, exclude_slack: int, block_length: int, num_threads: int = 0):
+                 num_candidates: int, exclude_slack: int, block_length: int, num_threads: int = 0,
+                 exclude: str = "block"):
         self.snapshot = snapshot
         self.searcher = snapshot.scann_searcher(num_threads)
         self.params = jax.device_put(query_params)
@@ -245,12 +264,13 @@ class HostRetriever:
         self.depth = num_candidates - 1 + exclude_slack
         self.block_length = block_length
         self.doc_index = np.asarray(store.doc_index)
+        self.exclude = exclude
 
     def __call__(self, batch: dict) -> dict:
         queries = np.asarray(self._embed(self.params, batch["input_ids"], batch["attention_mask"]))
         _, ids = self.searcher.search(queries, min(self.depth, self.searcher.size))
-        docs = np.where(ids >= 0, self.doc_index[np.maximum(ids, 0)], -1)
-        cand, valid = exclude_source(ids, docs, batch["doc_index"], self.k)
+        cand, valid = exclude_source(
+            ids, *exclusion_keys(self.exclude, ids, self.doc_index, batch), self.k)
         tokens, lengths = candidate_tokens(self.store, cand, max_length=self.block_length)
         return dict(batch, cand_ids=cand, cand_valid=valid, cand_tokens=tokens,
                     cand_lengths=lengths)
@@ -282,18 +302,19 @@ class RealmLossFn:
     mode: str                       # "device" or "scann"
     num_valid: int = 0              # device mode: corpus rows that are real
     block_size: int = 4096
+    exclude: str = "block"          # retrieval.exclude (EXCLUDE_MODES)
 
     def device_candidates(self, params, batch, corpus) -> dict:
         """Embed the queries with the live tower, search the sharded corpus, drop the
-        source document's blocks, gather the candidates' tokens."""
+        query's source (`exclude`), gather the candidates' tokens."""
         q = self.configs["query_tower"].module().apply(
             {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"])
         depth = min(self.num_candidates - 1 + self.exclude_slack, self.num_valid)
         _, rows = device_topk(jax.lax.stop_gradient(q), corpus["embeddings"], depth,
                               block_size=self.block_size, num_valid=self.num_valid)
-        docs = jnp.take(corpus["doc_index"], rows, axis=0)
-        cand, valid = exclude_source(rows, docs, batch["doc_index"].astype(rows.dtype),
-                                     self.num_candidates)
+        cand, valid = exclude_source(
+            rows, *exclusion_keys(self.exclude, rows, corpus["doc_index"], batch),
+            self.num_candidates)
         safe = jnp.maximum(cand, 0)
         tokens = jnp.take(corpus["tokens"], safe, axis=0)
         lengths = jnp.where(cand >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)

@@ -123,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     loss_fn = realm.RealmLossFn(
         configs, maker.special, rc.num_candidates, rc.exclude_slack,
         rc.score_scale, rc.mode, num_valid=len(store),
-        block_size=rc.search_block_size)
+        block_size=rc.search_block_size, exclude=rc.exclude)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
     def use_snapshot(snap):
@@ -140,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             query_params = jax.device_get(state.params["query_tower"])
         return None, realm.HostRetriever(snap, configs["query_tower"], query_params, store,
                                          rc.num_candidates, rc.exclude_slack,
-                                         rc.block_length, rc.scann_threads)
+                                         rc.block_length, rc.scann_threads, rc.exclude)
 
     corpus, retriever = use_snapshot(snapshot)
     _log.info("using index %s (checkpoint step %d)", snapshot.version, snapshot.step)
@@ -280,9 +280,9 @@ def predict_examples(config: ml_collections.ConfigDict, workdir: str | Path, par
     params = jax.device_get(params)
     retriever = realm.HostRetriever(snapshot, configs["query_tower"], params["query_tower"],
                                     store, rc.num_candidates, rc.exclude_slack, rc.block_length,
-                                    rc.scann_threads)
+                                    rc.scann_threads, rc.exclude)
     loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
-                                rc.score_scale, "scann")
+                                rc.score_scale, "scann", exclude=rc.exclude)
     queries = [q for q, _ in zip(maker.iter_store(store, np.random.default_rng(seed).permutation(
         len(store)), seed=seed), range(num))]
     from realm_jax.data.realm_examples import collate_queries
