@@ -131,8 +131,13 @@ class Bench:
         median: the sweep's best-of-many favours whichever method had more lucky draws, and
         a machine's speed drifts between the methods' sweeps."""
         rows = [r for r in self.rows if r["search"] is not None] if rounds > 0 else []
-        speeds = [[num_queries / timed(r["search"], 1, self.args.min_seconds)[1] for r in rows]
-                  for _ in range(rounds)]
+
+        def qps(row) -> float:
+            # Let the previous method's worker threads go idle first: FAISS's OpenMP threads
+            # spin after each call, and slowed a ScaNN search that followed by ~20%.
+            time.sleep(self.args.pause)
+            return num_queries / timed(row["search"], 1, self.args.min_seconds)[1]
+        speeds = [[qps(r) for r in rows] for _ in range(rounds)]
         for row, row_speeds in zip(rows, zip(*speeds)):
             row["sweep_qps"], row["qps"] = row["qps"], float(np.median(row_speeds))
             row["settings"] = row["describe"](row["qps"])
@@ -318,6 +323,8 @@ def main(argv=None) -> None:
                         help="timing: after the sweeps, every row's setting is timed again in "
                              "this many interleaved rounds and the median reported (0: the "
                              "sweep's best)")
+    parser.add_argument("--pause", type=float, default=1.0,
+                        help="timing: seconds of idle before each row's timing in the rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="print every sweep point")

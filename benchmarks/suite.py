@@ -60,17 +60,18 @@ BENCHMARKS = (
     Benchmark(
         "mips", "MIPS on 1M vectors (issue 3)", "bench_mips.py",
         ("--n", "1000000"),
-        ("--n", "5000", "--queries", "100", "--repeat", "1", "--min_seconds", "0",
+        ("--n", "5000", "--queries", "100", "--repeat", "1", "--min_seconds", "0", "--pause", "0",
          "--methods", "numpy,jax,scann"),
         "Clustered unit vectors, queries from the same distribution, top-10, all queries in "
         "one batch on all cores. ScaNN and FAISS are swept over their search knobs; each row "
-        "is the fastest setting reaching recall@10 >= 0.95. Bytes per vector count what the "
-        "serialized index holds."),
+        "is the fastest setting reaching recall@10 >= 0.95, then timed again with every "
+        "other row in 3 interleaved rounds (median; 1 s idle before each timing). Bytes per "
+        "vector count what the serialized index holds."),
     Benchmark(
         "mips_minilm", "MIPS on real MiniLM embeddings (issue 3)", "bench_mips.py",
         ("--data", "minilm"),
         ("--data", "minilm", "--minilm_limit", "600", "--queries", "50", "--repeat", "1",
-         "--min_seconds", "0",
+         "--min_seconds", "0", "--pause", "0",
          "--methods", "numpy,jax,scann"),
         "Every sentence of the Wikipedia sample embedded by all-MiniLM-L6-v2 (384 wide, unit "
         "norm); held-out sentences are the queries. The same methods and sweep as above."),
