@@ -152,7 +152,7 @@ def test_exclude_source_document(backend):
 
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_exclusion_keys_block_or_document(backend):
-    from realm_jax.train.realm import exclusion_keys
+    from realm_jax.train.realm import RealmLossFn, exclusion_keys
     conv = np.asarray if backend == "numpy" else jnp.asarray
     rows = conv(np.array([[4, 5, 6, 1, -1]]))       # blocks 4..6 are document 2; -1 empty
     row_docs = conv(np.array([0, 0, 1, 1, 2, 2, 2]))
@@ -168,6 +168,8 @@ def test_exclusion_keys_block_or_document(backend):
     np.testing.assert_array_equal(ok, [[1, 1, 0, 0]])
     with pytest.raises(ValueError, match="retrieval.exclude"):
         exclusion_keys("article", rows, row_docs, batch)
+    with pytest.raises(ValueError, match="retrieval.exclude"):
+        RealmLossFn({}, None, 4, 0, 1.0, "scann", exclude="article")
 
 
 CLS, SEP, MASK = 101, 102, 103

@@ -304,6 +304,11 @@ class RealmLossFn:
     block_size: int = 4096
     exclude: str = "block"          # retrieval.exclude (EXCLUDE_MODES)
 
+    def __post_init__(self):
+        if self.exclude not in EXCLUDE_MODES:
+            raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, "
+                             f"got {self.exclude!r}")
+
     def device_candidates(self, params, batch, corpus) -> dict:
         """Embed the queries with the live tower, search the sharded corpus, drop the
         query's source (`exclude`), gather the candidates' tokens."""
