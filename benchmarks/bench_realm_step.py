@@ -69,15 +69,11 @@ def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
     params = result["final_state"].params
     configs, snapshot = result["configs"], result["snapshot"]
     if rc.mode == "scann":
-        retriever = realm.HostRetriever(snapshot, configs["query_tower"],
-                                        jax.device_get(params["query_tower"]), store,
-                                        rc.num_candidates, rc.exclude_slack, rc.block_length,
-                                        rc.scann_threads, rc.exclude)
+        retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
+                                                    jax.device_get(params["query_tower"]), store)
         return median_seconds(lambda: retriever(batch)["cand_tokens"], repeats)
     mesh = sharding.mesh_from_config(config)
-    loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
-                                rc.score_scale, rc.mode, num_valid=len(store),
-                                block_size=rc.search_block_size, exclude=rc.exclude)
+    loss_fn = realm.RealmLossFn.from_config(rc, configs, maker.special, num_valid=len(store))
     with sharding.activate(mesh, sharding.rules_from_config(config)):
         corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh, loss_fn.block_size)
         fields = {k: batch[k] for k in realm.QUERY_FIELDS}

@@ -45,7 +45,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="realm_evidence_"))
     config = config_lib.load_config(
         "demo_realm_minilm", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
-        f"model.init_from_hf={model}", f"retrieval.num_candidates={args.candidates}")
+        f"model.init_from_hf={model}", f"retrieval.num_candidates={args.candidates}",
+        f"retrieval.exclude={args.exclude}")
     rc = config.retrieval
     prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model, mode="realm",
                    max_tokens=rc.block_length, max_documents=args.articles, progress=False)
@@ -56,10 +57,9 @@ def main() -> None:
     _, held = heldout.split_blocks(store, config.data.heldout_fraction)
     queries = heldout.heldout_queries(store, maker, held, args.queries, config.seed)
     configs, params = realm.build_models(config)
-    retriever = realm.HostRetriever(IndexStore(root / "index").latest(), configs["query_tower"],
-                                    params["query_tower"], store, rc.num_candidates,
-                                    rc.exclude_slack, rc.block_length, rc.scann_threads,
-                                    args.exclude)
+    retriever = realm.HostRetriever.from_config(rc, IndexStore(root / "index").latest(),
+                                                configs["query_tower"], params["query_tower"],
+                                                store)
     out = retriever(collate_queries(queries))
     in_any = in_top = 0
     for i, query in enumerate(queries):

@@ -158,9 +158,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
         corpus_rows = None
     # The special ids are constants of the step: BERT's unless the tokenizer is at hand.
     special = SpecialIds(cls=101, sep=102, mask=103, pad=0)
-    loss_fn = realm.RealmLossFn(configs, special, rc.num_candidates, rc.exclude_slack,
-                                rc.score_scale, rc.mode, num_valid=corpus_rows or 0,
-                                block_size=rc.search_block_size, exclude=rc.exclude)
+    loss_fn = realm.RealmLossFn.from_config(rc, configs, special, num_valid=corpus_rows or 0)
     step = jit_train_step(loss_fn, optimizer, shardings, batch_sharding,
                           None if corpus is None else {k: v.sharding for k, v in corpus.items()})
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,

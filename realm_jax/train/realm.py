@@ -266,6 +266,13 @@ class HostRetriever:
         self.doc_index = np.asarray(store.doc_index)
         self.exclude = exclude
 
+    @classmethod
+    def from_config(cls, rc: ml_collections.ConfigDict, snapshot, query_cfg: EmbedderConfig,
+                    query_params, store: BlockStore) -> "HostRetriever":
+        """The retriever the `retrieval` config section `rc` describes."""
+        return cls(snapshot, query_cfg, query_params, store, rc.num_candidates,
+                   rc.exclude_slack, rc.block_length, rc.scann_threads, rc.exclude)
+
     def __call__(self, batch: dict) -> dict:
         queries = np.asarray(self._embed(self.params, batch["input_ids"], batch["attention_mask"]))
         _, ids = self.searcher.search(queries, min(self.depth, self.searcher.size))
@@ -308,6 +315,15 @@ class RealmLossFn:
         if self.exclude not in EXCLUDE_MODES:
             raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, "
                              f"got {self.exclude!r}")
+
+    @classmethod
+    def from_config(cls, rc: ml_collections.ConfigDict, configs: dict, special: SpecialIds,
+                    mode: str | None = None, num_valid: int = 0) -> "RealmLossFn":
+        """The loss the `retrieval` config section `rc` describes (`mode` overrides
+        rc.mode; `num_valid`: the corpus rows, for device mode)."""
+        return cls(configs, special, rc.num_candidates, rc.exclude_slack, rc.score_scale,
+                   mode or rc.mode, num_valid=num_valid, block_size=rc.search_block_size,
+                   exclude=rc.exclude)
 
     def device_candidates(self, params, batch, corpus) -> dict:
         """Embed the queries with the live tower, search the sharded corpus, drop the

@@ -120,10 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint))
     snapshot = loop.wait_for_snapshot(watcher, tc.index_wait_seconds, index_dir)
 
-    loss_fn = realm.RealmLossFn(
-        configs, maker.special, rc.num_candidates, rc.exclude_slack,
-        rc.score_scale, rc.mode, num_valid=len(store),
-        block_size=rc.search_block_size, exclude=rc.exclude)
+    loss_fn = realm.RealmLossFn.from_config(rc, configs, maker.special, num_valid=len(store))
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
     def use_snapshot(snap):
@@ -138,9 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             _log.warning("checkpoint %d of snapshot %s is gone: embedding queries with the "
                          "live query tower", snap.step, snap.version)
             query_params = jax.device_get(state.params["query_tower"])
-        return None, realm.HostRetriever(snap, configs["query_tower"], query_params, store,
-                                         rc.num_candidates, rc.exclude_slack,
-                                         rc.block_length, rc.scann_threads, rc.exclude)
+        return None, realm.HostRetriever.from_config(rc, snap, configs["query_tower"],
+                                                     query_params, store)
 
     corpus, retriever = use_snapshot(snapshot)
     _log.info("using index %s (checkpoint step %d)", snapshot.version, snapshot.step)
@@ -278,11 +274,9 @@ def predict_examples(config: ml_collections.ConfigDict, workdir: str | Path, par
     configs = TrainCheckpoints(workdir).model_configs()
     snapshot = IndexStore(Path(workdir) / "index").latest()
     params = jax.device_get(params)
-    retriever = realm.HostRetriever(snapshot, configs["query_tower"], params["query_tower"],
-                                    store, rc.num_candidates, rc.exclude_slack, rc.block_length,
-                                    rc.scann_threads, rc.exclude)
-    loss_fn = realm.RealmLossFn(configs, maker.special, rc.num_candidates, rc.exclude_slack,
-                                rc.score_scale, "scann", exclude=rc.exclude)
+    retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
+                                                params["query_tower"], store)
+    loss_fn = realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann")
     queries = [q for q, _ in zip(maker.iter_store(store, np.random.default_rng(seed).permutation(
         len(store)), seed=seed), range(num))]
     from realm_jax.data.realm_examples import collate_queries
