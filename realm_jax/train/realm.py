@@ -232,15 +232,20 @@ def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int,
             "doc_index": jax.ShapeDtypeStruct((padded,), i32, sharding=spec(1))}
 
 
+def check_exclude(exclude: str) -> str:
+    """`exclude` if it is one of EXCLUDE_MODES, else a ValueError naming the config field."""
+    if exclude not in EXCLUDE_MODES:
+        raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, got {exclude!r}")
+    return exclude
+
+
 def exclusion_keys(exclude: str, rows, row_docs, batch: dict):
     """(keys of the retrieved rows [B, R], key of each query's source [B]) for
     `exclude_source`: block ids, or (`exclude="document"`) source-document ordinals, where
     `row_docs` maps a retrieved row to its document (rows < 0, empty slots, stay < 0).
     numpy or jax, like `rows`."""
-    if exclude == "block":
+    if check_exclude(exclude) == "block":
         return rows, batch["block_id"].astype(rows.dtype)
-    if exclude != "document":
-        raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, got {exclude!r}")
     xp = np if isinstance(rows, np.ndarray) else jnp
     docs = xp.where(rows >= 0, xp.take(row_docs, xp.maximum(rows, 0), axis=0), -1)
     return docs.astype(rows.dtype), batch["doc_index"].astype(rows.dtype)
@@ -264,7 +269,7 @@ class HostRetriever:
         self.depth = num_candidates - 1 + exclude_slack
         self.block_length = block_length
         self.doc_index = np.asarray(store.doc_index)
-        self.exclude = exclude
+        self.exclude = check_exclude(exclude)
 
     @classmethod
     def from_config(cls, rc: ml_collections.ConfigDict, snapshot, query_cfg: EmbedderConfig,
@@ -312,9 +317,7 @@ class RealmLossFn:
     exclude: str = "block"          # retrieval.exclude (EXCLUDE_MODES)
 
     def __post_init__(self):
-        if self.exclude not in EXCLUDE_MODES:
-            raise ValueError(f"retrieval.exclude must be one of {EXCLUDE_MODES}, "
-                             f"got {self.exclude!r}")
+        check_exclude(self.exclude)
 
     @classmethod
     def from_config(cls, rc: ml_collections.ConfigDict, configs: dict, special: SpecialIds,
