@@ -52,6 +52,9 @@ def get_config(arg=None):
     steps = 40_000
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=steps, learning_rate=1e-5,
+        # lr_multipliers: each part's learning rate (weight decay included) as a factor of
+        # learning_rate; 0 freezes the part.
+        lr_multipliers=dict(query_tower=1.0, reader=1.0),
         warmup_steps=min(10_000, max(100, steps // 10)), decay="linear", weight_decay=0.01,
         clip_norm=1.0, checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         log_every=50, peak_flops_per_device=197e12, eval_questions=1000, eval_every=1000,

@@ -43,6 +43,9 @@ def get_config(arg=None):
     c.sharding_rules = None                                      # None: realm_jax.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(
         batch_size=512, steps=200_000, learning_rate=3e-5, warmup_steps=10_000,
+        # lr_multipliers: each part's learning rate (weight decay included) as a factor of
+        # learning_rate; 0 freezes the part.
+        lr_multipliers=dict(query_tower=1.0, doc_tower=1.0, reader=1.0),
         decay="linear", weight_decay=0.01, clip_norm=1.0, checkpoint_every=500,
         keep_checkpoints=3, async_checkpoints=True, log_every=10, index_wait_seconds=3600,
         peak_flops_per_device=197e12,  # bf16 peak of one TPU v5e chip

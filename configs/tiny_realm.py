@@ -33,6 +33,9 @@ def get_config(arg=None):
     c.sharding_rules = None
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=4, learning_rate=1e-3, warmup_steps=1, decay="linear",
+        # lr_multipliers: each part's learning rate (weight decay included) as a factor of
+        # learning_rate; 0 freezes the part.
+        lr_multipliers=dict(query_tower=1.0, doc_tower=1.0, reader=1.0),
         weight_decay=0.01, clip_norm=1.0, checkpoint_every=2, keep_checkpoints=3,
         async_checkpoints=True, log_every=1, index_wait_seconds=300,
         peak_flops_per_device=1e11,

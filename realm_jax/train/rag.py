@@ -174,18 +174,8 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
 def make_rag_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The trainers' optimizer; the question encoder's updates scaled by
     `train.question_encoder_lr_multiplier` (its learning rate, weight decay included)."""
-    optimizer = make_optimizer(train)
-    factor = float(train.get("question_encoder_lr_multiplier", 1.0))
-    if factor == 1.0:
-        return optimizer
-
-    def scale(updates, state, params=None):
-        del params
-        return dict(updates, question_encoder=jax.tree.map(
-            lambda u: u * factor, updates["question_encoder"])), state
-
-    return optax.chain(optimizer, optax.GradientTransformation(
-        lambda params: optax.EmptyState(), scale))
+    return make_optimizer(train, {"question_encoder": train.get(
+        "question_encoder_lr_multiplier", 1.0)})
 
 
 # ---------------------------------------------------------------------------------------
