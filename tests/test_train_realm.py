@@ -94,6 +94,18 @@ def _assert_eval(values, step):
     assert values["heldout_masked_tokens"] > 0 and values["heldout_queries"] == 16
 
 
+def test_paired_change_by_hand():
+    # Three queries (the last one padding, no tokens): 2 and 1 masked tokens.
+    before = (np.array([-1.0, 0.5, 0.0]), np.array([2.0, 1.0, 0.0]))
+    after = (np.array([0.2, 0.2, 9.0]), np.array([2.0, 1.0, 0.0]))
+    change, se = heldout.paired_change(before, after)
+    # Differences per query 1.2 and -0.3 over 3 tokens: (1.2 - 0.3) / 3 = 0.3; residuals
+    # 1.2 - 2 * 0.3 = 0.6 and -0.3 - 0.3 = -0.6: sqrt(2 / 1 * 0.72) / 3 = 0.4.
+    assert change == pytest.approx(0.3) and se == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="different tokens"):
+        heldout.paired_change(before, (after[0], np.array([1.0, 1.0, 0.0])))
+
+
 def test_heldout_documents_and_queries(corpus, minilm_path):
     held = heldout.heldout_documents(25, 0.1)
     assert np.flatnonzero(held).tolist() == [0, 10, 20]          # every 10th, from the first
@@ -156,6 +168,14 @@ def test_trainer_and_refresher_side_by_side(tmp_path, corpus, minilm_path, mode)
     evals = [r for r in read_metrics(tmp_path) if "heldout_loss" in r]
     assert [r["step"] for r in evals] == [0, 6]
     assert evals[-1]["heldout_loss"] == pytest.approx(result["last_eval"]["heldout_loss"])
+    # The end's change since the start, paired over the same queries, with its error.
+    assert "heldout_retrieval_utility_change" not in result["first_eval"]
+    last = result["last_eval"]
+    assert last["heldout_retrieval_utility_change"] == pytest.approx(
+        last["heldout_retrieval_utility"] - result["first_eval"]["heldout_retrieval_utility"],
+        abs=1e-5)
+    assert np.isfinite(last["heldout_retrieval_utility_change_se"])
+    assert last["heldout_retrieval_utility_change_se"] > 0
     # Gradients reached all three parts: each moved away from its initialisation.
     _, initial = realm.build_models(config)
     trained = jax.device_get(result["final_state"].params)

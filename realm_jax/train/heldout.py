@@ -6,7 +6,11 @@ the trainer draws its masked queries from the other documents only. A fixed set 
 with the config seed) is scored without dropout, through the newest index snapshot in the
 configured retrieval mode, at the start, every `train.eval_every` steps and at the end:
 `heldout_loss` and `heldout_retrieval_utility` (the marginal MLM loss and its gain over the
-null document), measured on sentences the model never trained on.
+null document), measured on sentences the model never trained on. From the second
+evaluation on, `heldout_retrieval_utility_change` is its change since the run's first
+evaluation, paired over the same queries, with a standard error
+(`heldout_retrieval_utility_change_se`): with a few dozen queries the utility moves by a few
+hundredths between evaluations by chance alone.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
@@ -20,6 +24,7 @@ import fractions
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -110,10 +115,15 @@ class HeldoutEval:
         self.batch = pad_batch(collate_queries(queries), shards)
         self.scann = loss_fn.mode == "scann"
         self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
+        self._first: tuple[np.ndarray, np.ndarray] | None = None  # per query, at the 1st call
 
         def metrics(params, batch, corpus):
-            _, (values, _) = loss_fn(params, batch, corpus, None)
-            return {PREFIX + k: v for k, v in values.items()}
+            out, _ = loss_fn.scored(params, batch, corpus, None)
+            values = {PREFIX + k: v for k, v in realm.loss_metrics(out).items()}
+            # Per query: the summed utility of its masked tokens, and their count.
+            values["query_utility"] = (out.marginal_log_probs - out.null_log_probs).sum(-1)
+            values["query_tokens"] = jnp.asarray(batch["mask_valid"], jnp.float32).sum(-1)
+            return values
 
         self._metrics = jax.jit(metrics, in_shardings=(
             param_shardings, self.batch_sharding, corpus_shardings),
@@ -133,6 +143,37 @@ class HeldoutEval:
             batch = retriever(batch)
         batch = {k: self._global(batch[k]) for k in self.fields}
         values = jax.device_get(self._metrics(params, batch, corpus_arrays))
+        per_query = (np.asarray(values.pop("query_utility"), np.float64),
+                     np.asarray(values.pop("query_tokens"), np.float64))
         out = {k: float(v) for k, v in values.items()}
         out[PREFIX + "queries"] = float(self.num_queries)
+        if self._first is None:
+            self._first = per_query
+        else:
+            change, se = paired_change(self._first, per_query)
+            out[PREFIX + "retrieval_utility_change"] = change
+            out[PREFIX + "retrieval_utility_change_se"] = se
         return out
+
+
+def paired_change(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]
+                  ) -> tuple[float, float]:
+    """(change, standard error) of the token-weighted mean utility between two evaluations of
+    the same queries, each given as (summed utility per query, masked tokens per query).
+
+    The change is exactly the difference of the two means. Its standard error treats the
+    queries, not the tokens, as the independent draws (the tokens of one span rise and fall
+    together): the ratio estimator's sqrt(Q / (Q - 1) * sum_q (d_q - n_q * change)^2) / N
+    over the Q queries with tokens, d_q the change of query q's sum, n_q its tokens, N all."""
+    (s0, n0), (s1, n1) = before, after
+    if not np.array_equal(n0, n1):
+        raise ValueError("paired_change: the two evaluations scored different tokens")
+    keep = n0 > 0
+    d, n = (s1 - s0)[keep], n0[keep]
+    total, q = n.sum(), len(n)
+    if q == 0:
+        return 0.0, float("nan")
+    change = d.sum() / total
+    se = (np.sqrt(q / (q - 1) * np.sum((d - n * change) ** 2)) / total if q > 1
+          else float("nan"))
+    return float(change), float(se)

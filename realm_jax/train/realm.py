@@ -26,7 +26,8 @@ from realm_jax.data.realm_examples import QueryMaker, SpecialIds, candidate_toke
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
 from realm_jax.models import EmbedderConfig, MaskedLMConfig
-from realm_jax.objectives.realm import exclude_source, reader_inputs, realm_loss_from_logits
+from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs,
+                                        realm_loss_from_logits)
 
 _log = logging.getLogger(__name__)
 
@@ -304,6 +305,14 @@ def doc_tower_inputs(tokens: jax.Array, lengths: jax.Array, special: SpecialIds)
     return ids.astype(jnp.int32), (t <= n + 1).astype(jnp.int32)
 
 
+def loss_metrics(out: RealmLoss) -> dict:
+    """The logged metrics of a step's (or an evaluation's) loss."""
+    return {"loss": out.loss, "retrieval_utility": out.retrieval_utility,
+            "masked_tokens": out.num_tokens,
+            "top_candidate_prob": jnp.exp(out.retrieval_log_probs.max(-1)).mean(),
+            "null_prob": jnp.exp(out.retrieval_log_probs[:, 0]).mean()}
+
+
 @dataclasses.dataclass(frozen=True)
 class RealmLossFn:
     configs: dict
@@ -375,17 +384,18 @@ class RealmLossFn:
             return dict(batch, **self.device_candidates(params, batch, corpus))
         return batch
 
-    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array | None):
-        """(loss, (metrics, candidate ids)); dropout on when `rng` is given (None: evaluation)."""
+    def scored(self, params, batch: dict, corpus: dict | None, rng: jax.Array | None
+               ) -> tuple[RealmLoss, dict]:
+        """(the loss with its per-token terms, the batch with its candidates)."""
         batch = self.with_candidates(params, batch, corpus)
         scores, mlm = self.forward(params, batch, rng)
-        out = realm_loss_from_logits(scores, mlm, batch["mask_targets"], batch["mask_valid"],
-                                     batch["cand_valid"])
-        metrics = {"loss": out.loss, "retrieval_utility": out.retrieval_utility,
-                   "masked_tokens": out.num_tokens,
-                   "top_candidate_prob": jnp.exp(out.retrieval_log_probs.max(-1)).mean(),
-                   "null_prob": jnp.exp(out.retrieval_log_probs[:, 0]).mean()}
-        return out.loss, (metrics, batch["cand_ids"])
+        return realm_loss_from_logits(scores, mlm, batch["mask_targets"], batch["mask_valid"],
+                                      batch["cand_valid"]), batch
+
+    def __call__(self, params, batch: dict, corpus: dict | None, rng: jax.Array | None):
+        """(loss, (metrics, candidate ids)); dropout on when `rng` is given (None: evaluation)."""
+        out, batch = self.scored(params, batch, corpus, rng)
+        return out.loss, (loss_metrics(out), batch["cand_ids"])
 
     def predict(self, params, batch: dict, corpus: dict | None) -> dict:
         """The candidates, their retrieval probabilities [B, K] and the predicted masked

@@ -170,9 +170,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             values = evaluator(state.params, corpus_arrays(), retriever)
         values.update(step=at_step, index_step=snapshot.step)
         if jax.process_index() == 0:
-            print(progress_line(at_step, tc.steps, {
-                "heldout_loss": values["heldout_loss"],
-                "heldout_retrieval_utility": values["heldout_retrieval_utility"]}), flush=True)
+            shown = {k: values[k] for k in ("heldout_loss", "heldout_retrieval_utility",
+                                             "heldout_retrieval_utility_change",
+                                             "heldout_retrieval_utility_change_se")
+                     if k in values}
+            print(progress_line(at_step, tc.steps, shown), flush=True)
         return values
 
     end = loop.end_step(start, tc.steps, stop_after)
