@@ -92,7 +92,7 @@ BENCHMARKS = (
         "peer: there is no maintained PyTorch REALM pre-training implementation."),
     Benchmark(
         "realm_heldout", "REALM pre-training: held-out retrieval utility (issue 4)",
-        "realm_heldout.py", ("--steps", "800", "--eval_every", "100"),
+        "realm_heldout.py", ("--steps", "800", "--eval_every", "100", "--eval_queries", "256"),
         ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4"),
         "The demo's REALM configuration trained by the real trainer on 20 articles of the "
         "Wikipedia sample against the initial index (no refresher), evaluated on masked "

@@ -7,10 +7,10 @@ with the config seed) is scored without dropout, through the newest index snapsh
 configured retrieval mode, at the start, every `train.eval_every` steps and at the end:
 `heldout_loss` and `heldout_retrieval_utility` (the marginal MLM loss and its gain over the
 null document), measured on sentences the model never trained on. From the second
-evaluation on, `heldout_retrieval_utility_change` is its change since the run's first
-evaluation, paired over the same queries, with a standard error
-(`heldout_retrieval_utility_change_se`): with a few dozen queries the utility moves by a few
-hundredths between evaluations by chance alone.
+evaluation on, `heldout_retrieval_utility_change` is its change since the trainer's first
+evaluation (step 0 of a fresh run, the resumed step of a resumed one), paired over the same
+queries, with a standard error (`heldout_retrieval_utility_change_se`): a few dozen
+queries measure the utility only to a few hundredths.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
