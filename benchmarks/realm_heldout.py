@@ -8,7 +8,10 @@ step sees the same index), with the held-out evaluation of `train/heldout.py` at
 every --eval_every steps: held-out loss and retrieval utility, and the utility's change
 since step 0, paired over the same held-out queries, with its standard error.
 
-    python benchmarks/realm_heldout.py [--steps 800 --eval_every 100 --tower_lr 0.1]
+    python benchmarks/realm_heldout.py --steps 800 --eval_every 100 --eval_queries 256
+
+(the documented run; --tower_lr F overrides the config's learning-rate multiplier of
+both towers, 0.1 in the demo config).
 """
 
 from __future__ import annotations
