@@ -106,6 +106,41 @@ def test_paired_change_by_hand():
         heldout.paired_change(before, (after[0], np.array([1.0, 1.0, 0.0])))
 
 
+def test_heldout_baseline_file(tmp_path, corpus, minilm_path, caplog):
+    """A resumed run reads the run's first evaluation back, only when it was measured on
+    the same queries; an unreadable or foreign file is ignored with a warning."""
+    from types import SimpleNamespace
+
+    from realm_jax import sharding
+
+    store = BlockStore.open(corpus)
+    maker = QueryMaker.for_store(store, minilm_path, query_length=24)
+    _, heldout_ids = heldout.split_blocks(store, 0.1)
+    queries = heldout.heldout_queries(store, maker, heldout_ids, 4, seed=0)
+    mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+
+    def evaluator(queries, resume=True):
+        return heldout.HeldoutEval(SimpleNamespace(mode="device"), queries, mesh=mesh,
+                                   param_shardings=None, baseline_file=path, resume=resume)
+
+    path = tmp_path / heldout.BASELINE_FILE
+    fingerprint = evaluator(queries).queries_fingerprint
+    assert evaluator(queries[:3]).queries_fingerprint != fingerprint
+    path.write_text(json.dumps(dict(step=0, queries_fingerprint=fingerprint,
+                                    query_utility=[0.5, -1.0, 0.0, 2.0],
+                                    query_tokens=[1, 2, 0, 1])))
+    step, (utility, tokens) = evaluator(queries).baseline
+    assert step == 0 and utility.tolist() == [0.5, -1.0, 0.0, 2.0]
+    assert tokens.tolist() == [1, 2, 0, 1]
+    assert evaluator(queries, resume=False).baseline is None      # a fresh run re-measures
+    with caplog.at_level("WARNING"):
+        assert evaluator(queries[:3]).baseline is None
+        assert "other queries" in caplog.text
+        path.write_text("{not json")
+        assert evaluator(queries).baseline is None
+        assert "unreadable" in caplog.text
+
+
 def test_heldout_documents_and_queries(corpus, minilm_path):
     held = heldout.heldout_documents(25, 0.1)
     assert np.flatnonzero(held).tolist() == [0, 10, 20]          # every 10th, from the first
@@ -213,6 +248,14 @@ def test_resumed_run_matches_an_uninterrupted_run(tmp_path, corpus, minilm_path,
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
     assert resumed["last_eval"]["heldout_loss"] == pytest.approx(
         straight["last_eval"]["heldout_loss"], rel=1e-5)
+    # The resumed run measures the held-out change from step 0's evaluation, kept in the
+    # workdir, as the uninterrupted run does.
+    for values in (resumed["first_eval"], resumed["last_eval"], straight["last_eval"]):
+        assert values["heldout_baseline_step"] == 0
+    assert resumed["first_eval"]["heldout_retrieval_utility_change"] == pytest.approx(
+        stopped["last_eval"]["heldout_retrieval_utility_change"], abs=1e-5)
+    assert resumed["last_eval"]["heldout_retrieval_utility_change"] == pytest.approx(
+        straight["last_eval"]["heldout_retrieval_utility_change"], abs=1e-5)
     # No new index came: the staleness is the step (the index is of step 0's checkpoint).
     assert [r["staleness"] for r in _train_rows(straight_dir)] == [1, 2, 3, 4, 5, 6]
     assert straight["swaps"] == []

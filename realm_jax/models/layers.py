@@ -8,6 +8,7 @@ axis names; activations carry logical constraints (see realm_jax/sharding.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -110,8 +111,35 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
+def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None,
+                          dropout: Callable[[Array], Array] | None = None) -> Array:
+    """softmax(q k^T / sqrt(head_dim), masked) v for query [B, T, N, H] and key, value
+    [B, S, N, H]; `mask` (True: may attend) broadcasts to [B, N, T, S].
+
+    Scores and softmax statistics are float32. The weights are normalised after the
+    product with the values (T x H divisions instead of T x S), and the mask is an additive
+    bias: on XLA:CPU this halves attention's time against `jax.nn.dot_product_attention`
+    (all-MiniLM-L6-v2, 16 x 160 tokens). `dropout` acts on the unnormalised weights, which
+    equals dropping the normalised ones (the normaliser is taken before it). A row that
+    may attend nowhere averages all values rather than giving NaN."""
+    dtype = query.dtype
+    query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # [B, N, T, H]
+    scale = jnp.asarray(1.0 / query.shape[-1] ** 0.5, dtype)
+    logits = jnp.einsum("bnth,bnsh->bnts", query * scale, key,
+                        preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = logits + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    total = weights.sum(-1, keepdims=True)
+    if dropout is not None:
+        weights = dropout(weights)
+    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(dtype), value,
+                     preferred_element_type=jnp.float32) / total
+    return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head attention through `jax.nn.dot_product_attention`.
+    """Multi-head attention (`dot_product_attention`).
 
     With `decode=True` and `cached=True` (causal self-attention of a decoder), keys and
     values are kept in the "cache" collection: initialise it by calling once with the full
@@ -150,17 +178,11 @@ class Attention(nn.Module):
         if self.cached and decode:
             key, value, mask = self._update_cache(key, value, mask)
 
-        dropout_active = cfg.attention_dropout_rate > 0.0 and not deterministic
-        if dropout_active:
-            # dot_product_attention has no dropout: take the explicit path.
-            logits = jnp.einsum("btnh,bsnh->bnts", query, key) / jnp.sqrt(cfg.head_dim).astype(dtype)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-            probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=False)
-            out = jnp.einsum("bnts,bsnh->btnh", probs, value)
-        else:
-            out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+        dropout = None
+        if cfg.attention_dropout_rate > 0.0 and not deterministic:
+            dropout = functools.partial(nn.Dropout(cfg.attention_dropout_rate),
+                                        deterministic=False)
+        out = dot_product_attention(query, key, value, mask, dropout)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Projection((cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("heads", "kv"),
                          ("embed",), dtype, name="out")(out)

@@ -147,13 +147,13 @@ class TrainCheckpoints:
             return
         text = json.dumps({name: config_to_dict(cfg) for name, cfg in configs.items()},
                           indent=2) + "\n"
-        _atomic_write_text(self.workdir / MODEL_JSON, text)
+        atomic_write_text(self.workdir / MODEL_JSON, text)
 
     def mark_finished(self) -> None:
         """Wait for pending saves, then write the FINISHED marker (process 0)."""
         self.wait_until_finished()
         if jax.process_index() == 0:
-            _atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
+            atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
 
     # ---- reading (the refresher, or the trainer when it resumes)
 
@@ -338,7 +338,7 @@ def _item_handlers() -> dict:
             STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
 
 
-def _atomic_write_text(path, text: str) -> None:
+def atomic_write_text(path, text: str) -> None:
     """Write through a temporary file and a rename (fsynced on local disks)."""
     from etils import epath
 

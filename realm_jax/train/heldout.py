@@ -7,10 +7,11 @@ with the config seed) is scored without dropout, through the newest index snapsh
 configured retrieval mode, at the start, every `train.eval_every` steps and at the end:
 `heldout_loss` and `heldout_retrieval_utility` (the marginal MLM loss and its gain over the
 null document), measured on sentences the model never trained on. From the second
-evaluation on, `heldout_retrieval_utility_change` is its change since the trainer's first
-evaluation (step 0 of a fresh run, the resumed step of a resumed one), paired over the same
-queries, with a standard error (`heldout_retrieval_utility_change_se`): a few dozen
-queries measure the utility only to a few hundredths.
+evaluation on, `heldout_retrieval_utility_change` is its change since the run's first
+evaluation (`heldout_baseline_step`), paired over the same queries, with a standard error
+(`heldout_retrieval_utility_change_se`): a few dozen queries measure the utility only to a
+few hundredths. The first evaluation's per-query terms are kept in the workdir
+(`heldout_baseline.json`), so a resumed run still measures its change from step 0.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
@@ -21,6 +22,10 @@ sentence.
 from __future__ import annotations
 
 import fractions
+import hashlib
+import json
+import logging
+import os
 from typing import Sequence
 
 import jax
@@ -32,6 +37,9 @@ from realm_jax.data.realm_examples import MaskedQuery, QueryMaker, collate_queri
 from realm_jax.data.store import BlockStore
 
 PREFIX = "heldout_"
+BASELINE_FILE = "heldout_baseline.json"
+
+_log = logging.getLogger(__name__)
 
 
 def heldout_documents(num_documents: int, fraction: float) -> np.ndarray:
@@ -100,10 +108,16 @@ class HeldoutEval:
 
     `loss_fn`: a `realm.RealmLossFn`; in `scann` mode call with the snapshot's
     `HostRetriever` (the candidates are searched on the host), in `device` mode with the
-    corpus arrays (searched inside the jitted function)."""
+    corpus arrays (searched inside the jitted function).
+
+    `baseline_file`: where the first evaluation's per-query terms are written (process 0)
+    and, with `resume=True`, read back from: a resumed run pairs its evaluations with the
+    run's first one. A file of other queries (another seed, corpus or eval_queries) is
+    ignored with a warning, and the resumed run's first evaluation becomes the baseline."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
-                 corpus_shardings=None):
+                 corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
+                 resume: bool = False):
         from realm_jax.train import realm
 
         if not queries:
@@ -115,7 +129,12 @@ class HeldoutEval:
         self.batch = pad_batch(collate_queries(queries), shards)
         self.scann = loss_fn.mode == "scann"
         self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
-        self._first: tuple[np.ndarray, np.ndarray] | None = None  # per query, at the 1st call
+        self.queries_fingerprint = _fingerprint({k: self.batch[k] for k in realm.QUERY_FIELDS})
+        self.baseline_file = baseline_file
+        # (step, (summed utility, masked tokens) per query) of the run's first evaluation
+        self.baseline: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+        if resume and baseline_file is not None:
+            self.baseline = self._read_baseline()
 
         def metrics(params, batch, corpus):
             out, _ = loss_fn.scored(params, batch, corpus, None)
@@ -134,8 +153,10 @@ class HeldoutEval:
         return jax.make_array_from_callback(array.shape, self.batch_sharding,
                                             lambda index: array[index])
 
-    def __call__(self, params, corpus_arrays=None, retriever=None) -> dict[str, float]:
-        """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats."""
+    def __call__(self, params, corpus_arrays=None, retriever=None, *, step: int = 0
+                 ) -> dict[str, float]:
+        """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats, of
+        the params at training step `step`."""
         batch = self.batch
         if self.scann:
             if retriever is None:
@@ -147,13 +168,57 @@ class HeldoutEval:
                      np.asarray(values.pop("query_tokens"), np.float64))
         out = {k: float(v) for k, v in values.items()}
         out[PREFIX + "queries"] = float(self.num_queries)
-        if self._first is None:
-            self._first = per_query
+        if self.baseline is None:
+            self.baseline = (int(step), per_query)
+            if self.baseline_file is not None and jax.process_index() == 0:
+                self._write_baseline()
         else:
-            change, se = paired_change(self._first, per_query)
+            change, se = paired_change(self.baseline[1], per_query)
             out[PREFIX + "retrieval_utility_change"] = change
             out[PREFIX + "retrieval_utility_change_se"] = se
+        out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
+
+    def _write_baseline(self) -> None:
+        from realm_jax.train.checkpoints import atomic_write_text
+
+        step, (utility, tokens) = self.baseline
+        atomic_write_text(self.baseline_file, json.dumps(dict(
+            step=step, queries_fingerprint=self.queries_fingerprint,
+            query_utility=utility.tolist(), query_tokens=tokens.tolist())) + "\n")
+
+    def _read_baseline(self):
+        from etils import epath
+
+        path = epath.Path(self.baseline_file)
+        if not path.exists():
+            _log.warning("no held-out baseline at %s: the change is measured from this "
+                         "run's first evaluation", path)
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            per_query = (np.asarray(saved["query_utility"], np.float64),
+                         np.asarray(saved["query_tokens"], np.float64))
+            step, fingerprint = int(saved["step"]), saved["queries_fingerprint"]
+        except (ValueError, KeyError, TypeError) as e:
+            _log.warning("held-out baseline %s is unreadable (%r): the change is measured "
+                         "from this run's first evaluation", path, e)
+            return None
+        if fingerprint != self.queries_fingerprint:
+            _log.warning("held-out baseline %s was measured on other queries (another seed, "
+                         "corpus or train.eval_queries): the change is measured from this "
+                         "run's first evaluation", path)
+            return None
+        return step, per_query
+
+
+def _fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def paired_change(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]

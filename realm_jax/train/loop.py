@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from realm_jax import distributed, sharding
 from realm_jax.index.store import SnapshotWatcher
-from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints, _atomic_write_text
+from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints, atomic_write_text
 from realm_jax.train.state import TrainState, abstract_state, create_state
 
 CONFIG_JSON = "config.json"
@@ -119,7 +119,7 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Ca
 def write_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
     """WORKDIR/config.json: the experiment config of the run (process 0 writes it)."""
     if jax.process_index() == 0:
-        _atomic_write_text(Path(workdir) / CONFIG_JSON, config.to_json_best_effort(indent=2) + "\n")
+        atomic_write_text(Path(workdir) / CONFIG_JSON, config.to_json_best_effort(indent=2) + "\n")
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:

@@ -154,9 +154,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     if eval_queries > 0 and len(heldout_blocks):
         queries = heldout.heldout_queries(store, maker, heldout_blocks, eval_queries, config.seed)
         if queries:
-            evaluator = heldout.HeldoutEval(loss_fn, queries, mesh=mesh,
-                                            param_shardings=shardings.params,
-                                            corpus_shardings=corpus_shardings)
+            evaluator = heldout.HeldoutEval(
+                loss_fn, queries, mesh=mesh, param_shardings=shardings.params,
+                corpus_shardings=corpus_shardings,
+                baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming)
             _log.info("held-out evaluation: %d masked queries from %d held-out blocks",
                       len(queries), len(heldout_blocks))
     if evaluator is None:
@@ -167,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
     def evaluate(at_step: int) -> dict:
         with sharding.activate(mesh, rules):
-            values = evaluator(state.params, corpus_arrays(), retriever)
+            values = evaluator(state.params, corpus_arrays(), retriever, step=at_step)
         values.update(step=at_step, index_step=snapshot.step)
         if jax.process_index() == 0:
             shown = {k: values[k] for k in ("heldout_loss", "heldout_retrieval_utility",
