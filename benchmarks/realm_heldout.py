@@ -17,6 +17,7 @@ both towers, 0.1 in the demo config).
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -62,14 +63,15 @@ def main() -> None:
     trainer.train(config, root / "run")
     minutes = (time.perf_counter() - started) / 60
     rows = read_metrics(root / "run")
+    shutil.rmtree(root, ignore_errors=True)  # the corpus, index and checkpoints: ~1 GB
     evals = [r for r in rows if "heldout_loss" in r]
     train = [r["loss"] for r in rows if "loss" in r]
 
     report = Report()
     lr = config.train.lr_multipliers
     report.text(
-        f"{corpus.num_documents} articles ({corpus.num_blocks} blocks), {config.train.steps} steps of {config.train.batch_size} "
-        f"queries ({minutes:.0f} min), learning rate {config.train.learning_rate:g} x "
+        f"{corpus.num_documents} articles ({corpus.num_blocks} blocks), {config.train.steps} "
+        f"steps of {config.train.batch_size} queries ({minutes:.0f} min), learning rate {config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "
         f"{lr.reader:g}); {int(evals[0]['heldout_queries'])} held-out queries "
         f"({int(evals[0]['heldout_masked_tokens'])} masked tokens) from the "
