@@ -4,8 +4,8 @@ sentences it never trained on?
 The demo's REALM setup (configs/demo_realm_minilm.py: all-MiniLM-L6-v2 towers and reader,
 the reader's MLM head new) on the whole sample (or its first --articles articles), trained
 by the real trainer against the index published from the initial document tower (no
-refresher: every step sees the same index), with the held-out evaluation of `train/heldout.py` at step 0 and
-every --eval_every steps: held-out loss and retrieval utility, and the utility's change
+refresher: every step sees the same index), with the held-out evaluation of
+`train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval utility, and the utility's change
 since step 0, paired over the same held-out queries, with its standard error.
 
     python benchmarks/realm_heldout.py --steps 1600 --eval_every 400 --eval_queries 1000
@@ -71,7 +71,8 @@ def main() -> None:
     lr = config.train.lr_multipliers
     report.text(
         f"{corpus.num_documents} articles ({corpus.num_blocks} blocks), {config.train.steps} "
-        f"steps of {config.train.batch_size} queries ({minutes:.0f} min), learning rate {config.train.learning_rate:g} x "
+        f"steps of {config.train.batch_size} queries ({minutes:.0f} min), learning rate "
+        f"{config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "
         f"{lr.reader:g}); {int(evals[0]['heldout_queries'])} held-out queries "
         f"({int(evals[0]['heldout_masked_tokens'])} masked tokens) from the "

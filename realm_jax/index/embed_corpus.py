@@ -87,15 +87,22 @@ def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
-def params_fingerprint(config: EmbedderConfig, params: Any) -> str:
-    """sha256 over a tower's config and every parameter's path, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+def tree_digest(tree: Any, digest=None):
+    """`digest` (a new sha256 by default) updated with every leaf's path, dtype, shape and
+    bytes, in path order."""
+    digest = digest or hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         array = np.ascontiguousarray(jax.device_get(leaf))
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}".encode())
         digest.update(array.tobytes())
-    return digest.hexdigest()
+    return digest
+
+
+def params_fingerprint(config: EmbedderConfig, params: Any) -> str:
+    """sha256 over a tower's config and every parameter's path, dtype, shape and bytes."""
+    return tree_digest(params, hashlib.sha256(
+        json.dumps(config_to_dict(config), sort_keys=True).encode())).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ sentence.
 from __future__ import annotations
 
 import fractions
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from realm_jax.data.realm_examples import MaskedQuery, QueryMaker, collate_queries
 from realm_jax.data.store import BlockStore
+from realm_jax.index.embed_corpus import tree_digest
 
 PREFIX = "heldout_"
 BASELINE_FILE = "heldout_baseline.json"
@@ -129,7 +129,8 @@ class HeldoutEval:
         self.batch = pad_batch(collate_queries(queries), shards)
         self.scann = loss_fn.mode == "scann"
         self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
-        self.queries_fingerprint = _fingerprint({k: self.batch[k] for k in realm.QUERY_FIELDS})
+        self.queries_fingerprint = tree_digest(
+            {k: self.batch[k] for k in realm.QUERY_FIELDS}).hexdigest()[:16]
         self.baseline_file = baseline_file
         # (step, (summed utility, masked tokens) per query) of the run's first evaluation
         self.baseline: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
@@ -210,15 +211,6 @@ class HeldoutEval:
                          "run's first evaluation", path)
             return None
         return step, per_query
-
-
-def _fingerprint(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def paired_change(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]
