@@ -12,11 +12,18 @@ since step 0, paired over the same held-out queries, with its standard error.
 
 (the documented run; --tower_lr F overrides the config's learning-rate multiplier of
 both towers, 0.1 in the demo config).
+
+With --workdir DIR the corpus, the index, the checkpoints (every --checkpoint_every
+steps) and the metrics are kept in DIR, and running the same command again resumes the run
+where its last checkpoint left it: a run longer than one sitting can be done in parts (the
+held-out change is still measured from step 0, whose evaluation is kept in the workdir).
+Without it, everything goes to a temporary folder removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -24,6 +31,26 @@ from pathlib import Path
 
 import numpy as np
 from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
+
+
+RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr")
+
+
+def check_same_run(root: Path, args: argparse.Namespace) -> None:
+    """A kept workdir resumes only the run it was started for: the flags that shape the run
+    are written there the first time and must match on every later call."""
+    wanted = {flag: getattr(args, flag) for flag in RUN_FLAGS}
+    path = root / "realm_heldout_args.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        differ = [f"--{flag} {kept.get(flag)} (now {wanted[flag]})" for flag in RUN_FLAGS
+                  if kept.get(flag) != wanted[flag]]
+        if differ:
+            raise SystemExit(f"--workdir {root} holds a run started with "
+                             f"{', '.join(differ)}: pass the same flags or another --workdir")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted))
 
 
 def main() -> None:
@@ -35,43 +62,62 @@ def main() -> None:
                         help="the first N articles of the sample (0: all)")
     parser.add_argument("--tower_lr", type=float, default=None,
                         help="train.lr_multipliers of both towers (default: the config's)")
+    parser.add_argument("--workdir", default="",
+                        help="keep the run in this folder and resume it from there "
+                             "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--checkpoint_every", type=int, default=0,
+                        help="steps between checkpoints (default: 200 with --workdir, "
+                             "else only at the end)")
     add_markdown_flag(parser)
     args = parser.parse_args()
 
     from realm_jax import config as config_lib
     from realm_jax import refresh
     from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.data.store import BlockStore
+    from realm_jax.index.store import IndexStore
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
     model = minilm_folder()
-    root = Path(tempfile.mkdtemp(prefix="realm_heldout_"))
+    keep = bool(args.workdir)
+    root = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="realm_heldout_"))
+    checkpoint_every = args.checkpoint_every or (200 if keep else args.steps)
+    if keep:
+        check_same_run(root, args)
     overrides = [f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
                  f"model.init_from_hf={model}", f"train.steps={args.steps}",
                  f"train.eval_every={args.eval_every}",
                  f"train.eval_queries={args.eval_queries}",
-                 f"train.checkpoint_every={args.steps}", "train.log_every=10"]
+                 f"train.checkpoint_every={checkpoint_every}", "train.log_every=10"]
     if args.tower_lr is not None:
         overrides += [f"train.lr_multipliers.{part}={args.tower_lr}"
                       for part in ("query_tower", "doc_tower")]
     config = config_lib.load_config("demo_realm_minilm", *overrides)
-    corpus = prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model,
-                            mode="realm", max_tokens=config.retrieval.block_length,
-                            max_documents=args.articles or None, progress=False)
-    refresh.publish_initial_index(config, root / "run" / "index")
+    if not (root / "corpus").exists():  # a kept workdir reuses its corpus and index
+        prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model, mode="realm",
+                       max_tokens=config.retrieval.block_length,
+                       max_documents=args.articles or None, progress=False)
+    corpus = BlockStore.open(root / "corpus")
+    if IndexStore(root / "run" / "index").latest_version() is None:
+        refresh.publish_initial_index(config, root / "run" / "index")
     started = time.perf_counter()
     trainer.train(config, root / "run")
     minutes = (time.perf_counter() - started) / 60
     rows = read_metrics(root / "run")
-    shutil.rmtree(root, ignore_errors=True)  # the corpus, index and checkpoints: ~1 GB
-    evals = [r for r in rows if "heldout_loss" in r]
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)  # the corpus, index and checkpoints: ~1 GB
+    # A resumed run logs again the steps after its last checkpoint: the last row of a step
+    # is the one that counts.
+    evals = list({r["step"]: r for r in rows if "heldout_loss" in r}.values())
     train = [r["loss"] for r in rows if "loss" in r]
 
     report = Report()
     lr = config.train.lr_multipliers
     report.text(
-        f"{corpus.num_documents} articles ({corpus.num_blocks} blocks), {config.train.steps} "
-        f"steps of {config.train.batch_size} queries ({minutes:.0f} min), learning rate "
+        f"{corpus.manifest['num_documents']} articles ({len(corpus)} blocks), "
+        f"{config.train.steps} steps of {config.train.batch_size} queries ({minutes:.0f} min"
+        f"{' in this sitting' if keep else ''}), learning rate "
         f"{config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "
         f"{lr.reader:g}); {int(evals[0]['heldout_queries'])} held-out queries "
