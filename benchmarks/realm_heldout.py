@@ -16,7 +16,8 @@ both towers, 0.1 in the demo config).
 With --workdir DIR the corpus, the index, the checkpoints (every --checkpoint_every
 steps) and the metrics are kept in DIR, and running the same command again resumes the run
 where its last checkpoint left it: a run longer than one sitting can be done in parts (the
-held-out change is still measured from step 0, whose evaluation is kept in the workdir).
+held-out change is still measured from step 0, whose evaluation is kept in the workdir;
+each resumed part also evaluates at the step it starts from).
 Without it, everything goes to a temporary folder removed at the end.
 """
 
@@ -110,7 +111,7 @@ def main() -> None:
     # A resumed run logs again the steps after its last checkpoint: the last row of a step
     # is the one that counts.
     evals = list({r["step"]: r for r in rows if "heldout_loss" in r}.values())
-    train = [r["loss"] for r in rows if "loss" in r]
+    train = list({r["step"]: r["loss"] for r in rows if "loss" in r}.values())
 
     report = Report()
     lr = config.train.lr_multipliers
