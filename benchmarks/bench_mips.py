@@ -33,14 +33,16 @@ import numpy as np
 from common import Report, add_markdown_flag, matmul_peak_flops, minilm_folder, wiki_sample_path
 
 from realm_jax.index import base
+from realm_jax.index.scann_searcher import MAX_TRAINING_SAMPLE
 
 ALL_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-hnsw")
 DEFAULT_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq")
 # Fractions of the partitions searched per query in the sweeps (ScaNN's leaves, FAISS's
-# lists), steps of about 1.25x.
+# lists): steps of about 1.25x up to 5%, about 1.12x beyond, where each step costs most.
 SEARCH_FRACTIONS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125, 0.016,
-                    0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.125, 0.16, 0.2, 0.25,
-                    0.3, 0.4, 0.5)
+                    0.02, 0.025, 0.03, 0.04, 0.05, 0.056, 0.063, 0.071, 0.08, 0.09, 0.1,
+                    0.112, 0.125, 0.14, 0.16, 0.18, 0.2, 0.225, 0.25, 0.28, 0.315, 0.355,
+                    0.4, 0.45, 0.5)
 
 
 def partitions_to_search(total: int) -> list[int]:
@@ -251,8 +253,11 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
 
     def build():
         if not index.is_trained:
-            sample = corpus[np.random.default_rng(0).choice(n, min(n, 50 * nlist), replace=False)]
-            index.train(sample)
+            # The same training vectors as ScaNN's tree (FAISS's k-means keeps at most 256
+            # per list of them).
+            m = min(n, MAX_TRAINING_SAMPLE)
+            index.train(corpus if m == n else
+                        corpus[np.random.default_rng(0).choice(n, m, replace=False)])
         index.add(corpus)
         return index
     _, build_s = timed(build)
