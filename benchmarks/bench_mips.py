@@ -5,11 +5,13 @@ random unit directions with noise of norm `--spread`, default 2.0: overlapping c
 `--data uniform` for isotropic random vectors, the hardest case), and queries
 drawn from the same distribution (not copies of corpus rows). `--data minilm` uses real
 embeddings instead: every sentence of the Wikipedia sample shipped in gensim embedded by
-all-MiniLM-L6-v2 (384 wide, unit norm), a random `--queries` of them held out as queries. Ground truth is the exact
-top-k. ScaNN and FAISS are swept over their search-time knobs; the table reports, per
-method, the fastest setting whose recall@k reaches `--target_recall` (or the best recall
-reached, marked, if none does); then every row's setting is timed again in `--rounds`
-interleaved rounds and its median reported. Queries are answered in one batch using all cores.
+all-MiniLM-L6-v2 (384 wide, unit norm), a random `--queries` of them held out as queries.
+Ground truth is the exact top-k. ScaNN's tree and FAISS's IVF lists train on the same
+vectors (all of them, up to ScaNN's MAX_TRAINING_SAMPLE). ScaNN and FAISS are swept over
+their search-time knobs; the table reports, per method, the fastest setting whose recall@k
+reaches `--target_recall` (or the best recall reached, marked, if none does); then every
+row's setting is timed again in `--rounds` interleaved rounds and its median reported.
+Queries are answered in one batch using all cores.
 
     python benchmarks/bench_mips.py --n 200000
     python benchmarks/bench_mips.py --data minilm

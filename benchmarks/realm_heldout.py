@@ -5,12 +5,14 @@ The demo's REALM setup (configs/demo_realm_minilm.py: all-MiniLM-L6-v2 towers an
 the reader's MLM head new) on the whole sample (or its first --articles articles), trained
 by the real trainer against the index published from the initial document tower (no
 refresher: every step sees the same index), with the held-out evaluation of
-`train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval utility, and the utility's change
-since step 0, paired over the same held-out queries, with its standard error.
+`train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval
+utility, and the utility's change since step 0, paired over the same held-out queries, with
+its standard error.
 
-    python benchmarks/realm_heldout.py --steps 1600 --eval_every 400 --eval_queries 1000
+    python benchmarks/realm_heldout.py
 
-(the documented run; --tower_lr F overrides the config's learning-rate multiplier of
+(the documented run: its defaults are --steps 1600 --eval_every 400 --eval_queries 1000;
+--tower_lr F overrides the config's learning-rate multiplier of
 both towers, 0.1 in the demo config).
 
 With --workdir DIR the corpus, the index, the checkpoints (every --checkpoint_every
@@ -56,9 +58,9 @@ def check_same_run(root: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--eval_every", type=int, default=100)
-    parser.add_argument("--eval_queries", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--eval_every", type=int, default=400)
+    parser.add_argument("--eval_queries", type=int, default=1000)
     parser.add_argument("--articles", type=int, default=0,
                         help="the first N articles of the sample (0: all)")
     parser.add_argument("--tower_lr", type=float, default=None,
