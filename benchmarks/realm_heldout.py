@@ -7,7 +7,8 @@ by the real trainer against the index published from the initial document tower 
 refresher: every step sees the same index), with the held-out evaluation of
 `train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval
 utility, and the utility's change since step 0, paired over the same held-out queries, with
-its standard error.
+its standard error; the same over the answerable queries alone (those whose masked span a
+readable block holds, `heldout.answer_elsewhere`).
 
     python benchmarks/realm_heldout.py
 
@@ -128,21 +129,28 @@ def main() -> None:
         f"{config.data.heldout_fraction:.0%} of documents held out of training; training loss "
         f"(mean of the first and last 5 logged steps) {np.mean(train[:5]):.2f} -> "
         f"{np.mean(train[-5:]):.2f}.")
-    table = []
-    for r in evals:
-        change = (f"{r['heldout_retrieval_utility_change']:+.4f} "
-                  f"± {r['heldout_retrieval_utility_change_se']:.4f}"
-                  if "heldout_retrieval_utility_change" in r else "")
-        table.append((r["step"], f"{r['heldout_loss']:.3f}",
-                      f"{r['heldout_retrieval_utility']:+.4f}", change))
-    report.table(["step", "held-out loss", "held-out retrieval utility",
-                  "change since step 0 (± standard error)"], table)
+    def utility(r, prefix=""):
+        """(utility, its change since step 0 ± standard error) of one evaluation's row."""
+        key = f"heldout_{prefix}retrieval_utility"
+        change = (f"{r[key + '_change']:+.4f} ± {r[key + '_change_se']:.4f}"
+                  if key + "_change" in r else "")
+        return f"{r[key]:+.4f}", change
+
+    table = [(r["step"], f"{r['heldout_loss']:.3f}", *utility(r), *utility(r, "answerable_"))
+             for r in evals]
+    report.text(f"Answerable: the {int(evals[0]['heldout_answerable_queries'])} held-out "
+                f"queries whose masked wordpieces occur in a block they may read (not their "
+                f"own {config.retrieval.exclude}), the only ones retrieval can help.")
+    report.table(["step", "held-out loss", "retrieval utility",
+                  "change since step 0 (± standard error)", "answerable: utility",
+                  "answerable: change since step 0"], table)
     last = evals[-1]
-    if last.get("heldout_retrieval_utility_change_se", 0) > 0:
-        change, se = (last["heldout_retrieval_utility_change"],
-                      last["heldout_retrieval_utility_change_se"])
-        report.text(f"At the end the held-out retrieval utility changed by {change:+.4f} "
-                    f"({change / se:+.1f} standard errors).")
+    for prefix, name in (("", "held-out"), ("answerable_", "answerable held-out")):
+        key = f"heldout_{prefix}retrieval_utility_change"
+        if last.get(key + "_se", 0) > 0:
+            change, se = last[key], last[key + "_se"]
+            report.text(f"At the end the {name} retrieval utility changed by {change:+.4f} "
+                        f"({change / se:+.1f} standard errors).")
     report.emit(args.markdown)
 
 

@@ -106,6 +106,62 @@ def test_paired_change_by_hand():
         heldout.paired_change(before, (after[0], np.array([1.0, 1.0, 0.0])))
 
 
+def test_answer_elsewhere_and_answerable_change(tmp_path):
+    """A query is answerable when its masked wordpieces occur, whole and in order, in a block
+    it may read; the held-out figures are then also given over those queries alone."""
+    from types import SimpleNamespace
+
+    from realm_jax import sharding
+    from realm_jax.data.realm_examples import MaskedQuery
+    from realm_jax.data.store import BlockStoreWriter
+
+    # Blocks (document): 0 (0) [5 6 7], 1 (0) [6 7 9], 2 (1) [70 5], 3 (1) [8].
+    with BlockStoreWriter(tmp_path / "s", token_dtype=np.uint16, settings={}) as w:
+        for doc, tokens in [(0, [5, 6, 7]), (0, [6, 7, 9]), (1, [70, 5]), (1, [8])]:
+            w.add(np.array(tokens), doc_id=str(doc), title="", text="", spans=[], doc_index=doc)
+        w.finish()
+    store = BlockStore.open(tmp_path / "s")
+
+    def query(block, targets):  # room for 2 masked tokens
+        valid = np.arange(2) < len(targets)
+        return MaskedQuery(np.zeros(4, np.int32), np.ones(4, np.int32),
+                           np.where(valid, [1, 2], 0).astype(np.int32),
+                           np.array(targets + [0] * (2 - len(targets)), np.int32), valid,
+                           block, int(store.doc_index[block]), "", "", None)
+
+    queries = [query(0, [6, 7]),    # also in block 1 (same document)
+               query(0, [5]),       # also in block 2 (another document)
+               query(0, [5, 6]),    # only in its own block
+               query(3, [7, 9]),    # in block 1 only
+               query(2, [70]),      # only in its own block
+               query(0, [7, 6])]    # across two blocks, nowhere within one
+    assert heldout.answer_elsewhere(store, queries).tolist() == [
+        True, True, False, True, False, False]
+    assert heldout.answer_elsewhere(store, queries, "document").tolist() == [
+        False, True, False, True, False, False]
+    with pytest.raises(ValueError, match="retrieval.exclude"):
+        heldout.answer_elsewhere(store, queries, "article")
+
+    # The answerable figures come from the same per-query terms as the overall ones.
+    answerable = np.array([True, False, True, False])
+    evaluate = heldout.HeldoutEval(SimpleNamespace(mode="device"), queries[:4],
+                                   mesh=sharding.make_mesh((-1, 1, 1), jax.devices()[:1]),
+                                   param_shardings=None, answerable=answerable)
+    utility = iter([np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, -2.0, 1.5, 0.0])])
+    tokens = np.array([2.0, 1.0, 1.0, 1.0])
+    evaluate._metrics = lambda *_: dict(query_utility=next(utility), query_tokens=tokens)
+    first, second = evaluate(None, step=0), evaluate(None, step=5)
+    assert first["heldout_answerable_queries"] == 2
+    assert first["heldout_answerable_retrieval_utility"] == pytest.approx(1.5 / 3)
+    assert second["heldout_answerable_retrieval_utility"] == pytest.approx(3.5 / 3)
+    assert second["heldout_answerable_retrieval_utility_change"] == pytest.approx(2 / 3)
+    assert second["heldout_retrieval_utility_change"] == pytest.approx(-1 / 5)
+    assert "heldout_answerable_retrieval_utility_change" not in first
+    with pytest.raises(ValueError, match="answerable flags"):
+        heldout.HeldoutEval(SimpleNamespace(mode="device"), queries[:3], mesh=None,
+                            param_shardings=None, answerable=answerable)
+
+
 def test_heldout_baseline_file(tmp_path, corpus, minilm_path, caplog):
     """A resumed run reads the run's first evaluation back, only when it was measured on
     the same queries; an unreadable or foreign file is ignored with a warning."""

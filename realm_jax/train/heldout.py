@@ -13,6 +13,12 @@ evaluation (`heldout_baseline_step`), paired over the same queries, with a stand
 few hundredths. The first evaluation's per-query terms are kept in the workdir
 (`heldout_baseline.json`), so a resumed run still measures its change from step 0.
 
+Retrieval can only help a query whose answer some readable block holds, and on a small corpus
+most held-out answers are in none. The same figures are therefore also given for the
+`heldout_answerable_` queries: those whose masked wordpieces occur, in order, in a block the
+query may read (`answer_elsewhere`). The subset is fixed by the corpus alone, not by what the
+index retrieves, so its change is paired over the same queries throughout the run.
+
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
 `retrieval.exclude="document"`), as in training, and no training query masks a held-out
@@ -90,6 +96,33 @@ def heldout_queries(store: BlockStore, maker: QueryMaker, block_ids: Sequence[in
     return out
 
 
+def answer_elsewhere(store: BlockStore, queries: Sequence[MaskedQuery], exclude: str = "block"
+                     ) -> np.ndarray:
+    """bool [len(queries)]: whether each query's masked wordpieces occur contiguously in some
+    block of `store` other than its source block (`exclude="document"`: outside its source
+    document), that is, in a block retrieval could hand it."""
+    from realm_jax.train.realm import check_exclude
+
+    check_exclude(exclude)
+    # The corpus as one string, a character per token (id + 1) and "\0" after each block, so
+    # that str.find matches whole tokens and never runs across two blocks.
+    texts = ["".join(map(chr, store.tokens(i).astype(np.int64) + 1)) + "\0"
+             for i in range(len(store))]
+    starts = np.cumsum([0] + [len(t) for t in texts])
+    corpus = "".join(texts)
+    docs = np.asarray(store.doc_index, np.int64)
+    out = np.zeros(len(queries), bool)
+    for q, query in enumerate(queries):
+        needle = "".join(chr(int(t) + 1) for t in query.mask_targets[query.mask_valid])
+        at = corpus.find(needle) if needle else -1
+        while at >= 0 and not out[q]:
+            block = int(np.searchsorted(starts, at, side="right")) - 1
+            out[q] = (block != query.block_id if exclude == "block"
+                      else docs[block] != query.doc_index)
+            at = corpus.find(needle, at + 1)
+    return out
+
+
 def pad_batch(batch: dict, multiple: int) -> dict:
     """Rows appended (copies of row 0 with no valid masked token, so they weigh nothing in
     the loss) until the batch size divides by `multiple`."""
@@ -113,16 +146,23 @@ class HeldoutEval:
     `baseline_file`: where the first evaluation's per-query terms are written (process 0)
     and, with `resume=True`, read back from: a resumed run pairs its evaluations with the
     run's first one. A file of other queries (another seed, corpus or eval_queries) is
-    ignored with a warning, and the resumed run's first evaluation becomes the baseline."""
+    ignored with a warning, and the resumed run's first evaluation becomes the baseline.
+
+    `answerable`: bool per query (`answer_elsewhere`); when given, the utility and its change
+    are also reported over those queries alone (`heldout_answerable_...`)."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
                  corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
-                 resume: bool = False):
+                 resume: bool = False, answerable: np.ndarray | None = None):
         from realm_jax.train import realm
 
         if not queries:
             raise ValueError("HeldoutEval: no held-out queries")
         self.num_queries = len(queries)
+        if answerable is not None and len(answerable) != len(queries):
+            raise ValueError(f"HeldoutEval: {len(answerable)} answerable flags for "
+                             f"{len(queries)} queries")
+        self.answerable = None if answerable is None else np.asarray(answerable, bool)
         self.mesh = mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -169,14 +209,24 @@ class HeldoutEval:
                      np.asarray(values.pop("query_tokens"), np.float64))
         out = {k: float(v) for k, v in values.items()}
         out[PREFIX + "queries"] = float(self.num_queries)
-        if self.baseline is None:
+        first = self.baseline is None
+        if first:
             self.baseline = (int(step), per_query)
             if self.baseline_file is not None and jax.process_index() == 0:
                 self._write_baseline()
-        else:
-            change, se = paired_change(self.baseline[1], per_query)
-            out[PREFIX + "retrieval_utility_change"] = change
-            out[PREFIX + "retrieval_utility_change_se"] = se
+        subsets = [("", slice(None))]
+        if self.answerable is not None:
+            subsets.append(("answerable_", self.answerable))
+            out[PREFIX + "answerable_queries"] = float(self.answerable.sum())
+            utility, tokens = (x[self.answerable] for x in per_query)
+            out[PREFIX + "answerable_retrieval_utility"] = (
+                float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
+        if not first:
+            for name, rows in subsets:
+                change, se = paired_change(*((u[rows], n[rows])
+                                             for u, n in (self.baseline[1], per_query)))
+                out[PREFIX + name + "retrieval_utility_change"] = change
+                out[PREFIX + name + "retrieval_utility_change_se"] = se
         out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
 

@@ -157,9 +157,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             evaluator = heldout.HeldoutEval(
                 loss_fn, queries, mesh=mesh, param_shardings=shardings.params,
                 corpus_shardings=corpus_shardings,
-                baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming)
-            _log.info("held-out evaluation: %d masked queries from %d held-out blocks",
-                      len(queries), len(heldout_blocks))
+                baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming,
+                answerable=heldout.answer_elsewhere(store, queries, rc.exclude))
+            _log.info("held-out evaluation: %d masked queries from %d held-out blocks, %d "
+                      "with their answer in another readable block", len(queries),
+                      len(heldout_blocks), evaluator.answerable.sum())
     if evaluator is None:
         _log.info("no held-out evaluation (data.heldout_fraction=%s, train.eval_queries=%d, "
                   "%d held-out blocks)", config.data.get("heldout_fraction", 0.0),
@@ -173,7 +175,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         if jax.process_index() == 0:
             shown = {k: values[k] for k in ("heldout_loss", "heldout_retrieval_utility",
                                              "heldout_retrieval_utility_change",
-                                             "heldout_retrieval_utility_change_se")
+                                             "heldout_retrieval_utility_change_se",
+                                             "heldout_answerable_retrieval_utility",
+                                             "heldout_answerable_retrieval_utility_change")
                      if k in values}
             print(progress_line(at_step, tc.steps, shown), flush=True)
         return values
