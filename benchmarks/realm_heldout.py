@@ -8,7 +8,8 @@ refresher: every step sees the same index), with the held-out evaluation of
 `train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval
 utility, and the utility's change since step 0, paired over the same held-out queries, with
 its standard error; the same over the answerable queries alone (those whose masked span a
-readable block holds, `heldout.answer_elsewhere`).
+readable block holds, `realm.AnswerFinder`). With --answerable_only the training queries are
+such queries too (`data.answerable_only`).
 
     python benchmarks/realm_heldout.py
 
@@ -37,7 +38,7 @@ import numpy as np
 from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
 
 
-RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr")
+RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only")
 
 
 def check_same_run(root: Path, args: argparse.Namespace) -> None:
@@ -66,6 +67,12 @@ def main() -> None:
                         help="the first N articles of the sample (0: all)")
     parser.add_argument("--tower_lr", type=float, default=None,
                         help="train.lr_multipliers of both towers (default: the config's)")
+    parser.add_argument("--answerable_only", action="store_true",
+                        help="train only on queries whose masked span occurs in a block they "
+                             "may read (data.answerable_only)")
+    parser.add_argument("--stop_after", type=int, default=None,
+                        help="stop at this step (with --workdir, the same command without it "
+                             "resumes the run later)")
     parser.add_argument("--workdir", default="",
                         help="keep the run in this folder and resume it from there "
                              "(default: a temporary folder, removed at the end)")
@@ -94,6 +101,8 @@ def main() -> None:
                  f"train.eval_every={args.eval_every}",
                  f"train.eval_queries={args.eval_queries}",
                  f"train.checkpoint_every={checkpoint_every}", "train.log_every=10"]
+    if args.answerable_only:
+        overrides.append("data.answerable_only=True")
     if args.tower_lr is not None:
         overrides += [f"train.lr_multipliers.{part}={args.tower_lr}"
                       for part in ("query_tower", "doc_tower")]
@@ -106,7 +115,7 @@ def main() -> None:
     if IndexStore(root / "run" / "index").latest_version() is None:
         refresh.publish_initial_index(config, root / "run" / "index")
     started = time.perf_counter()
-    trainer.train(config, root / "run")
+    trainer.train(config, root / "run", stop_after=args.stop_after)
     minutes = (time.perf_counter() - started) / 60
     rows = read_metrics(root / "run")
     if not keep:
@@ -120,7 +129,8 @@ def main() -> None:
     lr = config.train.lr_multipliers
     report.text(
         f"{corpus.manifest['num_documents']} articles ({len(corpus)} blocks), "
-        f"{config.train.steps} steps of {config.train.batch_size} queries ({minutes:.0f} min"
+        f"{evals[-1]['step']} of {config.train.steps} steps of {config.train.batch_size} "
+        f"{'answerable ' if args.answerable_only else ''}queries ({minutes:.0f} min"
         f"{' in this sitting' if keep else ''}), learning rate "
         f"{config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "

@@ -20,6 +20,9 @@ def get_config(arg=None):
     # heldout_fraction: documents held out of training (0, 1/f, 2/f, ...: every 10th for
     # 0.1); the held-out evaluation's masked sentences come from them.
     c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer="", heldout_fraction=0.1))
+    # True: train only on queries whose masked span occurs in a block they may read (see
+    # realm.AnswerFinder), for corpora too small for most spans to recur (at most 50M tokens).
+    c.data.answerable_only = False
     c.model = ml_collections.ConfigDict()
     c.model.init_from_hf = ""          # a local HF folder (e.g. a REALM or BERT checkpoint)
     # Per-part HF folders (REALM's embedder / knowledge-augmented encoder checkpoints);

@@ -106,7 +106,7 @@ def test_paired_change_by_hand():
         heldout.paired_change(before, (after[0], np.array([1.0, 1.0, 0.0])))
 
 
-def test_answer_elsewhere_and_answerable_change(tmp_path):
+def test_answer_finder_and_answerable_change(tmp_path):
     """A query is answerable when its masked wordpieces occur, whole and in order, in a block
     it may read; the held-out figures are then also given over those queries alone."""
     from types import SimpleNamespace
@@ -135,12 +135,12 @@ def test_answer_elsewhere_and_answerable_change(tmp_path):
                query(3, [7, 9]),    # in block 1 only
                query(2, [70]),      # only in its own block
                query(0, [7, 6])]    # across two blocks, nowhere within one
-    assert heldout.answer_elsewhere(store, queries).tolist() == [
+    assert [realm.AnswerFinder(store)(q) for q in queries] == [
         True, True, False, True, False, False]
-    assert heldout.answer_elsewhere(store, queries, "document").tolist() == [
+    assert [realm.AnswerFinder(store, "document")(q) for q in queries] == [
         False, True, False, True, False, False]
     with pytest.raises(ValueError, match="retrieval.exclude"):
-        heldout.answer_elsewhere(store, queries, "article")
+        realm.AnswerFinder(store, "article")
 
     # The answerable figures come from the same per-query terms as the overall ones.
     answerable = np.array([True, False, True, False])
@@ -220,6 +220,22 @@ def test_heldout_documents_and_queries(corpus, minilm_path):
     it = iter(realm.query_dataset(store, maker, 8, seed=0, block_ids=train_ids))
     for _ in range(3):
         assert 0 not in set(next(it)["doc_index"].tolist())
+    # data.answerable_only: only queries the filter accepts; blocks with none are skipped.
+    finder = realm.AnswerFinder(store)
+    assert 0 < np.mean([finder(q) for q in queries]) < 1      # the filter has work to do
+    seen = []
+    it = iter(realm.query_dataset(store, maker, 4, seed=0, block_ids=train_ids,
+                                  keep=lambda q: seen.append(finder(q)) or seen[-1]))
+    batches = [next(it) for _ in range(3)]
+    assert False in seen                                       # some were refused
+    for batch in batches:
+        for row in range(4):
+            valid = batch["mask_valid"][row]
+            span = "".join(chr(int(t) + 1) for t in batch["mask_targets"][row][valid])
+            others = [b for b in train_ids.tolist() + heldout_ids.tolist()
+                      if b != batch["block_id"][row]]
+            assert any(span in "".join(map(chr, store.tokens(b).astype(np.int64) + 1))
+                       for b in others)
     # Padding rows carry no masked token.
     from realm_jax.data.realm_examples import collate_queries
     padded = heldout.pad_batch(collate_queries(queries[:5]), 8)

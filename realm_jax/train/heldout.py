@@ -16,7 +16,7 @@ few hundredths. The first evaluation's per-query terms are kept in the workdir
 Retrieval can only help a query whose answer some readable block holds, and on a small corpus
 most held-out answers are in none. The same figures are therefore also given for the
 `heldout_answerable_` queries: those whose masked wordpieces occur, in order, in a block the
-query may read (`answer_elsewhere`). The subset is fixed by the corpus alone, not by what the
+query may read (`realm.AnswerFinder`). The subset is fixed by the corpus alone, not by what the
 index retrieves, so its change is paired over the same queries throughout the run.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
@@ -96,33 +96,6 @@ def heldout_queries(store: BlockStore, maker: QueryMaker, block_ids: Sequence[in
     return out
 
 
-def answer_elsewhere(store: BlockStore, queries: Sequence[MaskedQuery], exclude: str = "block"
-                     ) -> np.ndarray:
-    """bool [len(queries)]: whether each query's masked wordpieces occur contiguously in some
-    block of `store` other than its source block (`exclude="document"`: outside its source
-    document), that is, in a block retrieval could hand it."""
-    from realm_jax.train.realm import check_exclude
-
-    check_exclude(exclude)
-    # The corpus as one string, a character per token (id + 1) and "\0" after each block, so
-    # that str.find matches whole tokens and never runs across two blocks.
-    texts = ["".join(map(chr, store.tokens(i).astype(np.int64) + 1)) + "\0"
-             for i in range(len(store))]
-    starts = np.cumsum([0] + [len(t) for t in texts])
-    corpus = "".join(texts)
-    docs = np.asarray(store.doc_index, np.int64)
-    out = np.zeros(len(queries), bool)
-    for q, query in enumerate(queries):
-        needle = "".join(chr(int(t) + 1) for t in query.mask_targets[query.mask_valid])
-        at = corpus.find(needle) if needle else -1
-        while at >= 0 and not out[q]:
-            block = int(np.searchsorted(starts, at, side="right")) - 1
-            out[q] = (block != query.block_id if exclude == "block"
-                      else docs[block] != query.doc_index)
-            at = corpus.find(needle, at + 1)
-    return out
-
-
 def pad_batch(batch: dict, multiple: int) -> dict:
     """Rows appended (copies of row 0 with no valid masked token, so they weigh nothing in
     the loss) until the batch size divides by `multiple`."""
@@ -148,7 +121,7 @@ class HeldoutEval:
     run's first one. A file of other queries (another seed, corpus or eval_queries) is
     ignored with a warning, and the resumed run's first evaluation becomes the baseline.
 
-    `answerable`: bool per query (`answer_elsewhere`); when given, the utility and its change
+    `answerable`: bool per query (`realm.AnswerFinder`); when given, the utility and its change
     are also reported over those queries alone (`heldout_answerable_...`)."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,

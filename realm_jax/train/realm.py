@@ -22,7 +22,8 @@ from flax import linen as nn
 
 from realm_jax import config as config_lib
 from realm_jax import hf
-from realm_jax.data.realm_examples import QueryMaker, SpecialIds, candidate_tokens, collate_queries
+from realm_jax.data.realm_examples import (MaskedQuery, QueryMaker, SpecialIds, candidate_tokens,
+                                          collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
 from realm_jax.models import EmbedderConfig, MaskedLMConfig
@@ -149,17 +150,20 @@ def abstract_params(configs: dict) -> dict:
 # Input pipeline
 
 def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: int,
-                  *, block_ids: np.ndarray | None = None, process_index: int = 0,
+                  *, block_ids: np.ndarray | None = None, keep=None, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
     """Batches of masked queries: blocks (`block_ids`, default all; the trainer passes the
     training blocks, see `heldout.split_blocks`) in a seeded shuffled order (repeated
-    forever), one query per block drawn with a per-element seed, this host's share of every
-    global batch. The iterator's position (`get_state`) is saved with each checkpoint."""
+    forever), one query per block drawn with a per-element seed (among those `keep(query)`
+    accepts, when given; a block with none is skipped), this host's share of every global
+    batch. The iterator's position (`get_state`) is saved with each checkpoint."""
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} does not divide over {process_count} hosts")
 
     def pick(block_id, rng: np.random.Generator):
         queries = maker.from_block(store, int(block_id), seed=int(rng.integers(2**31)))
+        if keep is not None:
+            queries = [q for q in queries if keep(q)]
         return queries[int(rng.integers(len(queries)))] if queries else None
 
     if block_ids is None:
@@ -250,6 +254,47 @@ def exclusion_keys(exclude: str, rows, row_docs, batch: dict):
     xp = np if isinstance(rows, np.ndarray) else jnp
     docs = xp.where(rows >= 0, xp.take(row_docs, xp.maximum(rows, 0), axis=0), -1)
     return docs.astype(rows.dtype), batch["doc_index"].astype(rows.dtype)
+
+
+class AnswerFinder:
+    """Whether a query's answer is in the corpus where retrieval could hand it over:
+    `finder(query)` is True when the query's masked wordpieces occur, whole and in order, in
+    a block of `store` the query may read (not its own block; with `exclude="document"`,
+    not its own document). On a corpus as small as the Wikipedia sample most masked spans
+    occur nowhere else, and those queries cannot gain from retrieval.
+
+    The corpus is held as one string, a character per token, so up to MAX_TOKENS tokens."""
+
+    MAX_TOKENS = 50_000_000
+
+    def __init__(self, store: BlockStore, exclude: str = "block"):
+        self.exclude = check_exclude(exclude)
+        if not self.fits(store):
+            raise ValueError(f"data.answerable_only: block store {store.path} holds "
+                             f"{int(np.sum(store.lengths)):,} tokens, more than the "
+                             f"{self.MAX_TOKENS:,} searched for answers")
+        lengths = np.asarray(store.lengths, np.int64)
+        # Token t is the character t + 1 and "\0" ends each block, so str.find matches whole
+        # tokens and never runs across two blocks.
+        self._corpus = "".join("".join(map(chr, store.tokens(i).astype(np.int64) + 1)) + "\0"
+                               for i in range(len(store)))
+        self._starts = np.concatenate([[0], np.cumsum(lengths + 1)])
+        self._docs = np.asarray(store.doc_index, np.int64)
+
+    @classmethod
+    def fits(cls, store: BlockStore) -> bool:
+        return int(np.sum(store.lengths, dtype=np.int64)) <= cls.MAX_TOKENS
+
+    def __call__(self, query: MaskedQuery) -> bool:
+        needle = "".join(chr(int(t) + 1) for t in query.mask_targets[query.mask_valid])
+        at = self._corpus.find(needle) if needle else -1
+        while at >= 0:
+            block = int(np.searchsorted(self._starts, at, side="right")) - 1
+            if (block != query.block_id if self.exclude == "block"
+                    else self._docs[block] != query.doc_index):
+                return True
+            at = self._corpus.find(needle, at + 1)
+        return False
 
 
 class HostRetriever:

@@ -100,8 +100,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     shardings = state_shardings(optimizer, realm.abstract_params(configs), p_shardings, mesh)
     train_blocks, heldout_blocks = heldout.split_blocks(
         store, config.data.get("heldout_fraction", 0.0))
+    eval_queries = int(tc.get("eval_queries", 0))
+    answerable_only = bool(config.data.get("answerable_only", False))
+    # Which queries retrieval could help: for data.answerable_only and the held-out figures
+    # over those queries (skipped on a corpus too large to search).
+    finder = (realm.AnswerFinder(store, rc.exclude) if answerable_only or (
+        eval_queries > 0 and len(heldout_blocks) and realm.AnswerFinder.fits(store)) else None)
     dataset = realm.query_dataset(store, maker, tc.batch_size, config.seed,
-                                  block_ids=train_blocks, process_index=jax.process_index(),
+                                  block_ids=train_blocks, keep=finder if answerable_only else None,
+                                  process_index=jax.process_index(),
                                   process_count=jax.process_count())
     batches = iter(dataset)
 
@@ -150,7 +157,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     rng = jax.random.key(config.seed)
 
     evaluator = None
-    eval_queries = int(tc.get("eval_queries", 0))
     if eval_queries > 0 and len(heldout_blocks):
         queries = heldout.heldout_queries(store, maker, heldout_blocks, eval_queries, config.seed)
         if queries:
@@ -158,10 +164,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 loss_fn, queries, mesh=mesh, param_shardings=shardings.params,
                 corpus_shardings=corpus_shardings,
                 baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming,
-                answerable=heldout.answer_elsewhere(store, queries, rc.exclude))
-            _log.info("held-out evaluation: %d masked queries from %d held-out blocks, %d "
-                      "with their answer in another readable block", len(queries),
-                      len(heldout_blocks), evaluator.answerable.sum())
+                answerable=None if finder is None else np.array([finder(q) for q in queries]))
+            _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
+                      "answerable)", len(queries), len(heldout_blocks),
+                      "?" if finder is None else evaluator.answerable.sum())
     if evaluator is None:
         _log.info("no held-out evaluation (data.heldout_fraction=%s, train.eval_queries=%d, "
                   "%d held-out blocks)", config.data.get("heldout_fraction", 0.0),
