@@ -101,6 +101,16 @@ BENCHMARKS = (
         "over the same queries; its standard error treats queries, not tokens, as the "
         "independent draws."),
     Benchmark(
+        "realm_heldout_answerable",
+        "REALM pre-training on answerable queries only: held-out retrieval utility (issue 4)",
+        "realm_heldout.py", ("--steps", "1600", "--eval_every", "400", "--eval_queries", "1000",
+                             "--answerable_only"),
+        ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4",
+         "--answerable_only"),
+        "As above, with `data.answerable_only=True`: the training queries are only the "
+        "sentences whose masked span occurs in a block they may read. The held-out queries "
+        "and the step-0 evaluation are the same as above."),
+    Benchmark(
         "qa_eval", "Open-QA fine-tuning and evaluation (issue 5)", "bench_qa_eval.py",
         ("--questions", "32", "--batch", "16", "--articles", "20"),
         ("--questions", "4", "--batch", "4", "--articles", "2", "--repeats", "1",

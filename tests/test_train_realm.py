@@ -228,6 +228,8 @@ def test_heldout_documents_and_queries(corpus, minilm_path):
                                   keep=lambda q: seen.append(finder(q)) or seen[-1]))
     batches = [next(it) for _ in range(3)]
     assert False in seen                                       # some were refused
+    with pytest.raises(ValueError, match="data.answerable_only"):
+        realm.query_dataset(store, maker, 4, seed=0, block_ids=train_ids, keep=lambda q: False)
     for batch in batches:
         for row in range(4):
             valid = batch["mask_valid"][row]
