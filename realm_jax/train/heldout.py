@@ -14,7 +14,7 @@ few hundredths. The first evaluation's per-query terms are kept in the workdir
 (`heldout_baseline.json`), so a resumed run still measures its change from step 0.
 
 Retrieval can only help a query whose answer some readable block holds, and on a small corpus
-most held-out answers are in none. The same figures are therefore also given for the
+many held-out answers are in none. The same figures are therefore also given for the
 `heldout_answerable_` queries: those whose masked wordpieces occur, in order, in a block the
 query may read (`realm.AnswerFinder`). The subset is fixed by the corpus alone, not by what the
 index retrieves, so its change is paired over the same queries throughout the run.

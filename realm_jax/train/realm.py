@@ -265,8 +265,9 @@ class AnswerFinder:
     """Whether a query's answer is in the corpus where retrieval could hand it over:
     `finder(query)` is True when the query's masked wordpieces occur, whole and in order, in
     a block of `store` the query may read (not its own block; with `exclude="document"`,
-    not its own document). On a corpus as small as the Wikipedia sample most masked spans
-    occur nowhere else, and those queries cannot gain from retrieval.
+    not its own document). On a corpus as small as the Wikipedia sample many masked spans
+    occur nowhere else (38% of the held-out ones), and those queries cannot gain from
+    retrieval.
 
     The corpus is held as one string, a character per token, so up to MAX_TOKENS tokens."""
 
@@ -278,12 +279,12 @@ class AnswerFinder:
             raise ValueError(f"data.answerable_only: block store {store.path} holds "
                              f"{int(np.sum(store.lengths)):,} tokens, more than the "
                              f"{self.MAX_TOKENS:,} searched for answers")
-        lengths = np.asarray(store.lengths, np.int64)
         # Token t is the character t + 1 and "\0" ends each block, so str.find matches whole
         # tokens and never runs across two blocks.
-        self._corpus = "".join("".join(map(chr, store.tokens(i).astype(np.int64) + 1)) + "\0"
-                               for i in range(len(store)))
-        self._starts = np.concatenate([[0], np.cumsum(lengths + 1)])
+        blocks = ["".join(map(chr, store.tokens(i).astype(np.int64) + 1)) + "\0"
+                  for i in range(len(store))]
+        self._corpus = "".join(blocks)
+        self._starts = np.cumsum([0] + [len(b) for b in blocks])
         self._docs = np.asarray(store.doc_index, np.int64)
 
     @classmethod
