@@ -142,9 +142,11 @@ def main() -> None:
     def utility(r, prefix=""):
         """(utility, its change since step 0 ± standard error) of one evaluation's row."""
         key = f"heldout_{prefix}retrieval_utility"
-        change = (f"{r[key + '_change']:+.4f} ± {r[key + '_change_se']:.4f}"
-                  if key + "_change" in r else "")
-        return f"{r[key]:+.4f}", change
+        if key + "_change" not in r:
+            return f"{r[key]:+.4f}", ""
+        se = r[key + "_change_se"]  # undefined (nan) over a single query
+        return f"{r[key]:+.4f}", f"{r[key + '_change']:+.4f}" + (
+            f" ± {se:.4f}" if np.isfinite(se) else "")
 
     table = [(r["step"], f"{r['heldout_loss']:.3f}", *utility(r), *utility(r, "answerable_"))
              for r in evals]
