@@ -45,6 +45,9 @@ SEARCH_FRACTIONS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.01
                     0.02, 0.025, 0.03, 0.04, 0.05, 0.056, 0.063, 0.071, 0.08, 0.09, 0.1,
                     0.112, 0.125, 0.14, 0.16, 0.18, 0.2, 0.225, 0.25, 0.28, 0.315, 0.355,
                     0.4, 0.45, 0.5)
+# Candidates re-scored exactly per query, in multiples of k: ScaNN's reorder and FAISS's
+# refine (k_factor) are swept over the same counts.
+RERANK_FACTORS = (1, 2, 5, 10, 20, 40)
 
 
 def partitions_to_search(total: int) -> list[int]:
@@ -233,7 +236,7 @@ def run_scann(bench: Bench, corpus, queries, truth):
     spill = f" (SOAR {soar})" if soar else ""
     configs = []
     for n_leaves in partitions_to_search(leaves):
-        for reorder in (25, 50, 100, 200, 400):
+        for reorder in (k * f for f in RERANK_FACTORS):
             configs.append((f"{leaves} leaves{spill}, search {n_leaves}, reorder {reorder}",
                             lambda n_leaves=n_leaves, reorder=reorder: searcher.search(
                                 queries, k, leaves_to_search=n_leaves, reorder=reorder)[1]))
@@ -280,7 +283,7 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
             configs.append((f"efSearch {ef}", search_with(setp)))
     else:
         ivf = faiss.extract_index_ivf(index)
-        factors = (1,) if method == "faiss-ivfflat" else (1, 2, 5, 10, 20, 40)
+        factors = (1,) if method == "faiss-ivfflat" else RERANK_FACTORS
         for nprobe in partitions_to_search(nlist):
             for kf in factors:
                 def setp(nprobe=nprobe, kf=kf):
