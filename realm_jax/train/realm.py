@@ -173,11 +173,13 @@ def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: i
         if not len(block_ids):
             raise ValueError("query_dataset: no blocks to draw queries from")
         ds = grain.MapDataset.source(block_ids)
-    # With no query to keep anywhere, the endless pipeline would search forever.
+    # With no query to keep anywhere, the endless pipeline would search forever. The check
+    # draws each block's queries with `seed` only (a sentence with several salient spans
+    # masks one of them per seed), so it speaks of those draws.
     if keep is not None and not any(keep(q) for i in range(len(ds))
                                     for q in maker.from_block(store, int(ds[i]), seed=seed)):
-        raise ValueError(f"data.answerable_only: no query of the training blocks of "
-                         f"{store.path} has its masked span in a block it may read")
+        raise ValueError(f"data.answerable_only: no query drawn (seed {seed}) from the training "
+                         f"blocks of {store.path} has its masked span in a block it may read")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(pick, seed=seed).to_iter_dataset()
     ds = ds.batch(batch_size, batch_fn=collate_queries)
