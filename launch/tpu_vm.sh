@@ -39,22 +39,13 @@ WORKER=${WORKER:-0}
 DRY_RUN=${DRY_RUN:-}
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"
-
-if [ "${1:-}" = "--dry_run" ]; then
-  DRY_RUN=1
-  shift
-fi
+source "$(dirname "$0")/lib.sh" "$@"
+shift "$lib_shift"
 [ $# -ge 1 ] || usage
 command=$1
 shift
 
 tpu=(gcloud compute tpus tpu-vm)
-where=("--zone=$ZONE")
-if [ -n "$PROJECT" ]; then
-  where+=("--project=$PROJECT")
-fi
-
 # The same shell command on every host of the slice.
 on_all() {
   x "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$1"
@@ -62,12 +53,8 @@ on_all() {
 
 # realm-jax SUBCOMMAND CONFIG WORKDIR [overrides], detached on every host.
 start() {
-  local sub=$1
-  [ $# -ge 3 ] || usage
-  local config=$2 workdir=$3
-  shift 3
-  local line
-  line=$(printf '%q ' "$sub" --config "$config" --workdir "$workdir" "$@")
+  local sub=$1 line
+  line=$(realm_jax_line "$@")
   on_all "cd $REMOTE_DIR && { nohup .venv/bin/realm-jax $line > ~/realm-jax-$sub.log 2>&1 \
 < /dev/null & echo \$! > ~/realm-jax-$sub.pid; }"
 }

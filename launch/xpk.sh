@@ -46,30 +46,17 @@ PRIORITY=${PRIORITY:-medium}
 DRY_RUN=${DRY_RUN:-}
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"
-
-if [ "${1:-}" = "--dry_run" ]; then
-  DRY_RUN=1
-  shift
-fi
+source "$(dirname "$0")/lib.sh" "$@"
+shift "$lib_shift"
+where=("--cluster=$CLUSTER" "${where[@]}")
 [ $# -ge 1 ] || usage
 command=$1
 shift
 
-where=("--cluster=$CLUSTER" "--zone=$ZONE")
-if [ -n "$PROJECT" ]; then
-  where+=("--project=$PROJECT")
-fi
-
 # One xpk workload running `realm-jax SUB --config CONFIG --workdir WORKDIR [overrides]`.
 submit() {
-  local sub=$1
-  [ $# -ge 3 ] || usage
-  local config=$2 workdir=$3
-  shift 3
-  local line run
-  line=$(printf '%q ' "$sub" --config "$config" --workdir "$workdir" "$@")
-  line=${line% }
+  local sub=$1 line run
+  line=$(realm_jax_line "$@")
   local args=(--workload="$NAME-$sub" --priority="$PRIORITY")
   if [ -n "$DOCKER_IMAGE" ]; then
     args+=(--docker-image="$DOCKER_IMAGE")

@@ -37,10 +37,11 @@ import os
 import re
 import string
 import unicodedata
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from realm_jax.durable import atomic_write
 
 if TYPE_CHECKING:
     from realm_jax.data.qa import QAExample
@@ -273,19 +274,11 @@ def _plain(i: Any) -> int | str:
 def write_predictions(path: str | os.PathLike, predictions: Iterable[Prediction]) -> Path:
     """Writes one JSON object per prediction, atomically (a temporary file in the same folder,
     fsynced, then renamed over ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    def write(f):
+        for p in predictions:
+            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    atomic_write(path, write)
+    return Path(path)
 
 
 def read_predictions(path: str | os.PathLike) -> list[Prediction]:

@@ -269,7 +269,7 @@ class Refresher:
 
     def _write_job(self, job: dict) -> None:
         """Announce a job (or {"stop": True}); the id makes every announcement distinct."""
-        from realm_jax.train.checkpoints import atomic_write_text
+        from realm_jax.durable import atomic_write_text
         job = dict(job, id=uuid.uuid4().hex)
         atomic_write_text(self.scratch / JOB_FILE, json.dumps(job, indent=1) + "\n")
 

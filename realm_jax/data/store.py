@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.data.wikitext import Span
+from realm_jax.durable import fsync_dir, fsync_file
 
 _log = logging.getLogger(__name__)
 
@@ -54,27 +55,6 @@ class BlockRecord:
     spans: list[Span]
     tokens: np.ndarray
     doc_index: int
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class BlockStoreWriter:
@@ -158,8 +138,8 @@ class BlockStoreWriter:
         }
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         for name in _FILES[1:4] + _FILES[5:] + (MANIFEST,):
-            _fsync_file(self._tmp / name)
-        _fsync_dir(self._tmp)
+            fsync_file(self._tmp / name)
+        fsync_dir(self._tmp)
         BlockStore.open(self._tmp).close()  # validate before publishing
         old = None
         if self.path.exists():
@@ -168,7 +148,7 @@ class BlockStoreWriter:
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
             os.rename(self.path, old)
         os.rename(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._finished = True

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from realm_jax import hf, sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
+from realm_jax.durable import atomic_write, fsync_dir
 from realm_jax.embedding import bucket_length, length_sorted_batches
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
@@ -329,26 +330,8 @@ class EmbedResult:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, tag: str, write: Callable[[Any], None]) -> None:
-    tmp = path.parent / f"{TMP_PREFIX}{tag}-{os.getpid()}-{path.name}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, write, binary=True, tmp_name=f"{TMP_PREFIX}{tag}-{os.getpid()}-{path.name}")
 
 
 def read_shard(json_path: str | os.PathLike) -> ShardInfo:
@@ -414,7 +397,7 @@ def write_shard(folder: str | os.PathLike, start: int, array: np.ndarray, *, dty
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
     _write_atomic(base.with_suffix(".json"), tag,
                   lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return read_shard(base.with_suffix(".json"))
 
 

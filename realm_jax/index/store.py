@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
+from realm_jax.durable import atomic_write, fsync_dir, fsync_file, is_local
 from realm_jax.index import base
 
 LATEST = "LATEST"
@@ -79,30 +80,8 @@ def version_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-def _fsync_file(path: epath.Path) -> None:
-    if _is_local(path):
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: epath.Path) -> None:
-    if _is_local(path):
-        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _size(path: epath.Path) -> int:
-    return os.path.getsize(path) if _is_local(path) else int(path.stat().length)
+    return os.path.getsize(path) if is_local(path) else int(path.stat().length)
 
 
 def _sha256(path: epath.Path, chunk: int = 1 << 22) -> str:
@@ -224,7 +203,7 @@ class Snapshot:
     def embeddings(self, mmap: bool = True) -> np.ndarray:
         """[count, dim] in the stored dtype (memory-mapped for local folders)."""
         path = self.path / EMBEDDINGS
-        if mmap and _is_local(path):
+        if mmap and is_local(path):
             array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
         else:
             with path.open("rb") as f:
@@ -248,7 +227,7 @@ class Snapshot:
         if self.scann_settings is None:
             raise SnapshotError(self.path, "searcher.scann", "this snapshot has no ScaNN index")
         folder = self.path / SCANN_DIR
-        if _is_local(folder):
+        if is_local(folder):
             return ScannSearcher.load(os.fspath(folder), self.ids(), num_threads)
         with tempfile.TemporaryDirectory() as local:
             for rel, src in _walk_files(folder):
@@ -441,7 +420,7 @@ class IndexStore:
             stage("scann_written")
         files = {}
         for rel, path in _walk_files(tmp):
-            _fsync_file(path)
+            fsync_file(path)
             files[rel] = {"bytes": _size(path), "sha256": _sha256(path)}
         now = time.time()
         manifest = {
@@ -460,10 +439,10 @@ class IndexStore:
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync_file(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         if searcher is not None:
-            _fsync_dir(tmp / SCANN_DIR)
-        _fsync_dir(tmp)
+            fsync_dir(tmp / SCANN_DIR)
+        fsync_dir(tmp)
         stage("manifest_written")
         version = self._claim(tmp)
         stage("renamed")
@@ -489,7 +468,7 @@ class IndexStore:
 
     @staticmethod
     def _write_scann(searcher, folder: epath.Path) -> None:
-        if _is_local(folder):
+        if is_local(folder):
             searcher.serialize(os.fspath(folder))
             return
         with tempfile.TemporaryDirectory() as local:
@@ -519,21 +498,15 @@ class IndexStore:
                 except OSError:
                     pass
                 else:
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
                     return target.name
             number += 1
         raise RuntimeError(f"could not claim a version folder under {self.root}")
 
     def _point_latest(self, version: str) -> None:
         pointer = self.root / LATEST
-        tmp = self.root / _tmp_name("latest")
-        tmp.write_text(version + "\n")
-        _fsync_file(tmp)
-        if _is_local(pointer):
-            os.replace(tmp, pointer)
-        else:
-            tmp.replace(pointer)
-        _fsync_dir(self.root)
+        atomic_write(pointer, lambda f: f.write(version + "\n"), tmp_name=_tmp_name("latest"))
+        fsync_dir(self.root)
 
     def prune(self, keep: int | None = None) -> list[str]:
         """Delete all but the newest `keep` versions (default self.keep), never the one
@@ -555,7 +528,7 @@ class IndexStore:
                 (self.root / version).rename(trash)
             except OSError:
                 continue
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             trash.rmtree(missing_ok=True)
             removed.append(version)
         return removed

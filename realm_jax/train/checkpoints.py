@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from realm_jax.durable import atomic_write_text
 from realm_jax.models import config_from_dict, config_to_dict
 
 MODEL_JSON = "model.json"
@@ -338,19 +339,3 @@ def _item_handlers() -> dict:
             STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write through a temporary file and a rename (fsynced on local disks)."""
-    from etils import epath
-
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if "://" in os.fspath(path):
-        tmp.write_text(text)
-        tmp.replace(path)
-        return
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

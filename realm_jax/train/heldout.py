@@ -204,7 +204,7 @@ class HeldoutEval:
         return out
 
     def _write_baseline(self) -> None:
-        from realm_jax.train.checkpoints import atomic_write_text
+        from realm_jax.durable import atomic_write_text
 
         step, (utility, tokens) = self.baseline
         atomic_write_text(self.baseline_file, json.dumps(dict(

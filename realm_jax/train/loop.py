@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding
 
 from realm_jax import distributed, sharding
 from realm_jax.index.store import SnapshotWatcher
-from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints, atomic_write_text
+from realm_jax.durable import atomic_write_text
+from realm_jax.train.checkpoints import FINISHED, TrainCheckpoints
 from realm_jax.train.state import TrainState, abstract_state, create_state
 
 CONFIG_JSON = "config.json"
