@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -19,49 +17,13 @@ from realm_jax.index import base
 from realm_jax.index import embed_corpus as ec
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
 from realm_jax.index.store import IndexStore
-from realm_jax.models import EmbedderConfig, EncoderConfig
-
-# A tiny document tower over the real BERT vocabulary (the store holds MiniLM token ids);
-# mean pooling, as a random tiny tower's CLS vectors are all nearly the same.
-TOWER = EmbedderConfig(EncoderConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-    max_position_embeddings=128, dropout_rate=0.0, attention_dropout_rate=0.0), pooling="mean")
-WORDS = ("river city king music science history ocean mountain village bridge garden winter "
-         "summer market school doctor painter engine island forest castle railway harbor "
-         "church museum valley army north south golden silver ancient modern").split()
-
-
-def write_corpus(path, n_docs: int = 14, seed: int = 0):
-    """JSONL documents of 12-word multiples: 12-word DPR passages all pad to one bucket."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            text = " ".join(rng.choice(WORDS) for _ in range(12 * rng.randint(1, 5)))
-            f.write(json.dumps({"id": f"d{i}", "title": f"{rng.choice(WORDS).title()} {i}",
-                                "text": text.capitalize() + "."}) + "\n")
-    return path
-
-
-def tower_params(seed: int):
-    """Random tower params, made in numpy (JAX's init of the 30522-word table takes seconds
-    on the emulated devices)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['scale']"):
-            return np.ones(shape.shape, np.float32)
-        if name.endswith("['bias']"):
-            return np.zeros(shape.shape, np.float32)
-        return rng.normal(0, 0.05, shape.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(TOWER))
+from tiny_corpus import TOWER, random_tower, write_corpus
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, minilm_path):
     folder = tmp_path_factory.mktemp("corpus")
-    result = prepare_corpus(write_corpus(folder / "docs.jsonl"), folder / "store",
+    result = prepare_corpus(write_corpus(folder / "docs.jsonl", 14), folder / "store",
                             tokenizer=minilm_path, mode="dpr", passage_words=12,
                             progress=False)
     with BlockStore.open(result.path) as s:
@@ -104,7 +66,7 @@ def test_rows_are_what_the_tokenizer_builds(store, rows, hf_tokenizer, minilm_pa
 
 
 def test_round_trip_embed_publish_load_search(tmp_path, store, embedder, rows, hf_tokenizer):
-    params = tower_params(1)
+    params = random_tower(1)
     result = ec.embed_corpus(store, embedder, params, tmp_path / "shards", rows=rows,
                              model_fingerprint=ec.params_fingerprint(TOWER, params),
                              progress=False)
@@ -131,7 +93,7 @@ def test_round_trip_embed_publish_load_search(tmp_path, store, embedder, rows, h
 
 
 def test_two_workers_equal_one(tmp_path, store, embedder, rows):
-    params = tower_params(2)
+    params = random_tower(2)
     fingerprint = ec.params_fingerprint(TOWER, params)
     kwargs = dict(rows=rows, model_fingerprint=fingerprint, progress=False)
     one = ec.embed_corpus(store, embedder, params, tmp_path / "one", **kwargs)
@@ -179,7 +141,7 @@ def test_merge_checks_every_id_is_covered_once(tmp_path):
 
 
 def test_killed_run_resumes_from_complete_shards(tmp_path, store, embedder, rows):
-    params = tower_params(3)
+    params = random_tower(3)
     kwargs = dict(rows=rows, model_fingerprint=ec.params_fingerprint(TOWER, params),
                   shard_size=16, progress=False)
 
@@ -208,7 +170,7 @@ def test_cli_prepare_and_embed_corpus(tmp_path, minilm_path, store):
                      "--no_progress"]) == 0
     small = BlockStore.open(tmp_path / "s")
     assert small.settings["mode"] == "dpr" and len(small) >= 4
-    checkpoints.save_params(tmp_path / "tower", TOWER, tower_params(4))
+    checkpoints.save_params(tmp_path / "tower", TOWER, random_tower(4))
     for worker in (0, 1):
         argv = ["embed-corpus", "--corpus", str(tmp_path / "s"), "--out", str(tmp_path / "e"),
                 "--model", str(tmp_path / "tower"), "--tokenizer", minilm_path,

@@ -30,46 +30,11 @@ from realm_jax.data import BlockStore, prepare_corpus
 from realm_jax.index import embed_corpus as ec
 from realm_jax.index.scann_searcher import ScannSettings
 from realm_jax.index.store import IndexStore
-from realm_jax.models import EmbedderConfig, EncoderConfig
 from realm_jax.refresh import Refresher, RefreshSettings
 from realm_jax.train.checkpoints import TrainCheckpoints
+from tiny_corpus import TOWER, random_tower, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-TOWER = EmbedderConfig(EncoderConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-    max_position_embeddings=128, dropout_rate=0.0, attention_dropout_rate=0.0), pooling="mean")
-WORDS = ("river city king music science history ocean mountain village bridge garden winter "
-         "summer market school doctor painter engine island forest castle railway harbor "
-         "church museum valley army north south golden silver ancient modern").split()
-
-
-def write_corpus(path, n_docs: int, seed: int = 0):
-    """Documents of 12-word multiples: their 12-word DPR passages pad to one length bucket."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            text = " ".join(rng.choice(WORDS) for _ in range(12 * rng.randint(1, 4)))
-            f.write(json.dumps({"id": f"d{i}", "title": f"{rng.choice(WORDS).title()} {i}",
-                                "text": text.capitalize() + "."}) + "\n")
-    return path
-
-
-def random_tower(seed: int):
-    """Random tower params, made in numpy (JAX's init of the 30522-word table takes seconds
-    on the emulated devices)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['scale']"):
-            return np.ones(shape.shape, np.float32)
-        if name.endswith("['bias']"):
-            return np.zeros(shape.shape, np.float32)
-        return rng.normal(0, 0.05, shape.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(TOWER))
-
-
 @pytest.fixture(scope="module")
 def base_params():
     return random_tower(0)
@@ -98,7 +63,8 @@ def make_workdir(path, base, steps) -> TrainCheckpoints:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, minilm_path):
     folder = tmp_path_factory.mktemp("corpus")
-    result = prepare_corpus(write_corpus(folder / "docs.jsonl", 12), folder / "store",
+    docs = write_corpus(folder / "docs.jsonl", 12, max_passages=4)
+    result = prepare_corpus(docs, folder / "store",
                             tokenizer=minilm_path, mode="dpr", passage_words=12, progress=False)
     with BlockStore.open(result.path) as s:
         yield s

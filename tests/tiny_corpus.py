@@ -1,0 +1,49 @@
+"""Shared by the corpus-embedding and refresher tests: a tiny document tower over the real
+BERT vocabulary (the stores hold MiniLM token ids) and a JSONL corpus of random words."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jax
+import numpy as np
+
+from realm_jax import hf
+from realm_jax.models import EmbedderConfig, EncoderConfig
+
+# Mean pooling: a random tiny tower's CLS vectors are all nearly the same.
+TOWER = EmbedderConfig(EncoderConfig(
+    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    max_position_embeddings=128, dropout_rate=0.0, attention_dropout_rate=0.0), pooling="mean")
+WORDS = ("river city king music science history ocean mountain village bridge garden winter "
+         "summer market school doctor painter engine island forest castle railway harbor "
+         "church museum valley army north south golden silver ancient modern").split()
+
+
+def write_corpus(path, n_docs: int, seed: int = 0, max_passages: int = 5):
+    """JSONL documents of 1 to `max_passages` times 12 words: their 12-word DPR passages
+    all pad to one length bucket."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(12 * rng.randint(1, max_passages)))
+            f.write(json.dumps({"id": f"d{i}", "title": f"{rng.choice(WORDS).title()} {i}",
+                                "text": text.capitalize() + "."}) + "\n")
+    return path
+
+
+def random_tower(seed: int):
+    """Random TOWER params, made in numpy (JAX's init of the 30522-word table takes seconds
+    on the emulated devices)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return np.ones(shape.shape, np.float32)
+        if name.endswith("['bias']"):
+            return np.zeros(shape.shape, np.float32)
+        return rng.normal(0, 0.05, shape.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(TOWER))
