@@ -307,6 +307,16 @@ def _check_inputs(config: RagConfig, context_ids: Array, context_mask: Array | N
     return context_mask
 
 
+def _encode_contexts(bart: Bart, params: Any, context_ids: Array, context_mask: Array
+                     ) -> tuple[Array, Array]:
+    """(encoder states [B * K, L, D], mask [B * K, L]) of every question's K contexts."""
+    b, k, length = context_ids.shape
+    flat_mask = context_mask.reshape(b * k, length)
+    states = bart.apply({"params": params}, context_ids.reshape(b * k, length), flat_mask,
+                        method=Bart.encode)
+    return states, flat_mask
+
+
 _CONTEXT = ("context_key", "context_value")
 
 
@@ -359,15 +369,12 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     doc_scores: [B, K] (e.g. `Rag.doc_scores`). Returns `Generated` with R =
     gen.num_return_sequences sequences per question."""
     context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
-    b, k, length = context_ids.shape
+    b, k = context_ids.shape[:2]
     n, r = gen.num_beams, gen.num_return_sequences
     if r > n:
         raise ValueError(f"num_return_sequences {r} > num_beams {n}")
-    bart = config.generator.module()
-    gp = params["generator"]
-    flat_mask = context_mask.reshape(b * k, length)
-    states = bart.apply({"params": gp}, context_ids.reshape(b * k, length), flat_mask,
-                        method=Bart.encode)
+    bart, gp = config.generator.module(), params["generator"]
+    states, flat_mask = _encode_contexts(bart, gp, context_ids, context_mask)
     states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
     scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
     decoder, cache = _decoder(bart, gp, states, flat_mask, k, gen.max_length - 1)
@@ -436,16 +443,13 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""
     context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
-    b, k, length = context_ids.shape
+    b, k = context_ids.shape[:2]
     n, r = gen.num_beams, gen.num_return_sequences
     c, m = k * n, gen.max_length
     if r > c:
         raise ValueError(f"num_return_sequences {r} > documents x beams {c}")
-    bart = config.generator.module()
-    gp = params["generator"]
-    flat_mask = context_mask.reshape(b * k, length)
-    states = bart.apply({"params": gp}, context_ids.reshape(b * k, length), flat_mask,
-                        method=Bart.encode)
+    bart, gp = config.generator.module(), params["generator"]
+    states, flat_mask = _encode_contexts(bart, gp, context_ids, context_mask)
     beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
     beam_mask = jnp.repeat(flat_mask, n, axis=0)
     step, cache = _decoder(bart, gp, beam_states, beam_mask, 1, m - 1)
