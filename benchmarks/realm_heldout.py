@@ -8,7 +8,7 @@ refresher: every step sees the same index), with the held-out evaluation of
 `train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval
 utility, and the utility's change since step 0, paired over the same held-out queries, with
 its standard error; the same over the answerable queries alone (those whose masked span a
-readable block holds, `realm.AnswerFinder`). With --answerable_only the training queries are
+readable block holds, `realm.AnswerFinder`) and over the unanswerable rest. With --answerable_only the training queries are
 such queries too (`data.answerable_only`).
 
     python benchmarks/realm_heldout.py
@@ -142,22 +142,27 @@ def main() -> None:
     def utility(r, prefix=""):
         """(utility, its change since step 0 ± standard error) of one evaluation's row."""
         key = f"heldout_{prefix}retrieval_utility"
+        if key not in r:  # an evaluation logged before this split was reported
+            return "", ""
         if key + "_change" not in r:
             return f"{r[key]:+.4f}", ""
         se = r[key + "_change_se"]  # undefined (nan) over a single query
         return f"{r[key]:+.4f}", f"{r[key + '_change']:+.4f}" + (
             f" ± {se:.4f}" if np.isfinite(se) else "")
 
-    table = [(r["step"], f"{r['heldout_loss']:.3f}", *utility(r), *utility(r, "answerable_"))
-             for r in evals]
-    report.text(f"Answerable: the {int(evals[0]['heldout_answerable_queries'])} held-out "
+    table = [(r["step"], f"{r['heldout_loss']:.3f}", *utility(r), *utility(r, "answerable_"),
+              *utility(r, "unanswerable_")) for r in evals]
+    report.text(f"Answerable: the {int(evals[-1]['heldout_answerable_queries'])} held-out "
                 f"queries whose masked wordpieces occur in a block they may read (not their "
-                f"own {config.retrieval.exclude}), the only ones retrieval can help.")
+                f"own {config.retrieval.exclude}), the only ones retrieval can help; "
+                f"unanswerable: the other {int(evals[-1]['heldout_unanswerable_queries'])}.")
     report.table(["step", "held-out loss", "retrieval utility",
                   "change since step 0 (± standard error)", "answerable: utility",
-                  "answerable: change since step 0"], table)
+                  "answerable: change since step 0", "unanswerable: utility",
+                  "unanswerable: change since step 0"], table)
     last = evals[-1]
-    for prefix, name in (("", "held-out"), ("answerable_", "answerable held-out")):
+    for prefix, name in (("", "held-out"), ("answerable_", "answerable held-out"),
+                         ("unanswerable_", "unanswerable held-out")):
         key = f"heldout_{prefix}retrieval_utility_change"
         if last.get(key + "_se", 0) > 0:
             change, se = last[key], last[key + "_se"]

@@ -156,6 +156,9 @@ def test_answer_finder_and_answerable_change(tmp_path):
     assert second["heldout_answerable_retrieval_utility"] == pytest.approx(3.5 / 3)
     assert second["heldout_answerable_retrieval_utility_change"] == pytest.approx(2 / 3)
     assert second["heldout_retrieval_utility_change"] == pytest.approx(-1 / 5)
+    assert first["heldout_unanswerable_queries"] == 2
+    assert first["heldout_unanswerable_retrieval_utility"] == pytest.approx(1 / 2)
+    assert second["heldout_unanswerable_retrieval_utility_change"] == pytest.approx(-3 / 2)
     assert "heldout_answerable_retrieval_utility_change" not in first
     with pytest.raises(ValueError, match="answerable flags"):
         heldout.HeldoutEval(SimpleNamespace(mode="device"), queries[:3], mesh=None,

@@ -16,8 +16,9 @@ few hundredths. The first evaluation's per-query terms are kept in the workdir
 Retrieval can only help a query whose answer some readable block holds, and on a small corpus
 many held-out answers are in none. The same figures are therefore also given for the
 `heldout_answerable_` queries: those whose masked wordpieces occur, in order, in a block the
-query may read (`realm.AnswerFinder`). The subset is fixed by the corpus alone, not by what the
-index retrieves, so its change is paired over the same queries throughout the run.
+query may read (`realm.AnswerFinder`), and for the `heldout_unanswerable_` rest. The subsets
+are fixed by the corpus alone, not by what the index retrieves, so their changes are paired
+over the same queries throughout the run.
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
@@ -122,7 +123,8 @@ class HeldoutEval:
     ignored with a warning, and the resumed run's first evaluation becomes the baseline.
 
     `answerable`: bool per query (`realm.AnswerFinder`); when given, the utility and its change
-    are also reported over those queries alone (`heldout_answerable_...`)."""
+    are also reported over those queries alone (`heldout_answerable_...`) and over the others
+    (`heldout_unanswerable_...`)."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
                  corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
@@ -189,11 +191,12 @@ class HeldoutEval:
                 self._write_baseline()
         subsets = [("", slice(None))]
         if self.answerable is not None:
-            subsets.append(("answerable_", self.answerable))
-            out[PREFIX + "answerable_queries"] = float(self.answerable.sum())
-            utility, tokens = (x[self.answerable] for x in per_query)
-            out[PREFIX + "answerable_retrieval_utility"] = (
-                float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
+            subsets += [("answerable_", self.answerable), ("unanswerable_", ~self.answerable)]
+            for name, rows in subsets[1:]:
+                out[PREFIX + name + "queries"] = float(rows.sum())
+                utility, tokens = (x[rows] for x in per_query)
+                out[PREFIX + name + "retrieval_utility"] = (
+                    float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
         if not first:
             for name, rows in subsets:
                 change, se = paired_change(*((u[rows], n[rows])
