@@ -58,6 +58,34 @@ def check_same_run(root: Path, args: argparse.Namespace) -> None:
         path.write_text(json.dumps(wanted))
 
 
+def demo_config(root: Path, *overrides: str):
+    """The demo's REALM config over the corpus in `root` (MiniLM towers and reader)."""
+    from realm_jax import config as config_lib
+
+    model = minilm_folder()
+    return config_lib.load_config(
+        "demo_realm_minilm", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
+        f"model.init_from_hf={model}", *overrides)
+
+
+def prepare_run(root: Path, config, articles: int):
+    """The block store of the sample (its first `articles`, 0: all) in root/corpus and the
+    index of the initial document tower in root/run/index, each made unless already there
+    (a kept workdir reuses them); returns the opened store."""
+    from realm_jax import refresh
+    from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.data.store import BlockStore
+    from realm_jax.index.store import IndexStore
+
+    if not (root / "corpus").exists():
+        prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=minilm_folder(),
+                       mode="realm", max_tokens=config.retrieval.block_length,
+                       max_documents=articles or None, progress=False)
+    if IndexStore(root / "run" / "index").latest_version() is None:
+        refresh.publish_initial_index(config, root / "run" / "index")
+    return BlockStore.open(root / "corpus")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1600)
@@ -82,22 +110,15 @@ def main() -> None:
     add_markdown_flag(parser)
     args = parser.parse_args()
 
-    from realm_jax import config as config_lib
-    from realm_jax import refresh
-    from realm_jax.data.corpus import prepare_corpus
-    from realm_jax.data.store import BlockStore
-    from realm_jax.index.store import IndexStore
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
-    model = minilm_folder()
     keep = bool(args.workdir)
     root = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="realm_heldout_"))
     checkpoint_every = args.checkpoint_every or (200 if keep else args.steps)
     if keep:
         check_same_run(root, args)
-    overrides = [f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
-                 f"model.init_from_hf={model}", f"train.steps={args.steps}",
+    overrides = [f"train.steps={args.steps}",
                  f"train.eval_every={args.eval_every}",
                  f"train.eval_queries={args.eval_queries}",
                  f"train.checkpoint_every={checkpoint_every}", "train.log_every=10"]
@@ -106,14 +127,8 @@ def main() -> None:
     if args.tower_lr is not None:
         overrides += [f"train.lr_multipliers.{part}={args.tower_lr}"
                       for part in ("query_tower", "doc_tower")]
-    config = config_lib.load_config("demo_realm_minilm", *overrides)
-    if not (root / "corpus").exists():  # a kept workdir reuses its corpus and index
-        prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model, mode="realm",
-                       max_tokens=config.retrieval.block_length,
-                       max_documents=args.articles or None, progress=False)
-    corpus = BlockStore.open(root / "corpus")
-    if IndexStore(root / "run" / "index").latest_version() is None:
-        refresh.publish_initial_index(config, root / "run" / "index")
+    config = demo_config(root, *overrides)
+    corpus = prepare_run(root, config, args.articles)
     started = time.perf_counter()
     trainer.train(config, root / "run", stop_after=args.stop_after)
     minutes = (time.perf_counter() - started) / 60

@@ -112,6 +112,24 @@ BENCHMARKS = (
         "sentences whose masked span occurs in a block they may read. The held-out queries "
         "and the step-0 evaluation are the same as above."),
     Benchmark(
+        "realm_heldout_long",
+        "REALM pre-training, twice as long: held-out retrieval utility (issue 4)",
+        "realm_heldout.py", ("--steps", "3200", "--eval_every", "800", "--eval_queries", "1000"),
+        ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4"),
+        "As `realm_heldout`, with 3200 steps (the learning rate decays over 3200 steps, so "
+        "step 1600 here is not step 1600 there). The held-out queries and the step-0 "
+        "evaluation are the same."),
+    Benchmark(
+        "realm_step0_utility",
+        "REALM held-out retrieval utility at step 0: retrieved against random candidates "
+        "(issue 4)",
+        "realm_step0_utility.py", (),
+        ("--articles", "2", "--eval_queries", "4", "--trials", "1"),
+        "The demo's model at initialisation (its reader's MLM head new) scores the held-out "
+        "queries of `realm_heldout` with the candidates the initial index retrieves and with "
+        "random blocks in their place. Utility that random blocks give as well is not "
+        "retrieval's doing."),
+    Benchmark(
         "qa_eval", "Open-QA fine-tuning and evaluation (issue 5)", "bench_qa_eval.py",
         ("--questions", "32", "--batch", "16", "--articles", "20"),
         ("--questions", "4", "--batch", "4", "--articles", "2", "--repeats", "1",
