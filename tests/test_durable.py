@@ -1,0 +1,28 @@
+"""realm_jax.durable: a whole-file write replaces the target whole or not at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from realm_jax import durable
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "LATEST"
+    durable.atomic_write_text(target, "v000001\n")  # makes the folder
+    assert target.read_text() == "v000001\n"
+    durable.atomic_write(target, lambda f: f.write(b"v000002\n"), binary=True,
+                         tmp_name=".tmp-latest-1")
+    assert target.read_text() == "v000002\n"
+
+    def crash(f):
+        f.write("v0000")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        durable.atomic_write(target, crash)
+    assert target.read_text() == "v000002\n"           # the old content, untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["LATEST"]  # no leftovers
+    durable.fsync_file(target)
+    durable.fsync_dir(target.parent)
+    assert not durable.is_local("gs://bucket/x") and durable.is_local(target)
