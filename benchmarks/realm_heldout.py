@@ -8,8 +8,8 @@ refresher: every step sees the same index), with the held-out evaluation of
 `train/heldout.py` at step 0 and every --eval_every steps: held-out loss and retrieval
 utility, and the utility's change since step 0, paired over the same held-out queries, with
 its standard error; the same over the answerable queries alone (those whose masked span a
-readable block holds, `realm.AnswerFinder`) and over the unanswerable rest. With --answerable_only the training queries are
-such queries too (`data.answerable_only`).
+readable block holds, `realm.AnswerFinder`) and over the unanswerable rest. With
+--answerable_only the training queries are such queries too (`data.answerable_only`).
 
     python benchmarks/realm_heldout.py
 

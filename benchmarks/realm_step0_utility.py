@@ -34,9 +34,8 @@ def main() -> None:
     add_markdown_flag(parser)
     args = parser.parse_args()
 
-    import jax
-
-    from realm_jax.data.realm_examples import QueryMaker, candidate_tokens, collate_queries
+    from realm_jax import sharding
+    from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
     from realm_jax.index.store import IndexStore
     from realm_jax.train import heldout, realm
 
@@ -54,31 +53,33 @@ def main() -> None:
     snapshot = IndexStore(root / "run" / "index").latest()
     retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
                                                 params["query_tower"], store)
-    loss_fn = realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann")
-    batch = retriever(collate_queries(queries))
-    fields = realm.QUERY_FIELDS + realm.CANDIDATE_FIELDS
-    tokens = batch["mask_valid"].sum(-1).astype(np.float64)
-
-    @jax.jit
-    def query_utility(params, chunk):
-        out, _ = loss_fn.scored(params, chunk, None, None)
-        return (out.marginal_log_probs - out.null_log_probs).sum(-1)
-
-    def utilities(b) -> list[str]:
-        u = np.concatenate([np.asarray(query_utility(params, {k: b[k][s:s + 64] for k in fields}))
-                            for s in range(0, len(queries), 64)])
-        return [f"{u[rows].sum() / tokens[rows].sum():+.4f}"
-                for rows in (slice(None), answerable, ~answerable)]
-
-    rows = [("retrieved by the index", *utilities(batch))]
+    # The trainer's own held-out evaluation, its candidates given by `retriever`.
+    mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+    evaluate = heldout.HeldoutEval(
+        realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
+        mesh=mesh, param_shardings=realm.param_shardings(configs, mesh, rules),
+        answerable=answerable)
     rng = np.random.default_rng(0)
-    for trial in range(args.trials):
+
+    def random_blocks(batch: dict) -> dict:
+        """The retrieved candidates, each replaced by a random block (the null document and
+        empty slots stay as they are)."""
+        batch = retriever(batch)
         ids = batch["cand_ids"].copy()
-        real = ids >= 0  # the null document and empty slots stay as they are
+        real = ids >= 0
         ids[real] = rng.integers(0, len(store), int(real.sum()))
-        cand_tokens, lengths = candidate_tokens(store, ids, max_length=rc.block_length)
-        rows.append((f"random blocks (draw {trial + 1})", *utilities(
-            dict(batch, cand_ids=ids, cand_tokens=cand_tokens, cand_lengths=lengths))))
+        tokens, lengths = candidate_tokens(store, ids, max_length=rc.block_length)
+        return dict(batch, cand_ids=ids, cand_tokens=tokens, cand_lengths=lengths)
+
+    def utilities(candidates) -> list[str]:
+        with sharding.activate(mesh, rules):
+            values = evaluate(params, retriever=candidates)
+        return [f"{values[f'heldout_{name}retrieval_utility']:+.4f}"
+                for name in ("", "answerable_", "unanswerable_")]
+
+    rows = [("retrieved by the index", *utilities(retriever))]
+    rows += [(f"random blocks (draw {trial + 1})", *utilities(random_blocks))
+             for trial in range(args.trials)]
 
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
