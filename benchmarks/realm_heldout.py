@@ -38,7 +38,8 @@ import numpy as np
 from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
 
 
-RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only")
+RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only",
+             "reader_warmup", "warmup_batch")
 
 
 def check_same_run(root: Path, args: argparse.Namespace) -> None:
@@ -86,6 +87,31 @@ def prepare_run(root: Path, config, articles: int):
     return BlockStore.open(root / "corpus")
 
 
+def warm_up_reader(root: Path, steps: int, batch_size: int) -> Path:
+    """The reader made a masked LM before REALM starts, as REALM's BERT reader is: `steps`
+    of the trainer with the null document as the only candidate (retrieval.num_candidates=1,
+    so the loss is the plain MLM loss of the training documents' salient spans) and both
+    towers frozen, in root/warmup; its reader exported to root/reader_mlm, the folder
+    returned (a kept workdir reuses it)."""
+    from realm_jax.train import trainer
+    from realm_jax.train.checkpoints import export_part
+
+    out = root / "reader_mlm"
+    if out.exists():
+        return out
+    config = demo_config(
+        root, f"train.steps={steps}", f"train.batch_size={batch_size}",
+        "retrieval.num_candidates=1", "train.lr_multipliers.query_tower=0",
+        "train.lr_multipliers.doc_tower=0", "train.eval_queries=0",
+        f"train.checkpoint_every={min(steps, 200)}", "train.log_every=10")
+    work = root / "warmup"
+    work.mkdir(exist_ok=True)
+    if not (work / "index").exists():  # the trainer reads its workdir's index (unused at K=1)
+        (work / "index").symlink_to(root / "run" / "index", target_is_directory=True)
+    trainer.train(config, work)
+    return export_part(work, "reader", out)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1600)
@@ -98,6 +124,12 @@ def main() -> None:
     parser.add_argument("--answerable_only", action="store_true",
                         help="train only on queries whose masked span occurs in a block they "
                              "may read (data.answerable_only)")
+    parser.add_argument("--reader_warmup", type=int, default=0,
+                        help="first train the reader alone as a masked LM for this many steps "
+                             "(null document only, towers frozen; see warm_up_reader) and start "
+                             "REALM from it; step 0 is then the warmed-up model")
+    parser.add_argument("--warmup_batch", type=int, default=8,
+                        help="queries per warm-up step")
     parser.add_argument("--stop_after", type=int, default=None,
                         help="stop at this step (with --workdir, the same command without it "
                              "resumes the run later)")
@@ -130,6 +162,10 @@ def main() -> None:
     config = demo_config(root, *overrides)
     corpus = prepare_run(root, config, args.articles)
     started = time.perf_counter()
+    if args.reader_warmup:
+        reader = warm_up_reader(root, args.reader_warmup, args.warmup_batch)
+        config = demo_config(root, *overrides, f"model.reader_hf={reader}")
+        warmup_rows = read_metrics(root / "warmup")
     trainer.train(config, root / "run", stop_after=args.stop_after)
     minutes = (time.perf_counter() - started) / 60
     rows = read_metrics(root / "run")
@@ -154,6 +190,13 @@ def main() -> None:
         f"{config.data.heldout_fraction:.0%} of documents held out of training; training loss "
         f"(mean of the first and last 5 logged steps) {np.mean(train[:5]):.2f} -> "
         f"{np.mean(train[-5:]):.2f}.")
+    if args.reader_warmup:
+        warm = [r["loss"] for r in warmup_rows if "loss" in r]
+        report.text(
+            f"Step 0 is the model after a reader warm-up: {args.reader_warmup} steps of "
+            f"{args.warmup_batch} training queries, the reader alone as a masked LM (the null "
+            f"document its only candidate, towers frozen); its MLM loss "
+            f"{np.mean(warm[:5]):.2f} -> {np.mean(warm[-5:]):.2f}.")
     def utility(r, prefix=""):
         """(utility, its change since step 0 ± standard error) of one evaluation's row."""
         key = f"heldout_{prefix}retrieval_utility"

@@ -12,17 +12,22 @@ def _convert(args: argparse.Namespace) -> None:
     from realm_jax import hf
     from realm_jax.train import checkpoints
 
-    if bool(args.hf) == bool(args.params):
-        raise SystemExit("convert: give exactly one of --hf (HF folder -> realm-jax params) "
-                         "or --params (realm-jax params -> HF folder)")
+    if sum(map(bool, (args.hf, args.params, args.workdir))) != 1:
+        raise SystemExit("convert: give exactly one of --hf (HF folder -> realm-jax params), "
+                         "--params (realm-jax params -> HF folder) or --workdir (a trainer "
+                         "checkpoint's --part -> HF folder)")
     if args.hf:
         cfg, params = hf.load(args.hf)
         out = checkpoints.save_params(args.out, cfg, params)
         print(f"wrote realm-jax params ({type(cfg).__name__}) to {out}")
-    else:
+    elif args.params:
         cfg, params = checkpoints.load_params(args.params)
         out = hf.save(args.out, cfg, params, architecture=args.architecture)
         print(f"wrote Hugging Face folder to {out}")
+    else:
+        out, step = checkpoints.export_part(args.workdir, args.part, args.out, step=args.step,
+                                            architecture=args.architecture)
+        print(f"wrote the {args.part} of checkpoint step {step} as a Hugging Face folder to {out}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -245,9 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="Hugging Face folder <-> realm-jax params checkpoint")
+    p = sub.add_parser("convert", help="Hugging Face folder <-> realm-jax params checkpoint; "
+                       "a trainer checkpoint's part -> Hugging Face folder")
     p.add_argument("--hf", help="a local HF folder (config.json + model.safetensors) to read")
     p.add_argument("--params", help="a realm-jax params checkpoint to export")
+    p.add_argument("--workdir", help="a trainer's workdir: export one --part of its checkpoint")
+    p.add_argument("--part", default="reader", help="with --workdir: query_tower, doc_tower or "
+                   "reader (REALM), the part to export")
+    p.add_argument("--step", type=int, default=None,
+                   help="with --workdir: the checkpoint step (default: newest)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--architecture", default=None,
                    help="HF architecture to export as (e.g. DPRContextEncoder); default from the model")

@@ -65,6 +65,36 @@ def test_convert_both_ways(tmp_path, capsys):
     assert "DPRContextEncoder" in (tmp_path / "back" / "config.json").read_text()
 
 
+
+def test_convert_exports_a_part_of_a_trainer_checkpoint(tmp_path, capsys):
+    from realm_jax.models.heads import MaskedLMConfig
+    configs = {"doc_tower": EmbedderConfig(ENC.replace(add_pooler=False), pooling="cls"),
+               "reader": MaskedLMConfig(ENC.replace(add_pooler=False))}
+    params = {part: _params(cfg) for part, cfg in configs.items()}
+    later = jax.tree.map(lambda x: x + 1, params)
+    with checkpoints.TrainCheckpoints(tmp_path / "run") as writer:
+        writer.write_model_configs(configs)
+        writer.save(3, params)
+        writer.save(5, later)
+    run = str(tmp_path / "run")
+    assert cli.main(["convert", "--workdir", run, "--out", str(tmp_path / "reader")]) == 0
+    assert "step 5" in capsys.readouterr().out
+    cfg, exported = hf.load(tmp_path / "reader")
+    assert cfg == configs["reader"]
+    jax.tree.map(np.testing.assert_array_equal, later["reader"], exported)
+    assert "BertForMaskedLM" in (tmp_path / "reader" / "config.json").read_text()
+    assert cli.main(["convert", "--workdir", run, "--part", "doc_tower", "--step", "3",
+                     "--out", str(tmp_path / "tower")]) == 0
+    jax.tree.map(np.testing.assert_array_equal, params["doc_tower"],
+                 hf.load_embedder(tmp_path / "tower", pooling="cls")[1])
+    capsys.readouterr()
+    for flags, says in ((["--part", "query_tower"], "--part query_tower"),
+                        (["--step", "4"], "--step 4")):
+        assert cli.main(["convert", "--workdir", run, "--out", str(tmp_path / "no"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+        assert not (tmp_path / "no").exists()
+
 def test_convert_reports_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"architectures": ["T5Model"], "model_type": "t5"}')
     assert cli.main(["convert", "--hf", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

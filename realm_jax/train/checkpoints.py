@@ -334,6 +334,29 @@ class TrainCheckpoints:
         self.close()
 
 
+def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *,
+                step: int | None = None, architecture: str | None = None) -> tuple[Path, int]:
+    """Write one part of a trainer checkpoint (`step`, default the newest) as a Hugging Face
+    folder, e.g. a REALM run's reader for ORQA fine-tuning (`model.reader_hf`); returns
+    (the folder, the step)."""
+    from realm_jax import hf
+
+    with TrainCheckpoints(workdir) as checkpoints:
+        configs = checkpoints.model_configs()
+        if part not in configs:
+            raise ValueError(f"--part {part}: {checkpoints.workdir / MODEL_JSON} describes "
+                             f"{sorted(configs)}")
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"--step {step}: no such checkpoint in "
+                                    f"{checkpoints.directory} (it holds {steps})")
+        params = checkpoints.restore_part(step, part)
+    return hf.save(out, configs[part], params, architecture=architecture), step
+
+
 def _item_handlers() -> dict:
     return {PARAMS_ITEM: ocp.PyTreeCheckpointHandler(),
             STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
