@@ -163,6 +163,24 @@ def test_train_checkpoints_contract(tmp_path, base_params, embedder):
     writer.close()
 
 
+
+def test_pinned_checkpoint_outlives_max_to_keep(tmp_path, base_params):
+    """The trainer pins the checkpoint its index snapshot came from: kept while pinned,
+    pruned at the first save after another step is pinned."""
+    with TrainCheckpoints(tmp_path, max_to_keep=2) as writer:
+        def save(*steps):
+            for step in steps:
+                writer.save(step, step_params(base_params, step))
+            return TrainCheckpoints(tmp_path).all_steps()
+
+        writer.pin(1)
+        assert save(1, 2, 3, 4) == [1, 3, 4]
+        writer.pin(3)
+        assert save(5) == [3, 4, 5]
+        assert save(6) == [3, 5, 6]
+        writer.pin(None)
+        assert save(7) == [6, 7]
+
 def test_train_checkpoints_in_a_relative_workdir(tmp_path, monkeypatch, base_params):
     """`realm-jax demo` trains in ./workdir/...: orbax wants absolute paths."""
     monkeypatch.chdir(tmp_path)

@@ -304,8 +304,11 @@ def test_resumed_run_matches_an_uninterrupted_run(tmp_path, corpus, minilm_path,
     """A run stopped at step 3 and resumed reaches step 6 with the parameters of a run that
     went straight to 6. One index for both (published once; no refresher): training goes
     on without a refresher, the staleness growing. (Checkpoints at 0 and 6 only, and at the
-    stop: each save costs seconds with 8 emulated devices.)"""
-    config = _config(corpus, minilm_path, "train.checkpoint_every=6")
+    stop: each save costs seconds with 8 emulated devices.) In scann mode the queries are
+    embedded with the query tower of the index's checkpoint (step 0): it is kept past
+    keep_checkpoints=1, so the resumed run embeds them as the uninterrupted one does."""
+    config = _config(corpus, minilm_path, "train.checkpoint_every=6", "retrieval.mode=scann",
+                     "train.keep_checkpoints=1")
     straight_dir = _with_index(tmp_path / "straight", initial_index)
     straight = trainer.train(config, straight_dir)
 
@@ -316,6 +319,7 @@ def test_resumed_run_matches_an_uninterrupted_run(tmp_path, corpus, minilm_path,
     assert not ckpts.is_finished()
     resumed = trainer.train(config, resumed_dir)
     assert int(resumed["final_state"].step) == 6 and ckpts.is_finished()
+    assert ckpts.all_steps() == [0, 6]  # step 0 pinned: its query tower embeds the queries
     assert [r["step"] for r in _train_rows(resumed_dir)] == [1, 2, 3, 4, 5, 6]
     assert resumed["first_eval"]["step"] == 3
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -111,13 +112,26 @@ class TrainCheckpoints:
         self._independent = independent
         self._writer: ocp.CheckpointManager | None = None
         self._reader: ocp.CheckpointManager | None = None
+        self._pinned: int | None = None
 
     # ---- writing (the trainer)
 
+    def pin(self, step: int | None) -> None:
+        """Keep `step`'s checkpoint past max_to_keep until another step (or None) is pinned:
+        the trainer pins the checkpoint its index snapshot was embedded from, whose query
+        tower embeds the queries (scann mode), so that a resumed run finds it again. A
+        released step is pruned at the next save."""
+        self._pinned = None if step is None else int(step)
+
     def _write_manager(self) -> ocp.CheckpointManager:
         if self._writer is None:
+            keep = ocp.checkpoint_managers
+            policy = None
+            if self._max_to_keep is not None:
+                policy = keep.AnyPreservationPolicy([keep.LatestN(n=self._max_to_keep),
+                                                     _PinnedStep(lambda: self._pinned)])
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self._max_to_keep, enable_async_checkpointing=self._async_save,
+                preservation_policy=policy, enable_async_checkpointing=self._async_save,
                 create=True)
             self._writer = ocp.CheckpointManager(self.directory, options=options,
                                                  item_handlers=_item_handlers())
@@ -355,6 +369,16 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
                                     f"{checkpoints.directory} (it holds {steps})")
         params = checkpoints.restore_part(step, part)
     return hf.save(out, configs[part], params, architecture=architecture), step
+
+
+@dataclasses.dataclass(frozen=True)
+class _PinnedStep:
+    """Orbax preservation policy: keep the step `pinned()` names (TrainCheckpoints.pin)."""
+    pinned: Callable[[], int | None]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        step = self.pinned()
+        return [info.step == step for info in checkpoints]
 
 
 def _item_handlers() -> dict:

@@ -135,10 +135,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             with sharding.activate(mesh, rules):
                 return realm.device_corpus(snap, store, rc.block_length, mesh,
                                            loss_fn.block_size), None
+        checkpoints.pin(snap.step)  # its query tower embeds the queries, now and on resume
         steps = checkpoints.all_steps()
         if snap.step in steps:
             query_params = checkpoints.restore_part(snap.step, "query_tower")
-        else:  # an index from pretrained weights, or its checkpoint was pruned
+        else:  # an index from pretrained weights, or its checkpoint was lost
             _log.warning("checkpoint %d of snapshot %s is gone: embedding queries with the "
                          "live query tower", snap.step, snap.version)
             query_params = jax.device_get(state.params["query_tower"])
