@@ -87,6 +87,59 @@ def prepare_run(root: Path, config, articles: int):
     return BlockStore.open(root / "corpus")
 
 
+def random_block_control(root: Path, config, store, param_sets, query_params,
+                         eval_queries: int, trials: int) -> tuple[list[tuple], int, int]:
+    """(table rows, held-out queries, answerable ones): the rows (candidates, utility over
+    all / answerable / unanswerable held-out queries) of each (label, params) in `param_sets`, scored by the trainer's own held-out evaluation
+    with the candidates the index in root/run/index retrieves (queries embedded with
+    `query_params`, as the trainer embeds them) and with `trials` draws of random blocks in
+    their place: utility that random blocks give as well is not retrieval's doing."""
+    from realm_jax import sharding
+    from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
+    from realm_jax.index.store import IndexStore
+    from realm_jax.train import heldout, realm
+
+    rc = config.retrieval
+    maker = QueryMaker.for_store(store, minilm_folder(), query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    configs = realm.model_configs(config)
+    _, held = heldout.split_blocks(store, config.data.heldout_fraction)
+    queries = heldout.heldout_queries(store, maker, held, eval_queries, config.seed)
+    answerable = np.array([realm.AnswerFinder(store, rc.exclude)(q) for q in queries])
+    snapshot = IndexStore(root / "run" / "index").latest()
+    retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
+                                                query_params, store)
+    mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+    evaluate = heldout.HeldoutEval(
+        realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
+        mesh=mesh, param_shardings=realm.param_shardings(configs, mesh, rules),
+        answerable=answerable)
+    rng = np.random.default_rng(0)
+
+    def random_blocks(batch: dict) -> dict:
+        """The retrieved candidates, each replaced by a random block (the null document and
+        empty slots stay as they are)."""
+        batch = retriever(batch)
+        ids = batch["cand_ids"].copy()
+        real = ids >= 0
+        ids[real] = rng.integers(0, len(store), int(real.sum()))
+        tokens, lengths = candidate_tokens(store, ids, max_length=rc.block_length)
+        return dict(batch, cand_ids=ids, cand_tokens=tokens, cand_lengths=lengths)
+
+    def utilities(params, candidates) -> list[str]:
+        with sharding.activate(mesh, rules):
+            values = evaluate(params, retriever=candidates)
+        return [f"{values[f'heldout_{name}retrieval_utility']:+.4f}"
+                for name in ("", "answerable_", "unanswerable_")]
+
+    rows = []
+    for label, params in param_sets:
+        rows.append((f"{label}: retrieved by the index", *utilities(params, retriever)))
+        rows += [(f"{label}: random blocks (draw {trial + 1})",
+                  *utilities(params, random_blocks)) for trial in range(trials)]
+    return rows, len(queries), int(answerable.sum())
+
+
 def warm_up_reader(root: Path, steps: int, batch_size: int) -> Path:
     """The reader made a masked LM before REALM starts, as REALM's BERT reader is: `steps`
     of the trainer with the null document as the only candidate (retrieval.num_candidates=1,
@@ -130,6 +183,10 @@ def main() -> None:
                              "REALM from it; step 0 is then the warmed-up model")
     parser.add_argument("--warmup_batch", type=int, default=8,
                         help="queries per warm-up step")
+    parser.add_argument("--random_blocks", type=int, default=0,
+                        help="at the end, also score the held-out queries at step 0 and at "
+                             "the last step with this many draws of random blocks in place of "
+                             "the retrieved candidates (random_block_control)")
     parser.add_argument("--stop_after", type=int, default=None,
                         help="stop at this step (with --workdir, the same command without it "
                              "resumes the run later)")
@@ -169,6 +226,18 @@ def main() -> None:
     trainer.train(config, root / "run", stop_after=args.stop_after)
     minutes = (time.perf_counter() - started) / 60
     rows = read_metrics(root / "run")
+    control = None
+    if args.random_blocks and args.stop_after is None:
+        from realm_jax.train.checkpoints import TrainCheckpoints
+
+        with TrainCheckpoints(root / "run") as checkpoints:
+            last = checkpoints.latest_step()
+            # Step 0's checkpoint is kept: the index in use was embedded from it.
+            param_sets = [(f"step {step}", checkpoints.restore_params(step))
+                          for step in (0, last)]
+        control = random_block_control(root, config, corpus, param_sets,
+                                       param_sets[0][1]["query_tower"], args.eval_queries,
+                                       args.random_blocks)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)  # the corpus, index and checkpoints: ~1 GB
     # A resumed run logs again the steps after its last checkpoint: the last row of a step
@@ -226,6 +295,12 @@ def main() -> None:
             change, se = last[key], last[key + "_se"]
             report.text(f"At the end the {name} retrieval utility changed by {change:+.4f} "
                         f"({change / se:+.1f} standard errors).")
+    if control:
+        report.text("The same held-out queries at the first and the last step, with the "
+                    "retrieved candidates and with random blocks in their place (the null "
+                    "document kept):")
+        report.table(["params: candidates", "utility: all", "answerable", "unanswerable"],
+                     control[0])
     report.emit(args.markdown)
 
 

@@ -123,13 +123,15 @@ BENCHMARKS = (
         "realm_heldout_warm",
         "REALM pre-training from a masked-LM reader: held-out retrieval utility (issue 4)",
         "realm_heldout.py", ("--steps", "1600", "--eval_every", "400", "--eval_queries", "1000",
-                             "--reader_warmup", "1000"),
+                             "--reader_warmup", "1000", "--random_blocks", "1"),
         ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4",
-         "--reader_warmup", "2", "--warmup_batch", "2"),
+         "--reader_warmup", "2", "--warmup_batch", "2", "--random_blocks", "1"),
         "As `realm_heldout`, but REALM starts from a reader that is already a masked LM, as "
         "REALM's BERT reader is (MiniLM ships no MLM head): first 1000 steps of 8 training "
         "queries train the reader alone with the null document as its only candidate, the "
-        "towers frozen; step 0 is the model after them. The held-out queries are the same."),
+        "towers frozen; step 0 is the model after them. The held-out queries are the same. "
+        "At the end, the first and last steps' models score them again with random blocks "
+        "in place of the retrieved candidates."),
     Benchmark(
         "realm_step0_utility",
         "REALM held-out retrieval utility at step 0: retrieved against random candidates "
