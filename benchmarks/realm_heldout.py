@@ -10,6 +10,14 @@ utility, and the utility's change since step 0, paired over the same held-out qu
 its standard error; the same over the answerable queries alone (those whose masked span a
 readable block holds, `realm.AnswerFinder`) and over the unanswerable rest. With
 --answerable_only the training queries are such queries too (`data.answerable_only`).
+In scann mode the index and the query tower that searches it are those of step 0 throughout
+(the snapshot's own), so every step retrieves the same candidates for a query; the live
+towers only weigh them against each other and the null document.
+
+--reader_warmup N first makes the reader a masked LM, as REALM's BERT reader is and
+MiniLM's is not (`warm_up_reader`); step 0 is then the model after it. --random_blocks N
+ends the run with a control: step 0's and the last step's models score the held-out queries
+again with random blocks in place of the retrieved ones (`random_block_control`).
 
     python benchmarks/realm_heldout.py
 
@@ -89,11 +97,12 @@ def prepare_run(root: Path, config, articles: int):
 
 def random_block_control(root: Path, config, store, param_sets, query_params,
                          eval_queries: int, trials: int) -> tuple[list[tuple], int, int]:
-    """(table rows, held-out queries, answerable ones): the rows (candidates, utility over
-    all / answerable / unanswerable held-out queries) of each (label, params) in `param_sets`, scored by the trainer's own held-out evaluation
-    with the candidates the index in root/run/index retrieves (queries embedded with
-    `query_params`, as the trainer embeds them) and with `trials` draws of random blocks in
-    their place: utility that random blocks give as well is not retrieval's doing."""
+    """(table rows, held-out queries, answerable ones). Each (label, params) of `param_sets`
+    scores the held-out queries through the trainer's own held-out evaluation, with the
+    candidates the index in root/run/index retrieves (queries embedded with `query_params`,
+    as the trainer embeds them) and with `trials` draws of random blocks in their place; a
+    row per scoring: (candidates, utility over all / answerable / unanswerable queries).
+    Utility that random blocks give as well is not retrieval's doing."""
     from realm_jax import sharding
     from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
     from realm_jax.index.store import IndexStore

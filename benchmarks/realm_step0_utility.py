@@ -45,8 +45,8 @@ def main() -> None:
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
     report = Report()
-    report.text(f"{len(store)} blocks, {queries} held-out queries ({answerable} "
-                f"answerable), {config.retrieval.num_candidates} candidates each (the null document "
+    report.text(f"{len(store)} blocks, {queries} held-out queries ({answerable} answerable), "
+                f"{config.retrieval.num_candidates} candidates each (the null document "
                 f"included); parameters at initialisation.")
     report.table(["params: candidates", "utility: all", "answerable", "unanswerable"], rows)
     report.emit(args.markdown)
