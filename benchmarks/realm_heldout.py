@@ -136,17 +136,31 @@ def random_block_control(root: Path, config, store, param_sets, query_params,
         return dict(batch, cand_ids=ids, cand_tokens=tokens, cand_lengths=lengths)
 
     def utilities(params, candidates) -> list[str]:
+        """The utilities, then (random blocks) their change from the retrieved candidates'
+        with its standard error, paired over the queries (HeldoutEval's change since its
+        first evaluation)."""
         with sharding.activate(mesh, rules):
             values = evaluate(params, retriever=candidates)
-        return [f"{values[f'heldout_{name}retrieval_utility']:+.4f}"
-                for name in ("", "answerable_", "unanswerable_")]
+        names = ("", "answerable_", "unanswerable_")
+        out = [f"{values[f'heldout_{name}retrieval_utility']:+.4f}" for name in names]
+        for name in names:
+            key = f"heldout_{name}retrieval_utility_change"
+            out.append(f"{values[key]:+.4f} ± {values[key + '_se']:.4f}" if key in values
+                       else "")
+        return out
 
     rows = []
     for label, params in param_sets:
+        evaluate.baseline = None  # the changes below are from these params' retrieved ones
         rows.append((f"{label}: retrieved by the index", *utilities(params, retriever)))
         rows += [(f"{label}: random blocks (draw {trial + 1})",
                   *utilities(params, random_blocks)) for trial in range(trials)]
     return rows, len(queries), int(answerable.sum())
+
+
+CONTROL_COLUMNS = ["params: candidates", "utility: all", "answerable", "unanswerable",
+                   "all: change from retrieved", "answerable: change from retrieved",
+                   "unanswerable: change from retrieved"]
 
 
 def warm_up_reader(root: Path, steps: int, batch_size: int) -> Path:
@@ -286,13 +300,15 @@ def main() -> None:
         return f"{r[key]:+.4f}", f"{r[key + '_change']:+.4f}" + (
             f" ± {se:.4f}" if np.isfinite(se) else "")
 
-    table = [(r["step"], f"{r['heldout_loss']:.3f}", *utility(r), *utility(r, "answerable_"),
-              *utility(r, "unanswerable_")) for r in evals]
+    # The null document's loss: the marginal loss plus the utility (both token means).
+    table = [(r["step"], f"{r['heldout_loss']:.3f}",
+              f"{r['heldout_loss'] + r['heldout_retrieval_utility']:.3f}", *utility(r),
+              *utility(r, "answerable_"), *utility(r, "unanswerable_")) for r in evals]
     report.text(f"Answerable: the {int(evals[-1]['heldout_answerable_queries'])} held-out "
                 f"queries whose masked wordpieces occur in a block they may read (not their "
                 f"own {config.retrieval.exclude}), the only ones retrieval can help; "
                 f"unanswerable: the other {int(evals[-1]['heldout_unanswerable_queries'])}.")
-    report.table(["step", "held-out loss", "retrieval utility",
+    report.table(["step", "held-out loss", "null-document loss", "retrieval utility",
                   "change since step 0 (± standard error)", "answerable: utility",
                   "answerable: change since step 0", "unanswerable: utility",
                   "unanswerable: change since step 0"], table)
@@ -308,8 +324,7 @@ def main() -> None:
         report.text("The same held-out queries at the first and the last step, with the "
                     "retrieved candidates and with random blocks in their place (the null "
                     "document kept):")
-        report.table(["params: candidates", "utility: all", "answerable", "unanswerable"],
-                     control[0])
+        report.table(CONTROL_COLUMNS, control[0])
     report.emit(args.markdown)
 
 

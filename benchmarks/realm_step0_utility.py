@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from common import Report, add_markdown_flag
-from realm_heldout import demo_config, prepare_run, random_block_control
+from realm_heldout import CONTROL_COLUMNS, demo_config, prepare_run, random_block_control
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     report.text(f"{len(store)} blocks, {queries} held-out queries ({answerable} answerable), "
                 f"{config.retrieval.num_candidates} candidates each (the null document "
                 f"included); parameters at initialisation.")
-    report.table(["params: candidates", "utility: all", "answerable", "unanswerable"], rows)
+    report.table(CONTROL_COLUMNS, rows)
     report.emit(args.markdown)
 
 
