@@ -95,12 +95,13 @@ def prepare_run(root: Path, config, articles: int):
     return BlockStore.open(root / "corpus")
 
 
-def random_block_control(root: Path, config, store, param_sets, query_params,
-                         eval_queries: int, trials: int) -> tuple[list[tuple], int, int]:
+def random_block_control(root: Path, config, store, param_sets, eval_queries: int,
+                         trials: int) -> tuple[list[tuple], int, int]:
     """(table rows, held-out queries, answerable ones). Each (label, params) of `param_sets`
     scores the held-out queries through the trainer's own held-out evaluation, with the
-    candidates the index in root/run/index retrieves (queries embedded with `query_params`,
-    as the trainer embeds them) and with `trials` draws of random blocks in their place; a
+    candidates the index in root/run/index retrieves (queries embedded with the query tower
+    of the first params, the index's own: step 0's, as the trainer embeds them) and with
+    `trials` draws of random blocks in their place; a
     row per scoring: (candidates, utility over all / answerable / unanswerable queries).
     Utility that random blocks give as well is not retrieval's doing."""
     from realm_jax import sharding
@@ -117,7 +118,7 @@ def random_block_control(root: Path, config, store, param_sets, query_params,
     answerable = np.array([realm.AnswerFinder(store, rc.exclude)(q) for q in queries])
     snapshot = IndexStore(root / "run" / "index").latest()
     retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
-                                                query_params, store)
+                                                param_sets[0][1]["query_tower"], store)
     mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
     evaluate = heldout.HeldoutEval(
         realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
@@ -258,8 +259,7 @@ def main() -> None:
             # Step 0's checkpoint is kept: the index in use was embedded from it.
             param_sets = [(f"step {step}", checkpoints.restore_params(step))
                           for step in (0, last)]
-        control = random_block_control(root, config, corpus, param_sets,
-                                       param_sets[0][1]["query_tower"], args.eval_queries,
+        control = random_block_control(root, config, corpus, param_sets, args.eval_queries,
                                        args.random_blocks)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)  # the corpus, index and checkpoints: ~1 GB

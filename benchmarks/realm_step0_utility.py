@@ -3,10 +3,10 @@
 The demo's REALM model at initialisation (all-MiniLM-L6-v2 towers and reader, the reader's
 MLM head new) scores realm_heldout's held-out queries twice: with the candidates the index
 retrieves, and with random blocks in their place (`--trials` draws; see
-realm_heldout.random_block_control). The token-weighted
-retrieval utility (marginal minus null-document log-likelihood) is reported over all queries
-and over the answerable and unanswerable ones. The corpus and the initial index are made
-as realm_heldout.py makes them, in a temporary folder, or taken from (or kept in) --workdir:
+realm_heldout.random_block_control). The token-weighted retrieval utility (marginal minus
+null-document log-likelihood) is reported over all queries and over the answerable and
+unanswerable ones. The corpus and the initial index are made as realm_heldout.py makes
+them, in a temporary folder, or taken from (or kept in) --workdir:
 
     python benchmarks/realm_step0_utility.py [--workdir DIR]
 """
@@ -40,8 +40,8 @@ def main() -> None:
     config = demo_config(root)
     store = prepare_run(root, config, args.articles)
     _, params = realm.build_models(config)
-    rows, queries, answerable = random_block_control(root, config, store, [("step 0", params)],
-                                params["query_tower"], args.eval_queries, args.trials)
+    rows, queries, answerable = random_block_control(
+        root, config, store, [("step 0", params)], args.eval_queries, args.trials)
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
     report = Report()

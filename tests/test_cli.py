@@ -65,7 +65,6 @@ def test_convert_both_ways(tmp_path, capsys):
     assert "DPRContextEncoder" in (tmp_path / "back" / "config.json").read_text()
 
 
-
 def test_convert_exports_a_part_of_a_trainer_checkpoint(tmp_path, capsys):
     from realm_jax.models.heads import MaskedLMConfig
     configs = {"doc_tower": EmbedderConfig(ENC.replace(add_pooler=False), pooling="cls"),
@@ -94,6 +93,7 @@ def test_convert_exports_a_part_of_a_trainer_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
         assert not (tmp_path / "no").exists()
+
 
 def test_convert_reports_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"architectures": ["T5Model"], "model_type": "t5"}')
