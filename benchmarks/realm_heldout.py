@@ -47,7 +47,7 @@ from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
 
 
 RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only",
-             "reader_warmup", "warmup_batch")
+             "reader_warmup", "warmup_batch", "num_candidates")
 
 
 def check_same_run(root: Path, args: argparse.Namespace) -> None:
@@ -101,8 +101,9 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     scores the held-out queries through the trainer's own held-out evaluation, with the
     candidates the index in root/run/index retrieves (queries embedded with the query tower
     of the first params, the index's own: step 0's, as the trainer embeds them) and with
-    `trials` draws of random blocks in their place; a
-    row per scoring: (candidates, utility over all / answerable / unanswerable queries).
+    `trials` draws of random blocks in their place; a row per scoring: (candidates, answer
+    recall, utility over all / answerable / unanswerable queries, the changes from the
+    retrieved candidates).
     Utility that random blocks give as well is not retrieval's doing."""
     from realm_jax import sharding
     from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
@@ -115,7 +116,6 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     configs = realm.model_configs(config)
     _, held = heldout.split_blocks(store, config.data.heldout_fraction)
     queries = heldout.heldout_queries(store, maker, held, eval_queries, config.seed)
-    answerable = np.array([realm.AnswerFinder(store, rc.exclude)(q) for q in queries])
     snapshot = IndexStore(root / "run" / "index").latest()
     retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
                                                 param_sets[0][1]["query_tower"], store)
@@ -123,7 +123,7 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     evaluate = heldout.HeldoutEval(
         realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
         mesh=mesh, param_shardings=realm.param_shardings(configs, mesh, rules),
-        answerable=answerable)
+        finder=realm.AnswerFinder(store, rc.exclude))
     rng = np.random.default_rng(0)
 
     def random_blocks(batch: dict) -> dict:
@@ -143,23 +143,25 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
         with sharding.activate(mesh, rules):
             values = evaluate(params, retriever=candidates)
         names = ("", "answerable_", "unanswerable_")
-        out = [f"{values[f'heldout_{name}retrieval_utility']:+.4f}" for name in names]
+        out = [f"{values['heldout_answer_recall']:.3f}"]
+        out += [f"{values[f'heldout_{name}retrieval_utility']:+.4f}" for name in names]
         for name in names:
             key = f"heldout_{name}retrieval_utility_change"
-            out.append(f"{values[key]:+.4f} ± {values[key + '_se']:.4f}" if key in values
-                       else "")
+            se = values.get(key + "_se", np.nan)  # undefined (nan) over a single query
+            out.append("" if key not in values else f"{values[key]:+.4f}" + (
+                f" ± {se:.4f}" if np.isfinite(se) else ""))
         return out
 
     rows = []
     for label, params in param_sets:
-        evaluate.baseline = None  # the changes below are from these params' retrieved ones
+        evaluate.reset_baseline()  # the changes below are from these params' retrieved ones
         rows.append((f"{label}: retrieved by the index", *utilities(params, retriever)))
         rows += [(f"{label}: random blocks (draw {trial + 1})",
                   *utilities(params, random_blocks)) for trial in range(trials)]
-    return rows, len(queries), int(answerable.sum())
+    return rows, len(queries), int(evaluate.answerable.sum())
 
 
-CONTROL_COLUMNS = ["params: candidates", "utility: all", "answerable", "unanswerable",
+CONTROL_COLUMNS = ["params: candidates", "answer recall", "utility: all", "answerable", "unanswerable",
                    "all: change from retrieved", "answerable: change from retrieved",
                    "unanswerable: change from retrieved"]
 
@@ -198,6 +200,9 @@ def main() -> None:
                         help="the first N articles of the sample (0: all)")
     parser.add_argument("--tower_lr", type=float, default=None,
                         help="train.lr_multipliers of both towers (default: the config's)")
+    parser.add_argument("--num_candidates", type=int, default=None,
+                        help="retrieval.num_candidates, the null document included "
+                             "(default: the config's)")
     parser.add_argument("--answerable_only", action="store_true",
                         help="train only on queries whose masked span occurs in a block they "
                              "may read (data.answerable_only)")
@@ -237,6 +242,8 @@ def main() -> None:
                  f"train.checkpoint_every={checkpoint_every}", "train.log_every=10"]
     if args.answerable_only:
         overrides.append("data.answerable_only=True")
+    if args.num_candidates is not None:
+        overrides.append(f"retrieval.num_candidates={args.num_candidates}")
     if args.tower_lr is not None:
         overrides += [f"train.lr_multipliers.{part}={args.tower_lr}"
                       for part in ("query_tower", "doc_tower")]
@@ -273,7 +280,9 @@ def main() -> None:
     report.text(
         f"{corpus.manifest['num_documents']} articles ({len(corpus)} blocks), "
         f"{evals[-1]['step']} of {config.train.steps} steps of {config.train.batch_size} "
-        f"{'answerable ' if args.answerable_only else ''}queries ({minutes:.0f} min"
+        f"{'answerable ' if args.answerable_only else ''}queries, "
+        f"{config.retrieval.num_candidates} candidates each (the null document included; "
+        f"{minutes:.0f} min"
         f"{' in this sitting' if keep else ''}), learning rate "
         f"{config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "
@@ -301,14 +310,17 @@ def main() -> None:
             f" ± {se:.4f}" if np.isfinite(se) else "")
 
     # The null document's loss: the marginal loss plus the utility (both token means).
-    table = [(r["step"], f"{r['heldout_loss']:.3f}",
+    table = [(r["step"], f"{r['heldout_answer_recall']:.3f}" if "heldout_answer_recall" in r
+              else "", f"{r['heldout_loss']:.3f}",
               f"{r['heldout_loss'] + r['heldout_retrieval_utility']:.3f}", *utility(r),
               *utility(r, "answerable_"), *utility(r, "unanswerable_")) for r in evals]
     report.text(f"Answerable: the {int(evals[-1]['heldout_answerable_queries'])} held-out "
                 f"queries whose masked wordpieces occur in a block they may read (not their "
                 f"own {config.retrieval.exclude}), the only ones retrieval can help; "
-                f"unanswerable: the other {int(evals[-1]['heldout_unanswerable_queries'])}.")
-    report.table(["step", "held-out loss", "null-document loss", "retrieval utility",
+                f"unanswerable: the other {int(evals[-1]['heldout_unanswerable_queries'])}. "
+                f"Answer recall: the share of the answerable ones whose answer one of their "
+                f"{config.retrieval.num_candidates - 1} retrieved candidates holds.")
+    report.table(["step", "answer recall", "held-out loss", "null-document loss", "retrieval utility",
                   "change since step 0 (± standard error)", "answerable: utility",
                   "answerable: change since step 0", "unanswerable: utility",
                   "unanswerable: change since step 0"], table)

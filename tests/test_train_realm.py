@@ -142,27 +142,36 @@ def test_answer_finder_and_answerable_change(tmp_path):
     with pytest.raises(ValueError, match="retrieval.exclude"):
         realm.AnswerFinder(store, "article")
 
-    # The answerable figures come from the same per-query terms as the overall ones.
-    answerable = np.array([True, False, True, False])
+    # The answerable figures come from the same per-query terms as the overall ones; the
+    # answer recall from the candidates each evaluation retrieved.
     evaluate = heldout.HeldoutEval(SimpleNamespace(mode="device"), queries[:4],
                                    mesh=sharding.make_mesh((-1, 1, 1), jax.devices()[:1]),
-                                   param_shardings=None, answerable=answerable)
+                                   param_shardings=None, finder=realm.AnswerFinder(store))
+    assert evaluate.answerable.tolist() == [True, True, False, True]
     utility = iter([np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, -2.0, 1.5, 0.0])])
-    tokens = np.array([2.0, 1.0, 1.0, 1.0])
-    evaluate._metrics = lambda *_: dict(query_utility=next(utility), query_tokens=tokens)
+    candidates = iter([
+        np.array([[-1, 1, 2], [-1, 3, 2], [-1, 1, 3], [-1, 0, -1]]),   # hits: queries 0, 1
+        np.array([[-1, 2, 3], [-1, 0, 3], [-1, 1, 3], [-1, 1, -1]])])  # 1's own block: 3 only
+    tokens = np.array([2.0, 1.0, 2.0, 2.0])
+    evaluate._metrics = lambda *_: dict(query_utility=next(utility), query_tokens=tokens,
+                                        cand_ids=next(candidates))
     first, second = evaluate(None, step=0), evaluate(None, step=5)
-    assert first["heldout_answerable_queries"] == 2
-    assert first["heldout_answerable_retrieval_utility"] == pytest.approx(1.5 / 3)
-    assert second["heldout_answerable_retrieval_utility"] == pytest.approx(3.5 / 3)
-    assert second["heldout_answerable_retrieval_utility_change"] == pytest.approx(2 / 3)
-    assert second["heldout_retrieval_utility_change"] == pytest.approx(-1 / 5)
-    assert first["heldout_unanswerable_queries"] == 2
-    assert first["heldout_unanswerable_retrieval_utility"] == pytest.approx(1 / 2)
-    assert second["heldout_unanswerable_retrieval_utility_change"] == pytest.approx(-3 / 2)
+    assert first["heldout_answerable_queries"] == 3
+    assert first["heldout_answerable_retrieval_utility"] == pytest.approx(2 / 5)
+    assert second["heldout_answerable_retrieval_utility"] == pytest.approx(0 / 5)
+    assert second["heldout_answerable_retrieval_utility_change"] == pytest.approx(-2 / 5)
+    assert second["heldout_retrieval_utility_change"] == pytest.approx(-1 / 7)
+    assert first["heldout_unanswerable_queries"] == 1
+    assert first["heldout_unanswerable_retrieval_utility"] == pytest.approx(0.5 / 2)
+    assert second["heldout_unanswerable_retrieval_utility_change"] == pytest.approx(1 / 2)
     assert "heldout_answerable_retrieval_utility_change" not in first
-    with pytest.raises(ValueError, match="answerable flags"):
-        heldout.HeldoutEval(SimpleNamespace(mode="device"), queries[:3], mesh=None,
-                            param_shardings=None, answerable=answerable)
+    assert first["heldout_answer_recall"] == pytest.approx(2 / 3)
+    assert second["heldout_answer_recall"] == pytest.approx(1 / 3)
+    finder = realm.AnswerFinder(store)
+    assert finder.in_blocks(queries[0], [-1, 1]) and not finder.in_blocks(queries[0], [0, 2])
+    assert not finder.in_blocks(queries[5], [0, 1, 2, 3])   # across two blocks
+    assert realm.AnswerFinder(store, "document").in_blocks(queries[3], [2, 1])
+    assert not realm.AnswerFinder(store, "document").in_blocks(queries[0], [1])
 
 
 def test_heldout_baseline_file(tmp_path, corpus, minilm_path, caplog):

@@ -18,7 +18,10 @@ many held-out answers are in none. The same figures are therefore also given for
 `heldout_answerable_` queries: those whose masked wordpieces occur, in order, in a block the
 query may read (`realm.AnswerFinder`), and for the `heldout_unanswerable_` rest. The subsets
 are fixed by the corpus alone, not by what the index retrieves, so their changes are paired
-over the same queries throughout the run.
+over the same queries throughout the run. What the index retrieves is measured apart:
+`heldout_answer_recall` is the share of the answerable queries whose answer one of their
+retrieved candidates holds, the retriever's own figure (the reader can copy an answer only
+from a candidate that has it).
 
 The held-out documents stay in the index: they are knowledge, not answers. A held-out
 sentence never retrieves its own block (or its whole document, with
@@ -122,22 +125,23 @@ class HeldoutEval:
     run's first one. A file of other queries (another seed, corpus or eval_queries) is
     ignored with a warning, and the resumed run's first evaluation becomes the baseline.
 
-    `answerable`: bool per query (`realm.AnswerFinder`); when given, the utility and its change
-    are also reported over those queries alone (`heldout_answerable_...`) and over the others
-    (`heldout_unanswerable_...`)."""
+    `finder`: a `realm.AnswerFinder` of the corpus; when given, the utility and its change
+    are also reported over the answerable queries alone (`heldout_answerable_...`) and over
+    the others (`heldout_unanswerable_...`), and `heldout_answer_recall` is the share of the
+    answerable queries whose answer one of their retrieved candidates holds."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
                  corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
-                 resume: bool = False, answerable: np.ndarray | None = None):
+                 resume: bool = False, finder=None):
         from realm_jax.train import realm
 
         if not queries:
             raise ValueError("HeldoutEval: no held-out queries")
+        self.queries = list(queries)
         self.num_queries = len(queries)
-        if answerable is not None and len(answerable) != len(queries):
-            raise ValueError(f"HeldoutEval: {len(answerable)} answerable flags for "
-                             f"{len(queries)} queries")
-        self.answerable = None if answerable is None else np.asarray(answerable, bool)
+        self.finder = finder
+        self.answerable = (None if finder is None
+                           else np.array([finder(q) for q in queries], bool))
         self.mesh = mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -153,11 +157,12 @@ class HeldoutEval:
             self.baseline = self._read_baseline()
 
         def metrics(params, batch, corpus):
-            out, _ = loss_fn.scored(params, batch, corpus, None)
+            out, batch = loss_fn.scored(params, batch, corpus, None)
             values = {PREFIX + k: v for k, v in realm.loss_metrics(out).items()}
             # Per query: the summed utility of its masked tokens, and their count.
             values["query_utility"] = (out.marginal_log_probs - out.null_log_probs).sum(-1)
             values["query_tokens"] = jnp.asarray(batch["mask_valid"], jnp.float32).sum(-1)
+            values["cand_ids"] = batch["cand_ids"]
             return values
 
         self._metrics = jax.jit(metrics, in_shardings=(
@@ -182,6 +187,7 @@ class HeldoutEval:
         values = jax.device_get(self._metrics(params, batch, corpus_arrays))
         per_query = (np.asarray(values.pop("query_utility"), np.float64),
                      np.asarray(values.pop("query_tokens"), np.float64))
+        candidates = np.asarray(values.pop("cand_ids"))
         out = {k: float(v) for k, v in values.items()}
         out[PREFIX + "queries"] = float(self.num_queries)
         first = self.baseline is None
@@ -197,6 +203,9 @@ class HeldoutEval:
                 utility, tokens = (x[rows] for x in per_query)
                 out[PREFIX + name + "retrieval_utility"] = (
                     float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
+            found = [self.finder.in_blocks(q, ids) for q, ids in zip(self.queries, candidates)]
+            out[PREFIX + "answer_recall"] = (float(np.sum(found) / self.answerable.sum())
+                                             if self.answerable.any() else float("nan"))
         if not first:
             for name, rows in subsets:
                 change, se = paired_change(*((u[rows], n[rows])
@@ -205,6 +214,10 @@ class HeldoutEval:
                 out[PREFIX + name + "retrieval_utility_change_se"] = se
         out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
+
+    def reset_baseline(self) -> None:
+        """The next evaluation becomes the one the later changes are measured from."""
+        self.baseline = None
 
     def _write_baseline(self) -> None:
         from realm_jax.durable import atomic_write_text

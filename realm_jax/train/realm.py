@@ -294,15 +294,31 @@ class AnswerFinder:
         return int(np.sum(store.lengths, dtype=np.int64)) <= cls.MAX_TOKENS
 
     def __call__(self, query: MaskedQuery) -> bool:
-        needle = "".join(chr(int(t) + 1) for t in query.mask_targets[query.mask_valid])
+        needle = self._needle(query)
         at = self._corpus.find(needle) if needle else -1
         while at >= 0:
             block = int(np.searchsorted(self._starts, at, side="right")) - 1
-            if (block != query.block_id if self.exclude == "block"
-                    else self._docs[block] != query.doc_index):
+            if self._readable(query, block):
                 return True
             at = self._corpus.find(needle, at + 1)
         return False
+
+    def in_blocks(self, query: MaskedQuery, block_ids) -> bool:
+        """Whether the query's masked wordpieces occur, whole and in order, in one of the
+        blocks `block_ids` that it may read (negative ids, the null document and empty
+        candidate slots, are skipped): whether its candidates hand it the answer."""
+        needle = self._needle(query)
+        return bool(needle) and any(
+            needle in self._corpus[self._starts[b]:self._starts[b + 1]]
+            for b in map(int, block_ids) if b >= 0 and self._readable(query, b))
+
+    @staticmethod
+    def _needle(query: MaskedQuery) -> str:
+        return "".join(chr(int(t) + 1) for t in query.mask_targets[query.mask_valid])
+
+    def _readable(self, query: MaskedQuery, block: int) -> bool:
+        return (block != query.block_id if self.exclude == "block"
+                else self._docs[block] != query.doc_index)
 
 
 class HostRetriever:

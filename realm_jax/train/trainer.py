@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 loss_fn, queries, mesh=mesh, param_shardings=shardings.params,
                 corpus_shardings=corpus_shardings,
                 baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming,
-                answerable=None if finder is None else np.array([finder(q) for q in queries]))
+                finder=finder)
             _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
                       "answerable)", len(queries), len(heldout_blocks),
                       "?" if finder is None else evaluator.answerable.sum())
@@ -184,7 +184,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                              "heldout_retrieval_utility_change",
                                              "heldout_retrieval_utility_change_se",
                                              "heldout_answerable_retrieval_utility",
-                                             "heldout_answerable_retrieval_utility_change")
+                                             "heldout_answerable_retrieval_utility_change",
+                                             "heldout_answer_recall")
                      if k in values}
             print(progress_line(at_step, tc.steps, shown), flush=True)
         return values
