@@ -12,7 +12,9 @@ readable block holds, `realm.AnswerFinder`) and over the unanswerable rest. With
 --answerable_only the training queries are such queries too (`data.answerable_only`).
 In scann mode the index and the query tower that searches it are those of step 0 throughout
 (the snapshot's own), so every step retrieves the same candidates for a query; the live
-towers only weigh them against each other and the null document.
+towers only weigh them against each other and the null document. With --mode device the
+live query tower searches the (step 0) index, so what it retrieves can change, which the
+held-out answer recall measures.
 
 --reader_warmup N first makes the reader a masked LM, as REALM's BERT reader is and
 MiniLM's is not (`warm_up_reader`); step 0 is then the model after it. --random_blocks N
@@ -47,7 +49,7 @@ from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
 
 
 RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only",
-             "reader_warmup", "warmup_batch", "num_candidates")
+             "reader_warmup", "warmup_batch", "num_candidates", "mode")
 
 
 def check_same_run(root: Path, args: argparse.Namespace) -> None:
@@ -99,8 +101,9 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
                          trials: int) -> tuple[list[tuple], int, int]:
     """(table rows, held-out queries, answerable ones). Each (label, params) of `param_sets`
     scores the held-out queries through the trainer's own held-out evaluation, with the
-    candidates the index in root/run/index retrieves (queries embedded with the query tower
-    of the first params, the index's own: step 0's, as the trainer embeds them) and with
+    candidates the index in root/run/index retrieves (queries embedded as the trainer embeds
+    them: in scann mode with the query tower of the first params, the index's own, step
+    0's; in device mode with each params' own) and with
     `trials` draws of random blocks in their place; a row per scoring: (candidates, answer
     recall, utility over all / answerable / unanswerable queries, the changes from the
     retrieved candidates).
@@ -117,8 +120,12 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     _, held = heldout.split_blocks(store, config.data.heldout_fraction)
     queries = heldout.heldout_queries(store, maker, held, eval_queries, config.seed)
     snapshot = IndexStore(root / "run" / "index").latest()
-    retriever = realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
-                                                param_sets[0][1]["query_tower"], store)
+
+    def searching_with(params) -> realm.HostRetriever:
+        return realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
+                                               params["query_tower"], store)
+
+    retriever = searching_with(param_sets[0][1])
     mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
     evaluate = heldout.HeldoutEval(
         realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
@@ -154,6 +161,8 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
 
     rows = []
     for label, params in param_sets:
+        if rc.mode == "device":
+            retriever = searching_with(params)
         evaluate.reset_baseline()  # the changes below are from these params' retrieved ones
         rows.append((f"{label}: retrieved by the index", *utilities(params, retriever)))
         rows += [(f"{label}: random blocks (draw {trial + 1})",
@@ -203,6 +212,8 @@ def main() -> None:
     parser.add_argument("--num_candidates", type=int, default=None,
                         help="retrieval.num_candidates, the null document included "
                              "(default: the config's)")
+    parser.add_argument("--mode", choices=("scann", "device"), default=None,
+                        help="retrieval.mode (default: the config's, scann)")
     parser.add_argument("--answerable_only", action="store_true",
                         help="train only on queries whose masked span occurs in a block they "
                              "may read (data.answerable_only)")
@@ -242,6 +253,8 @@ def main() -> None:
                  f"train.checkpoint_every={checkpoint_every}", "train.log_every=10"]
     if args.answerable_only:
         overrides.append("data.answerable_only=True")
+    if args.mode is not None:
+        overrides.append(f"retrieval.mode={args.mode}")
     if args.num_candidates is not None:
         overrides.append(f"retrieval.num_candidates={args.num_candidates}")
     if args.tower_lr is not None:
@@ -281,8 +294,8 @@ def main() -> None:
         f"{corpus.manifest['num_documents']} articles ({len(corpus)} blocks), "
         f"{evals[-1]['step']} of {config.train.steps} steps of {config.train.batch_size} "
         f"{'answerable ' if args.answerable_only else ''}queries, "
-        f"{config.retrieval.num_candidates} candidates each (the null document included; "
-        f"{minutes:.0f} min"
+        f"{config.retrieval.num_candidates} candidates each (the null document included), "
+        f"retrieval mode {config.retrieval.mode} ({minutes:.0f} min"
         f"{' in this sitting' if keep else ''}), learning rate "
         f"{config.train.learning_rate:g} x "
         f"(query tower {lr.query_tower:g}, document tower {lr.doc_tower:g}, reader "
