@@ -19,10 +19,6 @@ from pathlib import Path
 from common import minilm_folder, wiki_sample_path
 
 
-def contains(tokens: list[int], span: list[int]) -> bool:
-    return any(tokens[s:s + len(span)] == span for s in range(len(tokens) - len(span) + 1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--articles", type=int, default=20, help="articles of the sample")
@@ -60,15 +56,10 @@ def main() -> None:
     retriever = realm.HostRetriever.from_config(rc, IndexStore(root / "index").latest(),
                                                 configs["query_tower"], params["query_tower"],
                                                 store)
-    out = retriever(collate_queries(queries))
-    in_any = in_top = 0
-    for i, query in enumerate(queries):
-        span = query.mask_targets[query.mask_valid].tolist()
-        found = [contains(out["cand_tokens"][i, j, :out["cand_lengths"][i, j]].tolist(), span)
-                 for j in range(out["cand_ids"].shape[1])
-                 if out["cand_valid"][i, j] and out["cand_ids"][i, j] >= 0]
-        in_any += any(found)
-        in_top += bool(found and found[0])
+    candidates = retriever(collate_queries(queries))["cand_ids"][:, 1:]  # the null one dropped
+    finder = realm.AnswerFinder(store, rc.exclude)
+    in_top = sum(finder.in_blocks(q, ids[:1]) for q, ids in zip(queries, candidates))
+    in_any = sum(finder.in_blocks(q, ids) for q, ids in zip(queries, candidates))
     n = len(queries)
     print(f"{args.articles} articles ({len(store)} blocks), {n} held-out queries, "
           f"{args.candidates - 1} retrieved blocks, source {args.exclude} excluded: the masked "
