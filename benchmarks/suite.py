@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import machine
 
+from realm_jax.durable import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -252,12 +254,6 @@ def assemble(sections: dict[str, str], previous: str) -> str:
     return "\n".join(parts)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = [b.name for b in BENCHMARKS]
@@ -295,7 +291,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     previous = output.read_text() if output.exists() else ""
-    write_atomically(output, assemble(sections, previous))
+    atomic_write_text(output, assemble(sections, previous))
     print(f"wrote {output}")
     return 0
 
