@@ -135,33 +135,21 @@ BENCHMARKS = (
         "At the end, the first and last steps' models score them again with random blocks "
         "in place of the retrieved candidates."),
     Benchmark(
-        "realm_heldout_k8",
-        "REALM from a masked-LM reader with 8 candidates: held-out retrieval utility and "
-        "answer recall (issue 4)",
-        "realm_heldout.py", ("--steps", "600", "--eval_every", "200", "--eval_queries", "1000",
-                             "--reader_warmup", "1000", "--num_candidates", "8",
-                             "--random_blocks", "2"),
-        ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4",
-         "--reader_warmup", "2", "--warmup_batch", "2", "--num_candidates", "4",
-         "--random_blocks", "1"),
-        "As `realm_heldout_warm`, with REALM's 8 candidates (the null document and 7 "
-        "retrieved blocks) instead of the demo's 3, for 600 steps. Answer recall: the share "
-        "of the answerable held-out queries whose answer one of their retrieved candidates "
-        "holds; in scann mode without a refresher it stays what the step-0 index gives."),
-    Benchmark(
         "realm_heldout_k8_device",
         "REALM from a masked-LM reader with 8 candidates, the live query tower searching: "
         "held-out retrieval utility and answer recall (issue 4)",
-        "realm_heldout.py", ("--steps", "600", "--eval_every", "200", "--eval_queries", "1000",
+        "realm_heldout.py", ("--steps", "600", "--eval_every", "300", "--eval_queries", "1000",
                              "--reader_warmup", "1000", "--num_candidates", "8",
-                             "--mode", "device", "--random_blocks", "2"),
+                             "--mode", "device", "--random_blocks", "1"),
         ("--steps", "2", "--eval_every", "1", "--articles", "2", "--eval_queries", "4",
          "--reader_warmup", "2", "--warmup_batch", "2", "--num_candidates", "4",
          "--mode", "device", "--random_blocks", "1"),
-        "As `realm_heldout_k8`, in device mode: each step's live query tower searches the "
-        "step-0 index on the device, so training the query tower can change what is "
-        "retrieved (the held-out answer recall). The random-block control searches with each "
-        "model's own query tower."),
+        "As `realm_heldout_warm`, with REALM's 8 candidates (the null document and 7 "
+        "retrieved blocks) instead of the demo's 3, for 600 steps, and in device mode: each "
+        "step's live query tower searches the step-0 index on the device, so training the "
+        "query tower can change what is retrieved. Answer recall: the share of the "
+        "answerable held-out queries whose answer one of their retrieved candidates holds. "
+        "The random-block control searches with each model's own query tower."),
     Benchmark(
         "realm_step0_utility",
         "REALM held-out retrieval utility at step 0: retrieved against random candidates "

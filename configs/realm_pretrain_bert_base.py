@@ -54,10 +54,11 @@ def get_config(arg=None):
         peak_flops_per_device=197e12,  # bf16 peak of one TPU v5e chip
         # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
         # held-out documents, scored at the start, every eval_every steps (0: never) and at
-        # the end. max_index_staleness: wait (up to index_wait_seconds) for a newer index
-        # when the one in use is this many steps stale and a newer checkpoint exists (0:
-        # never wait; the trainer and the refresher run independently).
-        eval_queries=32, eval_every=1000, max_index_staleness=0))
+        # the end, eval_batch_size at a time. max_index_staleness: wait (up to
+        # index_wait_seconds) for a newer index when the one in use is this many steps stale
+        # and a newer checkpoint exists (0: never wait; the trainer and the refresher run
+        # independently).
+        eval_queries=32, eval_batch_size=64, eval_every=1000, max_index_staleness=0))
     # The refresher (realm-jax refresh): see realm_jax.refresh.RefreshSettings.
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto",         # auto: titles for DPR passages; yes / no

@@ -44,10 +44,11 @@ def get_config(arg=None):
         peak_flops_per_device=1e11,
         # Held-out evaluation (train/heldout.py): eval_queries masked sentences from the
         # held-out documents, scored at the start, every eval_every steps (0: never) and at
-        # the end. max_index_staleness: wait (up to index_wait_seconds) for a newer index
-        # when the one in use is this many steps stale and a newer checkpoint exists (0:
-        # never wait; the trainer and the refresher run independently).
-        eval_queries=16, eval_every=0, max_index_staleness=0))
+        # the end, eval_batch_size at a time. max_index_staleness: wait (up to
+        # index_wait_seconds) for a newer index when the one in use is this many steps stale
+        # and a newer checkpoint exists (0: never wait; the trainer and the refresher run
+        # independently).
+        eval_queries=16, eval_batch_size=8, eval_every=0, max_index_staleness=0))
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto", max_length=0, batch_size=16, dtype="float16",
         shard_size=0, poll_seconds=1.0, keep_snapshots=2,

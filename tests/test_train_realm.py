@@ -153,8 +153,9 @@ def test_answer_finder_and_answerable_change(tmp_path):
         np.array([[-1, 1, 2], [-1, 3, 2], [-1, 1, 3], [-1, 0, -1]]),   # hits: queries 0, 1
         np.array([[-1, 2, 3], [-1, 0, 3], [-1, 1, 3], [-1, 1, -1]])])  # 1's own block: 3 only
     tokens = np.array([2.0, 1.0, 2.0, 2.0])
-    evaluate._metrics = lambda *_: dict(query_utility=next(utility), query_tokens=tokens,
-                                        cand_ids=next(candidates))
+    evaluate._metrics = lambda *_: dict(log_prob=np.zeros(4), utility=next(utility),
+                                        tokens=tokens, top_prob=np.ones(4),
+                                        null_prob=np.zeros(4), cand_ids=next(candidates))
     first, second = evaluate(None, step=0), evaluate(None, step=5)
     assert first["heldout_answerable_queries"] == 3
     assert first["heldout_answerable_retrieval_utility"] == pytest.approx(2 / 5)
@@ -172,6 +173,43 @@ def test_answer_finder_and_answerable_change(tmp_path):
     assert not finder.in_blocks(queries[5], [0, 1, 2, 3])   # across two blocks
     assert realm.AnswerFinder(store, "document").in_blocks(queries[3], [2, 1])
     assert not realm.AnswerFinder(store, "document").in_blocks(queries[0], [1])
+
+
+def test_heldout_eval_in_chunks(tmp_path):
+    """Scored `batch_size` queries at a time, the figures are those of one batch: the rows
+    come back in order, and the padding of the last chunk counts nowhere."""
+    from types import SimpleNamespace
+
+    from realm_jax import sharding
+    from realm_jax.data.realm_examples import MaskedQuery
+
+    def query(i):
+        return MaskedQuery(np.zeros(4, np.int32), np.ones(4, np.int32), np.array([1, 2], np.int32),
+                           np.array([5, 6], np.int32), np.array([True, i % 2 == 0]), i, 0, "",
+                           "", None)
+
+    def per_row(params, batch, corpus):  # query i: summed log prob -i and utility i / 10
+        block = np.asarray(batch["block_id"], np.float64)
+        return dict(log_prob=-block, utility=block / 10,
+                    tokens=np.asarray(batch["mask_valid"], np.float64).sum(-1),
+                    top_prob=block / 8, null_prob=1 - block / 8,
+                    cand_ids=np.stack([-np.ones_like(block), block], -1))
+
+    queries = [query(i) for i in range(7)]
+    mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+    results = []
+    for size in (3, 7, 100):
+        evaluate = heldout.HeldoutEval(SimpleNamespace(mode="device"), queries, mesh=mesh,
+                                       param_shardings=None, batch_size=size)
+        assert evaluate.chunk == min(size, 7)
+        evaluate._metrics = per_row
+        results.append(evaluate(None))
+    tokens = 4 * 2 + 3                                        # even queries mask two tokens
+    expected = {"heldout_loss": 21 / tokens,
+                "heldout_retrieval_utility": 2.1 / tokens, "heldout_masked_tokens": tokens,
+                "heldout_top_candidate_prob": 21 / 8 / 7, "heldout_queries": 7}
+    for values in results:
+        assert {k: values[k] for k in expected} == pytest.approx(expected)
 
 
 def test_heldout_baseline_file(tmp_path, corpus, minilm_path, caplog):

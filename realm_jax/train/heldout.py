@@ -128,11 +128,14 @@ class HeldoutEval:
     `finder`: a `realm.AnswerFinder` of the corpus; when given, the utility and its change
     are also reported over the answerable queries alone (`heldout_answerable_...`) and over
     the others (`heldout_unanswerable_...`), and `heldout_answer_recall` is the share of the
-    answerable queries whose answer one of their retrieved candidates holds."""
+    answerable queries whose answer one of their retrieved candidates holds.
+
+    `batch_size`: queries scored per call of the jitted function (rounded up to a multiple of
+    the batch shards), so that memory does not grow with the number of held-out queries."""
 
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
                  corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
-                 resume: bool = False, finder=None):
+                 resume: bool = False, finder=None, batch_size: int = 64):
         from realm_jax.train import realm
 
         if not queries:
@@ -145,11 +148,13 @@ class HeldoutEval:
         self.mesh = mesh
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch = pad_batch(collate_queries(queries), shards)
+        self.chunk = -(-min(max(int(batch_size), 1), len(queries)) // shards) * shards
+        batch = collate_queries(queries)
+        self.queries_fingerprint = tree_digest(
+            {k: batch[k] for k in realm.QUERY_FIELDS}).hexdigest()[:16]
+        self.batch = pad_batch(batch, self.chunk)
         self.scann = loss_fn.mode == "scann"
         self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
-        self.queries_fingerprint = tree_digest(
-            {k: self.batch[k] for k in realm.QUERY_FIELDS}).hexdigest()[:16]
         self.baseline_file = baseline_file
         # (step, (summed utility, masked tokens) per query) of the run's first evaluation
         self.baseline: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
@@ -157,13 +162,16 @@ class HeldoutEval:
             self.baseline = self._read_baseline()
 
         def metrics(params, batch, corpus):
+            """Per query: the summed marginal log-probability and utility of its masked
+            tokens, their count, its top candidate's and the null document's retrieval
+            probability, and its candidates."""
             out, batch = loss_fn.scored(params, batch, corpus, None)
-            values = {PREFIX + k: v for k, v in realm.loss_metrics(out).items()}
-            # Per query: the summed utility of its masked tokens, and their count.
-            values["query_utility"] = (out.marginal_log_probs - out.null_log_probs).sum(-1)
-            values["query_tokens"] = jnp.asarray(batch["mask_valid"], jnp.float32).sum(-1)
-            values["cand_ids"] = batch["cand_ids"]
-            return values
+            retrieval = jnp.exp(out.retrieval_log_probs)
+            return dict(log_prob=out.marginal_log_probs.sum(-1),
+                        utility=(out.marginal_log_probs - out.null_log_probs).sum(-1),
+                        tokens=jnp.asarray(batch["mask_valid"], jnp.float32).sum(-1),
+                        top_prob=retrieval.max(-1), null_prob=retrieval[:, 0],
+                        cand_ids=batch["cand_ids"])
 
         self._metrics = jax.jit(metrics, in_shardings=(
             param_shardings, self.batch_sharding, corpus_shardings),
@@ -178,18 +186,28 @@ class HeldoutEval:
                  ) -> dict[str, float]:
         """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats, of
         the params at training step `step`."""
-        batch = self.batch
-        if self.scann:
-            if retriever is None:
-                raise ValueError("HeldoutEval: scann mode needs the snapshot's HostRetriever")
-            batch = retriever(batch)
-        batch = {k: self._global(batch[k]) for k in self.fields}
-        values = jax.device_get(self._metrics(params, batch, corpus_arrays))
-        per_query = (np.asarray(values.pop("query_utility"), np.float64),
-                     np.asarray(values.pop("query_tokens"), np.float64))
-        candidates = np.asarray(values.pop("cand_ids"))
-        out = {k: float(v) for k, v in values.items()}
-        out[PREFIX + "queries"] = float(self.num_queries)
+        if self.scann and retriever is None:
+            raise ValueError("HeldoutEval: scann mode needs the snapshot's HostRetriever")
+        chunks = []
+        for start in range(0, len(self.batch["input_ids"]), self.chunk):
+            batch = {k: v[start:start + self.chunk] for k, v in self.batch.items()}
+            if self.scann:
+                batch = retriever(batch)
+            batch = {k: self._global(batch[k]) for k in self.fields}
+            chunks.append(jax.device_get(self._metrics(params, batch, corpus_arrays)))
+        values = {k: np.concatenate([np.asarray(c[k]) for c in chunks])[:self.num_queries]
+                  for k in chunks[0]}
+        log_prob, utility, tokens = (values[k].astype(np.float64)
+                                     for k in ("log_prob", "utility", "tokens"))
+        per_query = (utility, tokens)
+        candidates = values["cand_ids"]
+        total = tokens.sum()
+        out = {PREFIX + "loss": float(-log_prob.sum() / max(total, 1.0)),
+               PREFIX + "retrieval_utility": float(utility.sum() / max(total, 1.0)),
+               PREFIX + "masked_tokens": float(total),
+               PREFIX + "top_candidate_prob": float(values["top_prob"].mean()),
+               PREFIX + "null_prob": float(values["null_prob"].mean()),
+               PREFIX + "queries": float(self.num_queries)}
         first = self.baseline is None
         if first:
             self.baseline = (int(step), per_query)

@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 loss_fn, queries, mesh=mesh, param_shardings=shardings.params,
                 corpus_shardings=corpus_shardings,
                 baseline_file=workdir / heldout.BASELINE_FILE, resume=resuming,
-                finder=finder)
+                finder=finder, batch_size=int(tc.get("eval_batch_size", 64)))
             _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
                       "answerable)", len(queries), len(heldout_blocks),
                       "?" if finder is None else evaluator.answerable.sum())
