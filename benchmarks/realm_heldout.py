@@ -103,10 +103,9 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     scores the held-out queries through the trainer's own held-out evaluation, with the
     candidates the index in root/run/index retrieves (queries embedded as the trainer embeds
     them: in scann mode with the query tower of the first params, the index's own, step
-    0's; in device mode with each params' own) and with
-    `trials` draws of random blocks in their place; a row per scoring: (candidates, answer
-    recall, utility over all / answerable / unanswerable queries, the changes from the
-    retrieved candidates).
+    0's; in device mode with each params' own) and with `trials` draws of random blocks in
+    their place; a row per scoring: (candidates, answer recall, utility over all /
+    answerable / unanswerable queries, the changes from the retrieved candidates).
     Utility that random blocks give as well is not retrieval's doing."""
     from realm_jax import sharding
     from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
@@ -170,9 +169,9 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     return rows, len(queries), int(evaluate.answerable.sum())
 
 
-CONTROL_COLUMNS = ["params: candidates", "answer recall", "utility: all", "answerable", "unanswerable",
-                   "all: change from retrieved", "answerable: change from retrieved",
-                   "unanswerable: change from retrieved"]
+CONTROL_COLUMNS = ["params: candidates", "answer recall", "utility: all", "answerable",
+                   "unanswerable", "all: change from retrieved",
+                   "answerable: change from retrieved", "unanswerable: change from retrieved"]
 
 
 def warm_up_reader(root: Path, steps: int, batch_size: int) -> Path:
@@ -333,10 +332,10 @@ def main() -> None:
                 f"unanswerable: the other {int(evals[-1]['heldout_unanswerable_queries'])}. "
                 f"Answer recall: the share of the answerable ones whose answer one of their "
                 f"{config.retrieval.num_candidates - 1} retrieved candidates holds.")
-    report.table(["step", "answer recall", "held-out loss", "null-document loss", "retrieval utility",
-                  "change since step 0 (± standard error)", "answerable: utility",
-                  "answerable: change since step 0", "unanswerable: utility",
-                  "unanswerable: change since step 0"], table)
+    report.table(["step", "answer recall", "held-out loss", "null-document loss",
+                  "retrieval utility", "change since step 0 (± standard error)",
+                  "answerable: utility", "answerable: change since step 0",
+                  "unanswerable: utility", "unanswerable: change since step 0"], table)
     last = evals[-1]
     for prefix, name in (("", "held-out"), ("answerable_", "answerable held-out"),
                          ("unanswerable_", "unanswerable held-out")):
