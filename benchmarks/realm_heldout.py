@@ -124,7 +124,7 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
         return realm.HostRetriever.from_config(rc, snapshot, configs["query_tower"],
                                                params["query_tower"], store)
 
-    retriever = searching_with(param_sets[0][1])
+    retriever = None  # the first params' (the index's own), or in device mode each params'
     mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
     evaluate = heldout.HeldoutEval(
         realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
@@ -151,22 +151,26 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
         names = ("", "answerable_", "unanswerable_")
         out = [f"{values['heldout_answer_recall']:.3f}"]
         out += [f"{values[f'heldout_{name}retrieval_utility']:+.4f}" for name in names]
-        for name in names:
-            key = f"heldout_{name}retrieval_utility_change"
-            se = values.get(key + "_se", np.nan)  # undefined (nan) over a single query
-            out.append("" if key not in values else f"{values[key]:+.4f}" + (
-                f" ± {se:.4f}" if np.isfinite(se) else ""))
-        return out
+        return out + [change_text(values, f"heldout_{name}retrieval_utility") for name in names]
 
     rows = []
     for label, params in param_sets:
-        if rc.mode == "device":
+        if retriever is None or rc.mode == "device":
             retriever = searching_with(params)
         evaluate.reset_baseline()  # the changes below are from these params' retrieved ones
         rows.append((f"{label}: retrieved by the index", *utilities(params, retriever)))
         rows += [(f"{label}: random blocks (draw {trial + 1})",
                   *utilities(params, random_blocks)) for trial in range(trials)]
     return rows, len(queries), int(evaluate.answerable.sum())
+
+
+def change_text(values: dict, key: str) -> str:
+    """`values[key + "_change"]` with its standard error as text: "" when not measured, the
+    error left out when undefined (nan, over a single query)."""
+    if key + "_change" not in values:
+        return ""
+    se = values[key + "_change_se"]
+    return f"{values[key + '_change']:+.4f}" + (f" ± {se:.4f}" if np.isfinite(se) else "")
 
 
 CONTROL_COLUMNS = ["params: candidates", "answer recall", "utility: all", "answerable",
@@ -315,11 +319,7 @@ def main() -> None:
         key = f"heldout_{prefix}retrieval_utility"
         if key not in r:  # an evaluation logged before this split was reported
             return "", ""
-        if key + "_change" not in r:
-            return f"{r[key]:+.4f}", ""
-        se = r[key + "_change_se"]  # undefined (nan) over a single query
-        return f"{r[key]:+.4f}", f"{r[key + '_change']:+.4f}" + (
-            f" ± {se:.4f}" if np.isfinite(se) else "")
+        return f"{r[key]:+.4f}", change_text(r, key)
 
     # The null document's loss: the marginal loss plus the utility (both token means).
     table = [(r["step"], f"{r['heldout_answer_recall']:.3f}" if "heldout_answer_recall" in r

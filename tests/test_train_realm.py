@@ -175,7 +175,7 @@ def test_answer_finder_and_answerable_change(tmp_path):
     assert not realm.AnswerFinder(store, "document").in_blocks(queries[0], [1])
 
 
-def test_heldout_eval_in_chunks(tmp_path):
+def test_heldout_eval_in_chunks():
     """Scored `batch_size` queries at a time, the figures are those of one batch: the rows
     come back in order, and the padding of the last chunk counts nowhere."""
     from types import SimpleNamespace
