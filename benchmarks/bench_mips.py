@@ -35,10 +35,11 @@ import numpy as np
 from common import Report, add_markdown_flag, matmul_peak_flops, minilm_folder, wiki_sample_path
 
 from realm_jax.index import base
-from realm_jax.index.scann_searcher import MAX_TRAINING_SAMPLE
+from realm_jax.index.scann_searcher import MAX_TRAINING_SAMPLE, ScannSettings
 
-ALL_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-hnsw")
-DEFAULT_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq")
+ALL_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-ivfpq-pca",
+               "faiss-hnsw")
+DEFAULT_METHODS = ("numpy", "jax", "scann", "faiss-ivfflat", "faiss-ivfpq", "faiss-ivfpq-pca")
 # Fractions of the partitions searched per query in the sweeps (ScaNN's leaves, FAISS's
 # lists): steps of about 1.25x up to 5%, about 1.12x beyond, where each step costs most.
 SEARCH_FRACTIONS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125, 0.016,
@@ -182,7 +183,7 @@ def run_numpy(bench: Bench, corpus, queries, k):
     def search():
         return base.exact_search(queries, corpus, k)
     (scores, ids), seconds = timed(search, bench.args.repeat)
-    bench.add("exact numpy", "float32, blocks of 65536 rows", 0.0, 1.0, len(queries) / seconds,
+    bench.add("exact numpy", f"float32, blocks of {base.EXACT_BLOCK_ROWS} rows", 0.0, 1.0, len(queries) / seconds,
               corpus.nbytes / len(corpus), search=search)
     return ids
 
@@ -224,7 +225,7 @@ def run_jax(bench: Bench, corpus, queries, truth):
 
 
 def run_scann(bench: Bench, corpus, queries, truth):
-    from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+    from realm_jax.index.scann_searcher import ScannSearcher
     k = bench.args.k
     settings = ScannSettings(num_neighbors=k, num_threads=0, brute_force_below=0)
     searcher, build = timed(lambda: ScannSearcher.build(corpus, settings=settings))
@@ -234,10 +235,12 @@ def run_scann(bench: Bench, corpus, queries, truth):
     leaves = searcher.settings["num_leaves"]
     soar = searcher.settings["soar_lambda"]
     spill = f" (SOAR {soar})" if soar else ""
+    dims = searcher.settings["pca_dims"]
+    pca = f", PCA to {dims} dims" if dims < corpus.shape[1] else ""
     configs = []
     for n_leaves in partitions_to_search(leaves):
         for reorder in (k * f for f in RERANK_FACTORS):
-            configs.append((f"{leaves} leaves{spill}, search {n_leaves}, reorder {reorder}",
+            configs.append((f"{leaves} leaves{spill}{pca}, search {n_leaves}, reorder {reorder}",
                             lambda n_leaves=n_leaves, reorder=reorder: searcher.search(
                                 queries, k, leaves_to_search=n_leaves, reorder=reorder)[1]))
     bench.log(f"scann: built in {build:.1f}s ({searcher.settings})")
@@ -252,6 +255,16 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
         spec, label = f"IVF{nlist},Flat", "FAISS IVF-Flat"
     elif method == "faiss-ivfpq":
         spec, label = f"IVF{nlist},PQ{dim // 2}x4fs,RFlat", "FAISS IVF-PQ(4-bit fast scan)+refine"
+    elif method == "faiss-ivfpq-pca":
+        # The same projection as ScaNN's default (rounded up to an even count for the PQ's
+        # 2-dim blocks); the refine re-scores the full vectors, as ScaNN's reorder does.
+        dims = ScannSettings().projected_dims(corpus)
+        if dims == dim:
+            bench.log(f"{method}: skipped, ScaNN's default settings do not project this corpus")
+            return
+        dims += dims % 2
+        spec = f"PCA{dims},IVF{nlist},PQ{dims // 2}x4fs,RFlat"
+        label = f"FAISS PCA{dims} + IVF-PQ(4-bit fast scan)+refine"
     else:
         spec, label = "HNSW32,Flat", "FAISS HNSW32"
     index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
@@ -283,15 +296,16 @@ def run_faiss(bench: Bench, method: str, corpus, queries, truth):
             configs.append((f"efSearch {ef}", search_with(setp)))
     else:
         ivf = faiss.extract_index_ivf(index)
-        factors = (1,) if method == "faiss-ivfflat" else RERANK_FACTORS
+        refine = method != "faiss-ivfflat"
+        factors = RERANK_FACTORS if refine else (1,)
         for nprobe in partitions_to_search(nlist):
             for kf in factors:
                 def setp(nprobe=nprobe, kf=kf):
                     ivf.nprobe = nprobe
-                    if method == "faiss-ivfpq":
+                    if refine:
                         faiss.downcast_index(index).k_factor = kf
                 settings = f"nlist {nlist}, nprobe {nprobe}" + (
-                    f", k_factor {kf}" if method == "faiss-ivfpq" else "")
+                    f", k_factor {kf}" if refine else "")
                 configs.append((settings, search_with(setp)))
     bench.sweep(label, build_s, size / n, configs, truth)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from realm_jax.index import base
-from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings, principal_dims
 
 
 def clustered(n, dim, num_queries, seed=0, clusters=200):
@@ -38,6 +38,8 @@ def test_tree_ah_recall(corpus, tree_searcher):
     assert settings["num_leaves"] == 346 and settings["leaves_to_search"] == 18  # 2 sqrt(N), 5%
     assert settings["soar_lambda"] == 1.5
     assert settings["anisotropic_quantization_threshold"] == 0.2
+    # 80% of the variance needs more than half of the 64 dims: no projection.
+    assert principal_dims(emb, 0.8) > 32 and settings["pca_dims"] == 64
     assert isinstance(tree_searcher, base.Searcher)
     assert tree_searcher.size == 30_000 and tree_searcher.dim == 64
     scores, found = tree_searcher.search(queries, 10)
@@ -48,6 +50,37 @@ def test_tree_ah_recall(corpus, tree_searcher):
     # Reordered scores are exact dot products of the returned rows.
     rows = (found - 1000) // 3
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, emb[rows]), atol=1e-5)
+
+
+def test_principal_dims():
+    # Independent coordinates with variances 4, 3, 2, 1 (shares 0.4, 0.3, 0.2, 0.1), rotated.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200_000, 4)) * np.sqrt([4.0, 3.0, 2.0, 1.0])
+    x = x @ np.linalg.qr(rng.normal(size=(4, 4)))[0]
+    assert [principal_dims(x, v) for v in (0.3, 0.65, 0.75, 0.85, 0.95, 1.0)] == [1, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="pca_variance"):
+        principal_dims(x, 1.5)
+
+
+def test_pca_on_a_concentrated_corpus(tmp_path):
+    # Clusters in 64 dims whose last 48 coordinates are shrunk: most of the variance lies
+    # in 16 dims, so the tree and the hashing work on a projection.
+    emb, queries = clustered(20_000, 64, 200, seed=2)
+    scale = np.where(np.arange(64) < 16, 1.0, 0.25).astype(np.float32)
+    emb, queries = (x * scale / np.linalg.norm(x * scale, axis=1, keepdims=True)
+                    for x in (emb, queries))
+    searcher = ScannSearcher.build(emb, settings=ScannSettings(num_threads=1))
+    assert searcher.settings["pca_dims"] == principal_dims(emb, 0.8) <= 32
+    scores, found = searcher.search(queries, 10)
+    assert base.recall_at_k(found, base.exact_search(queries, emb, 10)[1]) >= 0.95
+    # The reorder scores the full vectors.
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, emb[found]), atol=1e-5)
+    searcher.serialize(tmp_path)
+    for got, want in zip(ScannSearcher.load(tmp_path).search(queries, 10), (scores, found)):
+        np.testing.assert_array_equal(got, want)
+    # pca_variance=None: the full vectors throughout.
+    plain = ScannSearcher.build(emb, settings=ScannSettings(num_threads=1, pca_variance=None))
+    assert plain.settings["pca_dims"] == 64
 
 
 def test_serialize_round_trip(tmp_path, corpus, tree_searcher):

