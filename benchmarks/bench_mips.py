@@ -183,8 +183,8 @@ def run_numpy(bench: Bench, corpus, queries, k):
     def search():
         return base.exact_search(queries, corpus, k)
     (scores, ids), seconds = timed(search, bench.args.repeat)
-    bench.add("exact numpy", f"float32, blocks of {base.EXACT_BLOCK_ROWS} rows", 0.0, 1.0, len(queries) / seconds,
-              corpus.nbytes / len(corpus), search=search)
+    bench.add("exact numpy", f"float32, blocks of {base.EXACT_BLOCK_ROWS} rows", 0.0, 1.0,
+              len(queries) / seconds, corpus.nbytes / len(corpus), search=search)
     return ids
 
 

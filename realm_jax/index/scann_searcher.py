@@ -89,7 +89,6 @@ class ScannSettings:
             "dim": dim,
         }
 
-
     def projected_dims(self, vectors: np.ndarray) -> int:
         """The dimensions the tree and the hashing work on for these vectors [N, P]."""
         dim = vectors.shape[1]
