@@ -1,6 +1,6 @@
 """Open-QA (ORQA / REALM open-QA) on this machine: the fine-tuning step through the real
 trainer (s/step, examples/s, reader tokens/s, model FLOP/s), and evaluation throughput,
-questions/s end to end through `realm_jax.train.orqa.Predictor` (tokenize, embed, search, read, best span,
+questions/s end to end through `realm_jax.tasks.orqa.Predictor` (tokenize, embed, search, read, best span,
 span text), and the split of the time between embedding the questions, searching the
 frozen index on the devices, reading the top-k blocks, and the host's own work.
 
@@ -45,9 +45,10 @@ def main() -> None:
     from realm_jax import refresh, sharding
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.data.qa import questions_from_store
-    from realm_jax.train import orqa, realm
+    from realm_jax.tasks import orqa
+    from realm_jax.tasks.orqa import Predictor, Setup, encode_questions
+    from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
-    from realm_jax.train.orqa import Predictor, Setup, encode_questions
 
     args.model = minilm_folder(args.model)
     root = Path(tempfile.mkdtemp(prefix="bench_qa_"))
@@ -69,7 +70,7 @@ def main() -> None:
             "tiny_orqa", *overrides, f"train.steps={steps}", f"train.batch_size={args.batch}",
             "train.log_every=1", f"train.checkpoint_every={steps}", "train.eval_questions=0",
             "train.async_checkpoints=False", f"train.peak_flops_per_device={peak}")
-        orqa.train(train_config, workdir)
+        trainer.train(train_config, workdir)
         logged = [r for r in read_metrics(workdir) if "loss" in r][2:]
         step = statistics.median(r["step_time"] for r in logged)
         host = statistics.median(r["host_time"] for r in logged)
@@ -89,7 +90,7 @@ def main() -> None:
 
     configs, host_params = orqa.build_models(config)
     setup = Setup.create(config, workdir, configs)
-    shardings = realm.param_shardings(configs, setup.mesh, setup.rules)
+    shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
     params = sharding.place(host_params, shardings)
     predictor = Predictor(setup, shardings, params)
     examples = questions_from_store(setup.store, setup.tokenizer, num=args.questions, seed=0)

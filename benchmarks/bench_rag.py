@@ -48,7 +48,7 @@ def main() -> None:
     import transformers as tr
 
     from realm_jax import hf
-    from realm_jax.train.loop import step_flops
+    from realm_jax.train.trainer import step_flops
     from realm_jax.decode import GenerationConfig, rag_sequence_generate, rag_token_generate
     from realm_jax.objectives import rag_sequence_nll, rag_token_nll, shift_targets
 

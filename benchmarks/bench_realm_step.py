@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 from common import (Report, add_markdown_flag, matmul_peak_flops, median_seconds, minilm_folder,
-                    wiki_sample_path)
+                    publish_initial_realm_index, wiki_sample_path)
 
 SIZES = {"tiny": ("tiny_realm", ["model.encoder.vocab_size=30522"]),
          "minilm": ("demo_realm_minilm", [])}
@@ -58,7 +58,7 @@ def _retrieval_seconds(config, result, model: str, repeats: int) -> float:
     from realm_jax import sharding
     from realm_jax.data.realm_examples import QueryMaker, collate_queries
     from realm_jax.data.store import BlockStore
-    from realm_jax.train import realm
+    from realm_jax.tasks import realm
 
     rc = config.retrieval
     store = BlockStore.open(config.data.corpus)
@@ -93,7 +93,6 @@ def main() -> None:
     add_markdown_flag(parser)
     args = parser.parse_args()
 
-    from realm_jax import refresh
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
@@ -112,7 +111,7 @@ def main() -> None:
             config = _config(size, corpus, args.model, mode, args.steps + 2, args.batch or None,
                              peak)
             workdir = root / f"{size}_{mode}"
-            refresh.publish_initial_index(config, workdir / "index")
+            publish_initial_realm_index(config, workdir / "index")
             result = trainer.train(config, workdir)
             logged = [r for r in read_metrics(workdir) if "loss" in r][2:]
             step = statistics.median(r["step_time"] for r in logged)

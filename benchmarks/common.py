@@ -157,3 +157,13 @@ class Report:
         if path:
             with open(path, "w") as f:
                 f.write(text)
+
+
+def publish_initial_realm_index(config, index_dir) -> None:
+    """A first index (step 0) of the corpus, embedded by the document tower a REALM run of
+    `config` starts from: what the refresher publishes from the step-0 checkpoint."""
+    from realm_jax import refresh
+    from realm_jax.tasks import realm
+
+    configs, params = realm.build_models(config)
+    refresh.publish_initial_index(config, configs["doc_tower"], params["doc_tower"], index_dir)

@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import minilm_folder, wiki_sample_path
+from common import minilm_folder, publish_initial_realm_index, wiki_sample_path
 
 
 def main() -> None:
@@ -30,12 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from realm_jax import config as config_lib
-    from realm_jax import refresh
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.data.realm_examples import QueryMaker, collate_queries
     from realm_jax.data.store import BlockStore
     from realm_jax.index.store import IndexStore
-    from realm_jax.train import heldout, realm
+    from realm_jax.tasks import heldout, realm
 
     model = minilm_folder()
     root = Path(tempfile.mkdtemp(prefix="realm_evidence_"))
@@ -46,7 +45,7 @@ def main() -> None:
     rc = config.retrieval
     prepare_corpus(wiki_sample_path(), root / "corpus", tokenizer=model, mode="realm",
                    max_tokens=rc.block_length, max_documents=args.articles, progress=False)
-    refresh.publish_initial_index(config, root / "index")
+    publish_initial_realm_index(config, root / "index")
     store = BlockStore.open(root / "corpus")
     maker = QueryMaker.for_store(store, model, query_length=rc.query_length,
                                  max_mask_tokens=rc.max_mask_tokens)

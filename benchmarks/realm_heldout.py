@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import Report, add_markdown_flag, minilm_folder, wiki_sample_path
+from common import (Report, add_markdown_flag, minilm_folder, publish_initial_realm_index,
+                    wiki_sample_path)
 
 
 RUN_FLAGS = ("steps", "eval_every", "eval_queries", "articles", "tower_lr", "answerable_only",
@@ -83,7 +84,6 @@ def prepare_run(root: Path, config, articles: int):
     """The block store of the sample (its first `articles`, 0: all) in root/corpus and the
     index of the initial document tower in root/run/index, each made unless already there
     (a kept workdir reuses them); returns the opened store."""
-    from realm_jax import refresh
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.data.store import BlockStore
     from realm_jax.index.store import IndexStore
@@ -93,7 +93,7 @@ def prepare_run(root: Path, config, articles: int):
                        mode="realm", max_tokens=config.retrieval.block_length,
                        max_documents=articles or None, progress=False)
     if IndexStore(root / "run" / "index").latest_version() is None:
-        refresh.publish_initial_index(config, root / "run" / "index")
+        publish_initial_realm_index(config, root / "run" / "index")
     return BlockStore.open(root / "corpus")
 
 
@@ -110,7 +110,7 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     from realm_jax import sharding
     from realm_jax.data.realm_examples import QueryMaker, candidate_tokens
     from realm_jax.index.store import IndexStore
-    from realm_jax.train import heldout, realm
+    from realm_jax.tasks import heldout, realm
 
     rc = config.retrieval
     maker = QueryMaker.for_store(store, minilm_folder(), query_length=rc.query_length,
@@ -128,7 +128,7 @@ def random_block_control(root: Path, config, store, param_sets, eval_queries: in
     mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
     evaluate = heldout.HeldoutEval(
         realm.RealmLossFn.from_config(rc, configs, maker.special, mode="scann"), queries,
-        mesh=mesh, param_shardings=realm.param_shardings(configs, mesh, rules),
+        mesh=mesh, param_shardings=sharding.part_shardings(configs, mesh, rules),
         finder=realm.AnswerFinder(store, rc.exclude))
     rng = np.random.default_rng(0)
 
@@ -185,7 +185,7 @@ def warm_up_reader(root: Path, steps: int, batch_size: int) -> Path:
     towers frozen, in root/warmup; its reader exported to root/reader_mlm, the folder
     returned (a kept workdir reuses it)."""
     from realm_jax.train import trainer
-    from realm_jax.train.checkpoints import export_part
+    from realm_jax.checkpoints import export_part
 
     out = root / "reader_mlm"
     if out.exists():
@@ -275,7 +275,7 @@ def main() -> None:
     rows = read_metrics(root / "run")
     control = None
     if args.random_blocks and args.stop_after is None:
-        from realm_jax.train.checkpoints import TrainCheckpoints
+        from realm_jax.checkpoints import TrainCheckpoints
 
         with TrainCheckpoints(root / "run") as checkpoints:
             last = checkpoints.latest_step()

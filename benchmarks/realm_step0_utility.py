@@ -34,7 +34,7 @@ def main() -> None:
     add_markdown_flag(parser)
     args = parser.parse_args()
 
-    from realm_jax.train import realm
+    from realm_jax.tasks import realm
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="realm_step0_"))
     config = demo_config(root)

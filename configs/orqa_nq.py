@@ -59,6 +59,10 @@ def get_config(arg=None):
         clip_norm=1.0, checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         log_every=50, peak_flops_per_device=197e12, eval_questions=1000, eval_every=1000,
         fast_compile=False))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     # ORQA's evaluation: exact match of the best span of the top 5 blocks; recall@k of them.
     c.eval = ml_collections.ConfigDict(dict(num_questions=0, batch_size=64, recall_at=(1, 5)))
     # `realm-jax refresh --once --from_hf`: the frozen index (no ScaNN: ORQA searches the

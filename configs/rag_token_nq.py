@@ -46,10 +46,15 @@ def get_config(arg=None):
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))   # (data, fsdp, tensor)
     c.sharding_rules = None
     c.train = ml_collections.ConfigDict(dict(
+        lr_multipliers={},
         batch_size=128, steps=20_000, learning_rate=3e-5, question_encoder_lr_multiplier=1.0,
         warmup_steps=500, decay="linear", weight_decay=0.001, clip_norm=0.1,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True, log_every=50,
         index_wait_seconds=3600, peak_flops_per_device=197e12))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     # The paper's test setting: 15 documents for RAG-Token, 50 with thorough decoding for
     # RAG-Sequence; greedy decoding.
     c.eval = ml_collections.ConfigDict(dict(
@@ -59,4 +64,6 @@ def get_config(arg=None):
         title="auto", max_length=256, batch_size=512, dtype="float16", shard_size=100_000,
         poll_seconds=30.0, keep_snapshots=2,
         scann=dict(num_neighbors=100, num_threads=0)))
+    # The frozen context encoder embeds the corpus (the refresher's --from_hf default).
+    c.refresh.doc_tower_hf = c.model.get_ref("context_encoder_hf")
     return c

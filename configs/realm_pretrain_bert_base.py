@@ -14,6 +14,7 @@ def bert_base() -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
+    c.task = "realm"
     c.seed = 0
     # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
     # tokenizer it was made with; the trainer and the refresher both read them.
@@ -59,6 +60,10 @@ def get_config(arg=None):
         # and a newer checkpoint exists (0: never wait; the trainer and the refresher run
         # independently).
         eval_queries=32, eval_batch_size=64, eval_every=1000, max_index_staleness=0))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     # The refresher (realm-jax refresh): see realm_jax.refresh.RefreshSettings.
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto",         # auto: titles for DPR passages; yes / no

@@ -59,6 +59,10 @@ def get_config(arg=None):
         eval_questions=16, eval_every=0,
         # Cheap XLA compilation (CPU tests: compiling the step takes longer than running it).
         fast_compile=False))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     # `realm-jax eval` (and the evaluation while training): num_questions of data.eval
     # (0: all), questions per jitted batch, recall@k for k in recall_at.
     c.eval = ml_collections.ConfigDict(dict(num_questions=0, batch_size=8, recall_at=(1, 3)))

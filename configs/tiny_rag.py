@@ -46,10 +46,15 @@ def get_config(arg=None):
     # question_encoder_lr_multiplier scales the question encoder's learning rate (a pretrained
     # encoder beside a generator trained from scratch wants a smaller one).
     c.train = ml_collections.ConfigDict(dict(
+        lr_multipliers={},
         batch_size=8, steps=4, learning_rate=1e-3, question_encoder_lr_multiplier=1.0,
         warmup_steps=1, decay="linear", weight_decay=0.0, clip_norm=1.0, checkpoint_every=2,
         keep_checkpoints=3, async_checkpoints=True, log_every=1, index_wait_seconds=300,
         peak_flops_per_device=1e11))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     # Evaluation and answering: n_docs documents read per question (0: rag.n_docs), recall
     # of the top k retrieved for each k in recall_at; greedy or beam search (num_beams), at
     # most max_length tokens with the start token (0: rag.max_target_length + 1);
@@ -63,4 +68,6 @@ def get_config(arg=None):
         title="auto", max_length=0, batch_size=16, dtype="float16", shard_size=0,
         poll_seconds=1.0, keep_snapshots=2,
         scann=dict(brute_force_below=20_000, num_neighbors=10, num_threads=1)))
+    # The frozen context encoder embeds the corpus (the refresher's --from_hf default).
+    c.refresh.doc_tower_hf = c.model.get_ref("context_encoder_hf")
     return c

@@ -5,6 +5,7 @@ import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
+    c.task = "realm"
     c.seed = 0
     # The corpus (a block store from `realm-jax prepare-corpus`) and the HF folder of the
     # tokenizer it was made with; the trainer and the refresher both read them.
@@ -49,6 +50,10 @@ def get_config(arg=None):
         # and a newer checkpoint exists (0: never wait; the trainer and the refresher run
         # independently).
         eval_queries=16, eval_batch_size=8, eval_every=0, max_index_staleness=0))
+    # fast_compile: cheap XLA compilation (CPU tests). allow_model_changes: model config
+    # fields (e.g. "remat", "dtype") a resumed run may change without being refused.
+    c.train.fast_compile = c.train.get("fast_compile", False)
+    c.train.allow_model_changes = ()
     c.refresh = ml_collections.ConfigDict(dict(
         title="auto", max_length=0, batch_size=16, dtype="float16",
         shard_size=0, poll_seconds=1.0, keep_snapshots=2,

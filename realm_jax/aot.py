@@ -25,7 +25,7 @@ import jax
 import ml_collections
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from realm_jax import sharding
+from realm_jax import models, sharding
 
 _log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     """(compiled step, mesh, corpus rows or None): the trainer's jitted REALM step of
     `config`, lowered for abstract arguments on a mesh of `devices` and compiled."""
     from realm_jax.data.realm_examples import SpecialIds
-    from realm_jax.train import realm
+    from realm_jax.tasks import realm
     from realm_jax.train.optim import make_optimizer
     from realm_jax.train.state import abstract_state, state_shardings
     from realm_jax.train.trainer import jit_train_step
@@ -139,13 +139,14 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     tc, rc = config.train, config.retrieval
     mesh = _mesh(tuple(mesh_shape or config.mesh.shape), devices)
     rules = sharding.rules_from_config(config)
-    configs = realm.model_configs(config)
-    optimizer = make_optimizer(tc)
-    abstract_params = realm.abstract_params(configs)
+    task = realm.RealmTask(config)
+    configs = task.model_configs()
+    optimizer = make_optimizer(tc, task.lr_multipliers())
+    abstract_params = {part: models.abstract_params(cfg) for part, cfg in configs.items()}
     shardings = state_shardings(optimizer, abstract_params,
-                                realm.param_shardings(configs, mesh, rules), mesh)
+                                task.param_shardings(configs, mesh, rules), mesh)
     state = abstract_state(optimizer, abstract_params, shardings)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch_sharding = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in realm.batch_shapes(tc.batch_size, rc).items()}
     corpus = None
@@ -158,8 +159,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
         corpus_rows = None
     # The special ids are constants of the step: BERT's unless the tokenizer is at hand.
     special = SpecialIds(cls=101, sep=102, mask=103, pad=0)
-    loss_fn = realm.RealmLossFn.from_config(rc, configs, special, num_valid=corpus_rows or 0)
-    step = jit_train_step(loss_fn, optimizer, shardings, batch_sharding,
+    loss_fn = task.loss_fn(configs, special, num_valid=corpus_rows or 0)
+    step = jit_train_step(loss_fn.train_loss, optimizer, shardings, batch_sharding,
                           None if corpus is None else {k: v.sharding for k, v in corpus.items()})
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                                sharding=NamedSharding(mesh, PartitionSpec()))
@@ -188,7 +189,7 @@ def _mesh(shape: Sequence[int], devices: Sequence) -> Mesh:
 
 
 def _store_rows(config) -> int | None:
-    corpus = config.data.get("corpus", "")
+    corpus = config.data.corpus
     if not corpus or not os.path.isdir(corpus):
         return None
     from realm_jax.data.store import BlockStore
@@ -211,7 +212,7 @@ def report(config: ml_collections.ConfigDict, topology: str, *,
            mesh_shape: Sequence[int] | None = None, corpus_rows: int | None = None,
            device_memory_gib: float | None = None) -> Report:
     """Compile the train step of `config` for `topology` and measure it."""
-    from realm_jax.train.loop import step_flops
+    from realm_jax.train.trainer import step_flops
 
     devices = topology_devices(topology)
     compiled, mesh, rows = compile_train_step(config, devices, mesh_shape, corpus_rows)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 def _convert(args: argparse.Namespace) -> None:
     from realm_jax import hf
-    from realm_jax.train import checkpoints
+    from realm_jax import checkpoints
 
     if sum(map(bool, (args.hf, args.params, args.workdir))) != 1:
         raise SystemExit("convert: give exactly one of --hf (HF folder -> realm-jax params), "
@@ -57,7 +57,7 @@ def _load_tower(model: str):
     from pathlib import Path
 
     from realm_jax import hf
-    from realm_jax.train import checkpoints
+    from realm_jax import checkpoints
 
     if (Path(model) / checkpoints.MODEL_JSON).exists():
         return checkpoints.load_params(model)
@@ -118,87 +118,50 @@ def _config(args: argparse.Namespace):
         return config
     if args.command == "train":
         raise ValueError(f"{args.command}: --config configs/NAME.py is required")
-    from realm_jax.train import loop
-    config = loop.read_config(args.workdir)
+    from realm_jax.workdir import Workdir
+    config = Workdir(args.workdir).read_config()
     for flag in args.overrides:
         dotted, _, raw = flag[len("--config."):].partition("=")
         config_lib.apply_override(config, dotted, raw)
     return config
 
 
-def _task(config, command: str, supported: tuple[str, ...]) -> str:
-    task = config.get("task", "realm")
-    if task not in supported:
-        raise ValueError(f"{command}: config.task={task!r}; `realm-jax {command}` runs "
-                         f"{' and '.join(supported)} configs")
-    return task
-
-
 def _train(args: argparse.Namespace) -> None:
     from realm_jax import distributed
+    from realm_jax.train.trainer import Trainer
 
     config = _config(args)
-    task = _task(config, "train", ("realm", "orqa", "rag"))
     distributed.from_args(args)
-    if task == "rag":
-        from realm_jax.train import rag
-        result = rag.train(config, args.workdir, stop_after=args.stop_after)
-        first, last = result["first"], result["last"]
-        if first and last:
-            print(f"loss {first['loss']:.4f} -> {last['loss']:.4f} "
-                  f"(steps {first['step']} -> {last['step']})")
-        return
-    if task == "orqa":
-        from realm_jax.train import orqa
-        result = orqa.train(config, args.workdir, stop_after=args.stop_after)
-        first, last = result["first_eval"], result["last_eval"]
-        if first and last and "eval_exact_match" in first:
-            print(f"exact match {first['eval_exact_match']:.3f} -> "
-                  f"{last['eval_exact_match']:.3f} (steps {first['step']} -> {last['step']})")
-        return
-    from realm_jax.train import trainer
-    result = trainer.train(config, args.workdir, stop_after=args.stop_after)
-    first, last = result["first"], result["last"]
-    if first and last:
-        print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
-              f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
-              f"(steps {first['step']} -> {last['step']})")
+    trainer = Trainer(config, args.workdir)
+    line = trainer.task.summary(trainer.run(stop_after=args.stop_after))
+    if line:
+        print(line)
+
+
+def _answerer(args: argparse.Namespace):
+    from realm_jax import tasks
+
+    config = _config(args)
+    return tasks.get(config.task).answerer(config, args.workdir, step=args.step)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from realm_jax import evaluate
 
-    config = _config(args)
-    if _task(config, "eval", ("orqa", "rag")) == "rag":
-        from realm_jax.train import rag
-        summary = rag.evaluate(config, args.workdir, step=args.step, out=args.out)
-        path = summary["predictions"]
-    else:
-        from realm_jax.train import orqa
-        summary, path = orqa.run_eval(config, args.workdir, step=args.step, out=args.out)
+    summary, path = _answerer(args).evaluate(out=args.out)
     print(evaluate.format_summary(summary))
     print(f"predictions: {path}")
 
 
 def _answer(args: argparse.Namespace) -> None:
-    config = _config(args)
-    task = _task(config, "answer", ("orqa", "rag"))
     questions = args.question or [line.strip() for line in sys.stdin if line.strip()]
     if not questions:
         raise ValueError("answer: no question (give them as arguments or one per line on stdin)")
-    if task == "rag":
-        from realm_jax.train import rag
-        for a in rag.predict(config, args.workdir, questions, step=args.step):
-            print(f"Q: {a['question']}\nA: {a['answer'] or '(no answer)'}  (score {a['score']:.3f})")
-            for rank, p in enumerate(a["passages"]):
-                print(f"   {rank + 1}. [{p['id']}] {p['title']} ({p['score']:.3f})")
-        return
-    from realm_jax.train import orqa
-    for a in orqa.load_predictor(config, args.workdir, args.step)(questions):
+    for a in _answerer(args).answer(questions):
         print(f"Q: {a.question}\nA: {a.answer or '(no answer)'}  (score {a.score:.3f})")
-        for rank, (block, title, score) in enumerate(zip(a.block_ids, a.titles, a.scores)):
-            mark = "*" if rank == a.candidate and a.answer else " "
-            print(f"  {mark}{rank + 1}. [{block}] {title} ({score:.3f})")
+        for rank, p in enumerate(a.passages[:a.read]):
+            mark = "*" if rank == a.source and a.answer else " "
+            print(f"  {mark}{rank + 1}. [{p.id}] {p.title} ({p.score:.3f})")
 
 
 def _aot(args: argparse.Namespace) -> None:
@@ -210,12 +173,12 @@ def _aot(args: argparse.Namespace) -> None:
     if not args.config:
         raise ValueError("aot: --config configs/NAME.py is required")
     config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
-    if config.get("task", "realm") != "realm":
-        raise ValueError(f"aot: config.task={config.get('task')!r}; `realm-jax aot` compiles "
+    if config.task != "realm":
+        raise ValueError(f"aot: config.task={config.task!r}; `realm-jax aot` compiles "
                          "the REALM pre-training step")
     advice = ("spread it over more devices (--topology, --mesh with fsdp/tensor > 1), or "
               "lower --config.train.batch_size"
-              + ("" if config.model.encoder.get("remat") else
+              + ("" if config.model.encoder.remat else
                  ", or turn on --config.model.encoder.remat"))
     try:
         result = aot.report(config, args.topology, mesh_shape=aot.parse_mesh(args.mesh),

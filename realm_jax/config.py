@@ -103,6 +103,22 @@ def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict
     return config
 
 
+# `train.fast_compile`: cheap XLA compilation, for CPU tests where compiling a step takes
+# longer than running it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+    """The XLA options of a run's jitted functions (`train.fast_compile`)."""
+    return FAST_COMPILE if config.train.fast_compile else None
+
+
+def model_knobs(section: ml_collections.ConfigDict) -> dict:
+    """The run-time settings of a model section that apply to pretrained weights too (the
+    sizes come from the weights' folder)."""
+    return {k: section[k] for k in ("dtype", "scan_layers", "remat") if k in section}
+
+
 def encoder_config(section: ml_collections.ConfigDict) -> EncoderConfig:
     """An EncoderConfig from a config section such as `model.encoder` (sizes and knobs)."""
     return EncoderConfig(**section.to_dict())

@@ -131,6 +131,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
 
     from realm_jax import config as config_lib
     from realm_jax.data.corpus import prepare_corpus
+    from realm_jax.tasks import realm
     from realm_jax.train import trainer
 
     workdir = Path(workdir)
@@ -176,7 +177,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
     for swap in result["swaps"]:
         print(f"  index {swap['index']} (embedded at checkpoint {swap['checkpoint_step']}) "
               f"swapped in at step {swap['step']}")
-    examples = trainer.predict_examples(config, workdir, result["final_state"].params)
+    examples = realm.predict_examples(config, workdir, result["final_state"].params)
     for ex in examples:
         print(f"\n  {textwrap.shorten(ex['sentence'], 150, placeholder=' ...')}")
         print(f"    masked: {ex['masked']!r}  predicted: {ex['predicted']!r}")
@@ -190,7 +191,8 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     """ORQA fine-tuning from the pre-training run in `realm_workdir` (configs/tiny_orqa.py
     with the demo's lengths; sizes come from the REALM checkpoint)."""
     from realm_jax import config as config_lib
-    from realm_jax.train import orqa
+    from realm_jax.tasks import orqa
+    from realm_jax.train import trainer
 
     realm_workdir, workdir = Path(realm_workdir), Path(workdir)
     if workdir.exists():
@@ -208,7 +210,7 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     print(f"\n[QA 1/2] ORQA fine-tuning from {realm_workdir}: its last index frozen, "
           f"{config.retrieval.beam_size}-block beam, top {config.retrieval.num_read} read, "
           f"{steps} steps on cloze questions from the corpus")
-    result = orqa.train(config, workdir)
+    result = trainer.train(config, workdir)
     before, after = result["first_eval"], result["last_eval"]
     changes = ", ".join(f"{k.removeprefix(orqa.EVAL_PREFIX)} {before[k]:.3f} -> {after[k]:.3f}"
                         for k in sorted(before) if "exact_match" in k or "recall@" in k)

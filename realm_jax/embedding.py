@@ -54,7 +54,7 @@ class TextEmbedder:
         self.rules = rules
         module = config.module()
         shardings = sharding.param_shardings(
-            lambda: module.init(jax.random.key(0), **hf.example_inputs(config)),
+            lambda: module.init(jax.random.key(0), **config.example_inputs()),
             mesh=self.mesh, rules=rules)["params"]
         self.params = sharding.place(params, shardings)
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from realm_jax.models import abstract_params
 from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
 from realm_jax.models.heads import MaskedLMConfig, SpanReaderConfig
@@ -558,25 +559,6 @@ def _body_prefix(keys: Iterable[str]) -> str:
         if k == "shared.weight" or k.endswith(".shared.weight"):
             return k[: -len("shared.weight")]
     return ""
-
-
-def abstract_params(cfg) -> dict:
-    """Shapes/dtypes of `cfg.module()`'s params (unboxed), without allocating them."""
-    from flax import linen as nn
-
-    module = cfg.module()
-    return nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(cfg))))["params"]
-
-
-def example_inputs(cfg) -> dict:
-    """Tiny dummy inputs that trace `cfg.module()`'s __call__ (for init / eval_shape)."""
-    if hasattr(cfg, "example_inputs"):
-        return cfg.example_inputs()
-    ids = np.zeros((1, 2), np.int32)
-    inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=ids)
-    if isinstance(cfg, SpanReaderConfig):
-        inputs["evidence_mask"] = np.ones_like(ids)
-    return inputs
 
 
 def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:

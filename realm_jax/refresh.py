@@ -41,15 +41,13 @@ import numpy as np
 from realm_jax.data.store import BlockStore
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
 from realm_jax.index.store import IndexStore, Snapshot
-from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.workdir import REFRESH_LOG, Workdir
 
 _log = logging.getLogger(__name__)
 _stages = logging.getLogger(__name__ + ".stages")  # DEBUG lines: where a refresh is
 
-INDEX_DIR = "index"
-SCRATCH_DIR = "refresh"
 JOB_FILE = "job.json"
-REFRESH_LOG = "refresh_log.jsonl"
 DOC_TOWER = "doc_tower"
 _TRASH = ".trash-"
 
@@ -59,10 +57,13 @@ class RefreshSettings:
     """The `refresh` section of a config.
 
     corpus: block store folder; tokenizer: HF folder the corpus was tokenized with ("": the
-    --from_hf folder); both default to config.data's, which the trainer reads too. title: "auto" (titles for DPR passages), "yes" or "no"; max_length:
-    row cap (0: the tower's max_position_embeddings); dtype: stored embeddings (float16,
-    bfloat16, float32); shard_size: blocks per embedding shard (0: one per worker slice);
-    scann: ScannSettings fields, or None for no ScaNN index."""
+    --from_hf folder); both default to config.data's, which the trainer reads too. title:
+    "auto" (titles for DPR passages), "yes" or "no"; max_length: row cap (0: the tower's
+    max_position_embeddings); dtype: stored embeddings (float16, bfloat16, float32);
+    shard_size: blocks per embedding shard (0: one per worker slice); doc_tower_hf: the HF
+    folder of the document tower that embeds the corpus while the run's checkpoints hold
+    none (default of --from_hf; RAG's context encoder); scann: ScannSettings fields, or None
+    for no ScaNN index."""
 
     corpus: str
     tokenizer: str = ""
@@ -73,6 +74,7 @@ class RefreshSettings:
     shard_size: int = 0
     poll_seconds: float = 30.0
     keep_snapshots: int = 3
+    doc_tower_hf: str = ""
     scann: ScannSettings | None = dataclasses.field(default_factory=ScannSettings)
 
     @classmethod
@@ -145,15 +147,18 @@ class Refresher:
 
     `embedder_factory(config) -> CorpusEmbedder` may be given to share compiled functions
     (tests); by default one CorpusEmbedder per tower config over all local devices.
-    `frozen`: training leaves the document tower alone (RAG's context encoder): the index
-    is the corpus embedded by the --from_hf weights, never by the trainer's checkpoints."""
+
+    Which document tower embeds the corpus is read from the workdir: the newest
+    checkpoint's `doc_tower` when WORKDIR/model.json has that part (the run trains it), else
+    the `from_hf` weights (step 0): before the trainer's first checkpoint, and for runs
+    whose document tower stays frozen (ORQA, RAG)."""
 
     def __init__(self, workdir: str | os.PathLike, settings: RefreshSettings, *,
                  from_hf: str | os.PathLike | None = None, worker: int = 0,
                  num_workers: int = 1, progress: bool = True,
                  on_stage: Callable[[str], None] | None = None,
                  embedder_factory: Callable[[Any], Any] | None = None,
-                 sleep: Callable[[float], None] = time.sleep, frozen: bool = False):
+                 sleep: Callable[[float], None] = time.sleep):
         from realm_jax.index.embed_corpus import worker_range
         worker_range(1, worker, num_workers)  # validates
         self.workdir = Path(workdir)
@@ -162,13 +167,13 @@ class Refresher:
         if self.from_hf is not None and not Path(self.from_hf).is_dir():
             raise FileNotFoundError(f"--from_hf {self.from_hf}: not a folder")
         self.worker, self.num_workers = worker, num_workers
-        self.frozen = frozen
         self.progress = progress
         self.on_stage = on_stage or (lambda name: _stages.debug("refresh stage: %s", name))
         self.sleep = sleep
-        self.checkpoints = TrainCheckpoints(self.workdir, independent=True)
-        self.index = IndexStore(self.workdir / INDEX_DIR, keep=settings.keep_snapshots)
-        self.scratch = self.workdir / SCRATCH_DIR
+        self.layout = Workdir(self.workdir)
+        self.checkpoints = TrainCheckpoints(self.layout, independent=True)
+        self.index = self.layout.index(keep=settings.keep_snapshots)
+        self.scratch = Path(self.layout.refresh_dir)
         corpus = Path(settings.corpus)
         if not corpus.is_dir():
             raise FileNotFoundError(f"corpus block store {corpus}: not found (config "
@@ -182,13 +187,19 @@ class Refresher:
     # ------------------------------------------------------------------ inputs
 
     def newest_source(self) -> Source | None:
-        """The newest checkpoint step, else the --from_hf weights as step 0, else None."""
-        step = None if self.frozen else self.checkpoints.latest_step()
+        """The newest checkpoint step (when the run trains the document tower), else the
+        --from_hf weights as step 0, else None."""
+        step = self.checkpoints.latest_step() if self._trains_doc_tower() else None
         if step is not None:
             return Source(step, "checkpoint", self.checkpoints.step_path(step))
         if self.from_hf is not None:
             return Source(0, "hf", self.from_hf)
         return None
+
+    def _trains_doc_tower(self) -> bool:
+        """Whether the run's model (WORKDIR/model.json) has a document tower; checkpoints
+        without model.json are taken to hold one."""
+        return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
 
     def published(self) -> Snapshot | None:
         """The snapshot LATEST names (or the newest valid one), without checksums."""
@@ -206,7 +217,7 @@ class Refresher:
 
         if source.kind == "hf":
             return hf.load_embedder(source.path)
-        configs = self.checkpoints.model_configs()
+        configs = self.layout.read_model()
         if DOC_TOWER not in configs:
             raise ValueError(f"{self.workdir / 'model.json'}: no {DOC_TOWER!r} config "
                              f"(parts: {sorted(configs)})")
@@ -533,36 +544,24 @@ def main(config, workdir: str | os.PathLike, *, once: bool = False,
     import jax
 
     settings = RefreshSettings.from_config(config, corpus)
-    # RAG and ORQA never train the document tower: the index is the corpus embedded by it.
-    frozen = config.get("task") in ("rag", "orqa")
-    if frozen:
-        from_hf = from_hf or config.model.get("context_encoder_hf") or None
-        if from_hf is None:
-            raise ValueError(
-                "a RAG index is the corpus embedded by the frozen context encoder: set "
-                "--config.model.context_encoder_hf or pass --from_hf" if config.task == "rag"
-                else "an ORQA index is the corpus embedded by a frozen document tower: pass "
-                "--from_hf DOC_TOWER (or point --config.retrieval.index at a REALM run's)")
+    from_hf = from_hf or settings.doc_tower_hf or None
     worker = jax.process_index() if worker is None else worker
     num_workers = jax.process_count() if num_workers is None else num_workers
     refresher = Refresher(workdir, settings, from_hf=from_hf, worker=worker,
-                          num_workers=num_workers, progress=progress, on_stage=on_stage,
-                          frozen=frozen)
+                          num_workers=num_workers, progress=progress, on_stage=on_stage)
     result = refresher.run(once=once)
     return result if isinstance(result, list) else []
 
 
-def publish_initial_index(config, index_dir: str | os.PathLike) -> Snapshot:
-    """A first snapshot (step 0) in `index_dir`: the corpus embedded by the document tower a
-    REALM run starts from (`realm.build_models(config)`), with the config's refresh
-    settings; what the refresher publishes from the step-0 checkpoint, for runs that keep
-    one index all along (tests, benchmarks)."""
+def publish_initial_index(config, tower, tower_params, index_dir: str | os.PathLike
+                          ) -> Snapshot:
+    """A first snapshot (step 0) in `index_dir`: the corpus embedded by the document tower
+    (`tower`: its EmbedderConfig, `tower_params`: host params) with the config's refresh
+    settings; what the refresher publishes from a run's step-0 checkpoint, for runs that
+    keep one index all along (tests, benchmarks)."""
     from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
-    from realm_jax.train import realm
 
     settings = RefreshSettings.from_config(config)
-    configs, params = realm.build_models(config)
-    tower, tower_params = configs["doc_tower"], params["doc_tower"]
     store = BlockStore.open(settings.corpus)
     embedder = CorpusEmbedder(tower, batch_size=settings.batch_size, dtype=settings.dtype)
     rows = RowBuilder.for_store(store, settings.tokenizer, title=settings.with_title,

@@ -96,7 +96,7 @@ def mesh_from_config(config) -> Mesh:
 
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
-    rules = config.get("sharding_rules", None) if hasattr(config, "get") else None
+    rules = config.sharding_rules
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                  for name, axes in (rules or DEFAULT_RULES))
 
@@ -161,3 +161,28 @@ def place(tree, shardings) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def part_shardings(configs: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """{part: NamedShardings of its params} for {part: model config}."""
+    return {part: param_shardings(
+        lambda c=cfg: c.module().init(jax.random.key(0), **c.example_inputs()),
+        mesh=mesh, rules=rules)["params"] for part, cfg in configs.items()}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A batch's rows split over the data-parallel axes (data and fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+    """Global arrays of `sharding` from this process's rows of each field."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+    """This process's rows of a global batch held whole on every process (processes hold
+    consecutive equal slices)."""
+    n = len(x) // jax.process_count()
+    return x[jax.process_index() * n:(jax.process_index() + 1) * n]

@@ -21,7 +21,8 @@ from realm_jax import config as config_lib
 from realm_jax.data.corpus import prepare_corpus
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
-from realm_jax.train import loop, realm
+from realm_jax import sharding as sharding_lib
+from realm_jax.tasks import realm
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.encoder.num_layers=1", "train.batch_size=8"]
@@ -54,7 +55,7 @@ def test_batch_shapes_are_the_pipelines(tmp_path, wiki_sample_path, minilm_path)
                                  max_mask_tokens=rc.max_mask_tokens)
     local = next(iter(realm.query_dataset(store, maker, 8, seed=0)))
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    batch = loop.global_batch({k: local[k] for k in realm.QUERY_FIELDS},
+    batch = sharding_lib.global_batch({k: local[k] for k in realm.QUERY_FIELDS},
                                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     want = realm.batch_shapes(8, rc)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {

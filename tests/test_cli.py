@@ -9,14 +9,14 @@ from flax import linen as nn
 
 from realm_jax import cli, config, hf
 from realm_jax.models import EmbedderConfig, EncoderConfig, config_from_dict, config_to_dict
-from realm_jax.train import checkpoints
+from realm_jax import checkpoints
 
 ENC = EncoderConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
                     intermediate_size=32, max_position_embeddings=32)
 
 
 def _params(cfg):
-    variables = cfg.module().init(jax.random.key(0), **hf.example_inputs(cfg))
+    variables = cfg.module().init(jax.random.key(0), **cfg.example_inputs())
     return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
 
 
@@ -72,7 +72,7 @@ def test_convert_exports_a_part_of_a_trainer_checkpoint(tmp_path, capsys):
     params = {part: _params(cfg) for part, cfg in configs.items()}
     later = jax.tree.map(lambda x: x + 1, params)
     with checkpoints.TrainCheckpoints(tmp_path / "run") as writer:
-        writer.write_model_configs(configs)
+        writer.layout.write_model(configs)
         writer.save(3, params)
         writer.save(5, later)
     run = str(tmp_path / "run")
@@ -110,7 +110,7 @@ def test_sharded_restore_of_params(tmp_path):
     checkpoints.save_params(tmp_path / "p", cfg, params)
     mesh = sharding.make_mesh((4, 1, 2))
     shardings = sharding.param_shardings(
-        lambda: cfg.module().init(jax.random.key(0), **hf.example_inputs(cfg)), mesh=mesh)["params"]
+        lambda: cfg.module().init(jax.random.key(0), **cfg.example_inputs()), mesh=mesh)["params"]
     _, restored = checkpoints.load_params(tmp_path / "p", shardings)
     wi = restored["encoder"]["layers"]["layers_0"]["mlp"]["wi"]["kernel"]
     assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

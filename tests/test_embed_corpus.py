@@ -162,7 +162,7 @@ def test_killed_run_resumes_from_complete_shards(tmp_path, store, embedder, rows
 
 
 def test_cli_prepare_and_embed_corpus(tmp_path, minilm_path, store):
-    from realm_jax.train import checkpoints
+    from realm_jax import checkpoints
 
     src = write_corpus(tmp_path / "docs.jsonl", n_docs=4, seed=1)
     assert cli.main(["prepare-corpus", "--input", str(src), "--output", str(tmp_path / "s"),

@@ -140,7 +140,7 @@ def test_scanned_round_trip(bert_folder, tmp_path):
 
 
 def _random_params(cfg, seed=0):
-    variables = cfg.module().init(jax.random.key(seed), **hf.example_inputs(cfg))
+    variables = cfg.module().init(jax.random.key(seed), **cfg.example_inputs())
     from flax import linen as nn
     return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
 

@@ -23,8 +23,8 @@ from realm_jax.data.corpus import prepare_corpus
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
 from realm_jax.index.store import IndexStore
-from realm_jax.train import realm
-from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.tasks import realm
+from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

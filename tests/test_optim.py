@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from realm_jax.train.optim import make_optimizer
-from realm_jax.train.rag import make_rag_optimizer
+from realm_jax.tasks.rag import RagTask
 
 
 def _train(**more):
     return ml_collections.ConfigDict(dict(
         learning_rate=0.1, warmup_steps=1, steps=10, decay="constant", weight_decay=0.01,
-        clip_norm=1.0, **more))
+        clip_norm=1.0, **{"lr_multipliers": {}, **more}))
 
 
 def _updates(optimizer, params, grads):
@@ -53,7 +53,9 @@ def test_lr_multipliers_name_an_unknown_part():
 def test_rag_question_encoder_multiplier_is_a_part_multiplier():
     params = {"question_encoder": {"w": jnp.ones((2, 2))}, "generator": {"w": jnp.ones((2, 2))}}
     grads = jax.tree.map(lambda p: 0.3 * p, params)
-    rag = _updates(make_rag_optimizer(_train(question_encoder_lr_multiplier=0.25)), params, grads)
+    task = RagTask.__new__(RagTask)  # the task's multipliers need only its config
+    task.config = ml_collections.ConfigDict(dict(train=_train(question_encoder_lr_multiplier=0.25)))
+    rag = _updates(make_optimizer(task.config.train, task.lr_multipliers()), params, grads)
     plain = _updates(make_optimizer(_train()), params, grads)
     np.testing.assert_allclose(rag["question_encoder"]["w"], 0.25 * plain["question_encoder"]["w"],
                                rtol=1e-6)

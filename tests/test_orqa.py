@@ -232,7 +232,7 @@ B, Q, C, R, K, N, NUM_VALID = 8, 12, 10, 6, 3, 64, 61
 def _numpy_params(cfg, seed: int, std: float = 0.05) -> dict:
     """Random parameters drawn with numpy (a jitted flax init compiles for longer than this
     test runs): normal(std) weights, zero biases, unit LayerNorm scales."""
-    from realm_jax import hf
+    from realm_jax import models
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -243,14 +243,14 @@ def _numpy_params(cfg, seed: int, std: float = 0.05) -> dict:
             return np.zeros(leaf.shape, np.float32)
         return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(fill, hf.abstract_params(cfg))
+    return jax.tree_util.tree_map_with_path(fill, models.abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     """The tiny config's two parts, one layer each, random."""
     from realm_jax.models import EmbedderConfig, SpanReaderConfig
-    from realm_jax.train import orqa as train_orqa
+    from realm_jax.tasks import orqa as train_orqa
 
     c = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1")
     enc = config_lib.encoder_config(c.model.encoder)
@@ -287,10 +287,10 @@ def _synthetic(seed=0):
 
 def _loss_and_grads(model, params, batch, corpus, mesh):
     from realm_jax.index.device import corpus_sharding
-    from realm_jax.train import realm as train_realm
+    from realm_jax.tasks import realm as train_realm
 
     rules = sharding.DEFAULT_RULES
-    p_shardings = train_realm.param_shardings(model.configs, mesh, rules)
+    p_shardings = sharding.part_shardings(model.configs, mesh, rules)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     rows = NamedSharding(mesh, PartitionSpec(corpus_sharding(mesh, rules).spec[0]))
     fn = jax.jit(jax.value_and_grad(lambda p, b, c: model.loss(p, b, c, None), has_aux=True),
@@ -380,12 +380,12 @@ def finetuned(tmp_path_factory, wiki_store, minilm_1layer, minilm_path):
     fine-tunes on eight cloze questions (evaluated on the same ones: a test of the
     machinery, not of generalization)."""
     from realm_jax import refresh
-    from realm_jax.train import orqa as train_orqa
+    from realm_jax.train import trainer
 
     config = _orqa_config(wiki_store, minilm_path, minilm_1layer)
     workdir = tmp_path_factory.mktemp("orqa_run")
     refresh.main(config, workdir, once=True, from_hf=minilm_1layer, progress=False)
-    return config, workdir, train_orqa.train(config, workdir)
+    return config, workdir, trainer.train(config, workdir)
 
 
 def test_fine_tuning_raises_exact_match(finetuned):
@@ -407,14 +407,14 @@ def test_fine_tuning_raises_exact_match(finetuned):
             r["retrieval_loss"] + r["reader_loss"], rel=1e-5)
         assert r["read_recall"] > 0 and r["reader_dropped"] < 8
     # The query tower is trained too (retrieval and reader losses both reach it).
-    from realm_jax.train import orqa as train_orqa
+    from realm_jax.tasks import orqa as train_orqa
     _, initial = train_orqa.build_models(config)
     trained = jax.device_get(result["final_state"].params)
     for part in ("query_tower", "reader"):
         moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), initial[part],
                                              trained[part]))
         assert max(moved) > 0, part
-    from realm_jax.train.checkpoints import TrainCheckpoints
+    from realm_jax.checkpoints import TrainCheckpoints
     assert TrainCheckpoints(workdir).is_finished()
 
 
@@ -453,8 +453,8 @@ def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model)
     whole (its span head too)."""
     from realm_jax import hf
     from realm_jax.models import MaskedLMConfig
-    from realm_jax.train import orqa as train_orqa
-    from realm_jax.train.checkpoints import TrainCheckpoints
+    from realm_jax.tasks import orqa as train_orqa
+    from realm_jax.checkpoints import TrainCheckpoints
 
     model, params = tiny_model
     tower, reader = model.configs["query_tower"], model.configs["reader"]
@@ -462,7 +462,7 @@ def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model)
     realm_params = {"query_tower": params["query_tower"], "doc_tower": params["query_tower"],
                     "reader": _numpy_params(mlm, 7)}
     with TrainCheckpoints(tmp_path / "realm") as ckpts:
-        ckpts.write_model_configs({"query_tower": tower, "doc_tower": tower, "reader": mlm})
+        ckpts.layout.write_model({"query_tower": tower, "doc_tower": tower, "reader": mlm})
         ckpts.save(3, realm_params)
     config = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1",
                                     f"model.init_from_realm={tmp_path / 'realm'}")
@@ -514,6 +514,6 @@ def test_cli_refuses_clearly(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2     # no --config, no config.json
     assert "config.json: missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="retrieval.num_read"):
-        from realm_jax.train.orqa import check_config
+        from realm_jax.tasks.orqa import check_config
         check_config(config_lib.load_config("tiny_orqa", "data.corpus=c", "data.tokenizer=t",
                                             "retrieval.num_read=9"))

@@ -152,7 +152,7 @@ def test_exclude_source_document(backend):
 
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_exclusion_keys_block_or_document(backend):
-    from realm_jax.train.realm import RealmLossFn, exclusion_keys
+    from realm_jax.tasks.realm import RealmLossFn, exclusion_keys
     conv = np.asarray if backend == "numpy" else jnp.asarray
     rows = conv(np.array([[4, 5, 6, 1, -1]]))       # blocks 4..6 are document 2; -1 empty
     row_docs = conv(np.array([0, 0, 1, 1, 2, 2, 2]))

@@ -31,7 +31,7 @@ from realm_jax.index import embed_corpus as ec
 from realm_jax.index.scann_searcher import ScannSettings
 from realm_jax.index.store import IndexStore
 from realm_jax.refresh import Refresher, RefreshSettings
-from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.checkpoints import TrainCheckpoints
 from tiny_corpus import TOWER, random_tower, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def step_params(base, step: int):
 
 def make_workdir(path, base, steps) -> TrainCheckpoints:
     checkpoints = TrainCheckpoints(path)
-    checkpoints.write_model_configs({"query_tower": TOWER, "doc_tower": TOWER, "reader": TOWER})
+    checkpoints.layout.write_model({"query_tower": TOWER, "doc_tower": TOWER, "reader": TOWER})
     for step in steps:
         checkpoints.save(step, step_params(base, step))
     checkpoints.wait_until_finished()
@@ -120,7 +120,7 @@ class _State:
 
 def test_train_checkpoints_contract(tmp_path, base_params, embedder):
     writer = TrainCheckpoints(tmp_path, max_to_keep=2, async_save=True)
-    writer.write_model_configs({"query_tower": TOWER, "doc_tower": TOWER})
+    writer.layout.write_model({"query_tower": TOWER, "doc_tower": TOWER})
     for step in (1, 2, 3):
         writer.save(step, step_params(base_params, step),
                     train_state={"step": np.int32(step), "opt_state": {"mu": np.ones(2)}},
@@ -205,7 +205,7 @@ def test_restore_part_reads_only_that_part(tmp_path, base_params):
     for p in removed:
         shutil.rmtree(p)
     reader = TrainCheckpoints(tmp_path)
-    reader.write_model_configs({"query_tower": TOWER, "doc_tower": TOWER})
+    reader.layout.write_model({"query_tower": TOWER, "doc_tower": TOWER})
     jax.tree.map(np.testing.assert_array_equal, reader.restore_part(5, "doc_tower"),
                  params["doc_tower"])
     assert not any(p.exists() for p in removed)

@@ -83,10 +83,10 @@ def test_loaded_weights_are_placed_sharded(tmp_path):
     cfg = EmbedderConfig(ENC, pooling="mean", normalize=True)
     from flax import linen as nn
     params = jax.tree.map(np.asarray, nn.unbox(
-        cfg.module().init(jax.random.key(1), **hf.example_inputs(cfg)))["params"])
+        cfg.module().init(jax.random.key(1), **cfg.example_inputs()))["params"])
     mesh = sharding.make_mesh((4, 1, 2))
     shardings = sharding.param_shardings(
-        lambda: cfg.module().init(jax.random.key(0), **hf.example_inputs(cfg)), mesh=mesh)
+        lambda: cfg.module().init(jax.random.key(0), **cfg.example_inputs()), mesh=mesh)
     placed = sharding.place(params, shardings["params"])
     mlp = placed["encoder"]["layers"]["layers_1"]["mlp"]["wi"]["kernel"]
     assert mlp.sharding.spec == P("fsdp", "tensor")

@@ -16,10 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import cli, hf
+from realm_jax import cli, hf, models
 from realm_jax import config as config_lib
-from realm_jax.train import rag
-from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.tasks import rag
+from realm_jax.train import trainer
+from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 
 STEPS = 40
@@ -138,7 +139,7 @@ def _train_rows(workdir):
 
 
 def _fine_tune(data, kind: str, capsys) -> tuple[Path, dict, dict, list[dict]]:
-    """A run initialized (step 0) and evaluated (`rag.evaluate`), trained by `realm-jax
+    """A run initialized (step 0) and evaluated (`RagAnswerer.evaluate`), trained by `realm-jax
     train`, evaluated by `realm-jax eval` (with the config the run saved): (workdir, summary
     before, summary after, logged train rows)."""
     from realm_jax import evaluate
@@ -146,8 +147,8 @@ def _fine_tune(data, kind: str, capsys) -> tuple[Path, dict, dict, list[dict]]:
     spec = "configs/tiny_rag.py" + (":sequence" if kind == "sequence" else "")
     config = _config(data, "sequence" if kind == "sequence" else "")
     workdir = _workdir(data, f"run_{kind}")
-    rag.train(config, workdir, stop_after=0)
-    before = rag.evaluate(config, workdir)
+    trainer.train(config, workdir, stop_after=0)
+    before, _ = rag.RagAnswerer(config, workdir).evaluate()
     assert cli.main(["train", "--config", spec, "--workdir", str(workdir),
                      *data["overrides"]]) == 0
     assert TrainCheckpoints(workdir).latest_step() == STEPS
@@ -204,11 +205,11 @@ def test_a_stopped_run_resumes_to_the_same_parameters(data):
     config = _config(data, "", "--config.train.steps=6", "--config.train.checkpoint_every=3",
                      "--config.train.log_every=1")
     stopped, straight = _workdir(data, "resume_a"), _workdir(data, "resume_b")
-    rag.train(config, stopped, stop_after=3)
+    trainer.train(config, stopped, stop_after=3)
     checkpoints = TrainCheckpoints(stopped)
     assert checkpoints.all_steps() == [0, 3] and not checkpoints.is_finished()
-    resumed = rag.train(config, stopped)
-    reference = rag.train(config, straight)
+    resumed = trainer.train(config, stopped)
+    reference = trainer.train(config, straight)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["final_state"].params),
                  jax.device_get(reference["final_state"].params))
     losses = lambda w: {r["step"]: r["loss"] for r in _train_rows(w)}  # noqa: E731
@@ -220,7 +221,7 @@ def test_bad_settings_are_named(data, tmp_path):
                               ("data.train=", "set --config.data.train"),
                               ("retrieval.backend=faiss", "retrieval.backend='faiss'")):
         with pytest.raises(ValueError, match=message):
-            rag.train(_config(data, "", f"--config.{override}"), tmp_path / "w")
+            trainer.train(_config(data, "", f"--config.{override}"), tmp_path / "w")
 
 
 def test_both_parts_from_a_rag_folder(data, tmp_path):
@@ -236,7 +237,7 @@ def test_both_parts_from_a_rag_folder(data, tmp_path):
         BartConfig(len(tok), 16, 1, 1, 2, 2, 32, 32, **ids), forced_eos_token_id=ids["eos_token_id"])
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32),
-                          hf.abstract_params(saved))
+                          models.abstract_params(saved))
     folder = hf.save(tmp_path / "rag", saved, params, architecture="RagSequenceForGeneration")
     for sub in ("question_encoder_tokenizer", "generator_tokenizer"):
         tok.save_pretrained(folder / sub)

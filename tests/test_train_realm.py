@@ -28,8 +28,9 @@ from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
 from realm_jax.index.store import IndexStore
 from realm_jax.refresh import Refresher, RefreshSettings, publish_initial_index
-from realm_jax.train import heldout, realm, trainer
-from realm_jax.train.checkpoints import TrainCheckpoints
+from realm_jax.tasks import heldout, realm
+from realm_jax.train import trainer
+from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,9 @@ def initial_index(tmp_path_factory, corpus, minilm_path):
     initial document tower, as the refresher would publish it from the step-0 checkpoint:
     copied into a workdir, it fixes the index of a run (no refresher)."""
     root = tmp_path_factory.mktemp("initial") / "index"
-    publish_initial_index(_config(corpus, minilm_path), root)
+    config = _config(corpus, minilm_path)
+    configs, params = realm.build_models(config)
+    publish_initial_index(config, configs["doc_tower"], params["doc_tower"], root)
     return root
 
 

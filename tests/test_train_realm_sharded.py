@@ -13,7 +13,7 @@ from realm_jax import config as config_lib
 from realm_jax import sharding
 from realm_jax.data.realm_examples import SpecialIds
 from realm_jax.index.device import corpus_sharding
-from realm_jax.train import realm
+from realm_jax.tasks import realm
 
 SPECIAL = SpecialIds(cls=1, sep=2, mask=3, pad=0)
 B, Q, M, K, C = 8, 16, 4, 4, 12           # batch, query length, masks, candidates, block length
@@ -89,7 +89,7 @@ class Step:
     def __init__(self, models, mode: str, mesh):
         configs, host_params = models
         self.mesh, self.rules = mesh, sharding.DEFAULT_RULES
-        p_shardings = realm.param_shardings(configs, mesh, self.rules)
+        p_shardings = sharding.part_shardings(configs, mesh, self.rules)
         self.params = sharding.place(host_params, p_shardings)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         self.corpus_sharding = None

@@ -9,7 +9,7 @@ import random
 import jax
 import numpy as np
 
-from realm_jax import hf
+from realm_jax import models
 from realm_jax.models import EmbedderConfig, EncoderConfig
 
 # Mean pooling: a random tiny tower's CLS vectors are all nearly the same.
@@ -46,4 +46,4 @@ def random_tower(seed: int):
             return np.zeros(shape.shape, np.float32)
         return rng.normal(0, 0.05, shape.shape).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(TOWER))
+    return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(TOWER))

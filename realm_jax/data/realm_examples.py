@@ -257,6 +257,13 @@ class QueryMaker:
                            doc_id, sentence, span)
 
 
+# The fields of a batch of queries (`collate_queries`), and those of their retrieved
+# candidates (`candidate_tokens` and the retriever's ids and validity).
+QUERY_FIELDS = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid",
+                "block_id", "doc_index")
+CANDIDATE_FIELDS = ("cand_ids", "cand_valid", "cand_tokens", "cand_lengths")
+
+
 def collate_queries(queries: Sequence[MaskedQuery]) -> dict[str, np.ndarray]:
     """Stacks queries into a batch: ``input_ids``, ``attention_mask`` int32 [B, Q];
     ``mask_positions``, ``mask_targets`` int32 [B, M]; ``mask_valid`` bool [B, M];

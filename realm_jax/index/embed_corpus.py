@@ -228,7 +228,7 @@ class CorpusEmbedder:
         self.batch_size = -(-max(1, int(batch_size)) // shards) * shards
         self._module = config.module()
         self.param_shardings = sharding.param_shardings(
-            lambda: self._module.init(jax.random.key(0), **hf.example_inputs(config)),
+            lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
             mesh=self.mesh, rules=rules)["params"]
         batch = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
         # A module-level function with static (module, dtype): embedders of the same tower

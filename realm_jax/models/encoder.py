@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from realm_jax.models.layers import (
@@ -46,6 +47,18 @@ class EncoderConfig:
 
     def module(self) -> "BertEncoder":
         return BertEncoder(self)
+
+    def example_inputs(self) -> dict:
+        return bert_example_inputs()
+
+
+def bert_example_inputs(**extra_masks: bool) -> dict:
+    """Tiny dummy inputs that trace a BERT-layout module's __call__ (for init / eval_shape);
+    each name in `extra_masks` is one more all-ones [1, 2] input (e.g. evidence_mask)."""
+    ids = np.zeros((1, 2), np.int32)
+    inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=ids)
+    inputs.update({name: np.ones_like(ids) for name in extra_masks})
+    return inputs
 
 
 class Embed(nn.Module):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from realm_jax.models.encoder import BertEncoder, EncoderConfig
+from realm_jax.models.encoder import BertEncoder, EncoderConfig, bert_example_inputs
 from realm_jax.models.layers import ACTIVATIONS, dense, layer_norm, zeros_init
 
 Array = jax.Array
@@ -26,6 +26,9 @@ class MaskedLMConfig:
     def module(self) -> "MaskedLM":
         return MaskedLM(self)
 
+    def example_inputs(self) -> dict:
+        return bert_example_inputs()
+
 
 @dataclasses.dataclass(frozen=True)
 class SpanReaderConfig:
@@ -36,6 +39,9 @@ class SpanReaderConfig:
 
     def module(self) -> "SpanReader":
         return SpanReader(self)
+
+    def example_inputs(self) -> dict:
+        return bert_example_inputs(evidence_mask=True)
 
 
 class MaskedLM(nn.Module):

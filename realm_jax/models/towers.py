@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from realm_jax.models.encoder import BertEncoder, EncoderConfig
+from realm_jax.models.encoder import BertEncoder, EncoderConfig, bert_example_inputs
 from realm_jax.models.layers import dense
 
 Array = jax.Array
@@ -39,6 +39,9 @@ class EmbedderConfig:
 
     def module(self) -> "Embedder":
         return Embedder(self)
+
+    def example_inputs(self) -> dict:
+        return bert_example_inputs()
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:

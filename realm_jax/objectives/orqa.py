@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.objectives.realm import _xp
+from realm_jax.objectives.realm import array_module
 
 Array = jax.Array
 
@@ -121,7 +121,7 @@ def orqa_loss(retrieval_logits: Array, retrieval_correct: Array, span_logits: Ar
 def evidence_mask(token_type_ids: Any) -> Any:
     """The passage tokens of ``[CLS] question [SEP] passage [SEP]`` rows [..., T]: the
     second segment without its closing [SEP] (the last token of the segment)."""
-    xp = _xp(token_type_ids)
+    xp = array_module(token_type_ids)
     second = xp.asarray(token_type_ids) == 1
     following = xp.concatenate([second[..., 1:], xp.zeros_like(second[..., :1])], axis=-1)
     return second & following
@@ -130,7 +130,7 @@ def evidence_mask(token_type_ids: Any) -> Any:
 def span_valid_mask(evidence: Any, starts: Any, ends: Any, max_width: int | None = None) -> Any:
     """[..., S] bool: span (starts[s], ends[s]) covers evidence tokens only (evidence
     [..., T]) and, with ``max_width``, is at most that many tokens wide."""
-    xp = _xp(evidence, starts, ends)
+    xp = array_module(evidence, starts, ends)
     evidence = xp.asarray(evidence).astype(xp.int32)
     starts, ends = xp.asarray(starts), xp.asarray(ends)
     counts = xp.concatenate([xp.zeros_like(evidence[..., :1]), xp.cumsum(evidence, axis=-1)],
@@ -153,7 +153,7 @@ class BestSpan(NamedTuple):
 def best_span(joint_logits: Any, starts: Any, ends: Any, valid: Any) -> BestSpan:
     """The argmax over valid (candidate, span) pairs: joint logits and valid [B, k, S]
     (:func:`joint_span_logits`, :func:`span_valid_mask`), spans (starts, ends) [S]."""
-    xp = _xp(joint_logits, valid)
+    xp = array_module(joint_logits, valid)
     logits = xp.where(xp.asarray(valid, bool), xp.asarray(joint_logits, xp.float32), -xp.inf)
     b, _, s = logits.shape
     flat = logits.reshape(b, -1)
@@ -166,7 +166,7 @@ def best_span(joint_logits: Any, starts: Any, ends: Any, valid: Any) -> BestSpan
 def span_index(start: Any, end: Any, length: int, max_width: int) -> Any:
     """Index of span (start, end) in ``span_candidates(length, max_width)`` (width-major:
     the (T - w + 1) spans of width w follow those of the narrower widths)."""
-    xp = _xp(start, end)
+    xp = array_module(start, end)
     start, end = xp.asarray(start), xp.asarray(end)
     w = end - start + 1
     if xp is np and np.any((w < 1) | (w > max_width) | (start < 0) | (end >= length)):

@@ -45,7 +45,7 @@ class RealmLoss(NamedTuple):
     num_tokens: Array           # [] number of valid masked tokens
 
 
-def _xp(*arrays: Any) -> Any:
+def array_module(*arrays: Any) -> Any:
     """numpy when every input is a numpy array (or scalar), else jax.numpy."""
     return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
@@ -133,7 +133,7 @@ def exclude_source(retrieved_ids: Any, retrieved_docs: Any, source_docs: Any,
       slots left over when fewer than K - 1 blocks remain hold ``null_id`` and are invalid.
       numpy in, numpy out (for the host pipeline); jax in, jax out (inside a jitted step).
     """
-    xp = _xp(retrieved_ids, retrieved_docs, source_docs)
+    xp = array_module(retrieved_ids, retrieved_docs, source_docs)
     ids = xp.asarray(retrieved_ids)
     docs = xp.asarray(retrieved_docs)
     src = xp.asarray(source_docs)
@@ -186,7 +186,7 @@ def reader_inputs(query_ids: Any, query_mask: Any, candidate_ids: Any, candidate
       ``candidate [SEP]``. The query sits first, so the masked positions are unchanged.
       numpy in, numpy out; jax in, jax out.
     """
-    xp = _xp(query_ids, query_mask, candidate_ids, candidate_lengths)
+    xp = array_module(query_ids, query_mask, candidate_ids, candidate_lengths)
     q_ids = xp.asarray(query_ids).astype(xp.int32)
     c_ids = xp.asarray(candidate_ids).astype(xp.int32)
     if q_ids.ndim != 2 or c_ids.ndim != 3 or c_ids.shape[0] != q_ids.shape[0]:

@@ -64,5 +64,5 @@ def make_optimizer(train, multipliers: Mapping[str, float] | None = None
         optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=train.weight_decay,
                     mask=decay_mask))
     # Always chained, so that the optimizer state has one structure whatever the factors.
-    factors = dict(train.get("lr_multipliers", None) or {}, **(multipliers or {}))
+    factors = dict(train.lr_multipliers or {}, **(multipliers or {}))
     return optax.chain(optimizer, scale_parts(factors))

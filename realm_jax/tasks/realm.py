@@ -1,5 +1,8 @@
 """REALM pre-training: the three models, the input pipeline, retrieval (on the devices or
-from ScaNN on the host), and the jitted loss.
+from ScaNN on the host), the jitted loss, and the task the Trainer runs.
+
+    realm-jax refresh --config configs/realm.py:tiny --workdir W --from_hf DIR &
+    realm-jax train --config configs/realm.py:tiny --workdir W
 
 The model is three parts, each a pure linen module with its own params:
   query_tower (Embedder), doc_tower (Embedder), reader (MaskedLM, the knowledge-augmented
@@ -12,60 +15,39 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 from realm_jax import config as config_lib
-from realm_jax import hf
-from realm_jax.data.realm_examples import (MaskedQuery, QueryMaker, SpecialIds, candidate_tokens,
+from realm_jax import distributed, hf, sharding
+from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, MaskedQuery,
+                                          QueryMaker, SpecialIds, candidate_tokens,
                                           collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
-from realm_jax.models import EmbedderConfig, MaskedLMConfig
+from realm_jax.models import EmbedderConfig, MaskedLMConfig, random_params
 from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs,
                                         realm_loss_from_logits)
+from realm_jax.tasks import heldout
+from realm_jax.tasks.base import Hook, Task, register
+from realm_jax.workdir import HELDOUT_BASELINE, Workdir
 
 _log = logging.getLogger(__name__)
 
 PARTS = ("query_tower", "doc_tower", "reader")
-QUERY_FIELDS = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid",
-                "block_id", "doc_index")
 # retrieval.exclude: which retrieved blocks a query may not read. "block": the block its
 # sentence came from (REALM's trivial candidate; the reference example generator drops that
 # one candidate), "document": every block of its source document.
 EXCLUDE_MODES = ("block", "document")
-CANDIDATE_FIELDS = ("cand_ids", "cand_valid", "cand_tokens", "cand_lengths")
 
 
 # ---------------------------------------------------------------------------------------
 # Models
-
-def _init_params(module: nn.Module, key: jax.Array, inputs: dict) -> dict:
-    return nn.unbox(module.init(key, **inputs))["params"]
-
-
-# One compiled init per model config in a process (op by op, an init compiles dozens of
-# little programs); on CPU compiled cheaply: it runs once, its speed does not matter.
-_init_params_jit = jax.jit(_init_params, static_argnums=0)
-_init_params_cpu = jax.jit(_init_params, static_argnums=0, compiler_options={
-    "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
-
-
-def _random_params(cfg, seed: int) -> dict:
-    init = _init_params_cpu if jax.default_backend() == "cpu" else _init_params_jit
-    params = init(cfg.module(), jax.random.key(seed), hf.example_inputs(cfg))
-    return jax.tree.map(np.asarray, jax.device_get(params))
-
-
-def _knobs(section: ml_collections.ConfigDict) -> dict:
-    """Run-time settings applied to pretrained weights (the sizes come from the folder)."""
-    return {k: section[k] for k in ("dtype", "scan_layers", "remat") if k in section}
-
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """(configs, host params) of the three parts, from `config.model`:
@@ -78,20 +60,20 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """
     m = config.model
     seed = config.seed
-    knobs = _knobs(m.encoder)
+    knobs = config_lib.model_knobs(m.encoder)
     configs, params = {}, {}
     if m.init_from_hf:
         tower_cfg, tower_params = hf.load_embedder(m.init_from_hf, **knobs)
         for part in ("query_tower", "doc_tower"):
             configs[part], params[part] = tower_cfg, tower_params
         reader_cfg = MaskedLMConfig(tower_cfg.encoder.replace(add_pooler=False))
-        reader_params = _random_params(reader_cfg, seed + 2)
+        reader_params = random_params(reader_cfg, seed + 2)
         reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items() if k != "pooler"}
         configs["reader"], params["reader"] = reader_cfg, reader_params
     else:
         configs = _sized_configs(m)
         for i, part in enumerate(PARTS):
-            params[part] = _random_params(configs[part], seed + i)
+            params[part] = random_params(configs[part], seed + i)
     for part in PARTS:
         folder = m[f"{part}_hf"]
         if folder:
@@ -133,17 +115,6 @@ def batch_shapes(batch_size: int, rc: ml_collections.ConfigDict) -> dict:
                       cand_tokens=((b, k, c), i32), cand_lengths=((b, k), i32))
     return {name: jax.ShapeDtypeStruct(*shapes[name])
             for name in QUERY_FIELDS + (CANDIDATE_FIELDS if rc.mode == "scann" else ())}
-
-
-def param_shardings(configs: dict, mesh, rules) -> dict:
-    from realm_jax import sharding
-    return {part: sharding.param_shardings(
-        lambda c=cfg: c.module().init(jax.random.key(0), **hf.example_inputs(c)),
-        mesh=mesh, rules=rules)["params"] for part, cfg in configs.items()}
-
-
-def abstract_params(configs: dict) -> dict:
-    return {part: hf.abstract_params(cfg) for part, cfg in configs.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,6 +437,11 @@ class RealmLossFn:
         out, batch = self.scored(params, batch, corpus, rng)
         return out.loss, (loss_metrics(out), batch["cand_ids"])
 
+    def train_loss(self, params, batch: dict, corpus: dict | None, rng: jax.Array | None):
+        """(loss, metrics): the task's loss."""
+        loss, (metrics, _) = self(params, batch, corpus, rng)
+        return loss, metrics
+
     def predict(self, params, batch: dict, corpus: dict | None) -> dict:
         """The candidates, their retrieval probabilities [B, K] and the predicted masked
         tokens [B, M] (argmax of the marginal over candidates), without dropout."""
@@ -476,3 +452,222 @@ class RealmLossFn:
         marginal = jax.nn.logsumexp(log_pz[:, :, None, None] + jax.nn.log_softmax(mlm, -1), axis=1)
         return {"cand_ids": batch["cand_ids"], "retrieval_probs": jnp.exp(log_pz),
                 "predicted": jnp.argmax(marginal, axis=-1)}
+
+
+# ---------------------------------------------------------------------------------------
+# The task
+
+@register
+class RealmTask(Task):
+    """REALM pre-training: masked queries from the block store, candidates from the newest
+    index snapshot (searched on the devices with the live query tower, or with ScaNN on the
+    host with the query tower of the snapshot's checkpoint), the marginal MLM loss over them.
+    Swaps in each newer snapshot at a step boundary (optionally waiting when the index is
+    `train.max_index_staleness` steps stale); held-out evaluation as a hook."""
+
+    name = "realm"
+    progress_keys = ("loss", "retrieval_utility", "staleness", "step_time", "mfu")
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        if config.retrieval.mode not in ("device", "scann"):
+            raise ValueError(f"--config.retrieval.mode={config.retrieval.mode!r}: expected "
+                             "'device' or 'scann'")
+        self.swaps: list[dict] = []
+        self.snapshot = None
+
+    def build(self) -> tuple[dict, dict]:
+        return build_models(self.config)
+
+    def model_configs(self) -> dict:
+        return model_configs(self.config)
+
+    def loss_fn(self, configs: dict, special: SpecialIds, num_valid: int = 0,
+                mode: str | None = None) -> "RealmLossFn":
+        return RealmLossFn.from_config(self.config.retrieval, configs, special, mode=mode,
+                                       num_valid=num_valid)
+
+    def dataset(self, run):
+        c, rc = self.config, self.config.retrieval
+        if not c.data.corpus or not c.data.tokenizer:
+            raise ValueError("set --config.data.corpus (a block store from `realm-jax "
+                             "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer "
+                             "folder)")
+        self.store = store = BlockStore.open(c.data.corpus)
+        self.maker = QueryMaker.for_store(store, c.data.tokenizer, query_length=rc.query_length,
+                                          max_mask_tokens=rc.max_mask_tokens)
+        self.train_blocks, self.heldout_blocks = heldout.split_blocks(
+            store, c.data.heldout_fraction)
+        wants_eval = c.train.eval_queries > 0 and len(self.heldout_blocks)
+        # Which queries retrieval could help: for data.answerable_only and the held-out
+        # figures over those queries (skipped on a corpus too large to search).
+        self.finder = (AnswerFinder(store, rc.exclude) if c.data.answerable_only or (
+            wants_eval and AnswerFinder.fits(store)) else None)
+        return query_dataset(store, self.maker, c.train.batch_size, c.seed,
+                             block_ids=self.train_blocks,
+                             keep=self.finder if c.data.answerable_only else None,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+    def start(self, run) -> None:
+        self.run = run
+        self.loss_ = self.loss_fn(run.configs, self.maker.special, num_valid=len(self.store))
+        self.watcher = run.workdir.index_watcher(self.store.fingerprint)
+        self._use(run.workdir.wait_for_snapshot(self.watcher,
+                                                self.config.train.index_wait_seconds))
+        _log.info("using index %s (checkpoint step %d)", self.snapshot.version,
+                  self.snapshot.step)
+
+    def _use(self, snapshot) -> None:
+        """Serve `snapshot`: its corpus on the devices (device mode), or its ScaNN index and
+        the query tower of its checkpoint (scann mode)."""
+        run, rc = self.run, self.config.retrieval
+        self.snapshot, self.corpus, self.retriever = snapshot, None, None
+        if rc.mode == "device":
+            with sharding.activate(run.mesh, run.rules):
+                self.corpus = device_corpus(snapshot, self.store, rc.block_length, run.mesh,
+                                            self.loss_.block_size)
+            return
+        run.checkpoints.pin(snapshot.step)  # its query tower embeds the queries, on resume too
+        if snapshot.step in run.checkpoints.all_steps():
+            query_params = run.checkpoints.restore_part(snapshot.step, "query_tower")
+        else:  # an index from pretrained weights, or its checkpoint was lost
+            _log.warning("checkpoint %d of snapshot %s is gone: embedding queries with the "
+                         "live query tower", snapshot.step, snapshot.version)
+            query_params = jax.device_get(run.params()["query_tower"])
+        self.retriever = HostRetriever.from_config(rc, snapshot, run.configs["query_tower"],
+                                                   query_params, self.store)
+
+    def before_step(self, step: int, run) -> None:
+        new = self.watcher.poll()
+        limit = self.config.train.max_index_staleness
+        if (new is None and limit and self.snapshot.staleness(step) >= limit
+                and run.saved_step > self.snapshot.step):
+            # Bounded staleness (opt-in): wait for the refresher to index a newer
+            # checkpoint; after index_wait_seconds, go on with the stale index.
+            _log.info("index %s is %d steps stale (train.max_index_staleness=%d): waiting "
+                      "for a newer one", self.snapshot.version, self.snapshot.staleness(step),
+                      limit)
+            new = wait_for_newer_snapshot(self.watcher, self.snapshot,
+                                          self.config.train.index_wait_seconds)
+        if new is not None:
+            self._use(new)
+            self.swaps.append({"step": step, "index": new.version, "checkpoint_step": new.step})
+            _log.info("swapped in index %s (checkpoint step %d) at step %d", new.version,
+                      new.step, step)
+
+    def make_batch(self, item, params):
+        if self.retriever is not None:
+            item = self.retriever(item)
+        fields = QUERY_FIELDS + (CANDIDATE_FIELDS if self.retriever is not None else ())
+        return sharding.global_batch({k: item[k] for k in fields}, self.run.batch_sharding), None
+
+    def loss(self, params, batch, extras, rng):
+        return self.loss_.train_loss(params, batch, extras, rng)
+
+    def extras(self):
+        return None if self.corpus is None else self.corpus.arrays()
+
+    def step_metrics(self, step: int) -> dict:
+        return {"staleness": float(self.snapshot.staleness(step)),
+                "index_step": float(self.snapshot.step)}
+
+    def tokens_per_step(self) -> int:
+        rc = self.config.retrieval
+        return (self.config.train.batch_size * rc.num_candidates
+                * (rc.query_length + rc.block_length))
+
+    def hooks(self, run) -> list[Hook]:
+        tc = self.config.train
+        queries = []
+        if tc.eval_queries > 0 and len(self.heldout_blocks):
+            queries = heldout.heldout_queries(self.store, self.maker, self.heldout_blocks,
+                                              tc.eval_queries, self.config.seed)
+        if not queries:
+            _log.info("no held-out evaluation (data.heldout_fraction=%s, train.eval_queries=%d,"
+                      " %d held-out blocks)", self.config.data.heldout_fraction,
+                      tc.eval_queries, len(self.heldout_blocks))
+            return []
+        extras = self.extras()
+        evaluator = heldout.HeldoutEval(
+            self.loss_, queries, mesh=run.mesh, param_shardings=run.param_shardings,
+            corpus_shardings=None if extras is None else jax.tree.map(
+                lambda x: x.sharding, extras),
+            baseline_file=run.workdir.path(HELDOUT_BASELINE), resume=run.resuming,
+            finder=self.finder, batch_size=tc.eval_batch_size)
+        _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
+                  "answerable)", len(queries), len(self.heldout_blocks),
+                  "?" if self.finder is None else evaluator.answerable.sum())
+
+        def evaluate(step: int, params) -> dict:
+            values = evaluator(params, self.extras(), self.retriever, step=step)
+            return dict(values, index_step=float(self.snapshot.step))
+
+        return [Hook("eval", evaluate, every=tc.eval_every, shown=(
+            "heldout_loss", "heldout_retrieval_utility", "heldout_retrieval_utility_change",
+            "heldout_retrieval_utility_change_se", "heldout_answerable_retrieval_utility",
+            "heldout_answerable_retrieval_utility_change", "heldout_answer_recall"))]
+
+    def checkpoint_meta(self) -> dict:
+        return {} if self.snapshot is None else {"index": self.snapshot.version}
+
+    def result(self) -> dict:
+        return {"snapshot": self.snapshot, "swaps": self.swaps}
+
+    @staticmethod
+    def summary(result: dict) -> str | None:
+        first, last = result.get("first"), result.get("last")
+        if first and last:
+            return (f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
+                    f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
+                    f"(steps {first['step']} -> {last['step']})")
+        return None
+
+
+def wait_for_newer_snapshot(watcher, current, timeout: float):
+    """A snapshot newer than `current`, or None after `timeout` seconds (training goes on
+    with the one it has: the refresher may be dead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = watcher.poll()
+        if snapshot is not None:
+            return snapshot
+        if distributed.agree(time.monotonic() > deadline):
+            _log.warning("no index newer than %s (checkpoint step %d) after %.0fs: training "
+                         "on with it", current.version, current.step, timeout)
+            return None
+        time.sleep(0.2)
+
+
+def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: int = 4,
+                     seed: int = 1) -> list[dict]:
+    """`num` masked sentences of the corpus (drawn with another seed), the blocks the newest
+    index and `params` retrieve for them, and the reader's top predictions: for showing a
+    run."""
+    rc = config.retrieval
+    run = Workdir(workdir)
+    store = BlockStore.open(config.data.corpus)
+    maker = QueryMaker.for_store(store, config.data.tokenizer, query_length=rc.query_length,
+                                 max_mask_tokens=rc.max_mask_tokens)
+    configs = run.read_model()
+    snapshot = run.wait_for_snapshot(run.index_watcher(store.fingerprint), 0)
+    params = jax.device_get(params)
+    retriever = HostRetriever.from_config(rc, snapshot, configs["query_tower"],
+                                          params["query_tower"], store)
+    loss_fn = RealmLossFn.from_config(rc, configs, maker.special, mode="scann")
+    order = np.random.default_rng(seed).permutation(len(store))
+    queries = [q for q, _ in zip(maker.iter_store(store, order, seed=seed), range(num))]
+    batch = retriever(collate_queries(queries))
+    fields = QUERY_FIELDS + CANDIDATE_FIELDS
+    out = jax.device_get(jax.jit(loss_fn.predict)(params, {k: batch[k] for k in fields}, None))
+    tokenizer = maker.tokenizer.backend
+    rows = []
+    for i, q in enumerate(queries):
+        valid = q.mask_valid
+        rows.append({
+            "sentence": q.sentence, "masked": q.span_text,
+            "predicted": tokenizer.decode([int(t) for t in out["predicted"][i][valid]]),
+            "retrieved": [(store.title(int(c)) if c >= 0 else "(null document)", float(p))
+                          for c, p in zip(out["cand_ids"][i], out["retrieval_probs"][i])],
+        })
+    return rows

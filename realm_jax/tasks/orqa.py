@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,23 +46,19 @@ from realm_jax.data.qa import QAExample, load_qa, questions_from_store
 from realm_jax.data.realm_examples import SpecialIds, special_ids
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
-from realm_jax.index.store import IndexStore
-from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig
+from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig, random_params
 from realm_jax.objectives.orqa import (best_span, evidence_mask, joint_span_logits, orqa_loss,
                                        span_labels, span_valid_mask)
 from realm_jax.objectives.realm import reader_inputs
-from realm_jax.train import loop, realm
-from realm_jax.train.checkpoints import TrainCheckpoints
-from realm_jax.train.metrics import MetricsWriter, progress_line
-from realm_jax.train.optim import make_optimizer
-from realm_jax.train.state import state_shardings
+from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.tasks import realm
+from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
+from realm_jax.tasks.common import evaluate_answers, in_padded_batches, question_batches
+from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
 
 PARTS = ("query_tower", "reader")
-# `train.fast_compile`: cheap XLA compilation, for CPU tests where compiling the step takes
-# longer than running it.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STEP_FIELDS = ("input_ids", "attention_mask", "beam_ids", "retrieval_correct", "span_correct")
 EVAL_PREFIX = "eval_"
 
@@ -100,7 +94,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
       encoder (span head new).
     The span head's sizes: `model.span_hidden_size`, `model.max_span_width`."""
     m = config.model
-    knobs = realm._knobs(m.encoder)
+    knobs = config_lib.model_knobs(m.encoder)
     if m.init_from_realm:
         ckpts = TrainCheckpoints(m.init_from_realm)
         step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
@@ -119,7 +113,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         proj = m.retriever_proj_size or None
         tower = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
                                projection_layer_norm=bool(proj))
-        query = tower, realm._random_params(tower, config.seed)
+        query = tower, random_params(tower, config.seed)
         encoder = enc, None
     if m.query_tower_hf:
         query = hf.load_embedder(m.query_tower_hf, **knobs)
@@ -132,7 +126,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             encoder = _reader_encoder(cfg, params, f"model.reader_hf={m.reader_hf}")
     if reader is None:
         cfg = _span_reader(encoder[0], m)
-        params = realm._random_params(cfg, config.seed + 1)
+        params = random_params(cfg, config.seed + 1)
         if encoder[1] is not None:
             params["encoder"] = {k: v for k, v in encoder[1].items() if k != "pooler"}
         reader = cfg, params
@@ -301,31 +295,19 @@ def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str
     return examples
 
 
-def question_batches(num_examples: int, batch_size: int, seed: int, *, process_index: int = 0,
-                     process_count: int = 1) -> grain.IterDataset:
-    """Batches of example indices [batch_size / hosts] (this host's share): a seeded
-    shuffle, repeated forever; its position (`get_state`) goes with each checkpoint."""
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} does not divide over "
-                         f"{process_count} hosts")
-    local = batch_size // process_count
-    ds = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
-    ds = ds.batch(batch_size, batch_fn=lambda xs: np.asarray(xs, np.int64))
-    return ds.map(lambda b: b[process_index * local:(process_index + 1) * local])
-
-
 def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore):
     """The newest valid snapshot under `retrieval.index` (default WORKDIR/index) of the
     corpus `data.corpus`."""
-    root = Path(config.retrieval.index or Path(workdir) / "index")
-    snapshot = IndexStore(root).latest_valid(store.fingerprint, checksums=False, log=_log)
-    if snapshot is None:
+    run = Workdir(workdir)
+    watcher = run.index_watcher(store.fingerprint, config.retrieval.index or None)
+    try:
+        return run.wait_for_snapshot(watcher, 0)
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"retrieval.index: no index snapshot of corpus {store.path} in {root}: point "
-            "--config.retrieval.index at a REALM pre-training run's WORKDIR/index, or build "
-            f"one from pretrained weights: realm-jax refresh --config ... --workdir "
-            f"{root.parent} --once --from_hf DOC_TOWER_DIR")
-    return snapshot
+            f"retrieval.index: no index snapshot of corpus {store.path} in "
+            f"{watcher.store.root}: point --config.retrieval.index at a REALM pre-training "
+            "run's WORKDIR/index, or build one from pretrained weights: realm-jax refresh "
+            f"--config ... --workdir {run.root} --once --from_hf DOC_TOWER_DIR") from None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -333,16 +315,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not d.corpus or not d.tokenizer:
         raise ValueError("set --config.data.corpus (a block store from `realm-jax "
                          "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer folder)")
-    if rc.get("mode", "device") != "device":
+    if rc.mode != "device":
         raise ValueError(f"retrieval.mode={rc.mode!r}: ORQA fine-tuning searches on the "
                          "devices only ('device')")
     if not 1 <= rc.num_read <= rc.beam_size:
         raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
                          f"retrieval.beam_size ({rc.beam_size})")
-
-
-def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
-    return FAST_COMPILE if config.train.get("fast_compile", False) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,6 +331,7 @@ class Setup:
     """The mesh, the corpus and its tokenizer, the frozen index on the devices, the model."""
 
     config: ml_collections.ConfigDict
+    workdir: Workdir
     mesh: Any
     rules: Any
     store: BlockStore
@@ -377,26 +356,9 @@ class Setup:
                                          rc.search_block_size)
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, corpus.num_valid, corpus.block_size,
-                          rc.get("reader_length", 0) or None)
-        return cls(config, mesh, rules, store, tokenizer, snapshot, corpus, model,
-                   AnswerMatcher(store, tokenizer))
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """A question's predicted answer (the best span's text, "" when no block has a valid
-    span), its joint score, and the blocks read (ids, titles, retrieval scores), best
-    first; `candidate` indexes them (the block the answer is from), `span` is its first and
-    last wordpiece in that block."""
-
-    question: str
-    answer: str
-    score: float
-    block_ids: tuple[int, ...]
-    titles: tuple[str, ...]
-    scores: tuple[float, ...]
-    candidate: int
-    span: tuple[int, int]
+                          rc.reader_length or None)
+        return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, snapshot, corpus,
+                   model, AnswerMatcher(store, tokenizer))
 
 
 class Predictor:
@@ -413,57 +375,54 @@ class Predictor:
         self._predict = jax.jit(setup.model.predict, in_shardings=(
             param_shardings, self.batch_sharding, corpus_shardings),
             out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
-            compiler_options=compiler_options(setup.config))
+            compiler_options=config_lib.compiler_options(setup.config))
 
     def _global(self, array: np.ndarray) -> jax.Array:
+        """A global batch from the whole array, which every process holds."""
         return jax.make_array_from_callback(array.shape, self.batch_sharding,
                                             lambda index: array[index])
 
     def __call__(self, questions: Sequence[str], params=None) -> list[Answer]:
-        s = self.setup
         params = self.params if params is None else params
-        out: list[Answer] = []
-        for first in range(0, len(questions), self.batch_size):
-            chunk = list(questions[first:first + self.batch_size])
-            ids, mask = encode_questions(s.tokenizer, s.model.special,
-                                         chunk + [""] * (self.batch_size - len(chunk)),
-                                         s.config.retrieval.query_length)
-            batch = {"input_ids": self._global(ids), "attention_mask": self._global(mask)}
-            with sharding.activate(s.mesh, s.rules):
-                pred = self._predict(params, batch, s.corpus.arrays())
-            pred = {k: np.asarray(v.addressable_data(0)) for k, v in pred.items()}
-            for i, question in enumerate(chunk):
-                rows, c = pred["rows"][i], int(pred["candidate"][i])
-                found = bool(np.isfinite(pred["score"][i]) and rows[c] >= 0)
-                # reader positions -> the block's wordpieces (it follows [CLS] question [SEP])
-                span = (int(pred["start"][i] - mask[i].sum()), int(pred["end"][i] - mask[i].sum()))
-                read = [(int(r), float(score)) for r, score in zip(rows, pred["scores"][i])
-                        if r >= 0]
-                out.append(Answer(
-                    question, s.matcher.span_text(int(rows[c]), *span) if found else "",
-                    float(pred["score"][i]), tuple(r for r, _ in read),
-                    tuple(s.store.title(r) for r, _ in read), tuple(x for _, x in read), c,
-                    span if found else (-1, -1)))
+        return in_padded_batches(questions, self.batch_size,
+                                 lambda batch: self._answer(batch, params))
+
+    def _answer(self, questions: list[str], params) -> list[Answer]:
+        s = self.setup
+        ids, mask = encode_questions(s.tokenizer, s.model.special, questions,
+                                     s.config.retrieval.query_length)
+        batch = {"input_ids": self._global(ids), "attention_mask": self._global(mask)}
+        with sharding.activate(s.mesh, s.rules):
+            pred = self._predict(params, batch, s.corpus.arrays())
+        pred = {k: np.asarray(v.addressable_data(0)) for k, v in pred.items()}
+        out = []
+        for i, question in enumerate(questions):
+            rows, c = pred["rows"][i], int(pred["candidate"][i])
+            found = bool(np.isfinite(pred["score"][i]) and rows[c] >= 0)
+            # reader positions -> the block's wordpieces (it follows [CLS] question [SEP])
+            start, end = (int(pred[k][i] - mask[i].sum()) for k in ("start", "end"))
+            passages = tuple(Passage(int(r), s.store.title(int(r)), s.store.text(int(r)),
+                                     float(score))
+                             for r, score in zip(rows, pred["scores"][i]) if r >= 0)
+            out.append(Answer(question,
+                              s.matcher.span_text(int(rows[c]), start, end) if found else "",
+                              float(pred["score"][i]), passages, c if found else -1))
         return out
 
-    def evaluate(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = ()):
-        """(evaluate.Prediction per example, evaluate.summarize of them): exact match of
-        the answers, recall@k (`ks`, default 1 and k) over the very blocks the reader read."""
-        from realm_jax import evaluate
-
+    def evaluate(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = (),
+                 out: str | Path | None = None) -> tuple[dict, str | None]:
+        """(evaluate.summarize's figures, the predictions file `out` if given): exact match
+        of the answers, recall@k (`ks`, default 1 and k) over the very blocks the reader
+        read."""
         answers = self([ex.question for ex in examples], params)
-        predictions = [evaluate.Prediction.from_retrieval(
-            ex, a.answer, ids=a.block_ids, titles=a.titles, scores=a.scores,
-            texts=[self.setup.store.text(b) for b in a.block_ids])
-            for ex, a in zip(examples, answers)]
-        ks = tuple(ks) or (1, self.setup.model.num_read)
-        return predictions, evaluate.summarize(predictions, ks=ks)
+        return evaluate_answers(examples, answers, tuple(ks) or (1, self.setup.model.num_read),
+                                out)
 
 
 def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
-                   step: int | None = None) -> Predictor:
-    """A Predictor with the parameters of an ORQA run's checkpoint (`step`, default the
-    newest) in `workdir`."""
+                   step: int | None = None) -> tuple[Predictor, int]:
+    """(a Predictor with the parameters of an ORQA run's checkpoint `step` (default the
+    newest) in `workdir`, the step)."""
     ckpts = TrainCheckpoints(workdir)
     step = ckpts.latest_step() if step is None else step
     if step is None:
@@ -474,154 +433,125 @@ def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
         raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
                          f"({', '.join(PARTS)})")
     setup = Setup.create(config, workdir, configs)
-    shardings = realm.param_shardings(configs, setup.mesh, setup.rules)
+    shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
     params = {part: ckpts.restore_part(step, part, shardings[part]) for part in PARTS}
-    return Predictor(setup, shardings, params)
+    return Predictor(setup, shardings, params), step
 
 
 # ---------------------------------------------------------------------------------------
-# The loop
+# The task
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          stop_after: int | None = None) -> dict[str, Any]:
-    """Fine-tune until `config.train.steps`. Returns a dict: "first" and "last" (the first
-    and last logged train metrics), "first_eval" and "last_eval" (exact match and recall of
-    the first `train.eval_questions` questions of `data.eval` at the start and the end of
-    this run, and every `train.eval_every` steps; None without them), "final_state",
-    "configs", "snapshot".
+@register
+class OrqaTask(Task):
+    """ORQA / REALM open-QA fine-tuning: question batches, the retriever beam searched with
+    the live query tower on the devices, answer targets matched on the host, the ORQA loss;
+    exact match and recall on the eval questions as a hook."""
 
-    `stop_after`: stop once this step is reached (with a checkpoint, not marked finished);
-    a later call resumes."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tc, rc = config.train, config.retrieval
-    configs, host_params = build_models(config)
-    setup = Setup.create(config, workdir, configs)
-    mesh, model = setup.mesh, setup.model
-    loop.write_config(workdir, config)
-    checkpoints = TrainCheckpoints(workdir, max_to_keep=tc.keep_checkpoints,
-                                   async_save=tc.async_checkpoints)
-    checkpoints.write_model_configs(configs)
-    optimizer = make_optimizer(tc)
-    p_shardings = realm.param_shardings(configs, mesh, setup.rules)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_params)
-    shardings = state_shardings(optimizer, abstract, p_shardings, mesh)
+    name = "orqa"
+    progress_keys = ("loss", "retrieval_loss", "reader_loss", "read_recall", "step_time")
 
-    examples = qa_examples(config, setup.store, "train", setup.tokenizer)
-    batches = iter(question_batches(len(examples), tc.batch_size, config.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count()))
-    state, start = loop.restore_or_init(checkpoints, optimizer, shardings, abstract,
-                                        host_params, batches, tc.steps)
-    del host_params
-    _log.info("%s %s at step %d: %d training questions, index %s (checkpoint step %d)",
-              "resumed" if start else "started", workdir, start, len(examples),
-              setup.snapshot.version, setup.snapshot.step)
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        check_config(config)
 
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
-    options = compiler_options(config)
-    search_fn = jax.jit(model.search, in_shardings=(
-        p_shardings, batch_sharding, corpus_shardings), out_shardings=replicated,
-        compiler_options=options)
-    step_fn = jax.jit(loop.train_step(lambda p, inputs, r: model.loss(p, *inputs, r), optimizer),
-                      in_shardings=(shardings, (batch_sharding, corpus_shardings), replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=0,
-                      compiler_options=options)
-    targets = Targets(setup.matcher, model, rc.block_length)
-    rng = jax.random.key(config.seed)
-    corpus = setup.corpus.arrays()
+    def build(self) -> tuple[dict, dict]:
+        return build_models(self.config)
 
-    eval_examples = []
-    if tc.eval_questions > 0:
-        eval_examples = qa_examples(config, setup.store, "eval",
-                                    setup.tokenizer)[:tc.eval_questions]
-    predictor = Predictor(setup, p_shardings) if eval_examples else None
-    writer = MetricsWriter(workdir)
+    def dataset(self, run):
+        self.setup = Setup.create(self.config, run.workdir, run.configs)
+        self.examples = qa_examples(self.config, self.setup.store, "train",
+                                    self.setup.tokenizer)
+        return question_batches(len(self.examples), self.config.train.batch_size,
+                                self.config.seed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
 
-    def evaluate(at_step: int) -> dict:
-        _, summary = predictor.evaluate(eval_examples, state.params, config.eval.recall_at)
-        values = {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
-        writer.write(at_step, values)
-        if jax.process_index() == 0:
-            print(progress_line(at_step, tc.steps, values), flush=True)
-        return dict(values, step=at_step)
+    def start(self, run) -> None:
+        setup, rc = self.setup, self.config.retrieval
+        self.run = run
+        _log.info("%d training questions, index %s (checkpoint step %d)", len(self.examples),
+                  setup.snapshot.version, setup.snapshot.step)
+        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
+        self.search = jax.jit(setup.model.search, in_shardings=(
+            run.param_shardings, run.batch_sharding, corpus_shardings),
+            out_shardings=sharding.replicated(run.mesh),
+            compiler_options=config_lib.compiler_options(self.config))
+        self.targets = Targets(setup.matcher, setup.model, rc.block_length)
 
-    def make_batch(indices):
-        chosen = [examples[i] for i in indices]
-        ids, mask = encode_questions(setup.tokenizer, model.special,
-                                     [ex.question for ex in chosen], rc.query_length)
-        local = {"input_ids": ids, "attention_mask": mask}
-        with sharding.activate(mesh, setup.rules):
-            rows = search_fn(state.params, loop.global_batch(local, batch_sharding), corpus)
-        rows = np.asarray(rows.addressable_data(0))
-        n = len(indices)
-        rows = rows[jax.process_index() * n:(jax.process_index() + 1) * n]
-        local.update(beam_ids=rows, **targets(chosen, local, rows))
-        return loop.global_batch({k: local[k] for k in STEP_FIELDS}, batch_sharding)
+    def load(self, indices):
+        chosen = [self.examples[int(i)] for i in indices]
+        ids, mask = encode_questions(self.setup.tokenizer, self.setup.model.special,
+                                     [ex.question for ex in chosen],
+                                     self.config.retrieval.query_length)
+        return chosen, {"input_ids": ids, "attention_mask": mask}
 
-    end = loop.end_step(start, tc.steps, stop_after)
-    first = last = first_eval = last_eval = None
-    flops = None
-    step = start
-    try:
-        if predictor is not None:
-            first_eval = last_eval = evaluate(step)
-        while step < end:
-            t0 = time.perf_counter()
-            batch = make_batch(next(batches))
-            data_state = batches.get_state()
-            host_seconds = time.perf_counter() - t0
-            with sharding.activate(mesh, setup.rules):
-                if flops is None:
-                    flops = loop.step_flops(step_fn.lower(state, (batch, corpus), rng).compile())
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, (batch, corpus), rng)
-                step += 1
-                if step % tc.log_every == 0 or step == end or step == start + 1:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    seconds = time.perf_counter() - t0
-                    values.update(step_time=seconds, host_time=host_seconds,
-                                  mfu=flops / seconds / (tc.peak_flops_per_device
-                                                         * jax.device_count()))
-                    if jax.process_index() == 0:
-                        print(progress_line(step, tc.steps, {k: values[k] for k in (
-                            "loss", "retrieval_loss", "reader_loss", "read_recall",
-                            "step_time")}), flush=True)
-                    first = first or dict(values, step=step)
-                    last = dict(values, step=step)
-                    writer.write(step, values)
-            if predictor is not None and (step == end or (tc.eval_every > 0
-                                                          and step % tc.eval_every == 0)):
-                last_eval = evaluate(step)
-            if step % tc.checkpoint_every == 0 or step == end:
-                loop.save(checkpoints, step, state, data_state, index=setup.snapshot.version)
-        loop.finish(checkpoints, step, tc.steps)
-    finally:
-        writer.close()
-        checkpoints.wait_until_finished()
-    return {"first": first, "last": last, "first_eval": first_eval, "last_eval": last_eval,
-            "final_state": state, "configs": configs, "snapshot": setup.snapshot}
+    def make_batch(self, item, params):
+        chosen, local = item
+        rows = self.search(params, sharding.global_batch(local, self.run.batch_sharding),
+                           self.setup.corpus.arrays())
+        rows = sharding.local_rows(np.asarray(rows.addressable_data(0)))
+        local = dict(local, beam_ids=rows, **self.targets(chosen, local, rows))
+        return sharding.global_batch({k: local[k] for k in STEP_FIELDS},
+                                     self.run.batch_sharding), None
+
+    def loss(self, params, batch, extras, rng):
+        return self.setup.model.loss(params, batch, extras, rng)
+
+    def extras(self):
+        return self.setup.corpus.arrays()
+
+    def hooks(self, run) -> list[Hook]:
+        tc = self.config.train
+        if tc.eval_questions <= 0:
+            return []
+        examples = qa_examples(self.config, self.setup.store, "eval",
+                               self.setup.tokenizer)[:tc.eval_questions]
+        predictor = Predictor(self.setup, run.param_shardings)
+
+        def evaluate(step: int, params) -> dict:
+            summary, _ = predictor.evaluate(examples, params, self.config.eval.recall_at)
+            return {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
+
+        return [Hook("eval", evaluate, every=tc.eval_every)]
+
+    def checkpoint_meta(self) -> dict:
+        return {"index": self.setup.snapshot.version}
+
+    def result(self) -> dict:
+        return {"snapshot": self.setup.snapshot}
+
+    @staticmethod
+    def summary(result: dict) -> str | None:
+        first, last = result.get("first_eval"), result.get("last_eval")
+        if first and last and EVAL_PREFIX + "exact_match" in first:
+            key = EVAL_PREFIX + "exact_match"
+            return (f"exact match {first[key]:.3f} -> {last[key]:.3f} "
+                    f"(steps {first['step']} -> {last['step']})")
+        return Task.summary(result)
+
+    @classmethod
+    def answerer(cls, config, workdir, step=None) -> "OrqaAnswerer":
+        return OrqaAnswerer(config, workdir, step)
 
 
+class OrqaAnswerer:
+    """`realm-jax answer` / `eval` with an ORQA run's checkpoint (default the newest)."""
 
-# ---------------------------------------------------------------------------------------
-# `realm-jax eval` / `realm-jax answer`
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+                 step: int | None = None):
+        self.config = config
+        self.predictor, self.step = load_predictor(config, workdir, step)
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
-             out: str | Path | None = None) -> tuple[dict, Path]:
-    """Answers the first `eval.num_questions` (0: all) questions of `data.eval` with the
-    run's checkpoint `step` (default the newest); writes the predictions (JSONL, default
-    WORKDIR/eval/predictions.jsonl) and returns (evaluate.summarize figures, its path)."""
-    from realm_jax import evaluate
+    def answer(self, questions: Sequence[str]) -> list[Answer]:
+        return self.predictor(questions)
 
-    predictor = load_predictor(config, workdir, step)
-    examples = qa_examples(config, predictor.setup.store, "eval", predictor.setup.tokenizer)
-    if config.eval.num_questions > 0:
-        examples = examples[:config.eval.num_questions]
-    predictions, summary = predictor.evaluate(examples, ks=config.eval.recall_at)
-    path = Path(out) if out else Path(workdir) / "eval" / "predictions.jsonl"
-    if jax.process_index() == 0:
-        evaluate.write_predictions(path, predictions)
-    return summary, path
+    def evaluate(self, out: str | None = None) -> tuple[dict, str]:
+        """Exact match and recall@k on the first `eval.num_questions` (0: all) questions
+        of `data.eval`; the predictions as JSONL (default WORKDIR/eval/predictions.jsonl)."""
+        setup = self.predictor.setup
+        examples = qa_examples(self.config, setup.store, "eval", setup.tokenizer)
+        if self.config.eval.num_questions > 0:
+            examples = examples[:self.config.eval.num_questions]
+        summary, path = self.predictor.evaluate(
+            examples, ks=self.config.eval.recall_at,
+            out=out or self.predictor.setup.workdir.eval_dir / "predictions.jsonl")
+        return dict(summary, step=self.step), path

@@ -19,35 +19,30 @@ WORKDIR/model.json its RagConfig under "rag"; WORKDIR/config.json the experiment
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
+from realm_jax import config as config_lib
 from realm_jax import hf, sharding
+from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.data.store import BlockStore
-from realm_jax.index.store import IndexStore, SnapshotError, SnapshotWatcher
-from realm_jax.models import BartConfig, EmbedderConfig, EncoderConfig, RagConfig
+from realm_jax.index.store import SnapshotError
+from realm_jax.models import BartConfig, EmbedderConfig, EncoderConfig, RagConfig, random_params
 from realm_jax.models.rag import Retrieved, build_contexts, retrieve
 from realm_jax.objectives.rag import doc_log_probs, rag_sequence_nll, rag_token_nll
-from realm_jax.train import loop, realm
-from realm_jax.train.checkpoints import TrainCheckpoints
-from realm_jax.train.metrics import MetricsWriter, progress_line
-from realm_jax.train.optim import make_optimizer
-from realm_jax.train.state import state_shardings
+from realm_jax.tasks.base import Answer, Passage, Task, register
+from realm_jax.tasks.common import evaluate_answers, in_padded_batches, question_batches
+from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +79,7 @@ def load_tokenizers(config: ml_collections.ConfigDict) -> Tokenizers:
     """config.data.question_tokenizer / generator_tokenizer, else the model folders' own
     (a RAG folder's `question_encoder_tokenizer` / `generator_tokenizer` subfolders)."""
     def load(kind: str, field: str, model_field: str):
-        folder = config.data.get(field) or config.model.get(model_field)
+        folder = config.data[field] or config.model[model_field]
         if not folder:
             raise ValueError(f"no {kind} tokenizer: set --config.data.{field} or "
                              f"--config.model.{model_field} (a Hugging Face folder)")
@@ -124,7 +119,7 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
     loaded: dict = {}
 
     def load(folder: str, section) -> tuple[Any, dict]:
-        knobs = realm._knobs(section)
+        knobs = config_lib.model_knobs(section)
         key = (folder, tuple(sorted(knobs.items())))
         if key not in loaded:
             loaded[key] = hf.load(folder, **knobs)
@@ -135,17 +130,17 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
         section = dict(m.question_encoder.to_dict(), pad_token_id=tokenizers.question.pad_token_id)
         section["vocab_size"] = section["vocab_size"] or len(tokenizers.question)
         q_cfg = EmbedderConfig(EncoderConfig(**section), pooling="cls")
-        q_params = realm._random_params(q_cfg, config.seed)
+        q_params = random_params(q_cfg, config.seed)
     elif _is_rag_folder(m.question_encoder_hf):
         base, params = load(m.question_encoder_hf, m.question_encoder)
         q_cfg, q_params = base.question_encoder, params["question_encoder"]
     else:
-        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf, **realm._knobs(m.question_encoder))
+        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf, **config_lib.model_knobs(m.question_encoder))
     if not m.generator_hf:
         section = dict(m.generator.to_dict(), **_generator_token_ids(tokenizers.generator))
         section["vocab_size"] = section["vocab_size"] or len(tokenizers.generator)
         g_cfg = BartConfig(**section)
-        g_params = realm._random_params(g_cfg, config.seed + 1)
+        g_params = random_params(g_cfg, config.seed + 1)
     else:
         cfg, params = load(m.generator_hf, m.generator)
         if isinstance(cfg, RagConfig):
@@ -161,7 +156,7 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
         if len(tok) > size:
             raise ValueError(f"the {what}'s vocabulary ({size}) is smaller than its tokenizer's "
                              f"({len(tok)}, {tok.name_or_path}): check config.model.{what}"
-                             f"{'_hf' if m.get(what + '_hf') else '.vocab_size'}")
+                             f"{'_hf' if m[what + '_hf'] else '.vocab_size'}")
     if base is None:   # a BART checkpoint, or random: targets start with bos, end with eos
         base = RagConfig(q_cfg, g_cfg, forced_bos_token_id=g_cfg.bos_token_id,
                          forced_eos_token_id=g_cfg.eos_token_id)
@@ -169,13 +164,6 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
     cfg = base.replace(question_encoder=q_cfg, generator=g_cfg, n_docs=rc.n_docs,
                        max_combined_length=rc.max_combined_length, hf_architecture=arch)
     return cfg, {"question_encoder": q_params, "generator": g_params}
-
-
-def make_rag_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The trainers' optimizer; the question encoder's updates scaled by
-    `train.question_encoder_lr_multiplier` (its learning rate, weight decay included)."""
-    return make_optimizer(train, {"question_encoder": train.get(
-        "question_encoder_lr_multiplier", 1.0)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,20 +178,6 @@ def load_examples(config: ml_collections.ConfigDict, which: str) -> list:
         raise ValueError(f"set --config.data.{which} (a QA file: .jsonl, .json, .tsv; or "
                          "tfds:NAME)")
     return load_qa(d[which], split=d[f"{which}_split"], data_dir=d.data_dir or None)
-
-
-def question_batches(num_examples: int, batch_size: int, seed: int, *, process_index: int = 0,
-                     process_count: int = 1) -> grain.IterDataset:
-    """Batches of example indices (this host's share of each global batch), in a seeded
-    shuffled order repeated forever; the iterator's position is saved with checkpoints."""
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} does not divide over {process_count} hosts")
-    ds = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None)
-    ds = ds.to_iter_dataset().batch(batch_size)
-    if process_count > 1:
-        local = batch_size // process_count
-        ds = ds.map(lambda b: b[process_index * local:(process_index + 1) * local])
-    return ds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +221,7 @@ class Retriever:
                                  "index with a refresh.scann section") from None
         else:
             self.searcher = snapshot.numpy_searcher()
+        self.snapshot = snapshot
         self.embeddings = snapshot.embeddings()
         self.store, self.cfg, self.tokenizer = store, cfg, generator_tokenizer
 
@@ -266,12 +241,6 @@ class Retriever:
 @functools.partial(jax.jit, static_argnums=0)
 def _embed_questions(cfg: EmbedderConfig, params, ids, mask):
     return cfg.module().apply({"params": params}, ids, mask)
-
-
-def _local_rows(x: np.ndarray) -> np.ndarray:
-    """This host's rows of a global batch (hosts hold consecutive equal slices)."""
-    n = len(x) // jax.process_count()
-    return x[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,44 +273,7 @@ class RagLossFn:
 
 
 # ---------------------------------------------------------------------------------------
-# Training
-
-def _batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
-def _param_shardings(cfg: RagConfig, mesh, rules):
-    return realm.param_shardings({MODEL_KEY: cfg}, mesh, rules)[MODEL_KEY]
-
-
-@functools.lru_cache(maxsize=4)
-def _training_step(loss_fn: RagLossFn, train_settings: tuple, mesh, rules):
-    """(optimizer, state shardings, the jitted sharded step with the state donated), made
-    once per (model and loss, `train` settings, mesh, rules) in a process: a run resumed in
-    the same process (or the next test) does not trace the step again."""
-    optimizer = make_rag_optimizer(ml_collections.ConfigDict(dict(train_settings)))
-    cfg, replicated = loss_fn.config, sharding.replicated(mesh)
-    shardings = state_shardings(optimizer, hf.abstract_params(cfg),
-                                _param_shardings(cfg, mesh, rules), mesh)
-    step = jax.jit(loop.train_step(loss_fn, optimizer),
-                   in_shardings=(shardings, _batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
-    return optimizer, shardings, step
-
-
-def _open_index(workdir: Path, store: BlockStore, wait_seconds: float = 0.0):
-    """The newest valid snapshot of WORKDIR/index for `store`, waiting up to `wait_seconds`
-    for the refresher to publish one."""
-    index_dir = workdir / "index"
-    watcher = SnapshotWatcher(IndexStore(index_dir), expected_corpus_fingerprint=store.fingerprint)
-    if wait_seconds > 0:
-        return loop.wait_for_snapshot(watcher, wait_seconds, index_dir)
-    snapshot = watcher.poll()
-    if snapshot is None:
-        raise FileNotFoundError(f"no index of {store.path} in {index_dir}: build it with "
-                                f"`realm-jax refresh --once --workdir {workdir} --config ...`")
-    return snapshot
-
+# The task
 
 def _store(config) -> BlockStore:
     if not config.data.corpus:
@@ -350,108 +282,97 @@ def _store(config) -> BlockStore:
     return BlockStore.open(config.data.corpus)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          stop_after: int | None = None) -> dict[str, Any]:
-    """Fine-tune until `config.train.steps` (resuming from WORKDIR's newest checkpoint).
-    Returns a dict: "first" and "last" logged metrics, "final_state", "config" (RagConfig),
-    "snapshot" (the index). `stop_after`: stop at that step with a checkpoint, unfinished."""
-    check_config(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tc, rc = config.train, config.rag
-    mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
-    store = _store(config)
-    examples = load_examples(config, "train")
-    regex = [ex.qid for ex in examples if ex.is_regex]
-    if regex:
-        raise ValueError(f"--config.data.train={config.data.train}: {len(regex)} questions have "
-                         "regular-expression answers (CuratedTrec); RAG trains on answer strings")
-    tokenizers = load_tokenizers(config)
-    cfg, host_params = build_model(config, tokenizers)
-    checkpoints = TrainCheckpoints(workdir, max_to_keep=tc.keep_checkpoints,
-                                   async_save=tc.async_checkpoints)
-    checkpoints.write_model_configs({MODEL_KEY: cfg})
-    loop.write_config(workdir, config)
-    loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score)
-    optimizer, shardings, step_fn = _training_step(
-        loss_fn, tuple(sorted(tc.to_dict().items())), mesh, rules)
-    params_abstract = hf.abstract_params(cfg)
-    batches = iter(question_batches(len(examples), tc.batch_size, config.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count()))
-    state, start = loop.restore_or_init(checkpoints, optimizer, shardings, params_abstract,
-                                        host_params, batches, tc.steps)
-    del host_params
-    _log.info("%s %s at step %d", "resumed" if start else "started", workdir, start)
+def _retriever(config, workdir: Workdir, store: BlockStore, cfg: RagConfig, tokenizers,
+               wait_seconds: float = 0.0) -> "Retriever":
+    """The retriever over the newest snapshot of WORKDIR/index (waiting up to
+    `wait_seconds` for the refresher to publish one)."""
+    snapshot = workdir.wait_for_snapshot(workdir.index_watcher(store.fingerprint), wait_seconds)
+    return Retriever(snapshot, store, cfg, tokenizers.generator, config.retrieval.backend,
+                     config.retrieval.scann_threads)
 
-    snapshot = _open_index(workdir, store, tc.index_wait_seconds)
-    retriever = Retriever(snapshot, store, cfg, tokenizers.generator,
-                          config.retrieval.backend, config.retrieval.scann_threads)
-    encoder = QAEncoder(tokenizers, cfg.generator, rc.max_source_length, rc.max_target_length)
-    batch_sharding = _batch_sharding(mesh)
-    rng = jax.random.key(config.seed)
 
-    def fetch():   # in a thread: the next batch's examples, their questions tokenized
-        chosen = [examples[int(i)] for i in next(batches)]
-        return chosen, encoder.questions([ex.question for ex in chosen]), batches.get_state()
+@register
+class RagTask(Task):
+    """RAG fine-tuning: question batches; on the host the live question encoder's top
+    `rag.n_docs` passages from the frozen index and their contexts; in the step the
+    RAG-Token or RAG-Sequence loss (`rag.loss`). model.json holds the RagConfig under
+    "rag"; the params are its parts {"question_encoder", "generator"}."""
 
-    def prepare(chosen: list, question_ids: np.ndarray, question_mask: np.ndarray, params
-                ) -> tuple[dict, Retrieved]:
-        """The global batch: the documents retrieved with the live question encoder, their
-        contexts and the targets (the generator's tokenizer is used in this thread only)."""
-        batch = loop.global_batch(dict(question_ids=question_ids, question_mask=question_mask),
-                              batch_sharding)
-        q = retriever.embed(params["question_encoder"], batch["question_ids"],
-                            batch["question_mask"])
-        found = retriever.search(_local_rows(q), rc.n_docs)
-        ctx, ctx_mask = retriever.contexts(found.doc_ids, [ex.question for ex in chosen])
-        dec, labels = encoder.targets([ex.answers[0] for ex in chosen])
-        batch.update(loop.global_batch(dict(
+    name = "rag"
+    progress_keys = ("loss", "top_doc_prob", "answer_in_docs", "step_time")
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        check_config(config)
+        self.retriever = None
+
+    def build(self) -> tuple[dict, dict]:
+        self.tokenizers = load_tokenizers(self.config)
+        cfg, params = build_model(self.config, self.tokenizers)
+        rc = self.config.rag
+        self.loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score)
+        return {MODEL_KEY: cfg}, params
+
+    def param_shardings(self, configs: dict, mesh, rules) -> dict:
+        return sharding.part_shardings(configs, mesh, rules)[MODEL_KEY]
+
+    def lr_multipliers(self) -> dict:
+        return {"question_encoder": self.config.train.question_encoder_lr_multiplier}
+
+    def dataset(self, run):
+        self.store = _store(self.config)
+        self.examples = load_examples(self.config, "train")
+        regex = [ex.qid for ex in self.examples if ex.is_regex]
+        if regex:
+            raise ValueError(f"--config.data.train={self.config.data.train}: {len(regex)} "
+                             "questions have regular-expression answers (CuratedTrec); RAG "
+                             "trains on answer strings")
+        return question_batches(len(self.examples), self.config.train.batch_size,
+                                self.config.seed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    def start(self, run) -> None:
+        c, cfg = self.config, self.loss_fn.config
+        self.run = run
+        self.retriever = _retriever(c, run.workdir, self.store, cfg, self.tokenizers,
+                                    c.train.index_wait_seconds)
+        self.encoder = QAEncoder(self.tokenizers, cfg.generator, c.rag.max_source_length,
+                                 c.rag.max_target_length)
+
+    def load(self, indices):  # the generator's tokenizer is used in this thread only
+        chosen = [self.examples[int(i)] for i in indices]
+        return chosen, self.encoder.questions([ex.question for ex in chosen])
+
+    def make_batch(self, item, params):
+        """The documents retrieved with the live question encoder, their contexts and the
+        targets."""
+        chosen, (question_ids, question_mask) = item
+        put = self.run.batch_sharding
+        batch = sharding.global_batch(dict(question_ids=question_ids,
+                                           question_mask=question_mask), put)
+        q = self.retriever.embed(params["question_encoder"], batch["question_ids"],
+                                 batch["question_mask"])
+        found = self.retriever.search(sharding.local_rows(q), self.config.rag.n_docs)
+        ctx, ctx_mask = self.retriever.contexts(found.doc_ids, [ex.question for ex in chosen])
+        dec, labels = self.encoder.targets([ex.answers[0] for ex in chosen])
+        batch.update(sharding.global_batch(dict(
             doc_embeddings=found.doc_embeddings, context_ids=ctx, context_mask=ctx_mask,
-            decoder_input_ids=dec, labels=labels), batch_sharding))
-        return batch, found
+            decoder_input_ids=dec, labels=labels), put))
+        return batch, lambda: {"answer_in_docs": _answer_in_docs(self.store, found.doc_ids,
+                                                                 chosen)}
 
-    end = loop.end_step(start, tc.steps, stop_after)
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    pending = pool.submit(fetch)
-    writer = MetricsWriter(workdir)
-    flops = first = last = None
-    step = start
-    try:
-        while step < end:
-            chosen, (question_ids, question_mask), data_state = pending.result()
-            pending = pool.submit(fetch)
-            with sharding.activate(mesh, rules):
-                t_host = time.perf_counter()
-                batch, found = prepare(chosen, question_ids, question_mask, state.params)
-                host_seconds = time.perf_counter() - t_host
-                if flops is None:
-                    flops = loop.step_flops(step_fn.lower(state, batch, rng).compile())
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, batch, rng)
-                step += 1
-                if step % tc.log_every == 0 or step in (start + 1, end):
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    seconds = time.perf_counter() - t0
-                    values.update(
-                        step_time=seconds, host_time=host_seconds,
-                        answer_in_docs=_answer_in_docs(store, found.doc_ids, chosen),
-                        mfu=flops / seconds / (tc.peak_flops_per_device * jax.device_count()))
-                    if jax.process_index() == 0:
-                        print(progress_line(step, tc.steps, {k: values[k] for k in (
-                            "loss", "top_doc_prob", "answer_in_docs", "step_time")}), flush=True)
-                    first = first or dict(values, step=step)
-                    last = dict(values, step=step)
-                    writer.write(step, values)
-            if step % tc.checkpoint_every == 0 or step == end:
-                loop.save(checkpoints, step, state, data_state, index=snapshot.version)
-        loop.finish(checkpoints, step, tc.steps)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        writer.close()
-        checkpoints.wait_until_finished()
-    return {"first": first, "last": last, "final_state": state, "config": cfg,
-            "snapshot": snapshot}
+    def loss(self, params, batch, extras, rng):
+        return self.loss_fn(params, batch, rng)
+
+    def checkpoint_meta(self) -> dict:
+        return {} if self.retriever is None else {"index": self.retriever.snapshot.version}
+
+    def result(self) -> dict:
+        return {"snapshot": self.retriever.snapshot}
+
+    @classmethod
+    def answerer(cls, config, workdir, step=None) -> "RagAnswerer":
+        return RagAnswerer(config, workdir, step=step)
 
 
 def _answer_in_docs(store: BlockStore, doc_ids: np.ndarray, examples: Sequence) -> float:
@@ -465,16 +386,7 @@ def _answer_in_docs(store: BlockStore, doc_ids: np.ndarray, examples: Sequence) 
 # ---------------------------------------------------------------------------------------
 # Evaluation and answering
 
-@dataclasses.dataclass
-class Answered:
-    """Answers to a list of questions, and the documents retrieved for each (best first)."""
-    answers: list[str]
-    answer_scores: np.ndarray   # [Q] the decoder's score of each answer
-    retrieved: Retrieved        # doc_ids / index_scores / doc_embeddings [Q, depth, ...]
-    scores: np.ndarray          # [Q, depth] the question encoder's scores of the documents
-
-
-class Reader:
+class RagAnswerer:
     """A RAG workdir's model, ready to answer: a checkpoint's params on the mesh, the frozen
     index, and the decoder of `rag.loss` (RAG-Token beam search; RAG-Sequence thorough or
     fast decoding as `eval.decoding`), reading `eval.n_docs` documents per question. One
@@ -486,11 +398,12 @@ class Reader:
         if jax.process_count() > 1:
             raise ValueError("RAG evaluation and answering run in one process; this is "
                              f"process {jax.process_index()} of {jax.process_count()}")
-        workdir = Path(workdir)
-        checkpoints = TrainCheckpoints(workdir)
+        self.config, self.workdir = config, Workdir(workdir)
+        checkpoints = TrainCheckpoints(self.workdir)
         configs = checkpoints.model_configs()
         if MODEL_KEY not in configs:
-            raise ValueError(f"{workdir / 'model.json'}: no RAG model (parts: {sorted(configs)})")
+            raise ValueError(f"{self.workdir.path('model.json')}: no RAG model (parts: "
+                             f"{sorted(configs)})")
         self.step = checkpoints.latest_step() if step is None else int(step)
         if self.step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
@@ -498,17 +411,14 @@ class Reader:
         self.cfg = configs[MODEL_KEY]
         self.n_docs = ec.n_docs or self.cfg.n_docs
         self.depth = max([self.n_docs, *ec.recall_at])
-        self.batch_size = ec.batch_size
         self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
-        self.batch_sharding = _batch_sharding(self.mesh)
-        p_shardings = _param_shardings(self.cfg, self.mesh, self.rules)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        p_shardings = sharding.part_shardings(configs, self.mesh, self.rules)[MODEL_KEY]
         self.params = {part: checkpoints.restore_part(self.step, part, p_shardings[part])
                        for part in p_shardings}
         self.store = _store(config)
         self.tokenizers = load_tokenizers(config)
-        snapshot = _open_index(workdir, self.store)
-        self.retriever = Retriever(snapshot, self.store, self.cfg, self.tokenizers.generator,
-                                   config.retrieval.backend, config.retrieval.scann_threads)
+        self.retriever = _retriever(config, self.workdir, self.store, self.cfg, self.tokenizers)
         self.encoder = QAEncoder(self.tokenizers, self.cfg.generator, rc.max_source_length,
                                  rc.max_target_length)
         from realm_jax import decode
@@ -524,22 +434,13 @@ class Reader:
             self._decode = functools.partial(decode.rag_token_generate, config=reader_cfg,
                                              gen=gen)
 
-    def __call__(self, questions: Sequence[str]) -> Answered:
-        """Answers in batches of eval.batch_size (the last one padded)."""
-        if not questions:
-            raise ValueError("no questions to answer")
-        texts, parts = [], []
-        for i in range(0, len(questions), self.batch_size):
-            chunk = list(questions[i:i + self.batch_size])
-            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-            answers, arrays = self._answer(padded)
-            texts += answers[:len(chunk)]
-            parts.append(jax.tree.map(lambda x, n=len(chunk): x[:n], arrays))
-        return Answered(texts, *jax.tree.map(lambda *xs: np.concatenate(xs), *parts))
+    def answer(self, questions: Sequence[str]) -> list[Answer]:
+        """Answers in batches of eval.batch_size (the last one padded), with the passages
+        read (eval.n_docs) and the question encoder's scores of them."""
+        return in_padded_batches(questions, self.config.eval.batch_size, self._answer)
 
-    def _answer(self, questions: list[str]) -> tuple[list[str], tuple]:
-        """Answers, and (their scores, the documents retrieved, the documents' scores)."""
-        put = lambda x: loop.global_batch({"x": x}, self.batch_sharding)["x"]  # noqa: E731
+    def _answer(self, questions: list[str]) -> list[Answer]:
+        put = lambda x: sharding.global_batch({"x": x}, self.batch_sharding)["x"]  # noqa: E731
         with sharding.activate(self.mesh, self.rules):
             ids, mask = self.encoder.questions(questions)
             q = self.retriever.embed(self.params["question_encoder"], put(ids), put(mask))
@@ -551,50 +452,22 @@ class Reader:
             sequences, answer_scores = (np.asarray(x) for x in multihost_utils.process_allgather(
                 (out.sequences[:, 0], out.scores[:, 0]), tiled=True))
         texts = self.tokenizers.generator.batch_decode(sequences, skip_special_tokens=True)
-        return [t.strip() for t in texts], (answer_scores, found, scores)
+        store = self.store
+        return [Answer(question, text.strip(), float(answer_scores[i]), tuple(
+            Passage(int(d), store.title(int(d)), store.text(int(d)), float(s))
+            for d, s in zip(found.doc_ids[i], scores[i]) if d >= 0), read=self.n_docs)
+            for i, (question, text) in enumerate(zip(questions, texts))]
 
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, examples=None,
-             step: int | None = None, out: str | Path | None = None,
-             reader: Reader | None = None) -> dict[str, Any]:
-    """Exact match of the generated answers (normalized) and recall@k (`eval.recall_at`) of
-    the retrieved passages on `examples` (default: config.data.eval, its first
-    eval.num_questions). Writes the predictions as JSONL to `out` (default
-    WORKDIR/eval/predictions.jsonl). Returns summarize()'s figures with "step" and
-    "predictions" (the path)."""
-    from realm_jax import evaluate as ev
-
-    reader = reader or Reader(config, workdir, step=step)
-    if examples is None:
-        examples = load_examples(config, "eval")
-        if config.eval.num_questions:
-            examples = examples[:config.eval.num_questions]
-    answered = reader([ex.question for ex in examples])
-    store, found = reader.store, answered.retrieved
-    predictions = []
-    for i, ex in enumerate(examples):
-        ids = [int(d) for d in found.doc_ids[i] if d >= 0]
-        predictions.append(ev.Prediction.from_retrieval(
-            ex, answered.answers[i], ids=ids, titles=[store.title(d) for d in ids],
-            texts=[store.text(d) for d in ids], scores=answered.scores[i][:len(ids)].tolist()))
-    out = Path(out) if out else Path(workdir) / "eval" / "predictions.jsonl"
-    if jax.process_index() == 0:
-        ev.write_predictions(out, predictions)
-    return dict(ev.summarize(predictions, config.eval.recall_at), step=reader.step,
-                predictions=str(out))
-
-
-def predict(config: ml_collections.ConfigDict, workdir: str | Path, questions: Sequence[str],
-            *, step: int | None = None, reader: Reader | None = None) -> list[dict]:
-    """Answers to `questions`: for each {"question", "answer", "score" (the decoder's),
-    "passages": [{"id", "title", "text", "score"}, ...]} with the eval.n_docs passages read,
-    best first."""
-    reader = reader or Reader(config, workdir, step=step)
-    answered = reader(list(questions))
-    store, found = reader.store, answered.retrieved
-    return [{"question": question, "answer": answer, "score": float(answered.answer_scores[i]),
-             "passages": [{"id": int(d), "title": store.title(int(d)), "text": store.text(int(d)),
-                           "score": float(s)}
-                          for d, s in zip(found.doc_ids[i, :reader.n_docs],
-                                          answered.scores[i, :reader.n_docs]) if d >= 0]}
-            for i, (question, answer) in enumerate(zip(questions, answered.answers))]
+    def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
+        """Exact match of the generated answers (normalized) and recall@k (`eval.recall_at`)
+        of the retrieved passages on `examples` (default: data.eval, its first
+        eval.num_questions); the predictions as JSONL (default
+        WORKDIR/eval/predictions.jsonl). The figures include the checkpoint "step"."""
+        if examples is None:
+            examples = load_examples(self.config, "eval")
+            if self.config.eval.num_questions:
+                examples = examples[:self.config.eval.num_questions]
+        answers = self.answer([ex.question for ex in examples])
+        summary, path = evaluate_answers(examples, answers, self.config.eval.recall_at,
+                                         out or self.workdir.eval_dir / "predictions.jsonl")
+        return dict(summary, step=self.step), path

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from realm_jax.data.realm_examples import MaskedQuery, QueryMaker, collate_queries
+from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, MaskedQuery,
+                                          QueryMaker, collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import tree_digest
 
@@ -136,8 +137,6 @@ class HeldoutEval:
     def __init__(self, loss_fn, queries: Sequence[MaskedQuery], *, mesh, param_shardings,
                  corpus_shardings=None, baseline_file: str | os.PathLike | None = None,
                  resume: bool = False, finder=None, batch_size: int = 64):
-        from realm_jax.train import realm
-
         if not queries:
             raise ValueError("HeldoutEval: no held-out queries")
         self.queries = list(queries)
@@ -151,10 +150,10 @@ class HeldoutEval:
         self.chunk = -(-min(max(int(batch_size), 1), len(queries)) // shards) * shards
         batch = collate_queries(queries)
         self.queries_fingerprint = tree_digest(
-            {k: batch[k] for k in realm.QUERY_FIELDS}).hexdigest()[:16]
+            {k: batch[k] for k in QUERY_FIELDS}).hexdigest()[:16]
         self.batch = pad_batch(batch, self.chunk)
         self.scann = loss_fn.mode == "scann"
-        self.fields = realm.QUERY_FIELDS + (realm.CANDIDATE_FIELDS if self.scann else ())
+        self.fields = QUERY_FIELDS + (CANDIDATE_FIELDS if self.scann else ())
         self.baseline_file = baseline_file
         # (step, (summed utility, masked tokens) per query) of the run's first evaluation
         self.baseline: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None

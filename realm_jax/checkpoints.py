@@ -20,10 +20,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from realm_jax.durable import atomic_write_text
-from realm_jax.models import config_from_dict, config_to_dict
+from realm_jax.models import abstract_params, config_from_dict, config_to_dict
+from realm_jax.workdir import MODEL_JSON, Workdir
 
-MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
 
@@ -55,8 +54,7 @@ def load_params(folder: str | os.PathLike, shardings=None):
             restored = ckptr.restore(folder / PARAMS_DIR)
             params = jax.tree.map(np.asarray, restored)
         else:
-            from realm_jax import hf
-            shapes = hf.abstract_params(cfg)
+            shapes = abstract_params(cfg)
             target = jax.tree.map(
                 lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
             params = ckptr.restore(folder / PARAMS_DIR, target)
@@ -77,8 +75,6 @@ def load_params(folder: str | os.PathLike, shardings=None):
 # A step folder appears only when complete (orbax renames it into place), so a reader that
 # lists steps never sees a half-written one.
 
-CHECKPOINTS_DIR = "checkpoints"
-FINISHED = "FINISHED"
 _LIST_ATTEMPTS = 5  # listing the steps while the trainer prunes one can fail; tries
 PARAMS_ITEM = "params"
 STATE_ITEM = "train_state"
@@ -98,15 +94,11 @@ class TrainCheckpoints:
     `independent`: this process reads on its own schedule, synchronizing with no other
     (the refresher's workers, each restoring when its job comes)."""
 
-    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = None,
+    def __init__(self, workdir: str | os.PathLike | Workdir, *, max_to_keep: int | None = None,
                  async_save: bool = False, independent: bool = False):
-        from etils import epath
-
-        workdir = os.fspath(workdir)
-        if "://" not in workdir:  # orbax refuses relative local paths
-            workdir = os.path.abspath(workdir)
-        self.workdir = epath.Path(workdir)
-        self.directory = self.workdir / CHECKPOINTS_DIR
+        self.layout = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+        self.workdir = self.layout.root
+        self.directory = self.layout.checkpoints
         self._max_to_keep = max_to_keep
         self._async_save = async_save
         self._independent = independent
@@ -156,36 +148,19 @@ class TrainCheckpoints:
         if self._writer is not None:
             self._writer.wait_until_finished()
 
-    def write_model_configs(self, configs: dict) -> None:
-        """WORKDIR/model.json: each part's model config (config_to_dict), written atomically."""
-        if jax.process_index() != 0:
-            return
-        text = json.dumps({name: config_to_dict(cfg) for name, cfg in configs.items()},
-                          indent=2) + "\n"
-        atomic_write_text(self.workdir / MODEL_JSON, text)
-
     def mark_finished(self) -> None:
         """Wait for pending saves, then write the FINISHED marker (process 0)."""
         self.wait_until_finished()
-        if jax.process_index() == 0:
-            atomic_write_text(self.directory / FINISHED, f"{self.latest_step()}\n")
+        self.layout.mark_finished(self.latest_step())
 
     # ---- reading (the refresher, or the trainer when it resumes)
 
     def model_configs(self) -> dict:
         """The parts' model configs from WORKDIR/model.json."""
-        path = self.workdir / MODEL_JSON
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing; the trainer writes each part's model "
-                                    "config there (TrainCheckpoints.write_model_configs)")
-        try:
-            raw = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return {name: config_from_dict(d) for name, d in raw.items()}
+        return self.layout.read_model()
 
     def is_finished(self) -> bool:
-        return (self.directory / FINISHED).exists() or (self.workdir / FINISHED).exists()
+        return self.layout.is_finished()
 
     def _read_manager(self) -> ocp.CheckpointManager | None:
         if self._writer is not None:  # the writer's own list is current (and a reload
@@ -250,8 +225,7 @@ class TrainCheckpoints:
         except FileNotFoundError:
             configs = {}
         if part in configs:
-            from realm_jax import hf
-            return hf.abstract_params(configs[part])
+            return abstract_params(configs[part])
         meta = self._params_metadata(step)
         if part not in meta:
             raise KeyError(f"checkpoint {self.step_path(step)} has no part {part!r}; it holds "
