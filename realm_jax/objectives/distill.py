@@ -153,7 +153,8 @@ def emdr2_loss(retriever_scores: Array, reader_log_likelihoods: Array,
     under each document alone is a fixed target: the retriever is pulled towards the
     posterior p(z_k|x, y) (``target_probs``), and nothing reaches the reader. The paper's
     reader term (the reader's likelihood given all K documents) is the task's own loss.
-    Atlas (Izacard et al., 2022) trains the retriever with the same term.
+    Atlas (Izacard et al., 2022) compares the same term; its code marginalizes per target
+    token instead, which is :func:`realm_loss` over stop-gradient token log-probabilities.
     """
     return marginal_loss(retriever_scores, reader_log_likelihoods, valid,
                          retriever_temperature=retriever_temperature, reduce=reduce,
@@ -184,7 +185,7 @@ def pdist_loss(retriever_scores: Array, reader_log_likelihoods: Array,
                retriever_temperature: float | Array = 1.0, reduce: str = "mean"
                ) -> RetrieverLoss:
     """Perplexity distillation (Izacard et al., 2022, "Atlas: Few-shot Learning with Retrieval
-    Augmented Language Models", section 2.2):
+    Augmented Language Models"):
 
         target      = softmax_k(stop_gradient(log p_reader(y|x, z_k)) / temperature)
         per_example = KL(target || p_retr) = sum_k target_k (log target_k - log p_retr(z_k|x))
@@ -194,7 +195,8 @@ def pdist_loss(retriever_scores: Array, reader_log_likelihoods: Array,
     goes to 0 the target becomes one-hot on the reader's best document (the loss tends to
     -log p_retr of it); as it grows, the target becomes uniform over the valid documents.
     The KL is summed over documents and reduced over questions (Atlas' code averages it over
-    the B * K entries instead, which scales it by 1 / K).
+    the B * K entries instead, which scales it by 1 / K, and divides the retriever scores by
+    sqrt(P) and a temperature: pass ``retriever_temperature`` for that).
     """
     return _distill(retriever_scores, reader_log_likelihoods, valid, temperature,
                     retriever_temperature, reduce, "reader_log_likelihoods")
@@ -204,7 +206,7 @@ def loop_loss(retriever_scores: Array, loo_log_likelihoods: Array,
               valid: Array | None = None, *, temperature: float | Array = 1.0,
               retriever_temperature: float | Array = 1.0, reduce: str = "mean"
               ) -> RetrieverLoss:
-    """Leave-one-out perplexity distillation (Izacard et al., 2022, Atlas, section 2.2):
+    """Leave-one-out perplexity distillation (Izacard et al., 2022, Atlas):
 
         target_k    = exp(-log p_reader(y|x, Z \\ {z_k}) / temperature)
                       / sum_i exp(-log p_reader(y|x, Z \\ {z_i}) / temperature)
