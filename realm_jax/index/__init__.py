@@ -4,6 +4,9 @@
 - `device`: exact search on the devices over a corpus-sharded matrix (`device_topk`,
   `DeviceSearcher`); imports JAX.
 - `scann_searcher`: approximate search on the host with ScaNN (`ScannSearcher`).
+- `drift`: how far a served snapshot has drifted from the live towers on probe queries
+  (overlap@k, rank correlation) and when that makes a refresh due; numpy only.
+- `rerank`: keep the top k of over-retrieved candidates by the live towers' scores; JAX.
 - `store`: atomic, validated snapshots under WORKDIR/index (`IndexStore`, `SnapshotWatcher`).
 
 Names are imported lazily, so e.g. the store can be used without importing JAX.
@@ -19,6 +22,9 @@ _EXPORTS = {
     "recall_at_k": "base",
     "DeviceSearcher": "device", "device_topk": "device", "corpus_sharding": "device",
     "ScannSearcher": "scann_searcher", "ScannSettings": "scann_searcher",
+    "Drift": "drift", "measure_drift": "drift", "overlap_at_k": "drift",
+    "rank_correlation": "drift", "refresh_due": "drift",
+    "Reranked": "rerank", "rerank": "rerank",
     "IndexStore": "store", "Snapshot": "store", "SnapshotError": "store",
     "SnapshotWatcher": "store",
 }

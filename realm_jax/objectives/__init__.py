@@ -1,6 +1,9 @@
 """Pure loss functions, arrays in and arrays out: REALM marginal MLM, ORQA, RAG-Sequence,
-RAG-Token."""
+RAG-Token, and the retriever losses that distill the reader into the retriever (EMDR²,
+perplexity distillation, LOOP)."""
 
+from realm_jax.objectives.distill import (
+    RetrieverLoss, emdr2_loss, leave_one_out_marginals, loop_loss, marginal_loss, pdist_loss)
 from realm_jax.objectives.orqa import (
     OrqaLoss, best_span, evidence_mask, joint_span_logits, marginal_nll, orqa_loss,
     span_valid_mask)
@@ -12,6 +15,8 @@ from realm_jax.objectives.realm import (
     realm_loss_from_logits, target_log_probs)
 
 __all__ = [
+    "RetrieverLoss", "emdr2_loss", "leave_one_out_marginals", "loop_loss", "marginal_loss",
+    "pdist_loss",
     "OrqaLoss", "best_span", "evidence_mask", "joint_span_logits", "marginal_nll", "orqa_loss",
     "span_valid_mask",
     "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
