@@ -2,6 +2,7 @@
 passages, rows built by hand from the tokenizer, a resumable pipeline, atomic writing, and
 hard negatives mined with an exact searcher over hand-made embeddings."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -212,8 +213,8 @@ def test_mine_hard_negatives(tmp_path, store):
     assert stats.as_dict() == {"questions": 1, "short": 0, "with_answer": 1, "positives": 1}
     assert mined[0].negative_ctxs == records[0].negative_ctxs
     # Kept after the record's own; a short list is counted; the positive found by its id.
-    by_id = records[0].__class__(**{**records[0].__dict__, "positive_ctxs": (
-        Passage("Renamed", "other text", passage_id="p0"),)})
+    by_id = dataclasses.replace(records[0], positive_ctxs=(
+        Passage("Renamed", "other text", passage_id="p0"),))
     mined, stats = mine_hard_negatives([by_id], question, searcher, store, num_negatives=4,
                                        depth=5, keep_existing=True)
     assert [p.title for p in mined[0].hard_negative_ctxs] == ["Macbeth", "Macbeth", "Othello",
@@ -224,8 +225,9 @@ def test_mine_hard_negatives(tmp_path, store):
     with pytest.raises(ValueError, match=r"question_embeddings must be \[1, 5\]"):
         mine_hard_negatives(records, np.zeros((2, 5)), searcher, store, num_negatives=1)
     with pytest.raises(ValueError, match="index is not over this store"):
-        mine_hard_negatives(records, np.arange(8.0)[None], NumpySearcher(np.eye(8, dtype=np.float32)),
-                            store, num_negatives=1, depth=8)
+        mine_hard_negatives(records, np.arange(8.0)[None],
+                            NumpySearcher(np.eye(8, dtype=np.float32)), store, num_negatives=1,
+                            depth=8)
 
 
 def test_rows_match_the_corpus_embedder(store, minilm_path, tok):
@@ -240,3 +242,19 @@ def test_rows_match_the_corpus_embedder(store, minilm_path, tok):
             ids, mask = row(store.tokens(i), length, cls_id=builder.cls_id,
                             sep_id=builder.sep_id, title_ids=title)
             assert ids[:mask.sum()].tolist() == want.tolist()
+
+
+def test_bm25_negatives(store):
+    pytest.importorskip("bm25s")
+    from realm_jax.index.mining import bm25_ranking, mine_bm25_negatives
+
+    ranked = bm25_ranking(store, ["scottish tragedy", "zebra"], depth=6)
+    assert ranked.shape == (2, 6)
+    assert ranked[0, 0] == 2 and (ranked[1] == -1).all()  # no shared term: nothing ranked
+    record = DprRecord(
+        question="Shakespeare play tragedy Venice", answers=("Shakespeare",),
+        positive_ctxs=(Passage("Hamlet", "Hamlet is a play by Shakespeare."),))
+    mined, stats = mine_bm25_negatives([record], store, num_negatives=3, depth=5)
+    # Blocks 0 (positive) and 1 (holds "Shakespeare") are left out; 4 shares no term.
+    assert sorted(p.block_id for p in mined[0].hard_negative_ctxs) == [2, 3]
+    assert stats.positives == 1 and stats.with_answer == 1 and stats.short == 1
