@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from realm_jax import sharding
+from realm_jax import hf, sharding
 from realm_jax.models import EmbedderConfig, EncoderConfig
 from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss, in_batch_softmax
@@ -54,7 +53,8 @@ def test_ict_padding_rows_count_nothing():
     np.testing.assert_allclose(out.nll[:3], nll, rtol=1e-5)
     assert float(out.loss) == pytest.approx(nll.mean(), rel=1e-5)
     np.testing.assert_array_equal(out.nll[3:], 0.0)
-    grads = jax.grad(lambda a, b: ict_loss(a, b, valid=valid).loss, argnums=(0, 1))(q, c)
+    grads = jax.jit(jax.grad(lambda a, b: ict_loss(a, b, valid=valid).loss, argnums=(0, 1)))(
+        q, c)
     assert all(np.isfinite(g).all() for g in grads)
     np.testing.assert_array_equal(grads[1][3:], 0.0)
 
@@ -115,18 +115,33 @@ def test_in_batch_softmax_checks_shapes():
 
 # ------------------------------------------------------------------ gradient cache
 
+# Cheap XLA settings: the point is the arithmetic, not the speed.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 ENC = EncoderConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
                     intermediate_size=32, max_position_embeddings=16, dropout_rate=0.0,
                     attention_dropout_rate=0.0)
+
+
+def _random_params(cfg, seed):
+    """Random params from the abstract shapes, in numpy (flax's op-by-op init is slow)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return np.ones(x.shape, np.float32)
+        if name.endswith("['bias']"):
+            return np.zeros(x.shape, np.float32)
+        return rng.normal(0, 0.3, x.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")
 def towers():
     q_cfg = EmbedderConfig(ENC, pooling="cls", projection_dim=8)
     c_cfg = EmbedderConfig(ENC, pooling="mean")
-    ids = np.zeros((1, 4), np.int32)
-    params = {"q": nn.unbox(q_cfg.module().init(jax.random.key(0), ids)["params"]),
-              "c": nn.unbox(c_cfg.module().init(jax.random.key(1), ids)["params"])}
+    params = {"q": _random_params(q_cfg, 0), "c": _random_params(c_cfg, 1)}
     return q_cfg.module(), c_cfg.module(), params
 
 
@@ -137,7 +152,9 @@ def _rows(rng, n, length):
             "attention_mask": mask}
 
 
-def test_grad_cache_equals_plain_gradients(towers):
+@pytest.fixture(scope="module")
+def grad_cache_case(towers):
+    """A DPR batch, the loss on embeddings and the plain value_and_grad's result."""
     q_mod, c_mod, params = towers
     rng = np.random.default_rng(3)
     b, h = 8, 1
@@ -159,21 +176,46 @@ def test_grad_cache_equals_plain_gradients(towers):
     def plain(p):
         return loss_on(embed_q(p, queries), embed_c(p, passages))
 
-    (want_loss, want_acc), want = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
-    cached = jax.jit(lambda p: grad_cache_value_and_grad(
-        embed_q, embed_c, loss_on, p, queries, passages, chunk_size=4, has_aux=True))
-    (loss, acc), grads = cached(params)
+    want = jax.jit(jax.value_and_grad(plain, has_aux=True), compiler_options=FAST)(params)
+    return params, queries, passages, embed_q, embed_c, loss_on, want
+
+
+def _check_grads(got, want):
+    (loss, acc), grads = got
+    (want_loss, want_acc), want = want
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
     assert float(acc) == float(want_acc)
     flat_want = jax.tree_util.tree_leaves_with_path(want)
     flat_got = jax.tree.leaves(grads)
     assert len(flat_want) == len(flat_got)
+    scale = max(float(np.abs(w).max()) for _, w in flat_want)
     for (path, w), g in zip(flat_want, flat_got):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6,
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
     # Both towers get gradients (a wrong cotangent routing would leave one at zero).
     assert float(jnp.abs(grads["q"]["projection"]["kernel"]).max()) > 1e-4
     assert float(jnp.abs(grads["c"]["encoder"]["word_embeddings"]["embedding"]).max()) > 1e-4
+
+
+def test_grad_cache_equals_plain_gradients(grad_cache_case):
+    params, queries, passages, embed_q, embed_c, loss_on, want = grad_cache_case
+    cached = jax.jit(lambda p: grad_cache_value_and_grad(
+        embed_q, embed_c, loss_on, p, queries, passages, chunk_size=4, has_aux=True),
+        compiler_options=FAST)
+    _check_grads(cached(params), want)
     with pytest.raises(ValueError, match="chunk_size 3 must divide"):
         grad_cache_value_and_grad(embed_q, embed_c, loss_on, params, queries, passages, 3,
                                   has_aux=True)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (emulated) devices")
+def test_grad_cache_sharded_equals_plain_gradients(grad_cache_case):
+    """The batch sharded 8 ways on the data axis (each chunk of 8 rows spread over all
+    devices), the parameters replicated: the same loss and gradients."""
+    params, queries, passages, embed_q, embed_c, loss_on, want = grad_cache_case
+    mesh = sharding.make_mesh((8, 1, 1))
+    rows, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    cached = jax.jit(lambda p, q, c: grad_cache_value_and_grad(
+        embed_q, embed_c, loss_on, p, q, c, chunk_size=8, has_aux=True),
+        in_shardings=(rep, rows, rows), out_shardings=rep, compiler_options=FAST)
+    _check_grads(cached(params, queries, passages), want)

@@ -5,6 +5,8 @@
   `DeviceSearcher`); imports JAX.
 - `scann_searcher`: approximate search on the host with ScaNN (`ScannSearcher`).
 - `store`: atomic, validated snapshots under WORKDIR/index (`IndexStore`, `SnapshotWatcher`).
+- `mining`: DPR hard negatives from a searcher or BM25 (`mine_hard_negatives`,
+  `mine_bm25_negatives`).
 
 Names are imported lazily, so e.g. the store can be used without importing JAX.
 """
@@ -21,6 +23,7 @@ _EXPORTS = {
     "ScannSearcher": "scann_searcher", "ScannSettings": "scann_searcher",
     "IndexStore": "store", "Snapshot": "store", "SnapshotError": "store",
     "SnapshotWatcher": "store",
+    "mine_hard_negatives": "mining", "mine_bm25_negatives": "mining",
 }
 
 __all__ = sorted(_EXPORTS)

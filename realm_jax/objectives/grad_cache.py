@@ -16,6 +16,11 @@ Peak activation memory is that of one chunk; the cost is one extra forward pass.
 equals ``jax.value_and_grad`` of the whole batch up to float rounding. Everything is
 traceable (``jax.lax.map`` / ``jax.lax.scan`` over chunks), so it runs inside ``jax.jit``.
 
+Chunks are strided (chunk c holds rows c, c + n/chunk_size, ...): with the batch sharded in
+contiguous blocks along the data axis, every chunk then holds the same number of rows of
+every device's block, so all devices work on every chunk with their own rows (no gather);
+only the loss on the embeddings sees the global batch.
+
 With dropout, pass ``rng``: chunk c of the queries (contexts) is embedded with
 ``fold_in(fold_in(rng, 0 (1)), c)`` in both passes, so the recomputation sees the same masks.
 """
@@ -32,7 +37,8 @@ EmbedFn = Callable[..., Array]  # (params, inputs[, rng]) -> [n, P]
 
 
 def _chunks(inputs: Any, chunk_size: int, what: str) -> tuple[Any, int]:
-    """Leaves [n, ...] -> [n / chunk_size, chunk_size, ...]; n must be a multiple."""
+    """Leaves [n, ...] -> [n / chunk_size, chunk_size, ...], chunk c holding rows c,
+    c + n / chunk_size, c + 2 n / chunk_size, ...; n must be a multiple of chunk_size."""
     sizes = {x.shape[0] for x in jax.tree.leaves(inputs)}
     if len(sizes) != 1:
         raise ValueError(f"grad cache: the {what} arrays have different leading sizes {sizes}")
@@ -40,8 +46,15 @@ def _chunks(inputs: Any, chunk_size: int, what: str) -> tuple[Any, int]:
     if chunk_size < 1 or n % chunk_size:
         raise ValueError(f"grad cache: chunk_size {chunk_size} must divide the number of "
                          f"{what} ({n})")
-    return jax.tree.map(lambda x: x.reshape(n // chunk_size, chunk_size, *x.shape[1:]),
-                        inputs), n // chunk_size
+    return jax.tree.map(lambda x: _to_chunks(x, n // chunk_size), inputs), n // chunk_size
+
+
+def _to_chunks(x: Array, count: int) -> Array:
+    return x.reshape(-1, count, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _from_chunks(x: Array) -> Array:
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
 def _embed_all(embed: EmbedFn, params: Any, chunks: Any, count: int, rng: Array | None
@@ -54,13 +67,13 @@ def _embed_all(embed: EmbedFn, params: Any, chunks: Any, count: int, rng: Array 
         return embed(params, inputs, jax.random.fold_in(rng, index))
 
     out = jax.lax.map(one, (jnp.arange(count), chunks))
-    return jax.lax.stop_gradient(out.reshape(-1, *out.shape[2:]))
+    return jax.lax.stop_gradient(_from_chunks(out))
 
 
 def _pull_back(embed: EmbedFn, params: Any, chunks: Any, count: int, cotangents: Array,
                rng: Array | None, grads: Any) -> Any:
     """grads + sum over chunks of (d embed(chunk) / d params)^T cotangents[chunk]."""
-    cotangents = cotangents.reshape(count, -1, *cotangents.shape[1:])
+    cotangents = _to_chunks(cotangents, count)
 
     def step(acc, args):
         index, inputs, cotangent = args
