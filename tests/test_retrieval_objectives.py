@@ -219,3 +219,37 @@ def test_grad_cache_sharded_equals_plain_gradients(grad_cache_case):
         embed_q, embed_c, loss_on, p, q, c, chunk_size=8, has_aux=True),
         in_shardings=(rep, rows, rows), out_shardings=rep, compiler_options=FAST)
     _check_grads(cached(params, queries, passages), want)
+
+
+def test_grad_cache_dropout_masks_match_between_passes():
+    """With an rng, chunk c is embedded with fold_in(fold_in(rng, 0 or 1), c) in both passes:
+    equal to the plain gradient of the loss over embeddings made with those same keys (a
+    recomputation with other masks would differ). A linear "tower" with dropout."""
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+    q, c = jnp.asarray(rng.normal(size=(8, 6))), jnp.asarray(rng.normal(size=(16, 6)))
+    key = jax.random.key(9)
+
+    def embed(p, x, k):
+        return (x * jax.random.bernoulli(k, 0.5, x.shape)) @ p["w"]
+
+    def loss_on(qe, ce):
+        return dpr_loss(qe, ce).loss
+
+    def reference(p):
+        def embed_all(x, side, count):
+            # Chunk i holds rows i, i + count, ...: place each chunk's rows back.
+            out = jnp.zeros((x.shape[0], 4))
+            for i in range(count):
+                k = jax.random.fold_in(jax.random.fold_in(key, side), i)
+                out = out.at[i::count].set(embed(p, x[i::count], k))
+            return out
+        return loss_on(embed_all(q, 0, 2), embed_all(c, 1, 4))
+
+    want_loss, want = jax.jit(jax.value_and_grad(reference))(params)
+    loss, grads = jax.jit(lambda p: grad_cache_value_and_grad(
+        embed, embed, loss_on, p, q, c, chunk_size=4, rng=key))(params)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    np.testing.assert_allclose(grads["w"], want["w"], rtol=1e-4, atol=1e-6)
+    no_dropout = loss_on(q @ params["w"], c @ params["w"])
+    assert abs(float(no_dropout) - float(loss)) > 1e-3
