@@ -8,6 +8,8 @@
   (overlap@k, rank correlation) and when that makes a refresh due; numpy only.
 - `rerank`: keep the top k of over-retrieved candidates by the live towers' scores; JAX.
 - `store`: atomic, validated snapshots under WORKDIR/index (`IndexStore`, `SnapshotWatcher`).
+- `mining`: DPR hard negatives from a searcher or BM25 (`mine_hard_negatives`,
+  `mine_bm25_negatives`).
 
 Names are imported lazily, so e.g. the store can be used without importing JAX.
 """
@@ -27,6 +29,7 @@ _EXPORTS = {
     "Reranked": "rerank", "rerank": "rerank",
     "IndexStore": "store", "Snapshot": "store", "SnapshotError": "store",
     "SnapshotWatcher": "store",
+    "mine_hard_negatives": "mining", "mine_bm25_negatives": "mining",
 }
 
 __all__ = sorted(_EXPORTS)
