@@ -514,7 +514,9 @@ class RetrievedPassage:
 class Prediction:
     """A question, the predicted answer (None when only retrieval is evaluated), the gold
     answers, whether the prediction is correct (:func:`answer_matches`; None without an
-    answer) and the retrieved passages, best first."""
+    answer) and the retrieved passages, best first; ``provenance``: the example's gold
+    evidence sets when it has them (KILT, FEVER), for :func:`kilt_r_precision` and
+    :func:`kilt_recall_at_k`."""
 
     qid: str
     question: str
@@ -524,6 +526,7 @@ class Prediction:
     passages: tuple[RetrievedPassage, ...] = ()
     is_regex: bool = False
     gold_passages: tuple[str, ...] = ()
+    provenance: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def from_retrieval(cls, example: AnswerKey, answer: str | None, *,
@@ -542,14 +545,17 @@ class Prediction:
                              text if keep_text else None)
             for i, title, text, score in zip(ids, titles, texts, scores))
         correct = None if answer is None else answer_matches(answer, example)
+        provenance = tuple(tuple(s) for s in getattr(example, "provenance", ()))
         return cls(example.qid, example.question, answer, tuple(example.answers), correct,
-                   passages, example.is_regex, tuple(example.gold_passages))
+                   passages, example.is_regex, tuple(example.gold_passages), provenance)
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         for p in record["passages"]:
             if p["text"] is None:
                 del p["text"]
+        if not record["provenance"]:
+            del record["provenance"]
         return record
 
     @classmethod
@@ -558,6 +564,7 @@ class Prediction:
         fields["passages"] = tuple(RetrievedPassage(**p) for p in fields.get("passages", ()))
         fields["gold_answers"] = tuple(fields["gold_answers"])
         fields["gold_passages"] = tuple(fields.get("gold_passages", ()))
+        fields["provenance"] = tuple(tuple(s) for s in fields.get("provenance", ()))
         return cls(**fields)
 
 

@@ -222,6 +222,33 @@ def test_score_file_reads_eval_predictions(tmp_path):
     assert got["rprec"] == 0.5 and got["recall@2"] == 1.0 and got["provenance_count"] == 2
 
 
+def test_eval_predictions_keep_evidence_sets(tmp_path):
+    """A task example's evidence sets travel through the predictions file to rprec and
+    recall@k (a set of two pages counts once both are retrieved)."""
+    from realm_jax.data.tasks import TaskExample
+    example = TaskExample("f1", "Hamlet is by a Danish author.", ("refutes",),
+                          gold_passages=("Hamlet", "Shakespeare"),
+                          provenance=(("Hamlet", "Shakespeare"),), label="REFUTES")
+    prediction = ev.Prediction.from_retrieval(
+        example, "refutes", ids=[1, 2, 3], titles=["Hamlet", "Denmark", "Shakespeare"],
+        texts=["", "", ""], scores=[3.0, 2.0, 1.0])
+    assert prediction.provenance == (("Hamlet", "Shakespeare"),)
+    path = ev.write_predictions(tmp_path / "p.jsonl", [prediction])
+    assert ev.read_predictions(path) == [prediction]
+    # KILT's rank: [Denmark, the set {Hamlet, Shakespeare}], the set complete at place 2
+    got = ev.score_file(path, "accuracy,rprec,recall@1,recall@2")
+    assert got == {"count": 1, "accuracy": 1.0, "provenance_count": 1, "rprec": 0.5,
+                   "recall@1": 0.0, "recall@2": 1.0}
+    # without provenance, each gold passage is an evidence set of its own
+    plain = ev.Prediction.from_retrieval(QAExample("q", "?", ("x",), gold_passages=("Denmark",)),
+                                         "x", ids=[1, 2], titles=["Hamlet", "Denmark"],
+                                         texts=["", ""], scores=[1.0, 0.0])
+    assert "provenance" not in plain.to_json()
+    path = ev.write_predictions(tmp_path / "q.jsonl", [plain])
+    assert ev.score_file(path, "rprec,recall@2") == {
+        "count": 1, "provenance_count": 1, "rprec": 0.0, "recall@2": 1.0}
+
+
 def test_score_file_fields_and_errors(tmp_path):
     path = tmp_path / "gen.jsonl"
     lines = [{"question": "Hamlet", "prediction": "Who wrote Hamlet?",
