@@ -24,10 +24,10 @@ the first step) and `forced_eos_token_id` (at the last, max_length - 1); beam se
 sum log p / generated_length ** length_penalty, and stops early as `early_stopping`
 (True, False or "never") says; greedy pads finished sequences. Sampling applies transformers'
 warpers after those processors, in its order (temperature, top-k, top-p) and draws from the
-result; the key of step t is fold_in(rng, t), so the same key gives the same samples. RAG-Sequence scores
-hypotheses as transformers' RagSequenceForGeneration does (labels = the hypothesis, the
-first target dropped when every hypothesis of the question starts with bos, pads masked),
-except that the document prior always counts (see realm_jax/objectives/rag.py).
+result; the key of step t is fold_in(rng, t), so the same key gives the same samples.
+RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does (labels = the
+hypothesis, the first target dropped when every hypothesis of the question starts with bos,
+pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py).
 """
 
 from __future__ import annotations

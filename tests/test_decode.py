@@ -259,8 +259,8 @@ SAMPLE_SETTINGS = dict(max_length=10, do_sample=True)
 
 def test_rag_token_sampling_greedy_limits_and_keys(models):
     """On the model: top_k=1 at a high temperature decodes as greedy search (a temperature
-    near 0 is checked on the fixed distribution); samples are drawn per row (num_return_sequences of them) and the same
-    key gives the same samples."""
+    near 0 is checked on the fixed distribution); num_return_sequences samples are drawn
+    per question, and the same key gives the same samples."""
     _, _, cfg, params = models
     ctx, mask, scores = _inputs()
     greedy = _run(rag_token_generate, params, ctx, mask, scores, config=cfg,
