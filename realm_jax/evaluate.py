@@ -376,19 +376,22 @@ def question_word_types(question: str) -> dict[str, list[str]]:
 def _qbleu1_one(prediction: str, reference: str, weights: dict[str, float],
                 delta: float) -> float:
     pred, ref = question_word_types(prediction), question_word_types(reference)
-    present = [t for t in weights if pred[t] or ref[t]]
-    if not any(pred.values()) or not present:
+    if not any(pred.values()):
         return 0.0
+    present = [t for t in weights if weights[t] > 0 and (pred[t] or ref[t])]
     total = sum(weights[t] for t in present)
-    precision = recall = 0.0
+    precision = recall = 0.0 if present else 1.0     # no weighted type: nothing to miss
     for t in present:
         same = _overlap(pred[t], ref[t])
         precision += weights[t] / total * (same / len(pred[t]) if pred[t] else 0.0)
         recall += weights[t] / total * (same / len(ref[t]) if ref[t] else 0.0)
     answerability = (2 * precision * recall / (precision + recall)
                      if precision + recall else 0.0)
-    flat = lambda types: " ".join(w for t in QBLEU_WEIGHTS for w in types[t])  # noqa: E731
-    fluency = _bleu1_metric(True).sentence_score(flat(pred), [flat(ref)]).score / 100
+
+    def words(types: dict[str, list[str]]) -> str:
+        return " ".join(w for t in QBLEU_WEIGHTS for w in types[t])
+
+    fluency = _bleu1_metric(True).sentence_score(words(pred), [words(ref)]).score / 100
     return delta * answerability + (1 - delta) * fluency
 
 
@@ -405,7 +408,8 @@ def qbleu1(prediction: str, references: str | Iterable[str], *,
     question words 0.2, content words 0.1, function words 0.1) and delta 0.7: the reference
     implementation's example setting, which weights entities most, as RAG's Q-BLEU-1 does.
     A type neither question has (a clue with no question word, as most Jeopardy clues) is
-    left out and the other weights rescaled to sum to 1; the reference implementation scores
+    left out and the other weights rescaled to sum to 1 (with no weighted type left,
+    answerability is 1); the reference implementation scores
     it 0 instead (coco BLEU of two empty strings), which keeps a perfect answer below 1 and
     makes the score depend on how many types the reference happens to use. BLEU-1 is
     sacrebleu's sentence BLEU-1 on the same lower-cased words (punctuation dropped, as

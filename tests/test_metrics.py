@@ -143,6 +143,11 @@ def test_qbleu1_weights_entities_and_skips_absent_types():
     # a clue without question words can still score 1
     assert ev.qbleu1("This danish prince speaks to a skull", ref) < 1.0   # not an entity
     assert ev.qbleu1(ref + ".", ref) == pytest.approx(1.0)          # punctuation ignored
+    # weights of one type only: a pair without it has nothing to miss (BLEU-1 decides)
+    only_entities = {"entities": 1.0, "question_words": 0.0, "content_words": 0.0,
+                     "function_words": 0.0}
+    assert ev.qbleu1("a b", "a b c d", weights=only_entities) == pytest.approx(
+        0.7 + 0.3 * math.exp(1 - 4 / 2))
     with pytest.raises(ValueError, match="summing to 1"):
         ev.qbleu1("a", "a", weights={"entities": 1.0})
 
