@@ -208,6 +208,25 @@ def _cpu_devices_flag(parser: argparse.ArgumentParser) -> None:
                              "no effect on GPU/TPU devices or when XLA_FLAGS sets the count")
 
 
+def _score(args: argparse.Namespace) -> None:
+    import json
+
+    from realm_jax import evaluate
+
+    print(json.dumps(evaluate.score_file(args.predictions, args.metrics), indent=2))
+
+
+def _add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="metrics of a predictions JSONL (question, prediction or "
+                       "answer, answers or gold_answers; as `realm-jax eval` writes) as JSON")
+    p.add_argument("--predictions", required=True, help="the JSONL file to score")
+    p.add_argument("--metrics", default="em,f1",
+                   help="comma-separated: em, f1, bleu1, rougeL, qbleu1, accuracy, distinct3 "
+                        "(distinctN), rprec, recall@K (KILT provenance; needs gold_passages or "
+                        "provenance)")
+    p.set_defaults(run=_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -329,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_flags(p)
     p.add_argument("question", nargs="*", help="questions")
     p.set_defaults(run=_answer, overrides=[])
+    _add_score_parser(sub)
 
     p = sub.add_parser("aot", help="compile the REALM train step ahead of time for a device "
                        "topology (e.g. a TPU slice this host does not have): memory per "

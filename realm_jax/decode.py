@@ -1,4 +1,5 @@
-"""RAG decoding: greedy and RAG-Token beam search, RAG-Sequence thorough and fast decoding.
+"""RAG decoding: greedy, sampling and RAG-Token beam search, RAG-Sequence thorough and fast
+decoding.
 
 Everything is jitted and batched over questions; the time loop is a `lax.while_loop` over
 BART's incremental-decoding cache (realm_jax/models/bart.py). Shapes: B questions, K
@@ -6,7 +7,9 @@ documents, N beams, M = max_length, V vocabulary entries.
 
 - RAG-Token (`rag_token_generate`): the next-token distribution is the document-
   marginalized log sum_z p(z|x) p(v|x, z, y<t); the encoder states of all K documents are
-  kept (B * N * K decoder rows), and the cache follows the beams. num_beams=1 is greedy.
+  kept (B * N * K decoder rows), and the cache follows the beams. num_beams=1 is greedy;
+  do_sample=True draws num_return_sequences samples per question instead (`sample_search`:
+  temperature, top-k, top-p), from a jax.random key.
 - RAG-Sequence (`rag_sequence_generate`): beam search per (question, document); the
   K * N hypotheses of a question are pooled (duplicates dropped) and scored by
   log sum_z p(z|x) p(y|x, z). Thorough decoding rescores every hypothesis under every
@@ -19,10 +22,12 @@ barred while the sequence, start token included, is shorter), `forced_bos_token_
 the first step) and `forced_eos_token_id` (at the last, max_length - 1); beam search keeps
 2N candidates per step, finishes a hypothesis on eos or at max_length with score
 sum log p / generated_length ** length_penalty, and stops early as `early_stopping`
-(True, False or "never") says; greedy pads finished sequences. RAG-Sequence scores
-hypotheses as transformers' RagSequenceForGeneration does (labels = the hypothesis, the
-first target dropped when every hypothesis of the question starts with bos, pads masked),
-except that the document prior always counts (see realm_jax/objectives/rag.py).
+(True, False or "never") says; greedy pads finished sequences. Sampling applies transformers'
+warpers after those processors, in its order (temperature, top-k, top-p) and draws from the
+result; the key of step t is fold_in(rng, t), so the same key gives the same samples.
+RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does (labels = the
+hypothesis, the first target dropped when every hypothesis of the question starts with bos,
+pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ Array = jax.Array
 NEG = -1.0e9
 
 __all__ = ["GenerationConfig", "Generated", "Hypotheses", "beam_search", "greedy_search",
-           "rag_sequence_generate", "rag_token_generate", "trim"]
+           "rag_sequence_generate", "rag_token_generate", "sample_search", "trim"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,10 @@ class GenerationConfig:
     pad_token_id: int = 1
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -79,6 +88,15 @@ class GenerationConfig:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', "
                              f"got {self.early_stopping!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (top_k=1 samples greedily), "
+                             f"got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_k must be >= 0 (0: off) and top_p in (0, 1], got "
+                             f"{self.top_k} and {self.top_p}")
+        if self.do_sample and self.num_beams != 1:
+            raise ValueError(f"do_sample draws num_return_sequences samples with num_beams=1 "
+                             f"(beam sampling is not implemented), got num_beams={self.num_beams}")
 
     @classmethod
     def from_rag(cls, config: RagConfig, **settings) -> "GenerationConfig":
@@ -157,10 +175,53 @@ def _take(x: Array, idx: Array) -> Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _warp(scores: Array, gen: GenerationConfig) -> Array:
+    """transformers' sampling warpers, in its order: temperature; top-k (scores below the
+    k-th best become -inf; ties with it stay); top-p (the smallest set of best tokens whose
+    probability reaches top_p: a token goes when the tokens less likely than or as likely as
+    it hold at most 1 - top_p, the best token always stays)."""
+    if gen.temperature != 1.0:
+        scores = scores / gen.temperature
+    if gen.top_k:
+        kth = lax.top_k(scores, min(gen.top_k, scores.shape[-1]))[0][..., -1:]
+        scores = jnp.where(scores < kth, -jnp.inf, scores)
+    if gen.top_p < 1.0:
+        ascending = jnp.sort(scores, axis=-1)
+        dropped = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1 - gen.top_p
+        dropped = dropped.at[..., -1].set(False)
+        # the dropped tokens are a prefix of the ascending order: keep from the first kept
+        first_kept = jnp.take_along_axis(ascending, jnp.argmin(dropped, axis=-1)[..., None],
+                                         axis=-1)
+        scores = jnp.where(scores < first_kept, -jnp.inf, scores)
+    return scores
+
+
 def greedy_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConfig
                   ) -> Hypotheses:
     """Greedy decoding of `batch_size` sequences (N = 1): the argmax of the processed logits;
     finished sequences continue with pad; stops when all have produced eos or at
+    max_length."""
+    return _one_by_one(step, state, batch_size, gen,
+                       lambda scores, cur_len: jnp.argmax(scores, axis=-1))
+
+
+def sample_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConfig,
+                  rng: Array) -> Hypotheses:
+    """Sampling of `batch_size` sequences (N = 1), each row on its own: the next token is
+    drawn from the processed logits warped by `_warp` (temperature, top-k, top-p), with the
+    key fold_in(rng, t) at step t; finishes as greedy does. Scores: the sum of the unwarped
+    log-probs of the tokens drawn. top_k=1 is greedy decoding at any temperature."""
+    def draw(scores, cur_len):
+        return jax.random.categorical(jax.random.fold_in(rng, cur_len), _warp(scores, gen),
+                                      axis=-1)
+
+    return _one_by_one(step, state, batch_size, gen, draw)
+
+
+def _one_by_one(step: StepFn, state: Any, batch_size: int, gen: GenerationConfig,
+                choose: Callable[[Array, Array], Array]) -> Hypotheses:
+    """One hypothesis per row, the next token picked by `choose(processed scores [rows, V],
+    cur_len)`; finished rows continue with pad; stops when all have produced eos or at
     max_length."""
     m, start = gen.max_length, gen.decoder_start_token_id
     seqs = jnp.full((batch_size, m), gen.pad_token_id, jnp.int32).at[:, 0].set(start)
@@ -177,7 +238,7 @@ def greedy_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConf
         tokens = jnp.take(c["seqs"], cur_len - 1, axis=1)
         logits, state = step(c["state"], tokens)
         logits = logits.astype(jnp.float32)
-        nxt = jnp.argmax(_process(logits, cur_len, gen), axis=-1).astype(jnp.int32)
+        nxt = choose(_process(logits, cur_len, gen), cur_len).astype(jnp.int32)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits), nxt[:, None], axis=-1)[:, 0]
         nxt = jnp.where(live, nxt, gen.pad_token_id)
         lp = jnp.where(live, lp, 0.0)
@@ -359,18 +420,23 @@ def _reorder_rows(state: dict, rows: Array) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("config", "gen"))
 def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | None,
-                       doc_scores: Array, *, config: RagConfig, gen: GenerationConfig
-                       ) -> Generated:
+                       doc_scores: Array, *, config: RagConfig, gen: GenerationConfig,
+                       rng: Array | None = None) -> Generated:
     """RAG-Token decoding: beam search (greedy for num_beams=1) over the document-
     marginalized next-token distribution, as transformers' RagTokenForGeneration.generate
-    given the same contexts and scores.
+    given the same contexts and scores; or, with gen.do_sample, `sample_search` from that
+    distribution, seeded by `rng` (a jax.random key).
 
     params: the `Rag` params (only "generator" is read). context_ids/mask: [B, K, L].
     doc_scores: [B, K] (e.g. `Rag.doc_scores`). Returns `Generated` with R =
-    gen.num_return_sequences sequences per question."""
+    gen.num_return_sequences sequences per question (best first for beam search;
+    independent samples, in no order, when sampling)."""
     context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
     b, k = context_ids.shape[:2]
-    n, r = gen.num_beams, gen.num_return_sequences
+    r = gen.num_return_sequences
+    n = r if gen.do_sample else gen.num_beams        # decoder rows per question
+    if gen.do_sample and rng is None:
+        raise ValueError("do_sample needs rng, a jax.random key")
     if r > n:
         raise ValueError(f"num_return_sequences {r} > num_beams {n}")
     bart, gp = config.generator.module(), params["generator"]
@@ -386,6 +452,10 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     def reorder(cache, rows):
         return _reorder_rows(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
 
+    if gen.do_sample:
+        hyps = sample_search(step, cache, b * n, gen, rng)
+        return Generated(hyps.sequences.reshape(b, n, -1), hyps.scores.reshape(b, n),
+                         hyps.lengths.reshape(b, n))
     if n == 1:
         hyps = greedy_search(step, cache, b, gen)
     else:
@@ -443,6 +513,9 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""
     context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
+    if gen.do_sample:
+        raise ValueError("do_sample: sampling is implemented for RAG-Token decoding "
+                         "(rag_token_generate), not RAG-Sequence")
     b, k = context_ids.shape[:2]
     n, r = gen.num_beams, gen.num_return_sequences
     c, m = k * n, gen.max_length

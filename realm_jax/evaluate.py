@@ -1,6 +1,21 @@
-"""Open-domain QA evaluation: exact match, regex match, answer-in-passage, recall@k.
+"""Evaluation: open-domain QA (exact match, token F1, regex match, answer-in-passage,
+recall@k), generation (BLEU-1, ROUGE-L, Q-BLEU-1, distinct n-grams), label accuracy (FEVER),
+KILT provenance (R-precision, recall@k), and the scoring of a predictions file.
 
-Pure Python (no JAX). The rules, and where they come from:
+Pure Python (no JAX); imports nothing from `realm_jax.data` (which imports it). Which figure
+is per sentence and which per corpus follows each metric's official script:
+
+- per example, then the mean: exact match, token F1 (SQuAD), ROUGE-L (MS MARCO's script),
+  Q-BLEU-1 (the reference implementation), label accuracy, KILT R-precision and recall@k;
+- per corpus: BLEU-1 (MS MARCO's script), distinct n-grams (RAG's over all generations).
+
+Several references: the best over them (exact match, F1, Q-BLEU-1), or the statistics of all
+of them (BLEU's clipping and closest length, ROUGE-L's best precision and best recall), as the
+scripts do. BLEU-1, ROUGE-L and Q-BLEU-1 come from sacrebleu and rouge-score (imported on
+first use); Q-BLEU's answerability, distinct-n and KILT's metrics have no maintained library
+and are written here.
+
+The QA rules, and where they come from:
 
 - :func:`normalize_answer` is the SQuAD v1.1 script's normalization (lower case; drop the
   ASCII punctuation of ``string.punctuation``, joining what it separated, so "U.S." and
@@ -30,6 +45,7 @@ Pure Python (no JAX). The rules, and where they come from:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -39,12 +55,9 @@ import string
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from realm_jax.durable import atomic_write
-
-if TYPE_CHECKING:
-    from realm_jax.data.qa import QAExample
 
 DEFAULT_KS = (1, 5, 20, 100)
 REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
@@ -95,7 +108,23 @@ def regex_match(prediction: str, patterns: str | Iterable[str]) -> bool:
     return any(compile_regex(p).match(prediction) is not None for p in _as_list(patterns))
 
 
-def answer_matches(prediction: str, example: QAExample) -> bool:
+class AnswerKey(Protocol):
+    """What scoring reads of an example (`realm_jax.data.qa.QAExample` has it): this module
+    imports nothing from `realm_jax.data`, which imports it."""
+
+    @property
+    def qid(self) -> str: ...
+    @property
+    def question(self) -> str: ...
+    @property
+    def answers(self) -> Sequence[str]: ...
+    @property
+    def is_regex(self) -> bool: ...
+    @property
+    def gold_passages(self) -> Sequence[str]: ...
+
+
+def answer_matches(prediction: str, example: AnswerKey) -> bool:
     """Regex match for regex examples (CuratedTrec), exact match otherwise."""
     match = regex_match if example.is_regex else exact_match
     return match(prediction, example.answers)
@@ -198,6 +227,276 @@ def recall_at_k(hits: Sequence[Sequence[bool]], ks: Iterable[int] = DEFAULT_KS
     return {k: sum(f is not None and f < k for f in first) / len(hits) for k in ks}
 
 
+# ----------------------------------------------------------------------------- generation metrics
+
+
+def _best(scores: Iterable[float]) -> float:
+    return max(scores, default=0.0)
+
+
+def _overlap(a: Sequence[str], b: Sequence[str]) -> int:
+    """Tokens in common, with repeats clipped (a token twice in ``a`` and once in ``b``
+    counts once)."""
+    return sum((collections.Counter(a) & collections.Counter(b)).values())
+
+
+def _f1(pred: Sequence[str], gold: Sequence[str]) -> float:
+    if not pred or not gold:
+        return float(not pred and not gold)
+    same = _overlap(pred, gold)
+    return 0.0 if same == 0 else 2 * same / (len(pred) + len(gold))
+
+
+def token_f1(prediction: str, answers: str | Iterable[str]) -> float:
+    """SQuAD's token F1, the best over the answers: precision and recall of the words of the
+    normalized texts (:func:`normalize_answer`: no punctuation, no articles), repeats clipped.
+    A side with no word left scores 1.0 against another empty side, else 0.0 (SQuAD 2.0's
+    rule; v1.1 gave two empty texts 0 although exact match calls them equal)."""
+    pred = normalize_answer(prediction).split()
+    return _best(_f1(pred, normalize_answer(a).split()) for a in _as_list(answers))
+
+
+def generation_tokens(text: str) -> list[str]:
+    """The tokens BLEU-1, ROUGE-L and distinct-n count: NFKC, lower case, runs of letters
+    and digits, and every other non-space character alone. Punctuation is a token and
+    articles stay, as in the lower-cased spaCy tokens MS MARCO's official script scores."""
+    return _TOKEN_RE.findall(_unicode_lower(text))
+
+
+def _joined(text: str) -> str:
+    return " ".join(generation_tokens(text))
+
+
+@functools.lru_cache(maxsize=4)
+def _bleu1_metric(sentence: bool):
+    from sacrebleu.metrics import BLEU  # imported on first use
+    if sentence:  # no smoothing: order 1 has no zero higher-order counts to smooth
+        return BLEU(max_ngram_order=1, tokenize="none", smooth_method="none",
+                    effective_order=True)
+    return BLEU(max_ngram_order=1, tokenize="none")
+
+
+def bleu1(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus-level BLEU-1 in [0, 1], as MS MARCO's official script computes it (coco-caption's
+    BLEU, corpus statistics): the clipped unigram matches of all predictions over their
+    tokens, times the brevity penalty exp(1 - r / c) when the c predicted tokens are fewer
+    than r, the sum of each prediction's closest reference length (the shorter on a tie). A
+    token's matches are clipped at its count in the reference that has it most often.
+    Computed by sacrebleu (``BLEU(max_ngram_order=1)``) on :func:`generation_tokens`, so
+    punctuation counts as tokens and an empty prediction adds nothing but its references'
+    length."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("bleu1 needs at least one prediction")
+    refs = [_as_list(r) for r in references]
+    if not all(refs):
+        raise ValueError(f"prediction {next(i for i, r in enumerate(refs) if not r)} has no "
+                         "reference")
+    streams = [[_joined(r[i]) if i < len(r) else None for r in refs]
+               for i in range(max(map(len, refs)))]
+    return _bleu1_metric(False).corpus_score([_joined(p) for p in predictions],
+                                             streams).score / 100
+
+
+class _RougeTokens:
+    """rouge-score's tokenizer interface over :func:`generation_tokens` (its own drops every
+    character outside a-z0-9, non-Latin letters included)."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return generation_tokens(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imported on first use (it loads nltk)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokens())
+
+
+def rouge_l(prediction: str, references: str | Iterable[str], *, beta: float = 1.2) -> float:
+    """Sentence-level ROUGE-L of one prediction as MS MARCO's official script (coco-caption's
+    Rouge) computes it: for each reference the longest common subsequence of tokens
+    (:func:`generation_tokens`) gives a precision LCS / len(prediction) and a recall LCS /
+    len(reference) (rouge-score computes both); with P the best precision and R the best
+    recall over the references, F = (1 + beta^2) P R / (R + beta^2 P), 0 when either is 0
+    (an empty prediction). beta 1.2 as the script; with one reference and beta=1 this is
+    rouge-score's F-measure. The corpus figure is the mean over predictions."""
+    scorer = _rouge_scorer()
+    scores = [scorer.score(r, prediction)["rougeL"] for r in _as_list(references)]
+    p = max((s.precision for s in scores), default=0.0)
+    r = max((s.recall for s in scores), default=0.0)
+    if p == 0 or r == 0:
+        return 0.0
+    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+
+
+# Q-BLEU-1's word types and weights. The weights are the reference implementation's example
+# (github.com/PrekshaNema25/Answerability-Metric: --ner_weight 0.6 --qt_weight 0.2
+# --re_weight 0.1, function words the rest, --delta 0.7); RAG describes its Q-BLEU-1 as the
+# variant "with a higher weight for matching entities", which these are.
+QBLEU_WEIGHTS = {"entities": 0.6, "question_words": 0.2, "content_words": 0.1,
+                 "function_words": 0.1}
+QBLEU_DELTA = 0.7
+QUESTION_WORDS = frozenset("what which who whom whose where when why how".split())
+FUNCTION_WORDS = frozenset("""
+    a about above after again against all am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for
+    from further had has have having he her here hers herself him himself his i if in into is
+    it its itself just me more most my myself no nor not now of off on once only or other our
+    ours ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we
+    were while will with would you your yours yourself yourselves""".split())
+
+
+def question_word_types(question: str) -> dict[str, list[str]]:
+    """The words of a question by Q-BLEU type, lower-cased (punctuation dropped): question
+    words (what, which, who, whom, whose, where, when, why, how, and the word after "what" or
+    "which", which names the answer's type), function words (:data:`FUNCTION_WORDS`), entities
+    (other words written with a capital: a named-entity tagger's stand-in, as in the
+    reference implementation) and content words (the rest, numbers included)."""
+    words = [w for w in _TOKEN_RE.findall(unicodedata.normalize("NFKC", question))
+             if w[0].isalnum()]
+    out: dict[str, list[str]] = {name: [] for name in QBLEU_WEIGHTS}
+    after_wh = False
+    for w in words:
+        low = w.lower()
+        if low in QUESTION_WORDS or after_wh:
+            out["question_words"].append(low)
+            after_wh = low in ("what", "which") and not after_wh
+        elif low in FUNCTION_WORDS:
+            out["function_words"].append(low)
+        elif w[0].isupper():
+            out["entities"].append(low)
+        else:
+            out["content_words"].append(low)
+    return out
+
+
+def _qbleu1_one(prediction: str, reference: str, weights: dict[str, float],
+                delta: float) -> float:
+    pred, ref = question_word_types(prediction), question_word_types(reference)
+    if not any(pred.values()):
+        return 0.0
+    present = [t for t in weights if weights[t] > 0 and (pred[t] or ref[t])]
+    total = sum(weights[t] for t in present)
+    precision = recall = 0.0 if present else 1.0     # no weighted type: nothing to miss
+    for t in present:
+        same = _overlap(pred[t], ref[t])
+        precision += weights[t] / total * (same / len(pred[t]) if pred[t] else 0.0)
+        recall += weights[t] / total * (same / len(ref[t]) if ref[t] else 0.0)
+    answerability = (2 * precision * recall / (precision + recall)
+                     if precision + recall else 0.0)
+
+    def words(types: dict[str, list[str]]) -> str:
+        return " ".join(w for t in QBLEU_WEIGHTS for w in types[t])
+
+    fluency = _bleu1_metric(True).sentence_score(words(pred), [words(ref)]).score / 100
+    return delta * answerability + (1 - delta) * fluency
+
+
+def qbleu1(prediction: str, references: str | Iterable[str], *,
+           weights: dict[str, float] | None = None, delta: float = QBLEU_DELTA) -> float:
+    """Sentence-level Q-BLEU-1 (Nema & Khapra 2018), the best over the references:
+    delta * answerability + (1 - delta) * BLEU-1, averaged over questions for a corpus figure
+    (as the reference implementation does).
+
+    Answerability compares the words of each type (:func:`question_word_types`): per type i,
+    with m_i the words in common (repeats clipped), P_i = m_i / |prediction's| and
+    R_i = m_i / |reference's|; P = sum_i w_i P_i, R = sum_i w_i R_i and answerability =
+    2 P R / (P + R), the paper's formula. Weights :data:`QBLEU_WEIGHTS` (entities 0.6,
+    question words 0.2, content words 0.1, function words 0.1) and delta 0.7: the reference
+    implementation's example setting, which weights entities most, as RAG's Q-BLEU-1 does.
+    A type neither question has (a clue with no question word, as most Jeopardy clues) is
+    left out and the other weights rescaled to sum to 1 (with no weighted type left,
+    answerability is 1); the reference implementation scores
+    it 0 instead (coco BLEU of two empty strings), which keeps a perfect answer below 1 and
+    makes the score depend on how many types the reference happens to use. BLEU-1 is
+    sacrebleu's sentence BLEU-1 on the same lower-cased words (punctuation dropped, as
+    coco-caption's PTB tokenizer does). A prediction with no word scores 0."""
+    weights = QBLEU_WEIGHTS if weights is None else weights
+    if set(weights) != set(QBLEU_WEIGHTS) or abs(sum(weights.values()) - 1) > 1e-6:
+        raise ValueError(f"Q-BLEU weights must give {sorted(QBLEU_WEIGHTS)} summing to 1, got "
+                         f"{weights}")
+    return _best(_qbleu1_one(prediction, r, weights, delta) for r in _as_list(references))
+
+
+def label_accuracy(predictions: Sequence[str], labels: Sequence[str | Sequence[str]]) -> float:
+    """FEVER's label accuracy: the fraction of predictions equal to the gold label (or one of
+    them) after :func:`normalize_answer` ("Supports." is "SUPPORTS"); a generation that names
+    no label is wrong. KILT scores FEVER the same way (exact match on the label string)."""
+    if len(predictions) != len(labels) or not predictions:
+        raise ValueError(f"label_accuracy needs as many labels as predictions (at least one), "
+                         f"got {len(predictions)} and {len(labels)}")
+    return sum(map(exact_match, predictions, labels)) / len(predictions)
+
+
+def distinct_ngrams(generations: Iterable[str], n: int = 3) -> float:
+    """Distinct n-grams over a whole set of generations (RAG's diversity measure with n=3):
+    the number of different n-grams of :func:`generation_tokens` divided by the number of all
+    n-grams, taken within each generation (none spans two) and pooled over the set, so a
+    tri-gram repeated inside one generation or across two counts once among the distinct
+    ones. 0.0 when no generation has n tokens."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(t[i:i + n]) for g in generations for t in (generation_tokens(g),)
+             for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ----------------------------------------------------------------------------- KILT provenance
+
+
+def _pages(pages: Iterable[Any]) -> list[str]:
+    """Page keys as KILT compares them (``str(x).strip()``), first occurrences kept."""
+    return list(dict.fromkeys(str(p).strip() for p in pages))
+
+
+def _evidence_sets(evidence: Iterable[Iterable[Any]]) -> list[set[str]]:
+    sets: list[set[str]] = []
+    for e in evidence:
+        s = set(_pages(e))
+        if s and s not in sets:
+            sets.append(s)
+    return sets
+
+
+def kilt_r_precision(retrieved: Sequence[Any], evidence: Iterable[Iterable[Any]]) -> float:
+    """KILT's R-precision of one example: for each gold evidence set (the pages one output's
+    provenance names) of R distinct pages, the fraction of the first R distinct retrieved
+    pages in the set; the best over the sets (0.0 with none). Pages are compared as
+    ``str(page).strip()`` (KILT uses wikipedia ids; titles work the same way)."""
+    guess = _pages(retrieved)
+    return _best(len(set(guess[:len(s)]) & s) / len(s) for s in _evidence_sets(evidence))
+
+
+def kilt_recall_at_k(retrieved: Sequence[Any], evidence: Iterable[Iterable[Any]], k: int
+                     ) -> float:
+    """KILT's recall@k of one example: the fraction of the gold evidence sets complete within
+    the first k places of KILT's rank, in which every evidence set is one place, at the
+    position of the last of its pages retrieved (its partial place moves down as its pages
+    come), and every other retrieved page one place. 0.0 without evidence sets."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    sets = _evidence_sets(evidence)
+    if not sets:
+        return 0.0
+    missing = [set(s) for s in sets]
+    rank: list[Any] = []          # True: a set completed; ("set", i): set i in part; False
+    for page in _pages(retrieved):
+        found = False
+        for i, rest in enumerate(missing):
+            if page in rest:
+                found = True
+                if ("set", i) in rank:
+                    rank.remove(("set", i))
+                rest.discard(page)
+                rank.append(True if not rest else ("set", i))
+        if not found:
+            rank.append(False)
+    return sum(r is True for r in rank[:k]) / len(sets)
+
+
 # ----------------------------------------------------------------------------- predictions
 
 
@@ -219,7 +518,9 @@ class RetrievedPassage:
 class Prediction:
     """A question, the predicted answer (None when only retrieval is evaluated), the gold
     answers, whether the prediction is correct (:func:`answer_matches`; None without an
-    answer) and the retrieved passages, best first."""
+    answer) and the retrieved passages, best first; ``provenance``: the example's gold
+    evidence sets when it has them (KILT, FEVER), for :func:`kilt_r_precision` and
+    :func:`kilt_recall_at_k`."""
 
     qid: str
     question: str
@@ -229,9 +530,10 @@ class Prediction:
     passages: tuple[RetrievedPassage, ...] = ()
     is_regex: bool = False
     gold_passages: tuple[str, ...] = ()
+    provenance: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
-    def from_retrieval(cls, example: QAExample, answer: str | None, *,
+    def from_retrieval(cls, example: AnswerKey, answer: str | None, *,
                        ids: Sequence[int | str], titles: Sequence[str], texts: Sequence[str],
                        scores: Sequence[float], keep_text: bool = False) -> Prediction:
         """A prediction with its flags computed: correctness, and for each passage (best
@@ -247,14 +549,17 @@ class Prediction:
                              text if keep_text else None)
             for i, title, text, score in zip(ids, titles, texts, scores))
         correct = None if answer is None else answer_matches(answer, example)
+        provenance = tuple(tuple(s) for s in getattr(example, "provenance", ()))
         return cls(example.qid, example.question, answer, tuple(example.answers), correct,
-                   passages, example.is_regex, tuple(example.gold_passages))
+                   passages, example.is_regex, tuple(example.gold_passages), provenance)
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         for p in record["passages"]:
             if p["text"] is None:
                 del p["text"]
+        if not record["provenance"]:
+            del record["provenance"]
         return record
 
     @classmethod
@@ -263,6 +568,7 @@ class Prediction:
         fields["passages"] = tuple(RetrievedPassage(**p) for p in fields.get("passages", ()))
         fields["gold_answers"] = tuple(fields["gold_answers"])
         fields["gold_passages"] = tuple(fields.get("gold_passages", ()))
+        fields["provenance"] = tuple(tuple(s) for s in fields.get("provenance", ()))
         return cls(**fields)
 
 
@@ -335,3 +641,186 @@ def format_summary(summary: dict[str, Any]) -> str:
     rule = "|" + "|".join("---:" for _ in columns) + "|"
     row = "| " + " | ".join(v for _, v in columns) + " |"
     return "\n".join((header, rule, row))
+
+
+# ----------------------------------------------------------------------------- scoring files
+
+
+SCORE_METRICS = ("em", "f1", "bleu1", "rougeL", "qbleu1", "accuracy", "distinct3", "rprec",
+                 "recall@K")
+DEFAULT_SCORE_METRICS = ("em", "f1")
+_METRIC_RE = re.compile(r"em|f1|bleu1|rougeL|qbleu1|accuracy|rprec|distinct[1-9]\d*"
+                        r"|recall@[1-9]\d*")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredExample:
+    """One generation to score: the model's input (``question``), its output, the references
+    (CuratedTrec patterns when ``is_regex``) and, for the provenance metrics, the retrieved
+    pages (best first) and the gold evidence sets (each a set of pages that together
+    support the answer)."""
+
+    question: str
+    prediction: str
+    answers: tuple[str, ...]
+    is_regex: bool = False
+    retrieved: tuple[str, ...] = ()
+    evidence: tuple[tuple[str, ...], ...] = ()
+
+
+def parse_metrics(spec: str | Iterable[str]) -> list[str]:
+    """Metric names from "em,f1,..." (or a list), checked against :data:`SCORE_METRICS`
+    (distinctN and recall@K for any N, K >= 1), repeats dropped."""
+    names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [m for m in names if m]
+    bad = [m for m in names if not _METRIC_RE.fullmatch(m)]
+    if bad or not names:
+        raise ValueError(f"unknown metric(s) {', '.join(bad) or '(none given)'}; known: "
+                         f"{', '.join(SCORE_METRICS)} (distinctN and recall@K for any N, K >= 1)")
+    return list(dict.fromkeys(names))
+
+
+def score(examples: Sequence[ScoredExample], metrics: str | Iterable[str] = DEFAULT_SCORE_METRICS
+          ) -> dict[str, Any]:
+    """``{"count": n, metric: value, ...}``, values in [0, 1]: em (regex match for regex
+    examples), f1, rougeL, qbleu1 and accuracy are means over the examples; bleu1 is
+    corpus-level; distinctN pools all predictions; rprec and recall@K are means over the
+    examples with gold evidence (``provenance_count`` of them)."""
+    names = parse_metrics(metrics)
+    if not examples:
+        raise ValueError("no examples to score")
+
+    def mean(fn, group=examples) -> float:
+        return sum(float(fn(e)) for e in group) / len(group)
+
+    out: dict[str, Any] = {"count": len(examples)}
+    with_evidence = [e for e in examples if e.evidence]
+    for name in names:
+        if name == "em":
+            out[name] = mean(lambda e: (regex_match if e.is_regex else exact_match)(
+                e.prediction, e.answers))
+        elif name == "f1":
+            out[name] = mean(lambda e: token_f1(e.prediction, e.answers))
+        elif name == "bleu1":
+            out[name] = bleu1([e.prediction for e in examples], [e.answers for e in examples])
+        elif name == "rougeL":
+            out[name] = mean(lambda e: rouge_l(e.prediction, e.answers))
+        elif name == "qbleu1":
+            out[name] = mean(lambda e: qbleu1(e.prediction, e.answers))
+        elif name == "accuracy":
+            out[name] = label_accuracy([e.prediction for e in examples],
+                                       [e.answers for e in examples])
+        elif name.startswith("distinct"):
+            out[name] = distinct_ngrams((e.prediction for e in examples),
+                                        int(name[len("distinct"):]))
+        else:
+            if not with_evidence:
+                raise ValueError(f"metric {name} needs gold provenance ('provenance' or "
+                                 "'gold_passages'); no example has any")
+            out["provenance_count"] = len(with_evidence)
+            if name == "rprec":
+                out[name] = mean(lambda e: kilt_r_precision(e.retrieved, e.evidence),
+                                 with_evidence)
+            else:
+                k = int(name.partition("@")[2])
+                out[name] = mean(lambda e: kilt_recall_at_k(e.retrieved, e.evidence, k),
+                                 with_evidence)
+    return out
+
+
+def _field(record: dict, names: tuple[str, ...], where: str, expected: str,
+           optional: bool = False) -> Any:
+    """The value of the first of ``names`` in ``record``; missing: None when optional."""
+    for name in names:
+        if name in record:
+            return record[name]
+    if optional:
+        return None
+    alternatives = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
+    raise ValueError(f"{where}: field {names[0]!r}{alternatives}: missing; expected {expected}")
+
+
+def _text_list(value: Any, where: str, field: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, (str, int)) for v in items):
+        raise ValueError(f"{where}: field {field!r}: expected a list of strings, got "
+                         f"{json.dumps(value)[:80]}")
+    return tuple(str(v) for v in items)
+
+
+def _scored_example(record: Any, where: str) -> ScoredExample:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    question = _field(record, ("question",), where, "a string")
+    prediction = _field(record, ("prediction", "answer"), where, "a string")
+    answers = _field(record, ("answers", "gold_answers"), where, "a list of reference strings")
+    for name, value in (("question", question), ("prediction", prediction)):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {name!r}: expected a string, got "
+                             f"{json.dumps(value)}" + (" (no prediction: was only retrieval "
+                                                       "evaluated?)" if value is None else ""))
+    answers = _text_list(answers, where, "answers")
+    if not answers:
+        raise ValueError(f"{where}: field 'answers': empty (no reference)")
+    is_regex = record.get("is_regex", False)
+    if not isinstance(is_regex, bool):
+        raise ValueError(f"{where}: field 'is_regex': expected true or false")
+    passages = record.get("passages", [])
+    if not isinstance(passages, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("title"), str) for p in passages):
+        raise ValueError(f"{where}: field 'passages': expected a list of objects with a "
+                         "'title' string")
+    if "provenance" in record:
+        sets = record["provenance"]
+        if not isinstance(sets, list):
+            raise ValueError(f"{where}: field 'provenance': expected a list of evidence sets "
+                             "(lists of page titles)")
+        evidence = tuple(_text_list(s, where, "provenance") for s in sets)
+    else:
+        gold = _text_list(record.get("gold_passages", []), where, "gold_passages")
+        evidence = tuple((g,) for g in gold)
+    return ScoredExample(question, prediction, answers, is_regex,
+                         tuple(p["title"] for p in passages), evidence)
+
+
+def read_scored_examples(path: str | os.PathLike) -> list[ScoredExample]:
+    """Reads a JSONL file to score, one object a line (blank lines skipped): ``question``;
+    ``prediction`` (or ``answer``, as `realm-jax eval` writes it); ``answers`` (or
+    ``gold_answers``), the references, a list of strings or one string; optional
+    ``is_regex``; for the provenance metrics, ``passages`` (retrieved, best first: objects
+    with a ``title``, as eval writes them) and either ``provenance`` (evidence sets: lists of
+    page titles) or ``gold_passages`` (titles, each an evidence set alone: any one does).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the first bad line, naming the file, the line and the field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"predictions file not found: {p}")
+    out = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start}: {e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+                                 ) from None
+            out.append(_scored_example(record, where))
+    if not out:
+        raise ValueError(f"{p}: no line to score")
+    return out
+
+
+def score_file(path: str | os.PathLike, metrics: str | Iterable[str] = DEFAULT_SCORE_METRICS
+               ) -> dict[str, Any]:
+    """:func:`score` of :func:`read_scored_examples`; the metric names are checked first."""
+    names = parse_metrics(metrics)
+    return score(read_scored_examples(path), names)

@@ -1,7 +1,11 @@
 """RAG decoding: RAG-Token greedy and beam search and RAG-Sequence thorough decoding give the
 sequences transformers' PyTorch RagTokenForGeneration / RagSequenceForGeneration.generate
 give on the same tiny weights, contexts and document scores; fast decoding agrees with
-thorough decoding with a single document; the same results on sharded meshes."""
+thorough decoding with a single document; the same results on sharded meshes. Sampling
+(temperature, top-k, top-p) draws from the right set on a fixed distribution, is greedy with
+top_k=1 or a temperature near 0, and repeats itself with the same key."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,7 @@ import pytest
 from realm_jax import hf, sharding
 from realm_jax.decode import (
     GenerationConfig, Generated, beam_search, greedy_search, rag_sequence_generate,
-    rag_token_generate, trim)
+    rag_token_generate, sample_search, trim)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -62,13 +66,15 @@ def _inputs(seed=0):
 _COMPILED: dict = {}
 
 
-def _run(fn, params, ctx, mask, scores, **static):
+def _run(fn, params, ctx, mask, scores, rng=None, **static):
     """`fn` (a jitted decoder) compiled once per (static settings, shapes, shardings)."""
     key = (fn, tuple(sorted(static.items())), ctx.shape,
            str(getattr(params["generator"]["shared"]["embedding"], "sharding", None)))
+    extra = {} if rng is None else {"rng": rng}
     if key not in _COMPILED:
-        _COMPILED[key] = fn.lower(params, ctx, mask, scores, **static).compile(FAST_COMPILE)
-    return _COMPILED[key](params, ctx, mask, scores)
+        _COMPILED[key] = fn.lower(params, ctx, mask, scores, **extra, **static).compile(
+            FAST_COMPILE)
+    return _COMPILED[key](params, ctx, mask, scores, **extra)
 
 
 def _torch_generate(model, ctx, mask, scores, **settings):
@@ -193,6 +199,91 @@ def test_generic_searches_on_a_fixed_distribution():
         assert eos not in seq[:3] and seq[n - 1] == eos and n >= 4
 
 
+SAMPLE_PROBS = (0.5, 0.3, 0.15, 0.05)          # tokens 0..3; 4 eos, 5 pad, 6 start
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(settings: tuple):
+    """sample_search over 8000 rows of the fixed distribution SAMPLE_PROBS (after the start
+    token), compiled once per settings."""
+    table = np.zeros((7, 7))
+    table[:, 5] = 1.0
+    table[6] = (*SAMPLE_PROBS, 0, 0, 0)
+    with np.errstate(divide="ignore"):
+        logits = jnp.asarray(np.log(table), jnp.float32)
+    gen = GenerationConfig(max_length=2, decoder_start_token_id=6, eos_token_id=4,
+                           pad_token_id=5, bos_token_id=None, do_sample=True,
+                           **({"top_k": 0} | dict(settings)))
+    fn = jax.jit(lambda k: sample_search(lambda s, t: (logits[t], s), (), 8000, gen, k))
+    return fn.lower(jax.random.key(0)).compile(FAST_COMPILE)
+
+
+def _draw(key, **settings):
+    """One sampled token per row, and its score."""
+    out = _sampler(tuple(sorted(settings.items())))(key)
+    return np.asarray(out.sequences[:, 0, 1]), np.asarray(out.scores[:, 0])
+
+
+def _frequencies(tokens):
+    return np.bincount(tokens, minlength=7)[:4] / len(tokens)
+
+
+def test_sampling_on_a_fixed_distribution():
+    """Plain sampling follows the distribution; top-k and top-p sample only from their set
+    (renormalized); temperature sharpens; top_k=1 or a temperature near 0 is greedy; the
+    same key gives the same samples."""
+    key = jax.random.key(0)
+    p = np.asarray(SAMPLE_PROBS)
+    tokens, scores = _draw(key)
+    assert set(tokens) == {0, 1, 2, 3}
+    np.testing.assert_allclose(_frequencies(tokens), p, atol=0.025)
+    np.testing.assert_allclose(scores, np.log(p[tokens]), rtol=1e-5)   # unwarped log p
+    np.testing.assert_array_equal(_draw(key)[0], tokens)
+    assert np.mean(_draw(jax.random.key(1))[0] != tokens) > 0.3
+    tokens = _draw(key, top_k=2)[0]
+    assert set(tokens) == {0, 1}
+    np.testing.assert_allclose(_frequencies(tokens), [0.625, 0.375, 0, 0], atol=0.025)
+    # top-p: a token goes when it and the less likely ones hold at most 1 - top_p
+    for top_p, kept in ((0.4, {0}), (0.75, {0, 1}), (0.9, {0, 1, 2})):
+        assert set(_draw(key, top_p=top_p)[0]) == kept, top_p
+    # top-k first, then top-p on what is left: {0, 1, 2} renormalized, 2 holds 0.158 <= 0.2
+    assert set(_draw(key, top_k=3, top_p=0.8)[0]) == {0, 1}
+    sharp = p ** 2 / np.sum(p ** 2)                                      # temperature 0.5
+    np.testing.assert_allclose(_frequencies(_draw(key, temperature=0.5)[0]), sharp, atol=0.025)
+    assert set(_draw(key, temperature=1e-4)[0]) == {0}
+    assert set(_draw(key, top_k=1, temperature=5.0)[0]) == {0}
+
+
+SAMPLE_SETTINGS = dict(max_length=10, do_sample=True)
+
+
+def test_rag_token_sampling_greedy_limits_and_keys(models):
+    """On the model: top_k=1 at a high temperature decodes as greedy search (a temperature
+    near 0 is checked on the fixed distribution); num_return_sequences samples are drawn
+    per question, and the same key gives the same samples."""
+    _, _, cfg, params = models
+    ctx, mask, scores = _inputs()
+    greedy = _run(rag_token_generate, params, ctx, mask, scores, config=cfg,
+                  gen=GenerationConfig.from_rag(cfg, **TOKEN_SETTINGS[0]))
+    key = jax.random.key(7)
+    gen = GenerationConfig.from_rag(cfg, **SAMPLE_SETTINGS, top_k=1, temperature=3.0)
+    got = _run(rag_token_generate, params, ctx, mask, scores, rng=key, config=cfg, gen=gen)
+    np.testing.assert_array_equal(got.sequences, greedy.sequences)
+    np.testing.assert_array_equal(got.lengths, greedy.lengths)
+    np.testing.assert_allclose(got.scores, greedy.scores, rtol=1e-5, atol=1e-5)
+    gen = GenerationConfig.from_rag(cfg, **SAMPLE_SETTINGS, top_k=0, num_return_sequences=3)
+    first = _run(rag_token_generate, params, ctx, mask, scores, rng=key, config=cfg, gen=gen)
+    again = _run(rag_token_generate, params, ctx, mask, scores, rng=key, config=cfg, gen=gen)
+    other = _run(rag_token_generate, params, ctx, mask, scores, rng=jax.random.key(8),
+                 config=cfg, gen=gen)
+    assert first.sequences.shape == (B, 3, gen.max_length)
+    np.testing.assert_array_equal(first.sequences, again.sequences)
+    assert not np.array_equal(first.sequences, other.sequences)
+    seqs = np.asarray(first.sequences)
+    assert any(len({tuple(s) for s in seqs[b]}) > 1 for b in range(B))   # rows differ
+    assert np.all(seqs[:, :, 0] == cfg.generator.decoder_start_token_id)
+
+
 def test_settings_are_checked(models):
     _, _, cfg, params = models
     with pytest.raises(ValueError, match="max_length"):
@@ -207,6 +298,16 @@ def test_settings_are_checked(models):
         rag_token_generate(params, ctx, mask, scores[:, :2], config=cfg,
                            gen=GenerationConfig.from_rag(cfg))
     assert GenerationConfig.from_rag(cfg).forced_eos_token_id == EOS
+    for bad, message in ((dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                         (dict(top_k=-1), "top_k"),
+                         (dict(do_sample=True, num_beams=2), "beam sampling")):
+        with pytest.raises(ValueError, match=message):
+            GenerationConfig(**bad)
+    sample = GenerationConfig.from_rag(cfg, do_sample=True)
+    with pytest.raises(ValueError, match="do_sample needs rng"):
+        rag_token_generate(params, ctx, mask, scores, config=cfg, gen=sample)
+    with pytest.raises(ValueError, match="not RAG-Sequence"):
+        rag_sequence_generate(params, ctx, mask, scores, config=cfg, gen=sample)
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (4, 1, 2)])

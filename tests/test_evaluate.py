@@ -259,3 +259,19 @@ def test_write_predictions_atomic_round_trip(tmp_path):
         write_predictions(path, failing())
     assert read_predictions(path) == preds                     # the old file is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["predictions.jsonl"]
+
+
+def test_evaluate_imports_nothing_from_data():
+    """realm_jax.data imports realm_jax.evaluate (answer rules), so not the other way round,
+    not even for type checking."""
+    import ast
+    import inspect
+
+    from realm_jax import evaluate
+
+    tree = ast.parse(inspect.getsource(evaluate))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not [m for m in imported if m and m.startswith("realm_jax.data")]
+    assert all(a.name != "data" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and n.module == "realm_jax" for a in n.names)

@@ -28,13 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
+from realm_jax import evaluate as ev
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
-
-
-def _evaluate():
-    from realm_jax import evaluate
-    return evaluate
 
 
 def _fold(text: str) -> str:
@@ -62,7 +58,7 @@ class PassageTokens:
     def from_text(cls, text: str, tokenizer: TokenizerInfo) -> "PassageTokens":
         encoding = tokenizer.encode_batch([text])[0]
         offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
-        normalize = _evaluate().normalize_answer
+        normalize = ev.normalize_answer
         pieces = [normalize(text[a:b]).replace(" ", "") for a, b in offsets.tolist()]
         # glued: the next wordpiece continues the word (no gap, starts with a letter/digit)
         glued = [b == c and text[c:c + 1].isalnum()
@@ -76,7 +72,6 @@ def matching_spans(passage: PassageTokens, answers: Sequence[str], max_width: in
                  regex: bool = False) -> list[tuple[int, int]]:
     """The wordpiece spans (i, j), inclusive, at most ``max_width`` wide, whose text matches
     an answer; sorted."""
-    ev = _evaluate()
     pieces = passage.normalized
     n = len(pieces)
     edges = [i for i in range(n) if pieces[i] != ""]
@@ -141,7 +136,6 @@ class AnswerMatcher:
         somewhere (a substring test, ~100 times cheaper): a block holding that answer's
         tokens meets it (has_answer's tokens are NFKC-lowercased pieces of the text;
         folding both sides keeps e.g. a final sigma from mattering)."""
-        ev = _evaluate()
         firsts = None
         if not regex:
             firsts = {_fold(tokens[0][0]) for tokens in map(ev.answer_tokens, answers) if tokens}

@@ -132,7 +132,7 @@ def detect_qa_format(path: str | os.PathLike) -> str:
                      f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) per line, decoded one by one so a bad byte names its line."""
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         for lineno, raw in enumerate(f, 1):
@@ -167,8 +167,9 @@ def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str],
     return qid, record.get("question"), answers, gold
 
 
-def _jsonl_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
-    for lineno, line in _lines(path):
+def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
+    """``("PATH:LINE", parsed JSON)`` per line; blank lines are counted in ``skips``."""
+    for lineno, line in text_lines(path):
         where = f"{path}:{lineno}"
         if not line.strip():
             skips.skip("blank_line", where)
@@ -216,7 +217,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
 
 def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
               ) -> Iterator[tuple[str, tuple[None, str, list[str], list[str]]]]:
-    for lineno, line in _lines(path):
+    for lineno, line in text_lines(path):
         where = f"{path}:{lineno}"
         if not line.strip():
             skips.skip("blank_line", where)
@@ -264,7 +265,7 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     if fmt == "tsv":
         rows: Iterable[tuple[str, Any]] = _tsv_rows(p, skips, is_regex)
     else:
-        rows = _jsonl_rows(p, skips) if fmt == "jsonl" else _json_rows(p, skips)
+        rows = jsonl_records(p, skips) if fmt == "jsonl" else _json_rows(p, skips)
     examples: list[QAExample] = []
     seen: dict[str, str] = {}
     for where, row in rows:
