@@ -27,7 +27,9 @@ warpers after those processors, in its order (temperature, top-k, top-p) and dra
 result; the key of step t is fold_in(rng, t), so the same key gives the same samples.
 RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does (labels = the
 hypothesis, the first target dropped when every hypothesis of the question starts with bos,
-pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py).
+pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py),
+and that its candidate beams are generated with the contexts' attention mask, which
+transformers leaves out (see `rag_sequence_generate`).
 """
 
 from __future__ import annotations
@@ -507,8 +509,15 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     Thorough (fast=False), as transformers' RagSequenceForGeneration.generate: log p(y|x, z)
     from a teacher-forced pass of every hypothesis under every document. Fast: no extra
     pass; log p(y|x, z) from document z's own beam, and p(y|x, z) = 0 where that beam did
-    not produce y. The generator sees the contexts through `context_mask` (transformers
-    derives it from the pad ids: the same for right-padded contexts).
+    not produce y. Both the per-document beam search and the rescoring pass see the
+    contexts through `context_mask`: a hypothesis never attends to a context's padding.
+
+    This differs from transformers on purpose: RagSequenceForGeneration.generate runs its
+    per-document beam search with attention_mask=None, and `generate` infers no mask for an
+    encoder-decoder, so its candidates attend to the padding of padded contexts (its
+    rescoring pass does use context_attention_mask). With padded contexts the pooled
+    candidates, and so the answers, can differ from transformers'; without padding, or
+    where the padding changes no beam, they are the same.
 
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""

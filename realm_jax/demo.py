@@ -188,7 +188,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
 
 def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, model: str,
                 steps: int = QA_STEPS) -> dict:
-    """ORQA fine-tuning from the pre-training run in `realm_workdir` (configs/tiny_orqa.py
+    """ORQA fine-tuning from the pre-training run in `realm_workdir` (configs/orqa.py:tiny
     with the demo's lengths; sizes come from the REALM checkpoint)."""
     from realm_jax import config as config_lib
     from realm_jax.tasks import orqa

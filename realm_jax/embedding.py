@@ -23,9 +23,8 @@ from realm_jax.models.towers import EmbedderConfig
 
 # Padded lengths: every batch is padded to the smallest bucket that holds its longest row,
 # so a corpus compiles a bounded set of shapes and short texts do not pay for long ones.
-# Steps of 16 (32 past 256): on the Wikipedia sample's DPR passages (most 120-160
-# wordpieces) batches carry 6% padding over their longest rows, against 12% with steps of
-# 32; each shape compiles once per process.
+# Steps of 16 (32 past 256): finer steps pad less and compile more shapes, each once per
+# process (the padding each step size leaves: docs/experiments.md).
 LENGTH_BUCKETS = tuple(range(16, 257, 16)) + tuple(range(288, 513, 32))
 
 

@@ -42,8 +42,7 @@ def use_cpu_devices(count: int | None = None) -> int:
 
     Why: XLA:CPU runs a transformer's small operations (attention's per-head matmuls,
     normalization, softmax) on few threads; separate devices, each a shard of the batch, run
-    them side by side (MiniLM corpus embedding on 2 cores: 1.27x docs/s alone, 1.09x with
-    PyTorch beside it in the benchmark's process)."""
+    them side by side (what that gains for corpus embedding: docs/experiments.md)."""
     flag = "--xla_force_host_platform_device_count="
     given = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(flag)]
     if given:

@@ -133,7 +133,7 @@ class AnswerMatcher:
 
         For a beam of thousands of blocks, ``has_answer`` (which tokenizes the text) runs
         only on the blocks whose case-folded NFKC text holds the first token of an answer
-        somewhere (a substring test, ~100 times cheaper): a block holding that answer's
+        somewhere (a substring test, far cheaper): a block holding that answer's
         tokens meets it (has_answer's tokens are NFKC-lowercased pieces of the text;
         folding both sides keeps e.g. a final sigma from mattering)."""
         firsts = None

@@ -35,15 +35,14 @@ class ScannSettings:
     probed per query (default leaves_fraction of them, at least min_leaves_to_search);
     soar_lambda: SOAR spilling of every vector to a second leaf (None: one leaf each);
     training_sample_size: vectors the tree's k-means trains on (default all, at most
-    MAX_TRAINING_SAMPLE: on 1M clustered vectors, training on all of them rather than 250k
-    made the search ~1.3x faster at recall@10 0.95, the leaves being better placed);
+    MAX_TRAINING_SAMPLE: more training vectors place the leaves better);
     pca_variance, pca_max_fraction: the tree and the hashing work on the fewest principal
     components holding a pca_variance share of the corpus's variance when they are at most
     pca_max_fraction of its dimensions (pca_variance None: always on the full vectors); the
-    reorder re-scores full vectors. On the MiniLM embeddings of the Wikipedia sample, 139
-    of 384 dimensions hold 80% and the search ran ~1.25x faster at recall@10 0.95; on 1M
-    clustered 128-d vectors with isotropic noise, 80% needs 101 dimensions, and with them
-    recall@10 stayed below 0.95 over the same search settings (hence the fraction);
+    reorder re-scores full vectors. Embeddings of text concentrate their variance in few
+    directions and search faster projected; vectors with isotropic noise need most of
+    their dimensions, and projected they lose recall (hence the fraction; the measurements
+    behind these defaults: docs/experiments.md);
     reorder: candidates re-scored exactly; brute_force_below: corpora smaller than this are
     searched exactly. num_threads: search threads (0: all cores).
     """
