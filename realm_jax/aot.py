@@ -1,7 +1,7 @@
 """Ahead-of-time checks: compile the real REALM train step of a config for a device
 topology this machine does not have, and report what one step needs of each device.
 
-    realm-jax aot --config configs/realm_pretrain_bert_base.py --topology v5e:4x4 [--mesh 4,4,1]
+    realm-jax aot --config configs/realm.py --topology v5e:4x4 [--mesh 4,4,1]
 
 A TPU topology ("v5e:2x2", "v5p:2x2x2", "v4:2x2x1", ...) is compiled by libtpu, which runs
 on a CPU-only host (`pip install 'realm-jax[aot]'`, i.e. `pip install libtpu`); "local"

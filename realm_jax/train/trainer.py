@@ -1,7 +1,7 @@
 """The REALM trainer: one jitted, sharded step; orbax checkpoints the refresher reads;
 index snapshots swapped in at step boundaries; metrics; a resumable input pipeline.
 
-    realm-jax train --config configs/tiny_realm.py --workdir DIR
+    realm-jax train --config configs/realm.py:tiny --workdir DIR
 """
 
 from __future__ import annotations
