@@ -97,12 +97,11 @@ def run_knobs(cpu: bool = False) -> dict:
 def bert_base(**changes) -> ConfigDict:
     """BERT-base (uncased vocabulary): the size of the towers and readers in the papers."""
     return _section(dict(
-        # Vocabulary (0 where a section allows it: the tokenizer's length), width, layers,
-        # heads, feed-forward width, positions, segment types.
+        # Vocabulary, width, layers, heads, feed-forward width, positions, segment types.
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, activation="gelu",
         # dropout_rate: on the embeddings and each sublayer's output; attention_dropout_rate:
-        # on the attention probabilities. pad_token_id: masked out of attention.
+        # on the attention probabilities; pad_token_id: the padding token's id.
         dropout_rate=0.1, attention_dropout_rate=0.1, pad_token_id=0,
         # BERT's pooler (dense + tanh over [CLS]), which REALM's towers embed with; DPR's
         # encoders have none.

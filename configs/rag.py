@@ -11,9 +11,8 @@ decoding, as the paper for open-domain QA).
 
 Variants (`--config configs/rag.py:ARG`, words joined by commas):
   sequence: RAG-Sequence (its loss; 50 documents and thorough decoding in evaluation);
-  tiny: toy sizes, the whole code path on a CPU in seconds (the tests). A random part takes
-    its vocabulary and special token ids from its tokenizer (vocab_size=0), so any HF
-    tokenizer folder works; `tiny,sequence` for RAG-Sequence.
+  tiny: toy sizes, the whole code path on a CPU in seconds (the tests); any HF tokenizer
+    folder works with it. `tiny,sequence` for RAG-Sequence.
 """
 
 from configs import common
@@ -67,6 +66,7 @@ def get_config(arg=None):
         c.data.update(train="", eval="")
         c.rag.update(n_docs=3, label_smoothing=0.0, max_source_length=16, max_target_length=8,
                      max_combined_length=48)
+        # vocab_size 0: a random part's vocabulary and special ids are its tokenizer's.
         c.model.question_encoder = common.tiny_encoder(
             vocab_size=0, max_position_embeddings=64, add_pooler=False)
         c.model.generator = common.tiny_bart()

@@ -33,8 +33,8 @@ def get_config(arg=None):
         # The document tower's own HF folder (a REALM embedder), as query_tower_hf.
         doc_tower_hf="")
     c.retrieval = common.retrieval(
-        # Candidates per query (the null document, always candidate 0, included); wordpieces
-        # masked per query (one salient span).
+        # Candidates per query (the null document, always candidate 0, included); the most
+        # wordpieces masked in a query (one salient span).
         num_candidates=8, max_mask_tokens=10, mode="scann",
         # The retrieved blocks a query may not read: "block" (the one its sentence came
         # from, as REALM) or "document" (every block of its source document); exclude_slack:

@@ -66,10 +66,12 @@ def _resolve(spec: str) -> str:
 
 
 @contextlib.contextmanager
-def _configs_importable() -> Iterator[None]:
-    """While a config file runs, its `from configs import common` finds configs/ (the
-    installed package does not put the repository root on the import path)."""
-    root = str(CONFIG_DIR.parent)
+def _configs_importable(path: str) -> Iterator[None]:
+    """While the config file at `path` runs, its `from configs import common` finds the
+    `configs` folder it sits in (else this checkout's): the installed package does not put
+    the repository root on the import path."""
+    folder = Path(path).resolve().parent
+    root = str(folder.parent if folder.name == "configs" else CONFIG_DIR.parent)
     added = root not in sys.path
     if added:
         sys.path.insert(0, root)
@@ -82,6 +84,7 @@ def _configs_importable() -> Iterator[None]:
 
 def _load(spec: str) -> ml_collections.ConfigDict:
     spec = _resolve(spec)
+    path = spec.partition(":")[0]
     argv = ["realm-jax", f"--config={spec}"]
     holder = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=holder, lock_config=False,
@@ -90,7 +93,7 @@ def _load(spec: str) -> ml_collections.ConfigDict:
     # load_module(), which would run it inside the module a previous file left in
     # sys.modules (keeping that file's names, get_config included): drop it first.
     sys.modules.pop("config_config", None)
-    with _configs_importable(), warnings.catch_warnings():
+    with _configs_importable(path), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
         try:
             holder(argv)
@@ -99,7 +102,7 @@ def _load(spec: str) -> ml_collections.ConfigDict:
         except AttributeError as e:
             if e.name != "get_config":
                 raise
-            raise ValueError(f"--config: {spec.partition(':')[0]} defines no get_config()") from e
+            raise ValueError(f"--config: {path} defines no get_config()") from e
     return holder.config
 
 
