@@ -138,8 +138,6 @@ def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, 
         holder(argv)
     except flags.Error as e:   # "flag --config.a.b=x: <why>"
         raise ValueError(str(e).removeprefix("flag ")) from e
-    except TypeError as e:     # ConfigDict refused the parsed value's type
-        raise ValueError(f"{', '.join(argv[1:])}: {e}") from e
 
 
 # config_flags reads a value by the type of the field's current value and has no parser for
