@@ -4,7 +4,7 @@ questions/s end to end through `realm_jax.tasks.orqa.Predictor` (tokenize, embed
 span text), and the split of the time between embedding the questions, searching the
 frozen index on the devices, reading the top-k blocks, and the host's own work.
 
-Setup: configs/tiny_orqa.py with all-MiniLM-L6-v2 as query tower and reader encoder, the
+Setup: configs/orqa.py:tiny with all-MiniLM-L6-v2 as query tower and reader encoder, the
 frozen index built by the refresher from the same weights (`refresh --once --from_hf`) over
 REALM blocks of the Wikipedia sample shipped in gensim, cloze questions made from the
 corpus. Throughput does not depend on training: evaluation uses the initial weights.
@@ -58,7 +58,7 @@ def main() -> None:
                  f"model.init_from_hf={args.model}", "retrieval.query_length=32",
                  "retrieval.block_length=128", f"retrieval.num_read={args.num_read}",
                  "retrieval.score_scale=20.0", f"eval.batch_size={args.batch}"]
-    config = config_lib.load_config("tiny_orqa", *overrides)
+    config = config_lib.load_config("orqa:tiny", *overrides)
     workdir = root / "run"
     refresh.main(config, workdir, once=True, from_hf=args.model, progress=False)
     report = Report()
@@ -67,7 +67,7 @@ def main() -> None:
         # The fine-tuning step, through the real trainer, on cloze questions of the corpus.
         peak, steps = matmul_peak_flops(), args.train_steps + 2
         train_config = config_lib.load_config(
-            "tiny_orqa", *overrides, f"train.steps={steps}", f"train.batch_size={args.batch}",
+            "orqa:tiny", *overrides, f"train.steps={steps}", f"train.batch_size={args.batch}",
             "train.log_every=1", f"train.checkpoint_every={steps}", "train.eval_questions=0",
             "train.async_checkpoints=False", f"train.peak_flops_per_device={peak}")
         trainer.train(train_config, workdir)

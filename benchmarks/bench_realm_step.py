@@ -2,8 +2,8 @@
 (`realm_jax.train.trainer.train`: grain pipeline, jitted sharded step, checkpoints), for two
 model sizes and both retrieval modes, and the share of a step spent on retrieval.
 
-  - tiny: configs/tiny_realm.py (2 layers, 32 wide) with the MiniLM vocabulary;
-  - MiniLM: configs/demo_realm_minilm.py (all-MiniLM-L6-v2 towers and reader).
+  - tiny: configs/realm.py:tiny (2 layers, 32 wide) with the MiniLM vocabulary;
+  - MiniLM: configs/realm.py:demo (all-MiniLM-L6-v2 towers and reader).
 
 Corpus: REALM blocks of the Wikipedia sample shipped in gensim; the index is published once
 from the initial document tower (no refresher, so every step sees the same index).
@@ -33,8 +33,8 @@ import jax
 from common import (Report, add_markdown_flag, matmul_peak_flops, median_seconds, minilm_folder,
                     publish_initial_realm_index, wiki_sample_path)
 
-SIZES = {"tiny": ("tiny_realm", ["model.encoder.vocab_size=30522"]),
-         "minilm": ("demo_realm_minilm", [])}
+SIZES = {"tiny": ("realm:tiny", ["model.encoder.vocab_size=30522"]),
+         "minilm": ("realm:demo", [])}
 
 
 def _config(size: str, corpus: Path, model: str, mode: str, steps: int, batch: int | None,

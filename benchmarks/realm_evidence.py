@@ -39,7 +39,7 @@ def main() -> None:
     model = minilm_folder()
     root = Path(tempfile.mkdtemp(prefix="realm_evidence_"))
     config = config_lib.load_config(
-        "demo_realm_minilm", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
+        "realm:demo", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
         f"model.init_from_hf={model}", f"retrieval.num_candidates={args.candidates}",
         f"retrieval.exclude={args.exclude}")
     rc = config.retrieval

@@ -1,7 +1,7 @@
 """Does REALM pre-training on the Wikipedia sample make retrieval more useful for masked
 sentences it never trained on?
 
-The demo's REALM setup (configs/demo_realm_minilm.py: all-MiniLM-L6-v2 towers and reader,
+The demo's REALM setup (configs/realm.py:demo: all-MiniLM-L6-v2 towers and reader,
 the reader's MLM head new) on the whole sample (or its first --articles articles), trained
 by the real trainer against the index published from the initial document tower (no
 refresher: every step sees the same index), with the held-out evaluation of
@@ -76,7 +76,7 @@ def demo_config(root: Path, *overrides: str):
 
     model = minilm_folder()
     return config_lib.load_config(
-        "demo_realm_minilm", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
+        "realm:demo", f"data.corpus={root / 'corpus'}", f"data.tokenizer={model}",
         f"model.init_from_hf={model}", *overrides)
 
 

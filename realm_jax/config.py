@@ -1,16 +1,25 @@
-"""Experiment configs: `configs/NAME.py` defines `get_config(arg=None) -> ConfigDict`.
+"""Experiment configs: `configs/NAME.py` defines `get_config(arg=None) -> ConfigDict`,
+built from the sections of configs/common.py.
 
-On the command line: `--config configs/x.py[:arg]`, and any field overridden with
-`--config.train.steps=100` (the value is parsed to the field's current type)."""
+On the command line: `--config configs/x.py[:arg]` (or just `x[:arg]` for a file of
+configs/), and any field overridden with `--config.train.steps=100`. ml_collections'
+config_flags loads the file and reads each value as the field's type; the thin layer here
+pulls those flags out of a command line that has others, names the flag in every error (as
+ValueError or FileNotFoundError), and reads values for the two kinds of field config_flags
+has no parser for: None (e.g. sharding_rules) and lists (a saved config.json's tuples)."""
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import contextlib
+import sys
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
@@ -18,41 +27,91 @@ from realm_jax.models.encoder import EncoderConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _load_file(spec: str) -> ml_collections.ConfigDict:
-    path, _, arg = spec.partition(":")
+class _LiteralParser(flags.ArgumentParser):
+    """A Python literal, else the string itself (for a field that is None)."""
+
+    def parse(self, argument: Any) -> Any:
+        if not isinstance(argument, str):
+            return argument
+        try:
+            return ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+            return argument
+
+    def flag_type(self) -> str:
+        return "literal"
+
+
+class _ListParser(flags.ArgumentParser):
+    """A list or tuple literal, as a list (for a list field)."""
+
+    def parse(self, argument: Any) -> list:
+        value = ast.literal_eval(argument) if isinstance(argument, str) else argument
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{argument!r} is not a list")
+        return list(value)
+
+    def flag_type(self) -> str:
+        return "list"
+
+
+def _resolve(spec: str) -> str:
+    """`x[:arg]` -> `configs/x.py[:arg]`; the file must exist."""
+    path, colon, arg = spec.partition(":")
     if not path.endswith(".py"):
         path = str(CONFIG_DIR / f"{path}.py")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--config: no config file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"realm_jax_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config: {path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    return path + colon + arg
 
 
-def _parse_value(raw: str, current: Any, flag: str) -> Any:
+@contextlib.contextmanager
+def _configs_importable(path: str) -> Iterator[None]:
+    """While the config file at `path` runs, its `from configs import common` finds the
+    `configs` folder it sits in (else this checkout's): the installed package does not put
+    the repository root on the import path."""
+    folder = Path(path).resolve().parent
+    root = str(folder.parent if folder.name == "configs" else CONFIG_DIR.parent)
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
     try:
-        if isinstance(current, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1")
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            return type(current)(ast.literal_eval(raw) if isinstance(current, int) else float(raw))
-        if isinstance(current, str):
-            return raw
-        if isinstance(current, (tuple, list)):
-            return type(current)(ast.literal_eval(raw))
-        try:  # None or other: a Python literal, else the string itself
-            return ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            return raw
-    except (ValueError, SyntaxError, TypeError) as e:
-        raise ValueError(f"{flag}={raw}: cannot be read as {type(current).__name__}") from e
+        yield
+    finally:
+        if added:
+            sys.path.remove(root)
 
 
-def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+def _load(spec: str) -> ml_collections.ConfigDict:
+    spec = _resolve(spec)
+    path = spec.partition(":")[0]
+    argv = ["realm-jax", f"--config={spec}"]
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=holder, lock_config=False,
+                                    sys_argv=argv)
+    # config_flags loads the file as module `config_config` with importlib's deprecated
+    # load_module(), which would run it inside the module a previous file left in
+    # sys.modules (keeping that file's names, get_config included): drop it first.
+    sys.modules.pop("config_config", None)
+    with _configs_importable(path), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        try:
+            holder(argv)
+        except flags.Error as e:   # get_config raised ValueError / TypeError: its message
+            raise ValueError(f"--config={spec}: {_last_line(e)}") from e
+        except AttributeError as e:
+            if e.name != "get_config":
+                raise
+            raise ValueError(f"--config: {path} defines no get_config()") from e
+    return holder.config
+
+
+def _last_line(error: Exception) -> str:
+    """config_flags wraps a config file's error with its traceback; keep the error line."""
+    return str(error).strip().splitlines()[-1]
+
+
+def _check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
     flag = f"--config.{dotted}"
     *parents, leaf = dotted.split(".")
     node = config
@@ -62,13 +121,41 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
         node = node[name]
     if leaf not in node:
         raise ValueError(f"{flag}: no such field (known here: {', '.join(sorted(node.keys()))})")
-    node[leaf] = _parse_value(raw, node[leaf], flag)
+
+
+def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
+    """Sets `field=value` overrides in place through config_flags (each value read as the
+    field's current type)."""
+    if not overrides:
+        return
+    for dotted, _ in overrides:
+        _check_field(config, dotted)
+    argv = ["realm-jax"] + [f"--config.{dotted}={raw}" for dotted, raw in overrides]
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=holder, lock_config=False,
+                                    sys_argv=argv)
+    try:
+        holder(argv)
+    except flags.Error as e:   # "flag --config.a.b=x: <why>"
+        raise ValueError(str(e).removeprefix("flag ")) from e
+
+
+# config_flags reads a value by the type of the field's current value and has no parser for
+# None (sharding_rules, ORQA's refresh.scann) or lists (tuples read back from config.json):
+# read those as Python literals.
+config_flags.register_flag_parser_for_type(type(None), _LiteralParser())
+config_flags.register_flag_parser_for_type(list, _ListParser())
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets `--config.DOTTED=RAW` in `config` (e.g. a run's saved WORKDIR/config.json)."""
+    _override(config, [(dotted, raw)])
 
 
 def parse_config_flags(argv: Sequence[str], default: str | None = None
                        ) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """Pull `--config PATH` / `--config=PATH` and `--config.a.b=value` out of argv.
-    Returns the config and the remaining arguments."""
+    """Pull `--config PATH` / `--config=PATH` and `--config.a.b=value` (or `--config.a.b
+    value`) out of argv. Returns the config and the remaining arguments."""
     spec, overrides, rest = default, [], []
     argv = list(argv)
     i = 0
@@ -91,15 +178,16 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
         i += 1
     if spec is None:
         raise ValueError("no config given: pass --config configs/NAME.py")
-    config = _load_file(spec)
-    for dotted, raw in overrides:
-        apply_override(config, dotted, raw)
+    config = _load(spec)
+    _override(config, overrides)
     return config, rest
 
 
 def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict:
-    """Load `configs/NAME.py` (or a path, optionally `:arg`) with `field=value` overrides."""
-    config, _ = parse_config_flags([f"--config={name_or_path}"] + [f"--config.{o}" for o in overrides])
+    """Load `configs/NAME.py` (or a path; either optionally `:arg`) with `field=value`
+    overrides."""
+    config, _ = parse_config_flags([f"--config={name_or_path}"]
+                                   + [f"--config.{o}" for o in overrides])
     return config
 
 

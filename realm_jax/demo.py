@@ -139,17 +139,17 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
         import shutil
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    block_length = config_lib.load_config("demo_realm_minilm").retrieval.block_length
+    block_length = config_lib.load_config("realm:demo").retrieval.block_length
     print(f"\n[REALM 1/3] corpus: {max_articles} articles of the Wikipedia sample -> blocks of "
           f"<= {block_length} wordpieces ({workdir / 'corpus'})")
     prepare_corpus(wiki_sample(), workdir / "corpus", tokenizer=model, mode="realm",
                    max_tokens=block_length, max_documents=max_articles, progress=False)
     overrides = [f"data.corpus={workdir / 'corpus'}", f"data.tokenizer={model}",
                  f"model.init_from_hf={model}"] + ([f"train.steps={steps}"] if steps else [])
-    config = config_lib.load_config("demo_realm_minilm", *overrides)
+    config = config_lib.load_config("realm:demo", *overrides)
     log = open(workdir / "refresher.log", "w")
     command = [sys.executable, "-m", "realm_jax.cli", "refresh", "--workdir", str(workdir),
-               "--config", str(config_lib.CONFIG_DIR / "demo_realm_minilm.py"),
+               "--config", f"{config_lib.CONFIG_DIR / 'realm.py'}:demo",
                "--from_hf", model, "--no_progress"] + [f"--config.{o}" for o in overrides]
     refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {workdir / 'refresher.log'});"
@@ -198,9 +198,9 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     if workdir.exists():
         import shutil
         shutil.rmtree(workdir)
-    lengths = config_lib.load_config("demo_realm_minilm").retrieval  # the pre-training's
+    lengths = config_lib.load_config("realm:demo").retrieval  # the pre-training's
     config = config_lib.load_config(
-        "tiny_orqa", f"data.corpus={realm_workdir / 'corpus'}", f"data.tokenizer={model}",
+        "orqa:tiny", f"data.corpus={realm_workdir / 'corpus'}", f"data.tokenizer={model}",
         f"model.init_from_realm={realm_workdir}", f"retrieval.index={realm_workdir / 'index'}",
         f"retrieval.query_length={lengths.query_length}",
         f"retrieval.block_length={lengths.block_length}",

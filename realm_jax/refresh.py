@@ -81,7 +81,7 @@ class RefreshSettings:
     def from_config(cls, config, corpus: str | None = None) -> "RefreshSettings":
         section = config.get("refresh") if hasattr(config, "get") else None
         if section is None:
-            raise ValueError("the config has no `refresh` section (see configs/tiny_realm.py)")
+            raise ValueError("the config has no `refresh` section (see configs/realm.py:tiny)")
         values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

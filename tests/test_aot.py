@@ -32,7 +32,7 @@ HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None or (LIBTPU_DIR / "l
 
 
 def test_local_devices_report():
-    config = config_lib.load_config("tiny_realm", *TINY)
+    config = config_lib.load_config("realm:tiny", *TINY)
     report = aot.report(config, "local", mesh_shape=(4, 1, 2), corpus_rows=300)
     assert report.num_devices == 8 and report.device_kind == "cpu"
     assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 2}
@@ -50,7 +50,7 @@ def test_batch_shapes_are_the_pipelines(tmp_path, wiki_sample_path, minilm_path)
     prepare_corpus(wiki_sample_path, store_dir, tokenizer=minilm_path, mode="realm",
                    max_tokens=32, max_documents=1, progress=False)
     store = BlockStore.open(store_dir)
-    rc = config_lib.load_config("tiny_realm").retrieval
+    rc = config_lib.load_config("realm:tiny").retrieval
     maker = QueryMaker.for_store(store, minilm_path, query_length=rc.query_length,
                                  max_mask_tokens=rc.max_mask_tokens)
     local = next(iter(realm.query_dataset(store, maker, 8, seed=0)))
@@ -68,7 +68,7 @@ def test_cli_does_not_fit(monkeypatch, capsys):
     monkeypatch.setattr(aot, "report", lambda *a, **k: report)
     with pytest.raises(SystemExit, match=r"does not fit: one step needs 18.00 GiB per device, "
                                          r"a TPU v5 lite has 16.00 GiB"):
-        cli.main(["aot", "--config", "configs/tiny_realm.py", "--topology", "v5e:2x2"])
+        cli.main(["aot", "--config", "configs/realm.py:tiny", "--topology", "v5e:2x2"])
     assert "memory per device: 18.00 GiB of 16.00 GiB (112%)" in capsys.readouterr().out
     assert aot.parse_mesh("(4, 2, 1)") == (4, 2, 1)
     with pytest.raises(ValueError, match="--mesh 'four': expected DATA,FSDP,TENSOR"):
@@ -89,7 +89,7 @@ def test_tpu_topology():
     the step needs, the command reports, then exits 1."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(LIBTPU_DIR), os.environ.get("PYTHONPATH", "")]))
-    argv = [sys.executable, "-m", "realm_jax.cli", "aot", "--config", "configs/tiny_realm.py",
+    argv = [sys.executable, "-m", "realm_jax.cli", "aot", "--config", "configs/realm.py:tiny",
             "--topology", "v5e:2x2", "--mesh", "2,1,2", "--json", "--device_memory_gib=0.001",
             "--config.retrieval.mode=scann", *[f"--config.{o}" for o in TINY]]
     run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

@@ -21,25 +21,25 @@ def _params(cfg):
 
 
 def test_config_files_load_and_override():
-    c = config.load_config("tiny_realm", "train.steps=7", "model.encoder.num_layers=3")
+    c = config.load_config("realm:tiny", "train.steps=7", "model.encoder.num_layers=3")
     assert c.train.steps == 7 and c.model.encoder.num_layers == 3
     enc = config.encoder_config(c.model.encoder)
     assert enc.num_layers == 3 and enc.hidden_size == 32
-    base = config.load_config("realm_pretrain_bert_base")
+    base = config.load_config("realm")
     assert base.model.encoder.hidden_size == 768 and base.model.retriever_proj_size == 128
-    for name in ("tiny_rag", "rag_token_nq"):
-        rag = config.load_config(name + ":sequence")
+    for spec in ("rag:tiny,sequence", "rag:sequence"):
+        rag = config.load_config(spec)
         assert rag.rag.loss == "sequence"
         assert config.bart_config(rag.model.generator).d_model in (32, 1024)
         assert config.encoder_config(rag.model.question_encoder).add_pooler is False
-    assert config.load_config("rag_token_nq").rag.loss == "token"
+    assert config.load_config("rag").rag.loss == "token"
     with pytest.raises(ValueError, match="nope: no such field"):
-        config.load_config("tiny_realm", "train.nope=1")
+        config.load_config("realm:tiny", "train.nope=1")
 
 
 def test_config_flags_are_pulled_out_of_argv():
     cfg, rest = config.parse_config_flags(
-        ["--workdir", "w", "--config", "configs/tiny_realm.py", "--config.seed=3", "--once"])
+        ["--workdir", "w", "--config", "configs/realm.py:tiny", "--config.seed=3", "--once"])
     assert cfg.seed == 3 and rest == ["--workdir", "w", "--once"]
 
 

@@ -39,11 +39,11 @@ def test_tpu_vm_dry_run():
     assert create.stdout.split() == [
         "gcloud", "compute", "tpus", "tpu-vm", "create", "t1", "--zone=z1", "--project=p1",
         "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite"]
-    train = sh("launch/tpu_vm.sh", "--dry_run", "train", "configs/tiny_realm.py", "/mnt/b/w",
+    train = sh("launch/tpu_vm.sh", "--dry_run", "train", "configs/realm.py:tiny", "/mnt/b/w",
                "--config.train.steps=5", env=env).stdout
     assert train.startswith("gcloud compute tpus tpu-vm ssh t1 --zone=z1 --project=p1 "
                             "--worker=all --command=")
-    assert "realm-jax\\ train\\ --config\\ configs/tiny_realm.py\\ --workdir\\ /mnt/b/w\\ " \
+    assert "realm-jax\\ train\\ --config\\ configs/realm.py:tiny\\ --workdir\\ /mnt/b/w\\ " \
            "--config.train.steps=5" in train
     copy = sh("launch/tpu_vm.sh", "--dry_run", "copy", env=env).stdout.splitlines()
     assert "tpu-vm scp" in copy[1] and "--worker=all" in copy[1]
@@ -56,7 +56,7 @@ def test_tpu_vm_dry_run():
 
 def test_xpk_dry_run():
     env = {"CLUSTER": "c1", "ZONE": "z1", "PROJECT": "p1", "STORAGE": "s1", "NUM_SLICES": "2"}
-    train = sh("launch/xpk.sh", "--dry_run", "train", "configs/tiny_realm.py", "/mnt/b/w",
+    train = sh("launch/xpk.sh", "--dry_run", "train", "configs/realm.py:tiny", "/mnt/b/w",
                "--config.train.steps=5", env=env)
     assert train.returncode == 0, train.stderr
     words = train.stdout.split(" ")
@@ -66,21 +66,21 @@ def test_xpk_dry_run():
                  "--max-restarts=50", "--storage=s1", "--script-dir=."):
         assert flag in words
     assert train.stdout.rstrip().endswith(
-        "realm-jax\\ train\\ --config\\ configs/tiny_realm.py\\ --workdir\\ /mnt/b/w"
+        "realm-jax\\ train\\ --config\\ configs/realm.py:tiny\\ --workdir\\ /mnt/b/w"
         "\\ --config.train.steps=5")
-    refresh = sh("launch/xpk.sh", "--dry_run", "refresh", "configs/tiny_realm.py", "/mnt/b/w",
+    refresh = sh("launch/xpk.sh", "--dry_run", "refresh", "configs/realm.py:tiny", "/mnt/b/w",
                  env=dict(env, DOCKER_IMAGE="gcr.io/p1/realm")).stdout
     assert "--workload=realm-jax-refresh" in refresh and "--tpu-type=v5litepod-8" in refresh
     assert "--docker-image=gcr.io/p1/realm" in refresh and "pip" not in refresh
     delete = sh("launch/xpk.sh", "--dry_run", "delete", env=env).stdout.splitlines()
     assert [line.split()[-1] for line in delete] == ["--workload=realm-jax-train",
                                                       "--workload=realm-jax-refresh"]
-    usage = sh("launch/xpk.sh", "--dry_run", "train", "configs/tiny_realm.py")
+    usage = sh("launch/xpk.sh", "--dry_run", "train", "configs/realm.py:tiny")
     assert usage.returncode == 2 and "launch/xpk.sh [--dry_run] train" in usage.stderr
 
 
 def test_slurm_dry_run():
-    env = {"CONFIG": "configs/tiny_realm.py", "WORKDIR": "/shared/w", "NODES": "3"}
+    env = {"CONFIG": "configs/realm.py:tiny", "WORKDIR": "/shared/w", "NODES": "3"}
     out = sh("launch/slurm.sbatch", "--dry_run", "--config.train.steps=5", env=env)
     assert out.returncode == 0, out.stderr
     refresh, train = out.stdout.splitlines()
@@ -88,7 +88,7 @@ def test_slurm_dry_run():
     assert train.startswith("env JAX_COORDINATOR_PORT=12741 srun --nodes=2 "
                             "--nodelist=node1\\,node2 --ntasks-per-node=1 ")
     assert "JAX_LOCAL_DEVICE_IDS=0\\,1\\,2\\,3\\,4\\,5\\,6\\,7" in train
-    assert train.endswith("realm-jax train --config configs/tiny_realm.py --workdir /shared/w "
+    assert train.endswith("realm-jax train --config configs/realm.py:tiny --workdir /shared/w "
                           "--config.train.steps=5 &")
     per_gpu = sh("launch/slurm.sbatch", "--dry_run", env=dict(
         env, PROCS_PER_NODE="8", REFRESH_NODES="0")).stdout.splitlines()

@@ -49,7 +49,7 @@ def setup(tmp_path_factory, wiki_sample_path, minilm_path):
                  "model.encoder.vocab_size=30522", "model.encoder.num_layers=1",
                  "mesh.shape=(2,1,2)", f"train.steps={STEPS}", "train.checkpoint_every=2",
                  "data.heldout_fraction=0", "train.eval_queries=0", "train.log_every=1"]
-    config = config_lib.load_config("tiny_realm", *overrides)
+    config = config_lib.load_config("realm:tiny", *overrides)
     configs, params = realm.build_models(config)
     store = BlockStore.open(corpus)
     tower = configs["doc_tower"]
@@ -76,7 +76,7 @@ def start(workdir: Path, name: str, overrides, cache: Path, *, processes: int,
     for variable, _ in distributed.FLAGS.values():
         env.pop(variable, None)
     argv = [sys.executable, "-m", "realm_jax.cli", "train", "--workdir", str(workdir),
-            "--config", str(REPO / "configs" / "tiny_realm.py"),
+            "--config", f"{REPO / 'configs' / 'realm.py'}:tiny",
             *[f"--config.{o}" for o in overrides], *extra]
     port = free_port()
     runs = []

@@ -252,7 +252,7 @@ def tiny_model():
     from realm_jax.models import EmbedderConfig, SpanReaderConfig
     from realm_jax.tasks import orqa as train_orqa
 
-    c = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1")
+    c = config_lib.load_config("orqa:tiny", "model.encoder.num_layers=1")
     enc = config_lib.encoder_config(c.model.encoder)
     configs = {"query_tower": EmbedderConfig(enc, pooling="pooler", projection_dim=16,
                                              projection_layer_norm=True),
@@ -366,7 +366,7 @@ def minilm_1layer(tmp_path_factory, minilm_path):
 
 
 def _orqa_config(store, tokenizer, model, *overrides):
-    return config_lib.load_config("tiny_orqa", *(
+    return config_lib.load_config("orqa:tiny", *(
         f"data.corpus={store}", f"data.tokenizer={tokenizer}", f"model.init_from_hf={model}",
         "data.cloze_questions=8", "data.eval_split=train", "train.eval_questions=8",
         "retrieval.query_length=32", "retrieval.block_length=40", "mesh.shape=(1,8,1)",
@@ -464,7 +464,7 @@ def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model)
     with TrainCheckpoints(tmp_path / "realm") as ckpts:
         ckpts.layout.write_model({"query_tower": tower, "doc_tower": tower, "reader": mlm})
         ckpts.save(3, realm_params)
-    config = config_lib.load_config("tiny_orqa", "model.encoder.num_layers=1",
+    config = config_lib.load_config("orqa:tiny", "model.encoder.num_layers=1",
                                     f"model.init_from_realm={tmp_path / 'realm'}")
     configs, got = train_orqa.build_models(config)
     assert configs["query_tower"] == tower and configs["reader"].encoder == reader.encoder
@@ -474,7 +474,7 @@ def test_models_from_a_realm_run_and_a_realm_reader_folder(tmp_path, tiny_model)
     assert set(got["reader"]) == set(params["reader"])       # a span head of the right shape
 
     folder = hf.save(tmp_path / "realm_reader", reader, params["reader"])
-    config = config_lib.load_config("tiny_orqa", f"model.reader_hf={folder}",
+    config = config_lib.load_config("orqa:tiny", f"model.reader_hf={folder}",
                                     "model.max_span_width=4")
     configs, got = train_orqa.build_models(config)
     assert configs["reader"].max_span_width == 4
@@ -506,14 +506,14 @@ def test_answer_matcher_contains_is_has_answer(tmp_path, tokenizer):
 def test_cli_refuses_clearly(tmp_path, capsys):
     from realm_jax import cli
 
-    assert cli.main(["eval", "--workdir", str(tmp_path), "--config", "configs/tiny_orqa.py"]) == 2
+    assert cli.main(["eval", "--workdir", str(tmp_path), "--config", "configs/orqa.py:tiny"]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
-    assert cli.main(["answer", "--workdir", str(tmp_path), "--config", "configs/tiny_realm.py",
+    assert cli.main(["answer", "--workdir", str(tmp_path), "--config", "configs/realm.py:tiny",
                      "who?"]) == 2
     assert "config.task='realm'" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2     # no --config, no config.json
     assert "config.json: missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="retrieval.num_read"):
         from realm_jax.tasks.orqa import check_config
-        check_config(config_lib.load_config("tiny_orqa", "data.corpus=c", "data.tokenizer=t",
+        check_config(config_lib.load_config("orqa:tiny", "data.corpus=c", "data.tokenizer=t",
                                             "retrieval.num_read=9"))

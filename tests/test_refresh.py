@@ -361,7 +361,7 @@ def test_two_worker_processes_publish_what_one_worker_does(tmp_path, base_params
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     argv = [sys.executable, "-m", "realm_jax.cli", "refresh", "--config",
-            "configs/tiny_realm.py", "--workdir", str(two), "--corpus", os.fspath(store.path),
+            "configs/realm.py:tiny", "--workdir", str(two), "--corpus", os.fspath(store.path),
             f"--config.data.tokenizer={minilm_path}", "--config.refresh.poll_seconds=0.1",
             "--once", "--no_progress"]
 
@@ -411,7 +411,7 @@ def socket_port() -> int:
 
 def test_cli_refresh(tmp_path, base_params, store, minilm_path, capsys):
     make_workdir(tmp_path, base_params, [3])
-    argv = ["refresh", "--config", "configs/tiny_realm.py", "--workdir", str(tmp_path),
+    argv = ["refresh", "--config", "configs/realm.py:tiny", "--workdir", str(tmp_path),
             "--corpus", os.fspath(store.path), f"--config.data.tokenizer={minilm_path}",
             "--config.refresh.scann.brute_force_below=0", "--once", "--no_progress"]
     assert cli.main(argv) == 0
@@ -419,7 +419,7 @@ def test_cli_refresh(tmp_path, base_params, store, minilm_path, capsys):
     assert snapshot.step == 3 and snapshot.scann_settings["mode"] == "tree_ah_reorder"
     assert cli.main(argv[:-2] + ["--config.refresh.nope=1", "--once"]) != 0
     assert cli.main(["refresh", "--workdir", str(tmp_path), "--config",
-                     "configs/tiny_realm.py", "--once", "--no_progress"]) == 2
+                     "configs/realm.py:tiny", "--once", "--no_progress"]) == 2
     assert "no corpus: set config.data.corpus or pass --corpus" in capsys.readouterr().err
 
 
@@ -513,7 +513,7 @@ def test_sigkill_at_random_moments(tmp_path, base_params, store, expected, minil
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    argv = ["refresh", "--config", "configs/tiny_realm.py", "--workdir", str(workdir),
+    argv = ["refresh", "--config", "configs/realm.py:tiny", "--workdir", str(workdir),
             "--corpus", os.fspath(store.path), f"--config.data.tokenizer={minilm_path}",
             "--config.refresh.shard_size=16", "--config.refresh.scann.brute_force_below=0",
             "--config.refresh.poll_seconds=0.05", "--no_progress"]

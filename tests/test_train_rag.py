@@ -99,7 +99,7 @@ def data(tmp_path_factory, minilm_path, wiki_sample_path):
     qa_file.write_text("".join(json.dumps(r) + "\n" for r in qa))
     overrides = _overrides(store.path, qa_file, encoder)
     index_home = root / "index_home"
-    assert cli.main(["refresh", "--config", "configs/tiny_rag.py", "--workdir", str(index_home),
+    assert cli.main(["refresh", "--config", "configs/rag.py:tiny", "--workdir", str(index_home),
                      "--once", "--no_progress", *overrides]) == 0
     return {"root": root, "encoder": encoder, "store": store, "qa": qa, "overrides": overrides,
             "index": index_home / "index"}
@@ -122,7 +122,7 @@ def _overrides(corpus, qa_file, encoder, *more):
 
 
 def _config(data, arg="", *more):
-    argv = ["--config", "configs/tiny_rag.py" + (f":{arg}" if arg else "")]
+    argv = ["--config", "configs/rag.py:tiny" + (f",{arg}" if arg else "")]
     config, rest = config_lib.parse_config_flags(argv + data["overrides"] + list(more))
     assert not rest
     return config
@@ -144,7 +144,7 @@ def _fine_tune(data, kind: str, capsys) -> tuple[Path, dict, dict, list[dict]]:
     before, summary after, logged train rows)."""
     from realm_jax import evaluate
 
-    spec = "configs/tiny_rag.py" + (":sequence" if kind == "sequence" else "")
+    spec = "configs/rag.py:tiny" + (",sequence" if kind == "sequence" else "")
     config = _config(data, "sequence" if kind == "sequence" else "")
     workdir = _workdir(data, f"run_{kind}")
     trainer.train(config, workdir, stop_after=0)
@@ -187,7 +187,7 @@ def test_rag_token_fine_tuning_and_the_workdir_commands(data, capsys):
     assert cli.main(["answer", "--workdir", str(workdir), question["question"]]) == 0
     out = capsys.readouterr().out
     assert f"Q: {question['question']}" in out and "1. [" in out
-    assert cli.main(["refresh", "--config", "configs/tiny_rag.py", "--workdir", str(workdir),
+    assert cli.main(["refresh", "--config", "configs/rag.py:tiny", "--workdir", str(workdir),
                      "--once", *data["overrides"]]) == 0
     assert len(list((workdir / "index").glob("v*"))) == 1
 

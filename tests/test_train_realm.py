@@ -55,7 +55,7 @@ def _overrides(corpus, tokenizer, *overrides):
 
 
 def _config(corpus, tokenizer, *overrides):
-    return config_lib.load_config("tiny_realm", *_overrides(corpus, tokenizer, *overrides))
+    return config_lib.load_config("realm:tiny", *_overrides(corpus, tokenizer, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +422,7 @@ def test_sigkill_refresher_then_trainer_and_resume(tmp_path, corpus, minilm_path
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    flags = ["--workdir", str(tmp_path), "--config", str(REPO / "configs" / "tiny_realm.py")] + [
+    flags = ["--workdir", str(tmp_path), "--config", f"{REPO / 'configs' / 'realm.py'}:tiny"] + [
         f"--config.{o}" for o in _overrides(corpus, minilm_path)]
     logs = tmp_path / "logs"
     logs.mkdir()

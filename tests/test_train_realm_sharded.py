@@ -29,7 +29,7 @@ def models():
     """Tiny random models; the reader's matrices scaled up so that its predictions depend on
     the candidate: the retrieval scores' gradients (both towers') are then well above the
     rounding noise of a reader indifferent to what it reads."""
-    configs, params = realm.build_models(config_lib.load_config("tiny_realm"))
+    configs, params = realm.build_models(config_lib.load_config("realm:tiny"))
     params["reader"] = jax.tree.map(lambda x: x * 20 if x.ndim >= 2 else x, params["reader"])
     return configs, params
 

@@ -63,6 +63,7 @@ class BartConfig:
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: bool = False
+    attention: str = "xla"        # attention implementation (see configs/common.py)
     hf_architecture: str = "BartForConditionalGeneration"   # what hf.save writes
 
     def _block(self, heads: int, ffn: int, cross: bool) -> BlockConfig:

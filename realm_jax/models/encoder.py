@@ -33,6 +33,7 @@ class EncoderConfig:
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: bool = False
+    attention: str = "xla"        # attention implementation (see configs/common.py)
 
     @property
     def block(self) -> BlockConfig:

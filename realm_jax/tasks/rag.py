@@ -1,7 +1,7 @@
 """RAG fine-tuning (RAG-Token or RAG-Sequence), evaluation and answering.
 
-    realm-jax refresh --config configs/tiny_rag.py --workdir W --once   # the frozen index
-    realm-jax train   --config configs/tiny_rag.py --workdir W
+    realm-jax refresh --config configs/rag.py:tiny --workdir W --once   # the frozen index
+    realm-jax train   --config configs/rag.py:tiny --workdir W
     realm-jax eval    --workdir W          realm-jax answer --workdir W "a question?"
 
 The document side is frozen: WORKDIR/index holds the passages (config.data.corpus, a block
