@@ -125,7 +125,7 @@ class ProcessLock:
         try:
             for _ in range(10):
                 try:
-                    os.link(tmp, path)
+                    _create_exclusive(tmp, path, me)
                     fsync_dir(os.path.dirname(path) or ".")
                     return cls(path, me)
                 except FileExistsError:
@@ -140,7 +140,10 @@ class ProcessLock:
                     raise LockHeld(f"another {what} holds {path}: {who}; stop it first (if it "
                                    "is gone, e.g. its machine was lost, delete that file)")
                 with open(f"{path}.takeover", "a") as guard:
-                    fcntl.flock(guard, fcntl.LOCK_EX)
+                    try:
+                        fcntl.flock(guard, fcntl.LOCK_EX)
+                    except OSError:  # a file system without flock: best effort
+                        pass
                     if _read_json(path) == holder:  # still the stale one: take it over
                         os.replace(tmp, path)
                         fsync_dir(os.path.dirname(path) or ".")
@@ -159,6 +162,23 @@ class ProcessLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
+    """Create `path` holding `content`, or raise FileExistsError: a hard link of the complete
+    `tmp` (never seen half-written); where links are not supported (some FUSE mounts of
+    buckets), an exclusive create, then the write."""
+    import json
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(content, f)
 
 
 def _read_json(path: str) -> Any:

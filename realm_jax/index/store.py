@@ -392,12 +392,26 @@ class IndexStore:
         manifest's sha256 as they are read (what a refresher reuses must be what was
         published, however long ago it was validated); SnapshotError when they are not."""
         path = snapshot.path / EMBEDDINGS
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != snapshot.manifest["files"][EMBEDDINGS]["sha256"]:
+        try:
+            shape, dtype = _npy_header(path)
+        except ValueError as e:
+            raise SnapshotError(snapshot.path, EMBEDDINGS, f"unreadable npy header ({e})") from None
+        array = np.empty(shape, dtype)
+        out = memoryview(array.reshape(-1).view(np.uint8))
+        header = _size(path) - out.nbytes
+        if header < 0:
+            raise SnapshotError(snapshot.path, EMBEDDINGS, "shorter than its header says")
+        digest, filled = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            digest.update(f.read(header))
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                n = min(len(chunk), max(0, out.nbytes - filled))
+                out[filled:filled + n] = chunk[:n]
+                filled += len(chunk)
+        if filled != out.nbytes or digest.hexdigest() != snapshot.manifest["files"][EMBEDDINGS]["sha256"]:
             self._verified.pop(snapshot.version, None)
             raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
-        import io
-        array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
         if snapshot.dtype == "bfloat16":
             import ml_dtypes
             array = array.view(ml_dtypes.bfloat16)
