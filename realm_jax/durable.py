@@ -96,7 +96,7 @@ class ProcessLock:
 
     Taken by hard-linking a complete temporary file to the lock's name (atomic; fails when
     the name exists). A lock whose pid is dead on this host is stale: it is taken over by
-    replacing the file, under an flock on `NAME.takeover` so that two newcomers cannot both
+    replacing the file, under an flock on the lock's folder so that two newcomers cannot both
     take it, and only when the file still holds what was judged stale. A lock of another
     host is never judged stale (its pid means nothing here): the message says to delete it
     when that process is gone. `release` removes the file only if it is still this lock.
@@ -139,7 +139,8 @@ class ProcessLock:
                            f"{holder.get('started')}")
                     raise LockHeld(f"another {what} holds {path}: {who}; stop it first (if it "
                                    "is gone, e.g. its machine was lost, delete that file)")
-                with open(f"{path}.takeover", "a") as guard:
+                guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+                try:
                     try:
                         fcntl.flock(guard, fcntl.LOCK_EX)
                     except OSError:  # a file system without flock: best effort
@@ -148,6 +149,8 @@ class ProcessLock:
                         os.replace(tmp, path)
                         fsync_dir(os.path.dirname(path) or ".")
                         return cls(path, me)
+                finally:
+                    os.close(guard)  # (releases the flock)
             raise LockHeld(f"could not take {path}: it keeps changing")
         finally:
             if os.path.exists(tmp):

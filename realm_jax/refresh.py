@@ -21,7 +21,10 @@ between processes); they share nothing but WORKDIR.
 
 Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
 restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
-the partial ones, and never publishes anything half-written.
+the partial ones, and never publishes anything half-written. Only one chief runs per
+workdir: it holds WORKDIR/refresh/lock (pid and host; a dead chief's lock on the same host is
+taken over). Snapshots are verified before their embeddings are reused, and a snapshot with a
+non-finite embedding is never published (the refresh fails, naming the blocks).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,26 @@ def test_process_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
     with ProcessLock.acquire(path, "refresher") as lock:
         assert json.loads(path.read_text()) == lock.holder
+    # Newcomers racing for one stale lock: exactly one takes it.
+    path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    go = tmp_path / "go"
+    racer = ("import os, sys, time\n"
+             "from realm_jax.durable import LockHeld, ProcessLock\n"
+             f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+             "try:\n"
+             f"    lock = ProcessLock.acquire({str(path)!r}, 'refresher')\n"
+             "except LockHeld:\n"
+             "    print('refused', flush=True)\n"
+             "else:\n"
+             "    print('took', flush=True); time.sleep(2); lock.release()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    racers = [subprocess.Popen([sys.executable, "-c", racer], stdout=subprocess.PIPE,
+                               text=True, env=env) for _ in range(4)]
+    time.sleep(1.0)
+    go.touch()
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+    assert outcomes == ["refused", "refused", "refused", "took"]
+    assert not path.exists()
     # Another host's lock is never judged stale.
     path.write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere"}))
     with pytest.raises(LockHeld, match="host elsewhere.*delete that file"):
