@@ -409,7 +409,8 @@ class IndexStore:
                 n = min(len(chunk), max(0, out.nbytes - filled))
                 out[filled:filled + n] = chunk[:n]
                 filled += len(chunk)
-        if filled != out.nbytes or digest.hexdigest() != snapshot.manifest["files"][EMBEDDINGS]["sha256"]:
+        want = snapshot.manifest["files"][EMBEDDINGS]["sha256"]
+        if filled != out.nbytes or digest.hexdigest() != want:
             self._verified.pop(snapshot.version, None)
             raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
         if snapshot.dtype == "bfloat16":
