@@ -37,8 +37,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _prepare_corpus(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from realm_jax.data.corpus import prepare_corpus
 
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"--output {args.output} already exists; pass --overwrite to "
+                              "replace it (only a block store is ever replaced)")
     result = prepare_corpus(
         args.input, args.output, tokenizer=args.tokenizer, mode=args.mode,
         input_format=args.format, max_tokens=args.max_tokens, passage_words=args.passage_words,
@@ -154,6 +159,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _answer(args: argparse.Namespace) -> None:
+    if any(not q.strip() for q in args.question):
+        raise ValueError("answer: empty question (give each question as a non-empty argument)")
     questions = args.question or [line.strip() for line in sys.stdin if line.strip()]
     if not questions:
         raise ValueError("answer: no question (give them as arguments or one per line on stdin)")
@@ -383,10 +390,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"realm-jax {args.command}: error: {e}", file=sys.stderr)
+    except _expected_errors() as e:  # bad input or a fault: one clear line (-v: traceback)
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"realm-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input or a faulty disk raises: bad values and corrupt files (ValueError,
+    which orbax/tensorstore restore failures and JSON errors are too), every OSError (file
+    missing or existing, permission, disk full), a damaged index snapshot, a safetensors file
+    that cannot be read."""
+    from realm_jax.index.store import SnapshotError
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, SnapshotError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return errors
+    return errors + (SafetensorError,)
+
+
+def _one_line(error: BaseException) -> str:
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"disk full writing {error.filename or '(unknown file)'}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class SharedWatcher:
         if number < 0 or chief:
             return snapshot
         w = self.watcher
-        snapshot = w.store.load(version_name(number), checksums=False,
+        snapshot = w.store.load(version_name(number),
                                 expected_corpus_fingerprint=w.expected_corpus_fingerprint)
         w.current = snapshot
         return snapshot

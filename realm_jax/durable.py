@@ -9,13 +9,28 @@ visible whole, and there is nothing to fsync.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import uuid
+from collections.abc import Iterator
 from typing import IO, Any, Callable
 
 
 def is_local(path: str | os.PathLike) -> bool:
     return "://" not in os.fspath(path)
+
+
+@contextlib.contextmanager
+def naming_disk_full(where: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a "no space left on device" error that names no file as one that names
+    `where` (what was being written), so the user is told where the disk filled up."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(where)) from e
+        raise
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -69,3 +84,127 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *,
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+class LockHeld(FileExistsError):
+    """Another live process holds the lock; the message names it."""
+
+
+class ProcessLock:
+    """An exclusive lock file, `{"pid", "host", "nonce", "started"}` in JSON, for one process
+    of a kind per folder (local disks).
+
+    Taken by hard-linking a complete temporary file to the lock's name (atomic; fails when
+    the name exists). A lock whose pid is dead on this host is stale: it is taken over by
+    replacing the file, under an flock on the lock's folder so that two newcomers cannot both
+    take it, and only when the file still holds what was judged stale. A lock of another
+    host is never judged stale (its pid means nothing here): the message says to delete it
+    when that process is gone. `release` removes the file only if it is still this lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, holder: dict[str, Any]):
+        self.path = os.fspath(path)
+        self.holder = holder
+
+    @classmethod
+    def acquire(cls, path: str | os.PathLike, what: str) -> ProcessLock:
+        import datetime
+        import fcntl
+        import json
+        import socket
+
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "nonce": uuid.uuid4().hex,
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        tmp = f"{path}.tmp-{me['nonce'][:12]}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            for _ in range(10):
+                try:
+                    _create_exclusive(tmp, path, me)
+                    fsync_dir(os.path.dirname(path) or ".")
+                    return cls(path, me)
+                except FileExistsError:
+                    pass
+                holder = _read_json(path)
+                if holder is None or not _stale(holder):
+                    if holder is None and not os.path.exists(path):
+                        continue  # released meanwhile
+                    who = ("an unreadable lock" if holder is None else
+                           f"pid {holder.get('pid')} on host {holder.get('host')} since "
+                           f"{holder.get('started')}")
+                    raise LockHeld(f"another {what} holds {path}: {who}; stop it first (if it "
+                                   "is gone, e.g. its machine was lost, delete that file)")
+                guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+                try:
+                    try:
+                        fcntl.flock(guard, fcntl.LOCK_EX)
+                    except OSError:  # a file system without flock: best effort
+                        pass
+                    if _read_json(path) == holder:  # still the stale one: take it over
+                        os.replace(tmp, path)
+                        fsync_dir(os.path.dirname(path) or ".")
+                        return cls(path, me)
+                finally:
+                    os.close(guard)  # (releases the flock)
+            raise LockHeld(f"could not take {path}: it keeps changing")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def release(self) -> None:
+        if _read_json(self.path) == self.holder:
+            os.unlink(self.path)
+
+    def __enter__(self) -> ProcessLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
+    """Create `path` holding `content`, or raise FileExistsError: a hard link of the complete
+    `tmp` (never seen half-written); where links are not supported (some FUSE mounts of
+    buckets), an exclusive create, then the write."""
+    import json
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(content, f)
+
+
+def _read_json(path: str) -> Any:
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(holder: Any) -> bool:
+    """A lock whose process is dead on this host."""
+    import socket
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -18,12 +18,13 @@ it is all zeros, as transformers treats BART's final_logits_bias (a BartModel ha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -525,8 +526,9 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / SAFETENSORS
     if single.exists():
-        with safe_open(str(single), "np") as f:
-            return {k: single for k in f.keys()}
+        with _reading_safetensors(single):
+            with safe_open(str(single), "np") as f:
+                return {k: single for k in f.keys()}
     for name in ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack"):
         if (folder / name).exists():
             raise CheckpointError(
@@ -545,10 +547,22 @@ def _read_tensors(files: dict[str, Path], keys: Iterable[str]) -> dict[str, np.n
         by_file.setdefault(files[k], []).append(k)
     out = {}
     for file, names in by_file.items():
-        with safe_open(str(file), "np") as f:
+        with _reading_safetensors(file), safe_open(str(file), "np") as f:
             for k in names:
                 out[k] = f.get_tensor(k)
     return out
+
+
+@contextlib.contextmanager
+def _reading_safetensors(file: Path) -> Iterator[None]:
+    """A safetensors file that cannot be read (truncated, garbage) as a CheckpointError
+    naming it."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be "
+                              "truncated: copy or convert it again") from e
 
 
 def _body_prefix(keys: Iterable[str]) -> str:

@@ -21,7 +21,10 @@ between processes); they share nothing but WORKDIR.
 
 Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
 restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
-the partial ones, and never publishes anything half-written.
+the partial ones, and never publishes anything half-written. Only one chief runs per
+workdir: it holds WORKDIR/refresh/lock (pid and host; a dead chief's lock on the same host is
+taken over). Snapshots are verified before their embeddings are reused, and a snapshot with a
+non-finite embedding is never published (the refresh fails, naming the blocks).
 """
 
 from __future__ import annotations
@@ -38,16 +41,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from realm_jax.data.store import BlockStore
-from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
-from realm_jax.index.store import IndexStore, Snapshot
 from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.data.store import BlockStore
+from realm_jax.durable import ProcessLock
+from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
+from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
 from realm_jax.workdir import REFRESH_LOG, Workdir
 
 _log = logging.getLogger(__name__)
 _stages = logging.getLogger(__name__ + ".stages")  # DEBUG lines: where a refresh is
 
 JOB_FILE = "job.json"
+LOCK_FILE = "lock"  # the chief's ProcessLock: one refresher per workdir
 DOC_TOWER = "doc_tower"
 _TRASH = ".trash-"
 
@@ -202,8 +207,8 @@ class Refresher:
         return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
 
     def published(self) -> Snapshot | None:
-        """The snapshot LATEST names (or the newest valid one), without checksums."""
-        return self.index.latest_valid(self.store.fingerprint, checksums=False, log=_log)
+        """The snapshot LATEST names (or the newest valid one), verified."""
+        return self.index.latest_valid(self.store.fingerprint, log=_log)
 
     @staticmethod
     def _is_current(source: Source, snapshot: Snapshot | None) -> bool:
@@ -307,13 +312,19 @@ class Refresher:
                              "shard_dir": shard_dir.name, "num_workers": self.num_workers})
 
         t0 = time.perf_counter()
+        embeddings = None
         if (previous is not None and previous.model_fingerprint == model_fingerprint
                 and previous.count == len(self.store)):
             # The same weights (e.g. the trainer's step-0 checkpoint of the --from_hf tower):
             # the embeddings are those of the published snapshot; only the step is new.
+            try:
+                embeddings = np.asarray(self.index.verified_embeddings(previous))
+            except SnapshotError as e:
+                _log.warning("step %d: not reusing damaged embeddings (%s); embedding anew",
+                             source.step, e)
+        if embeddings is not None:
             _log.info("step %d: the document tower equals the one of %s; reusing its "
                       "embeddings", source.step, previous.version)
-            embeddings = np.asarray(previous.embeddings(mmap=False))
             result = EmbedResult([], 0, len(embeddings), 0.0)
         else:
             self.on_stage("embed")
@@ -425,9 +436,10 @@ class Refresher:
         """The chief's loop (worker 0) or a worker's (see `run_worker`)."""
         if self.worker != 0:
             return self.run_worker(once)
-        self._cleanup_scratch(shards=False)  # kept: a killed run's shards are resumed
+        lock = ProcessLock.acquire(self.scratch / LOCK_FILE, "refresher")  # one chief per workdir
         results: list[RefreshResult] = []
         try:
+            self._cleanup_scratch(shards=False)  # kept: a killed run's shards are resumed
             while True:
                 finished = self.checkpoints.is_finished()  # before looking at the steps
                 result = self.refresh_once()
@@ -445,6 +457,7 @@ class Refresher:
         finally:
             if self.num_workers > 1 and (once or self.checkpoints.is_finished()):
                 self._write_job({"stop": True})
+            lock.release()
 
     def _nothing_to_do(self, fail: bool) -> None:
         source = self.newest_source()

@@ -590,3 +590,66 @@ def test_sigkill_at_random_moments(tmp_path, base_params, store, expected, minil
     finally:
         driver.stdin.close()
         driver.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad data and a second refresher (issue 25)
+
+
+def test_damaged_snapshot_is_not_reused(tmp_path, base_params, settings, embedder, expected,
+                                        caplog):
+    """The same document tower at a new step reuses the published embeddings only once they
+    are verified: damaged ones are embedded anew, never republished under fresh checksums."""
+    checkpoints = make_workdir(tmp_path, base_params, [1])
+    [first] = refresher(tmp_path, settings, embedder).run(once=True)
+    index = IndexStore(tmp_path / "index")
+    emb_file = index.root / first.version / "embeddings.npy"
+    data = bytearray(emb_file.read_bytes())
+    data[-2:] = b"\x00\x7e"  # the last value becomes NaN: same size, wrong sha256
+    emb_file.write_bytes(bytes(data))
+    checkpoints.save(2, dict(step_params(base_params, 2), doc_tower=tower(base_params, 1)))
+    checkpoints.wait_until_finished()
+    with caplog.at_level("WARNING"):
+        [second] = refresher(tmp_path, settings, embedder).run(once=True)
+    assert "embeddings.npy: sha256 does not match" in caplog.text
+    assert second.step == 2 and second.embedded == len(expected(tower(base_params, 1)))
+    np.testing.assert_array_equal(index.latest().embeddings(), expected(tower(base_params, 1)))
+    # A damaged reused snapshot found while reading it (after it was verified): embedded anew.
+    r = refresher(tmp_path, settings, embedder)
+    previous = r.published()
+    data = bytearray((previous.path / "embeddings.npy").read_bytes())
+    data[-1] ^= 0x01
+    (previous.path / "embeddings.npy").write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        third = r.refresh(r.newest_source(), previous)
+    assert "not reusing damaged embeddings" in caplog.text and third.embedded > 0
+    np.testing.assert_array_equal(index.latest().embeddings(), expected(tower(base_params, 1)))
+
+
+def test_non_finite_embeddings_fail_the_refresh(tmp_path, base_params, settings, embedder):
+    checkpoints = make_workdir(tmp_path, base_params, [])
+    broken = jax.tree.map(lambda x: np.full_like(x, np.nan), tower(base_params, 5))
+    checkpoints.save(5, dict(step_params(base_params, 5), doc_tower=broken))
+    checkpoints.wait_until_finished()
+    with pytest.raises(ValueError, match=r"refusing to publish step 5 .* NaN or infinity"):
+        refresher(tmp_path, settings, embedder).run(once=True)
+    assert IndexStore(tmp_path / "index").versions() == []
+
+
+def test_second_refresher_refuses_to_start(tmp_path, base_params, settings, embedder):
+    from realm_jax.durable import LockHeld, ProcessLock
+
+    make_workdir(tmp_path, base_params, [])
+    lock = ProcessLock.acquire(tmp_path / "refresh" / "lock", "refresher")
+    with pytest.raises(LockHeld, match=f"another refresher holds .*pid {os.getpid()}"):
+        refresher(tmp_path, settings, embedder).run(once=True)
+    lock.release()  # (workers take no lock: test_two_workers runs one beside its chief)
+    # A lock left by a dead refresher on this host is taken over (and released at the end).
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (tmp_path / "refresh" / "lock").write_text(json.dumps(
+        {"pid": child.pid, "host": __import__("socket").gethostname()}))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        refresher(tmp_path, settings, embedder).run(once=True)
+    assert not (tmp_path / "refresh" / "lock").exists()

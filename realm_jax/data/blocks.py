@@ -20,6 +20,10 @@ import numpy as np
 
 from realm_jax.data.wikitext import Span
 
+# A folder without one of these would load as a tokenizer of special tokens only.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model")
+
 Mode = Literal["realm", "dpr"]
 MODES = ("realm", "dpr")
 
@@ -60,6 +64,10 @@ def load_tokenizer(tokenizer: str | os.PathLike | Any) -> TokenizerInfo:
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {path} (expected a local Hugging "
                                     "Face model folder with tokenizer.json or vocab.txt)")
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"tokenizer folder {path} has no tokenizer file (one of "
+                                    f"{', '.join(_TOKENIZER_FILES)}); point at the model folder "
+                                    "the corpus is tokenized with")
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; block splitting "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from realm_jax.data.blocks import MODES, Mode, load_tokenizer, spans_in, split_document
 from realm_jax.data.readers import Document, SkipCounter, detect_format, read_documents
-from realm_jax.data.store import BlockStoreWriter
+from realm_jax.data.store import BlockStore, BlockStoreWriter, check_replaceable
 
 _log = logging.getLogger(__name__)
 
@@ -81,6 +83,29 @@ def _prefetch(items: Iterable[Any], size: int) -> Iterator[Any]:
         thread.join()
 
 
+def _check_output_outside_input(source: str | os.PathLike, output_dir: str | os.PathLike
+                                ) -> None:
+    """`output_dir` must neither be the input nor hold it: replacing it would delete it."""
+    src, out = Path(source).resolve(), Path(output_dir).resolve()
+    if src == out or out in src.parents:
+        raise ValueError(f"the output folder {output_dir} holds the input {source}; write the "
+                         "block store to another folder")
+
+
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(),
+                          "little")
+
+
+def _repeated_ids(id_hashes: array.array) -> tuple[int, int]:
+    """(documents whose id an earlier document has, ordinal of the first such earlier
+    document, or -1)."""
+    hashes = np.frombuffer(id_hashes, dtype=np.uint64)
+    unique, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+    repeated = first[counts > 1]
+    return len(hashes) - len(unique), int(repeated.min()) if len(repeated) else -1
+
+
 def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: str | os.PathLike, *,
                    tokenizer: str | os.PathLike | Any, mode: Mode = "realm",
                    input_format: str | None = None, max_tokens: int = 288,
@@ -104,18 +129,22 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
       id_field, title_field, text_field: record fields for JSONL and TFDS; ``id_field=None``
         numbers documents by line / record index.
       max_documents: stop after this many usable documents (for quick runs).
-      overwrite: replace an existing store at ``output_dir``.
+      overwrite: replace an existing block store at ``output_dir`` (anything else there is
+        refused, and so is an ``output_dir`` holding the input).
       batch_documents: documents tokenized per batch.
       progress: show a progress bar (docs/s).
 
     Returns:
       A :class:`PrepareResult`; ``skipped`` counts skipped items by reason (also in the
-      manifest and logged).
+      manifest and logged). Documents that repeat an earlier document's id are kept (each
+      is its own document: REALM excludes a query's source by document ordinal, not id),
+      counted in the manifest's ``stats.duplicate_doc_ids`` and warned about.
 
     Raises:
       FileNotFoundError: the input file, TFDS dataset or tokenizer folder is missing.
-      FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
-      ValueError: bad settings, or no usable document in the corpus.
+      FileExistsError: ``output_dir`` exists and ``overwrite`` is False, or it is not a block
+        store.
+      ValueError: bad settings, ``output_dir`` holds the input, or no usable document.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -124,6 +153,10 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
                          f"and {passage_words}")
     started = time.perf_counter()
     skips = SkipCounter()
+    if isinstance(source, (str, os.PathLike)) and not os.fspath(source).startswith("tfds:"):
+        _check_output_outside_input(source, output_dir)
+    if overwrite:
+        check_replaceable(output_dir)
     if isinstance(source, (str, os.PathLike)):
         fmt = input_format or detect_format(source)
         documents: Iterable[Document] = read_documents(
@@ -149,6 +182,7 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
     if max_documents is not None:
         total = max_documents if total is None else min(total, max_documents)
     counts = {"documents": 0, "spans_cut": 0}
+    id_hashes = array.array("Q")  # 8 bytes per document, to count repeated ids at the end
     with BlockStoreWriter(output_dir, token_dtype=tok.token_dtype, settings=settings,
                           overwrite=overwrite) as writer, \
             tqdm(desc=f"prepare-corpus {Path(label).name}", unit="docs",
@@ -172,6 +206,7 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
                                title=doc.title, text=doc.text[piece.char_start:piece.char_end],
                                spans=spans, doc_index=counts["documents"])
                 counts["documents"] += 1
+                id_hashes.append(_id_hash(doc.doc_id))
             bar.update(len(batch))
             bar.set_postfix(blocks=len(writer), skipped=sum(skips.counts.values()),
                             refresh=False)
@@ -191,10 +226,18 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
         if len(writer) == 0:
             raise ValueError(f"no usable documents in {source_info['path']}: "
                              f"skipped {skips.as_dict() or 'nothing (the corpus is empty)'}")
+        duplicates, first_repeated = _repeated_ids(id_hashes)
         manifest = writer.finish({
             "source": source_info, "skipped": skips.as_dict(),
-            "stats": {"spans_cut": counts["spans_cut"]},
+            "stats": {"spans_cut": counts["spans_cut"], "duplicate_doc_ids": duplicates},
         })
+    if duplicates:
+        with BlockStore(output_dir, check_tokens=False) as store:
+            example = store.doc_id(int(np.searchsorted(store.doc_index, first_repeated)))
+        _log.warning("%s: %d document(s) repeat the id of an earlier one (e.g. %r); kept as "
+                     "separate documents, counted in %s stats.duplicate_doc_ids",
+                     source_info["path"], duplicates, example,
+                     Path(output_dir) / "manifest.json")
     seconds = time.perf_counter() - started
     result = PrepareResult(Path(output_dir), manifest["num_documents"], manifest["count"],
                            manifest["num_tokens"], skips.as_dict(), counts["spans_cut"],

@@ -162,6 +162,26 @@ class QueryMaker:
         if batch:
             yield from flush()
 
+    def require_queries(self, store: BlockStore, block_ids: Sequence[int] | None = None,
+                        seed: int = 0, sample: int = 512) -> None:
+        """Fail fast where an endless input pipeline would skip every block: raise ValueError
+        when none of up to ``sample`` blocks (evenly spread over ``block_ids``, default all)
+        gives a query. An empty selection fails too. A corpus whose queries are rarer than
+        one block in ``sample`` is refused as well: training on it would hardly advance."""
+        ids = np.arange(len(store)) if block_ids is None else np.asarray(block_ids, np.int64)
+        picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(sample, len(ids))).astype(
+            np.int64))] if len(ids) else ids
+        skipped: collections.Counter[str] = collections.Counter()
+        if next(self.iter_store(store, picked.tolist(), seed=seed, skipped=skipped), None):
+            return
+        raise ValueError(
+            f"no REALM query can be made from block store {store.path}: none of the "
+            f"{len(picked)} block(s) looked at (of {len(ids)}) has a sentence with a usable "
+            f"salient span (span finder: {describe_finder(self.finder)}; given spans: "
+            f"{self.anchors}; sentences skipped: {dict(skipped) or 'none'}). Give the corpus "
+            "salient spans: a Wikipedia dump (link anchors), JSONL records with \"spans\", or "
+            "text with names and dates the finder recognises")
+
     # ------------------------------------------------------------------ internals
 
     def salient_spans(self, text: str, spans: Sequence[Span] = ()
@@ -255,6 +275,16 @@ class QueryMaker:
         input_ids[positions[:k]] = sp.mask
         return MaskedQuery(input_ids, attention, positions, targets, valid, block_id, doc_index,
                            doc_id, sentence, span)
+
+
+def describe_finder(finder: SpanFinder | None) -> str:
+    """A finder's name for messages: its class, or the classes it combines."""
+    if finder is None:
+        return "none"
+    if isinstance(finder, CombinedFinder):
+        return "+".join(describe_finder(f) for f in finder.finders)
+    model = getattr(finder, "model", None)
+    return type(finder).__name__ + (f"({model})" if isinstance(model, str) else "")
 
 
 # The fields of a batch of queries (`collate_queries`), and those of their retrieved

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.data.wikitext import Span
-from realm_jax.durable import fsync_dir, fsync_file
+from realm_jax.durable import fsync_dir, fsync_file, naming_disk_full
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +43,27 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _FILES = ("tokens.npy", "offsets.npy", "lengths.npy", "doc_index.npy", "records.jsonl",
           "records_index.npy")
+_TOKEN_CHUNK = 1 << 24  # tokens checked at a time when a store is opened
+
+
+def is_block_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder whose manifest says it is a block store (what `overwrite`
+    may replace)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise FileExistsError unless `path` is absent or a block store: `overwrite` never
+    deletes anything else (a user's folder, an input file)."""
+    path = Path(path)
+    if path.exists() and not is_block_store(path):
+        raise FileExistsError(errno.EEXIST, f"refusing to replace {path}: it is not a block "
+                              f"store (no {MANIFEST} of format {FORMAT!r}); remove it yourself "
+                              "or choose another output folder", os.fspath(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +92,7 @@ class BlockStoreWriter:
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"block store already exists: {self.path} "
                                   "(pass overwrite=True to replace it)")
+        check_replaceable(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._overwrite = overwrite
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -108,8 +131,9 @@ class BlockStoreWriter:
         self._hash.update(struct.pack("<QQ", len(toks), len(line)))
         self._hash.update(raw)
         self._hash.update(line)
-        self._tokens.write(raw)
-        self._records.write(line)
+        with naming_disk_full(self._tmp):
+            self._tokens.write(raw)
+            self._records.write(line)
         self._offsets.append(self._offsets[-1] + len(toks))
         self._record_index.append(self._record_index[-1] + len(line))
         self._doc_index.append(doc_index)
@@ -117,6 +141,10 @@ class BlockStoreWriter:
 
     def finish(self, manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes the index arrays and the manifest, then renames the folder into place."""
+        with naming_disk_full(self._tmp):
+            return self._finish(manifest_extra)
+
+    def _finish(self, manifest_extra: dict[str, Any] | None) -> dict[str, Any]:
         count = len(self._doc_index)
         self._write_npy_header(self._offsets[-1])
         for f in (self._tokens, self._records):
@@ -145,6 +173,7 @@ class BlockStoreWriter:
         if self.path.exists():
             if not self._overwrite:
                 raise FileExistsError(f"block store appeared while writing: {self.path}")
+            check_replaceable(self.path)
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
             os.rename(self.path, old)
         os.rename(self._tmp, self.path)
@@ -172,10 +201,13 @@ class BlockStoreWriter:
 class BlockStore:
     """Read access to a block store folder; arrays are memory-mapped, records read on demand.
 
-    Safe to pickle (reopens by path) for data-loader workers.
+    Opening checks the files against the manifest and, with `check_tokens`, every token id
+    against the vocabulary size the manifest records (stores made before it was recorded are
+    not checked): one pass over the token file. Safe to pickle (reopens by path, without the
+    token pass, which the original has made) for data-loader workers.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, check_tokens: bool = True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -194,6 +226,8 @@ class BlockStore:
         self._record_index = self._load("records_index.npy")
         self._fd = os.open(self.path / "records.jsonl", os.O_RDONLY)
         self._check()
+        if check_tokens:
+            self._check_tokens()
 
     def _load(self, name: str) -> np.ndarray:
         try:
@@ -218,6 +252,24 @@ class BlockStore:
         if problems:
             self.close()
             raise ValueError(f"corrupt block store {self.path}: {'; '.join(problems)}")
+
+    def _check_tokens(self) -> None:
+        """Every token id < the recorded vocabulary size (a store written with another
+        tokenizer, or damaged on disk, would otherwise index past the embedding table)."""
+        vocab = self.settings.get("tokenizer", {}).get("vocab_size")
+        if not isinstance(vocab, int) or isinstance(vocab, bool):
+            return
+        for start in range(0, len(self._tokens), _TOKEN_CHUNK):
+            chunk = np.asarray(self._tokens[start:start + _TOKEN_CHUNK])
+            bad = np.flatnonzero((chunk >= vocab) | (chunk < 0))
+            if len(bad):
+                position = start + int(bad[0])
+                block = int(np.searchsorted(self._offsets, position, side="right")) - 1
+                self.close()
+                raise ValueError(
+                    f"corrupt block store {self.path}: tokens.npy holds id {int(chunk[bad[0]])} "
+                    f"(block {block}), outside the vocabulary of {vocab} ids recorded in "
+                    f"{MANIFEST} (settings.tokenizer.vocab_size)")
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> BlockStore:
@@ -314,7 +366,7 @@ class BlockStore:
         return {"path": str(self.path)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], check_tokens=False)
 
     def __repr__(self) -> str:
         return f"BlockStore({str(self.path)!r}, count={len(self)}, mode={self.settings.get('mode')})"

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from realm_jax import hf, sharding
+from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir

@@ -13,9 +13,19 @@
 
 Publishing writes a `.tmp-*` folder, fsyncs every file and the folder, renames it to the
 next free `vNNNNNN`, then replaces LATEST atomically (temp file, fsync, os.replace, fsync
-of the root). Readers follow LATEST only, and validate what they load against the manifest,
-so a crash at any moment leaves LATEST on a complete snapshot. Leftover `.tmp-*` folders of
-dead publishers and `.trash-*` folders are removed by the next publish.
+of the root). A snapshot with a non-finite embedding is refused before anything is written;
+a failed publish (a full disk) removes its `.tmp-*` folder and leaves LATEST as it was.
+Leftover `.tmp-*` folders of dead publishers and `.trash-*` folders are removed by the next
+publish.
+
+Readers follow LATEST only. Every snapshot anyone serves or reuses is checked by
+`IndexStore.validate`, the one check: manifest fields, every file's presence, size and sha256,
+array headers, the corpus fingerprint. The sha256 pass is made once per version and file
+state (an `IndexStore` remembers the versions it verified with their files' size and
+modification stamps, and verifies again when those change), so a reader polling LATEST pays
+it once per new snapshot. When LATEST's snapshot fails, readers fall back to the newest valid
+older one with a warning naming the folder and what failed; a LATEST that cannot be read
+(missing, undecodable, naming no snapshot) is treated the same way.
 
 Local paths are what is tested; other etils.epath paths (buckets) use the same sequence,
 without fsync (object stores make the final LATEST write atomic by themselves).
@@ -39,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
-from realm_jax.durable import atomic_write, fsync_dir, fsync_file, is_local
+from realm_jax.durable import atomic_write, fsync_dir, fsync_file, is_local, naming_disk_full
 from realm_jax.index import base
 
 LATEST = "LATEST"
@@ -59,6 +69,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "created": str, "files": dict,
 }
 _STALE_REMOTE_TMP_S = 3600.0
+_FINITE_CHUNK_ROWS = 1 << 16
 
 PathLike = str | os.PathLike
 
@@ -135,6 +146,28 @@ def _embeddings_to_store(embeddings: Any, dtype: str | None) -> tuple[np.ndarray
         import ml_dtypes
         return array.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16), name
     return array.astype(name, copy=False), name
+
+
+def _file_state(path: epath.Path) -> tuple:
+    """What changes when a file is rewritten: size and modification stamps."""
+    if is_local(path):
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    st = path.stat()
+    return (int(st.length), getattr(st, "mtime", None))
+
+
+def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Indices of the rows of `array` (stored as `dtype_name`) holding a NaN or infinity,
+    checked a slice of rows at a time."""
+    if dtype_name == "bfloat16":
+        import ml_dtypes
+        array = array.view(ml_dtypes.bfloat16)
+    bad = []
+    for start in range(0, len(array), _FINITE_CHUNK_ROWS):
+        chunk = np.asarray(array[start:start + _FINITE_CHUNK_ROWS], dtype=np.float32)
+        bad.append(start + np.flatnonzero(~np.isfinite(chunk).all(axis=1)))
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 def _process_alive(pid: int) -> bool:
@@ -254,6 +287,7 @@ class IndexStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = epath.Path(root)
         self.keep = keep
+        self._verified: dict[str, tuple] = {}  # version -> its files' states when verified
 
     # ----------------------------------------------------------------- reading
 
@@ -271,15 +305,19 @@ class IndexStore:
             name = pointer.read_text().strip()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as e:
+            raise SnapshotError(pointer, LATEST, f"not text ({e})") from None
         if version_number(name) is None:
             raise SnapshotError(pointer, LATEST, f"does not name a snapshot folder: {name!r}")
         return name
 
-    def validate(self, version: str, expected_corpus_fingerprint: str | None = None,
-                 checksums: bool = True) -> dict[str, Any]:
+    def validate(self, version: str, expected_corpus_fingerprint: str | None = None
+                 ) -> dict[str, Any]:
         """Check a snapshot's manifest against its files (presence, sizes, sha256, array
         shapes and dtypes) and against the corpus; returns the manifest or raises
-        SnapshotError naming the folder and the failing field or file."""
+        SnapshotError naming the folder and the failing field or file. The sha256 pass is
+        skipped when this store verified the version before and its files have not changed
+        since (see the module docstring)."""
         folder = self.root / version
         if version_number(version) is None:
             raise SnapshotError(folder, "version", "not a snapshot folder name (vNNNNNN)")
@@ -320,7 +358,8 @@ class IndexStore:
         if manifest["searcher"].get("scann") is not None and not any(
                 rel.startswith(SCANN_DIR + "/") for rel in files):
             raise SnapshotError(folder, f"{MANIFEST}:files", "ScaNN settings but no files")
-        for rel, info in files.items():
+        states = []
+        for rel, info in sorted(files.items()):
             path = folder / rel
             if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
                 raise SnapshotError(folder, f"{MANIFEST}:files:{rel}", "needs bytes and sha256")
@@ -329,8 +368,13 @@ class IndexStore:
             size = _size(path)
             if size != info["bytes"]:
                 raise SnapshotError(folder, rel, f"{size} bytes, manifest says {info['bytes']}")
-            if checksums and _sha256(path) != info["sha256"]:
-                raise SnapshotError(folder, rel, "sha256 does not match the manifest")
+            states.append((rel, info["sha256"], _file_state(path)))
+        states.append((MANIFEST, None, _file_state(folder / MANIFEST)))
+        if self._verified.get(version) != tuple(states):
+            self._verified.pop(version, None)
+            for rel, sha256, _ in states[:-1]:
+                if _sha256(folder / rel) != sha256:
+                    raise SnapshotError(folder, rel, "sha256 does not match the manifest")
         for rel, shape, want in ((EMBEDDINGS, (count, dim), _storage_dtype(dtype)),
                                  (IDS, (count,), np.dtype(np.int64))):
             try:
@@ -340,31 +384,66 @@ class IndexStore:
             if got_shape != shape or got_dtype != want:
                 raise SnapshotError(folder, rel, f"holds {got_dtype}{list(got_shape)}, manifest "
                                     f"says {want}{list(shape)}")
+        self._verified[version] = tuple(states)
         return manifest
+
+    def verified_embeddings(self, snapshot: Snapshot) -> np.ndarray:
+        """`snapshot`'s embeddings read into memory, their bytes checked against the
+        manifest's sha256 as they are read (what a refresher reuses must be what was
+        published, however long ago it was validated); SnapshotError when they are not."""
+        path = snapshot.path / EMBEDDINGS
+        try:
+            shape, dtype = _npy_header(path)
+        except ValueError as e:
+            raise SnapshotError(snapshot.path, EMBEDDINGS, f"unreadable npy header ({e})") from None
+        array = np.empty(shape, dtype)
+        out = memoryview(array.reshape(-1).view(np.uint8))
+        header = _size(path) - out.nbytes
+        if header < 0:
+            raise SnapshotError(snapshot.path, EMBEDDINGS, "shorter than its header says")
+        digest, filled = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            digest.update(f.read(header))
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                n = min(len(chunk), max(0, out.nbytes - filled))
+                out[filled:filled + n] = chunk[:n]
+                filled += len(chunk)
+        want = snapshot.manifest["files"][EMBEDDINGS]["sha256"]
+        if filled != out.nbytes or digest.hexdigest() != want:
+            self._verified.pop(snapshot.version, None)
+            raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
+        if snapshot.dtype == "bfloat16":
+            import ml_dtypes
+            array = array.view(ml_dtypes.bfloat16)
+        return array
 
     def load(self, version: str, *, validate: bool = True, checksums: bool = True,
              expected_corpus_fingerprint: str | None = None) -> Snapshot:
-        """The snapshot in folder `version`, validated unless validate=False."""
+        """The snapshot in folder `version`, validated unless validate=False (`checksums`:
+        ignored, kept for old callers: every load verifies, see `validate`)."""
+        del checksums
         if validate:
-            manifest = self.validate(version, expected_corpus_fingerprint, checksums)
+            manifest = self.validate(version, expected_corpus_fingerprint)
         else:
             manifest = json.loads((self.root / version / MANIFEST).read_text())
         return Snapshot(self.root / version, manifest)
 
-    def latest(self, *, validate: bool = True, checksums: bool = True,
+    def latest(self, *, validate: bool = True,
                expected_corpus_fingerprint: str | None = None) -> Snapshot | None:
         """The snapshot LATEST names (None if none yet); SnapshotError if it is invalid."""
         version = self.latest_version()
         if version is None:
             return None
-        return self.load(version, validate=validate, checksums=checksums,
+        return self.load(version, validate=validate,
                          expected_corpus_fingerprint=expected_corpus_fingerprint)
 
     def latest_valid(self, expected_corpus_fingerprint: str | None = None,
                      checksums: bool = True,
                      log: logging.Logger | None = None) -> Snapshot | None:
         """LATEST's snapshot if valid, else the newest valid older one (each failure logged);
-        None when no valid snapshot exists."""
+        None when no valid snapshot exists. `checksums`: ignored, kept for old callers."""
+        del checksums
         log = log or logging.getLogger(__name__)
         try:
             first = self.latest_version()
@@ -377,7 +456,7 @@ class IndexStore:
             candidates = [first] + [v for v in candidates if version_number(v) < newest]
         for version in candidates:
             try:
-                return self.load(version, checksums=checksums,
+                return self.load(version,
                                  expected_corpus_fingerprint=expected_corpus_fingerprint)
             except SnapshotError as e:
                 log.warning("skipping invalid snapshot: %s", e)
@@ -405,12 +484,32 @@ class IndexStore:
         count, dim = array.shape
         ids_array = base.check_ids(ids, count)
         ids_array = np.arange(count, dtype=np.int64) if ids_array is None else ids_array
+        bad = non_finite_rows(array, dtype_name)
+        if len(bad):
+            raise ValueError(f"refusing to publish step {step} to {self.root}: {len(bad)} "
+                             f"embedding row(s) hold NaN or infinity (as {dtype_name}), "
+                             f"rows {bad[:10].tolist()}, blocks {ids_array[bad[:10]].tolist()}"
+                             f"{' ...' if len(bad) > 10 else ''}")
         searcher = self._scann_for(scann, embeddings, ids_array)
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.cleanup()
         tmp = self.root / _tmp_name("snapshot")
         tmp.mkdir()
+        try:
+            with naming_disk_full(tmp):
+                return self._publish_from(tmp, array, ids_array, searcher, dtype_name, step,
+                                          model_fingerprint, corpus_fingerprint, extra, keep,
+                                          stage)
+        finally:
+            if tmp.exists():  # not renamed into place: a failure
+                tmp.rmtree(missing_ok=True)
+
+    def _publish_from(self, tmp: epath.Path, array: np.ndarray, ids_array: np.ndarray,
+                      searcher: Any, dtype_name: str, step: int, model_fingerprint: str,
+                      corpus_fingerprint: str, extra: dict[str, Any] | None, keep: int | None,
+                      stage: Callable[[str], None]) -> Snapshot:
+        count, dim = array.shape
         stage("tmp_created")
         _write_npy(tmp / EMBEDDINGS, array)
         _write_npy(tmp / IDS, ids_array)
@@ -580,18 +679,16 @@ class SnapshotWatcher:
     """
 
     def __init__(self, store: IndexStore, *, expected_corpus_fingerprint: str | None = None,
-                 checksums: bool = True, log: logging.Logger | None = None):
+                 log: logging.Logger | None = None):
         self.store = store
         self.expected_corpus_fingerprint = expected_corpus_fingerprint
-        self.checksums = checksums
         self.log = log or logging.getLogger(__name__)
         self.current: Snapshot | None = None
         self.rejected: dict[str, str] = {}
 
     def poll(self) -> Snapshot | None:
         if self.current is None:
-            snapshot = self.store.latest_valid(self.expected_corpus_fingerprint,
-                                               self.checksums, self.log)
+            snapshot = self.store.latest_valid(self.expected_corpus_fingerprint, log=self.log)
             if snapshot is not None:
                 self.current = snapshot
                 self.log.info("serving index snapshot %s (step %d)", snapshot.path,
@@ -606,8 +703,7 @@ class SnapshotWatcher:
             return None
         try:
             snapshot = self.store.load(
-                version, checksums=self.checksums,
-                expected_corpus_fingerprint=self.expected_corpus_fingerprint)
+                version, expected_corpus_fingerprint=self.expected_corpus_fingerprint)
         except SnapshotError as e:
             self._reject(version, e)
             return None

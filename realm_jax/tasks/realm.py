@@ -144,6 +144,7 @@ def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: i
         if not len(block_ids):
             raise ValueError("query_dataset: no blocks to draw queries from")
         ds = grain.MapDataset.source(block_ids)
+    maker.require_queries(store, block_ids, seed)  # else the endless pipeline spins forever
     # With no query to keep anywhere, the endless pipeline would search forever. The check
     # draws each block's queries with `seed` only (a sentence with several salient spans
     # masks one of them per seed), so it speaks of those draws.
