@@ -287,7 +287,6 @@ def _synthetic(seed=0):
 
 def _loss_and_grads(model, params, batch, corpus, mesh):
     from realm_jax.index.device import corpus_sharding
-    from realm_jax.tasks import realm as train_realm
 
     rules = sharding.DEFAULT_RULES
     p_shardings = sharding.part_shardings(model.configs, mesh, rules)

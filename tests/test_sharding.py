@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import hf, sharding
+from realm_jax import sharding
 from realm_jax.models.encoder import EncoderConfig
 from realm_jax.models.heads import MaskedLMConfig
 from realm_jax.models.towers import EmbedderConfig
