@@ -75,6 +75,11 @@ def load_params(folder: str | os.PathLike, shardings=None):
 # A step folder appears only when complete (orbax renames it into place), so a reader that
 # lists steps never sees a half-written one.
 
+class CheckpointUnreadable(ValueError):
+    """A checkpoint step whose files cannot be restored: missing or truncated files, or
+    arrays other than model.json describes."""
+
+
 _LIST_ATTEMPTS = 5  # listing the steps while the trainer prunes one can fail; tries
 PARAMS_ITEM = "params"
 STATE_ITEM = "train_state"
@@ -253,13 +258,17 @@ class TrainCheckpoints:
                                       partial_restore=True)
         try:
             restored = manager.restore(int(step), args=ocp.args.Composite(**{PARAMS_ITEM: args}))
-        except Exception as e:
-            parts = self.parts(step)
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            try:
+                parts = self.parts(step)
+            except Exception:
+                parts = [part]
             if part not in parts:
                 raise KeyError(f"checkpoint {self.step_path(step)} has no part {part!r}; it "
                                f"holds {parts}") from None
-            raise ValueError(f"{self.step_path(step)}: cannot restore {part!r} as the config in "
-                             f"{self.workdir / MODEL_JSON} describes it: {e}") from e
+            raise CheckpointUnreadable(
+                f"{self.step_path(step)}: cannot restore {part!r} as the config in "
+                f"{self.workdir / MODEL_JSON} describes it: {e}") from e
         return restored[PARAMS_ITEM][part]
 
     def restore_params(self, step: int):
@@ -301,13 +310,31 @@ class TrainCheckpoints:
                     item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
         if META_ITEM in present:
             args[META_ITEM] = ocp.args.JsonRestore()
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            raise CheckpointUnreadable(f"{self.step_path(step)}: cannot restore ({e})") from e
         meta = restored[META_ITEM] if META_ITEM in present else None
         if target is None:
             return {PARAMS_ITEM: restored[PARAMS_ITEM],
                     STATE_ITEM: restored[STATE_ITEM] if STATE_ITEM in wanted else None}, meta
         rest = restored[STATE_ITEM] if STATE_ITEM in wanted else {}
         return dataclasses.replace(target, params=restored[PARAMS_ITEM], **rest), meta
+
+    def set_aside(self, step: int) -> str:
+        """Rename an unreadable step's folder to `<step>.unreadable[-N]` (kept, no longer a
+        step), so that training resumes from the one before and may save this step again;
+        returns the new path. Process 0 renames; the others only re-list."""
+        target = self.directory / f"{int(step)}.unreadable"
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.directory / f"{int(step)}.unreadable-{n}"
+        if jax.process_index() == 0:
+            (self.directory / str(int(step))).rename(target)
+        if self._reader is not None:
+            self._reader.reload()
+        return os.fspath(target)
 
     def close(self) -> None:
         for manager in (self._writer, self._reader):

@@ -40,6 +40,7 @@ DEFAULT_QUESTIONS = (
 DEFAULT_ARTICLES = 40   # the first 40 articles of the sample hold the answers
 PRETRAIN_ARTICLES = 20  # REALM pre-training: re-embedded at every refresh, so kept small
 QA_STEPS = 30
+EXAMPLES, SHOWN = 16, 4  # masked sentences the reader is scored on, and shown
 
 
 def default_model() -> str:
@@ -170,20 +171,35 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
     print(f"\n[REALM 3/3] mean of the first / last {n} logged steps: loss {first['loss']:.3f} "
           f"-> {last['loss']:.3f}; retrieval_utility {first['retrieval_utility']:+.4f} -> "
           f"{last['retrieval_utility']:+.4f}")
-    for name in ("first_eval", "last_eval"):
-        if result.get(name):
-            print(f"  held-out ({name.split('_')[0]}): " + ", ".join(
-                f"{k} {v:.4f}" for k, v in result[name].items()))
+    before, after = result.get("first_eval"), result.get("last_eval")
+    if before and after:
+        print(f"  on {int(after['heldout_queries'])} held-out masked sentences (never trained "
+              f"on): loss {before['heldout_loss']:.3f} -> {after['heldout_loss']:.3f}, "
+              f"retrieval_utility {before['heldout_retrieval_utility']:+.4f} -> "
+              f"{after['heldout_retrieval_utility']:+.4f}")
     for swap in result["swaps"]:
         print(f"  index {swap['index']} (embedded at checkpoint {swap['checkpoint_step']}) "
               f"swapped in at step {swap['step']}")
-    examples = realm.predict_examples(config, workdir, result["final_state"].params)
-    for ex in examples:
+    examples = realm.predict_examples(config, workdir, result["final_state"].params,
+                                      num=EXAMPLES)
+    positions = [(t, [w for w, _ in top]) for ex in examples
+                 for t, top in zip(ex["targets"], ex["top"])]
+    top1 = sum(t == words[0] for t, words in positions)
+    top5 = sum(t in words for t, words in positions)
+    print(f"\n  the reader on {len(examples)} masked sentences: the masked wordpiece is its first "
+          f"guess {top1} times and among its five {top5} times, of {len(positions)}")
+    if not top5:
+        print("  (its masked-LM head started from nothing; a run this short does not teach it "
+              "to predict: see docs/experiments.md for longer runs)")
+    for ex in examples[:SHOWN] if top5 else []:
         print(f"\n  {textwrap.shorten(ex['sentence'], 150, placeholder=' ...')}")
-        print(f"    masked: {ex['masked']!r}  predicted: {ex['predicted']!r}")
-        for title, p in ex["retrieved"]:
-            print(f"    [{p:.2f}] {title}")
-    return {"first": first, "last": last, "swaps": result["swaps"], "examples": examples}
+        print(f"    masked: {ex['masked']!r}")
+        for target, top in zip(ex["targets"], ex["top"]):
+            guesses = ", ".join(f"{w} {p:.2f}" for w, p in top)
+            print(f"    {target:>12} <- {guesses}")
+        print("    retrieved: " + "; ".join(f"{title} {p:.2f}" for title, p in ex["retrieved"]))
+    return {"first": first, "last": last, "swaps": result["swaps"], "examples": examples,
+            "top1": top1, "top5": top5, "positions": len(positions)}
 
 
 def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, model: str,

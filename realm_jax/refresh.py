@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import ProcessLock
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
@@ -188,13 +188,15 @@ class Refresher:
         self._embedders: dict[Any, Any] = {}
         self._rows: dict[int, Any] = {}
         self._waiting_logged = False
+        self._unreadable: set[int] = set()  # checkpoint steps whose document tower won't restore
 
     # ------------------------------------------------------------------ inputs
 
     def newest_source(self) -> Source | None:
         """The newest checkpoint step (when the run trains the document tower), else the
         --from_hf weights as step 0, else None."""
-        step = self.checkpoints.latest_step() if self._trains_doc_tower() else None
+        steps = [s for s in self.checkpoints.all_steps() if s not in self._unreadable]
+        step = steps[-1] if steps and self._trains_doc_tower() else None
         if step is not None:
             return Source(step, "checkpoint", self.checkpoints.step_path(step))
         if self.from_hf is not None:
@@ -422,6 +424,14 @@ class Refresher:
             return None
         try:
             return self.refresh(source, previous)
+        except CheckpointUnreadable as e:
+            if source.step in self.checkpoints.all_steps():  # damaged, not pruned
+                _log.warning("%s: refreshing from the previous checkpoint", e)
+                self._unreadable.add(source.step)
+                return self.refresh_once()
+            _log.warning("checkpoint step %d disappeared while refreshing (%s); moving on",
+                         source.step, e)
+            return None
         except (FileNotFoundError, KeyError, ValueError) as e:
             # The trainer may delete a checkpoint (max_to_keep) while it is being restored.
             if source.kind == "checkpoint" and source.step not in self.checkpoints.all_steps():

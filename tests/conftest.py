@@ -1,5 +1,6 @@
 """Test session set-up: 8 emulated CPU devices (before jax is imported), float32 compute."""
 
+import logging
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -33,6 +34,17 @@ def compilation_cache(request, tmp_path_factory):
     for name, value in old.items():
         jax.config.update(name, value)
     cc.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """`realm-jax` (cli.main) binds the root logger to the stderr of its moment, in tests a
+    captured stream that is closed afterwards: each test leaves the logging set-up as it
+    found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -32,7 +33,7 @@ from realm_jax.index.scann_searcher import ScannSettings
 from realm_jax.index.store import IndexStore
 from realm_jax.refresh import Refresher, RefreshSettings
 from realm_jax.checkpoints import TrainCheckpoints
-from tiny_corpus import TOWER, random_tower, write_corpus
+from tiny_corpus import TOWER, damage_checkpoint, random_tower, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
@@ -653,3 +654,18 @@ def test_second_refresher_refuses_to_start(tmp_path, base_params, settings, embe
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         refresher(tmp_path, settings, embedder).run(once=True)
     assert not (tmp_path / "refresh" / "lock").exists()
+
+
+def test_refresh_falls_back_from_an_unreadable_checkpoint(tmp_path, base_params, settings,
+                                                          embedder, expected, store, caplog):
+    """The newest checkpoint's files are damaged: the refresher warns and embeds the corpus
+    with the previous checkpoint's document tower, instead of stopping."""
+    make_workdir(tmp_path, base_params, [10, 20])
+    damage_checkpoint(tmp_path / "checkpoints" / "20")
+    with caplog.at_level(logging.WARNING, logger="realm_jax.refresh"):
+        results = refresher(tmp_path, settings, embedder).run(once=True)
+    assert [r.step for r in results] == [10]
+    assert "checkpoints/20: cannot restore" in caplog.text
+    snapshot = IndexStore(tmp_path / "index").latest()
+    np.testing.assert_array_equal(snapshot.embeddings(),
+                                  expected(step_params(base_params, 10)["doc_tower"]))

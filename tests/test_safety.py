@@ -45,13 +45,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def _run_cli(argv, capsys) -> tuple[int, str]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        code = cli.main(argv)
-    finally:  # main binds logging to this test's captured stderr: undo it
-        root.handlers[:], root.level = handlers, level
-    return code, capsys.readouterr().err
+    return cli.main(argv), capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 1. prepare-corpus --overwrite
@@ -100,7 +94,7 @@ def test_overwrite_never_deletes_the_input_or_a_folder_that_is_not_a_store(tmp_p
 
 
 def test_a_corpus_without_salient_spans_fails_fast(tmp_path, tok):
-    from realm_jax.train import realm
+    from realm_jax.tasks import realm
 
     docs = [{"id": str(i), "title": "", "text": "the river runs under the old bridge and on to "
              "the sea."} for i in range(40)]

@@ -209,7 +209,13 @@ def test_a_stopped_run_resumes_to_the_same_parameters(data):
     checkpoints = TrainCheckpoints(stopped)
     assert checkpoints.all_steps() == [0, 3] and not checkpoints.is_finished()
     resumed = trainer.train(config, stopped)
-    reference = trainer.train(config, straight)
+    run = trainer.Trainer(config, straight)
+    # A hook added to the trainer runs at the start, every `every` steps and at the end.
+    seen = []
+    run.add_hook(lambda step, params: seen.append(step) or {"probe": float(step)}, name="probe",
+                 every=4)
+    reference = run.run()
+    assert seen == [0, 4, 6] and reference["last_probe"] == {"probe": 6.0, "step": 6}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["final_state"].params),
                  jax.device_get(reference["final_state"].params))
     losses = lambda w: {r["step"]: r["loss"] for r in _train_rows(w)}  # noqa: E731

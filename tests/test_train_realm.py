@@ -491,3 +491,58 @@ def test_query_pipeline_is_deterministic_and_resumable(corpus, minilm_path):
                                             process_count=2))) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["input_ids"] for h in halves]),
                                   first[0]["input_ids"])
+
+
+def test_resume_with_another_model_is_refused(tmp_path, corpus, minilm_path, initial_index):
+    """A workdir resumed with a model config that differs from its model.json is refused
+    with one line naming the field, nothing written; a difference listed in
+    train.allow_model_changes resumes. The reader's predictions come with their top tokens."""
+    from realm_jax.workdir import ModelMismatch
+
+    workdir = _with_index(tmp_path / "run", initial_index)
+    config = _config(corpus, minilm_path, "train.eval_queries=0")
+    started = trainer.train(config, workdir, stop_after=0)
+    model_json = (workdir / "model.json").read_text()
+    with pytest.raises(ModelMismatch, match=r"query_tower\.encoder\.activation \('gelu' -> 'relu'\)"):
+        trainer.train(_config(corpus, minilm_path, "train.eval_queries=0",
+                              "model.encoder.activation=relu"), workdir, stop_after=0)
+    assert (workdir / "model.json").read_text() == model_json
+    assert TrainCheckpoints(workdir).all_steps() == [0]
+    with pytest.raises(ModelMismatch, match="remat"):
+        trainer.train(_config(corpus, minilm_path, "train.eval_queries=0",
+                              "model.encoder.remat=True"), workdir, stop_after=0)
+    trainer.train(_config(corpus, minilm_path, "train.eval_queries=0", "model.encoder.remat=True",
+                          "train.allow_model_changes=('remat',)"), workdir, stop_after=0)
+    assert '"remat": true' in (workdir / "model.json").read_text()
+
+    rows = realm.predict_examples(config, workdir, started["final_state"].params, num=3)
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["targets"]) == len(row["top"]) >= 1
+        for top in row["top"]:
+            probs = [p for _, p in top]
+            assert len(top) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+        assert row["retrieved"][0][0] == "(null document)"
+        assert sum(p for _, p in row["retrieved"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resume_sets_an_unreadable_checkpoint_aside(tmp_path, corpus, minilm_path,
+                                                    initial_index, caplog):
+    """The newest checkpoint's files are damaged: a resumed run warns, renames that step's
+    folder aside (nothing deleted), resumes from the step before and reaches the parameters
+    the first run had."""
+    import logging
+
+    workdir = _with_index(tmp_path / "run", initial_index)
+    config = _config(corpus, minilm_path, "train.eval_queries=0")
+    first = trainer.train(config, workdir, stop_after=2)
+    assert TrainCheckpoints(workdir).all_steps() == [0, 2]
+    from tiny_corpus import damage_checkpoint
+    damage_checkpoint(workdir / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING, logger="realm_jax.train.trainer"):
+        again = trainer.train(config, workdir, stop_after=2)
+    assert "set aside as" in caplog.text and (workdir / "checkpoints" / "2.unreadable").is_dir()
+    assert TrainCheckpoints(workdir).all_steps() == [0, 2] and int(again["final_state"].step) == 2
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 jax.device_get(first["final_state"].params),
+                 jax.device_get(again["final_state"].params))

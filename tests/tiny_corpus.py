@@ -1,10 +1,12 @@
 """Shared by the corpus-embedding and refresher tests: a tiny document tower over the real
-BERT vocabulary (the stores hold MiniLM token ids) and a JSONL corpus of random words."""
+BERT vocabulary (the stores hold MiniLM token ids), a JSONL corpus of random words, and a
+way to damage a checkpoint step."""
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -47,3 +49,15 @@ def random_tower(seed: int):
         return rng.normal(0, 0.05, shape.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(TOWER))
+
+
+def damage_checkpoint(checkpoint_dir: Path) -> None:
+    """Truncate every data file of a checkpoint step's params (a disk that filled up or a
+    copy cut short): the step is still listed, but nothing of it restores."""
+    files = [p for p in (checkpoint_dir / "params").rglob("*") if p.is_file()
+             and p.stat().st_size > 64 and "metadata" not in p.name.lower()]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[:16])
+
+

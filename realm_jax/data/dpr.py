@@ -41,7 +41,8 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
-from realm_jax.data.qa import QADataError
+from realm_jax.data.pipeline import check_batch_split, host_share
+from realm_jax.data.qa import QADataError, jsonl_records
 from realm_jax.data.readers import SkipCounter
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
@@ -112,29 +113,20 @@ def _open(path: Path):
 
 def _raw_records(path: Path, fmt: str, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
     """(where, parsed JSON value) per record."""
+    if fmt != "json":
+        yield from jsonl_records(path, skips)
+        return
     with _open(path) as f:
-        if fmt == "json":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise QADataError(f"{path}:{e.lineno}", None,
-                                  f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(data, list):
-                raise QADataError(str(path), None, "expected a JSON array of DPR records, got "
-                                                   f"{type(data).__name__}")
-            for i, record in enumerate(data):
-                yield f"{path} record {i}", record
-            return
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                skips.skip("blank_line", where)
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QADataError(where, None, f"invalid JSON ({e.msg} at column {e.colno})"
-                                  ) from None
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise QADataError(f"{path}:{e.lineno}", None,
+                              f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list):
+        raise QADataError(str(path), None, "expected a JSON array of DPR records, got "
+                                           f"{type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{path} record {i}", record
 
 
 def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
@@ -337,22 +329,8 @@ def dpr_dataset(records: Sequence[DprRecord], maker: DprExampleMaker, batch_size
     ``set_state``) goes with each checkpoint."""
     if not records:
         raise ValueError("dpr_dataset: no records")
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} must be positive and divide over "
-                         f"{process_count} hosts")
+    check_batch_split(batch_size, process_count)
     ds = grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda i, rng: maker.example(records[int(i)], rng), seed=seed)
     ds = ds.to_iter_dataset().batch(batch_size, batch_fn=collate_dpr)
-    if process_count > 1:
-        local = batch_size // process_count
-        per = 1 + maker.num_hard_negatives
-
-        def share(batch):
-            out = {}
-            for k, v in batch.items():
-                width = per * local if k.startswith("passage_") else local
-                out[k] = v[process_index * width:(process_index + 1) * width]
-            return out
-
-        ds = ds.map(share)
-    return ds
+    return host_share(ds, process_index, process_count)

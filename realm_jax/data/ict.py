@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
+from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
 from realm_jax.data.spans import split_sentences
@@ -180,9 +181,7 @@ def ict_dataset(maker: IctExampleMaker, batch_size: int, seed: int, *,
 
     Fails at once when no block has two sentences (the endless pipeline would otherwise
     search forever)."""
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} must be positive and divide over "
-                         f"{process_count} hosts")
+    check_batch_split(batch_size, process_count)
     if block_ids is None:
         ds = grain.MapDataset.range(len(maker.store))
         maker.first_usable_block(np.arange(len(maker.store)))
@@ -195,8 +194,4 @@ def ict_dataset(maker: IctExampleMaker, batch_size: int, seed: int, *,
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda b, rng: maker.example(int(b), rng), seed=seed)
     ds = ds.to_iter_dataset().batch(batch_size, batch_fn=collate_ict)
-    if process_count > 1:
-        local = batch_size // process_count
-        ds = ds.map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
-                               for k, v in b.items()})
-    return ds
+    return host_share(ds, process_index, process_count)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from realm_jax import evaluate
+from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.tasks.base import Answer
 
 T = TypeVar("T")
@@ -21,13 +22,10 @@ def question_batches(num_examples: int, batch_size: int, seed: int, *, process_i
                      process_count: int = 1) -> grain.IterDataset:
     """Batches of example indices [batch_size / processes] (this process's share): a seeded
     shuffle, repeated forever; its position (`get_state`) goes with each checkpoint."""
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} does not divide over "
-                         f"{process_count} hosts")
-    local = batch_size // process_count
+    check_batch_split(batch_size, process_count)
     ds = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
-    ds = ds.batch(batch_size, batch_fn=lambda xs: np.asarray(xs, np.int64))
-    return ds.map(lambda b: b[process_index * local:(process_index + 1) * local])
+    return host_share(ds.batch(batch_size, batch_fn=lambda xs: np.asarray(xs, np.int64)),
+                      process_index, process_count)
 
 
 def in_padded_batches(items: Sequence[T], batch_size: int,

@@ -25,6 +25,7 @@ import numpy as np
 
 from realm_jax import config as config_lib
 from realm_jax import distributed, hf, sharding
+from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, MaskedQuery,
                                           QueryMaker, SpecialIds, candidate_tokens,
                                           collate_queries)
@@ -128,8 +129,7 @@ def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: i
     forever), one query per block drawn with a per-element seed (among those `keep(query)`
     accepts, when given; a block with none is skipped), this host's share of every global
     batch. The iterator's position (`get_state`) is saved with each checkpoint."""
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} does not divide over {process_count} hosts")
+    check_batch_split(batch_size, process_count)
 
     def pick(block_id, rng: np.random.Generator):
         queries = maker.from_block(store, int(block_id), seed=int(rng.integers(2**31)))
@@ -154,12 +154,8 @@ def query_dataset(store: BlockStore, maker: QueryMaker, batch_size: int, seed: i
                          f"blocks of {store.path} has its masked span in a block it may read")
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(pick, seed=seed).to_iter_dataset()
-    ds = ds.batch(batch_size, batch_fn=collate_queries)
-    if process_count > 1:
-        local = batch_size // process_count
-        ds = ds.map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
-                               for k, v in b.items()})
-    return ds
+    return host_share(ds.batch(batch_size, batch_fn=collate_queries), process_index,
+                      process_count)
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,16 +439,18 @@ class RealmLossFn:
         loss, (metrics, _) = self(params, batch, corpus, rng)
         return loss, metrics
 
-    def predict(self, params, batch: dict, corpus: dict | None) -> dict:
-        """The candidates, their retrieval probabilities [B, K] and the predicted masked
-        tokens [B, M] (argmax of the marginal over candidates), without dropout."""
+    def predict(self, params, batch: dict, corpus: dict | None, top_k: int = 5) -> dict:
+        """The candidates, their retrieval probabilities [B, K], and for each masked
+        position the `top_k` tokens of the marginal over candidates with their probabilities
+        (`top_tokens`, `top_probs` [B, M, top_k], best first), without dropout."""
         batch = self.with_candidates(params, batch, corpus)
         scores, mlm = self.forward(params, batch, None)
         scores = jnp.where(batch["cand_valid"], scores, -jnp.inf)
         log_pz = jax.nn.log_softmax(scores, axis=-1)
         marginal = jax.nn.logsumexp(log_pz[:, :, None, None] + jax.nn.log_softmax(mlm, -1), axis=1)
+        top_log_probs, top_tokens = jax.lax.top_k(marginal, top_k)
         return {"cand_ids": batch["cand_ids"], "retrieval_probs": jnp.exp(log_pz),
-                "predicted": jnp.argmax(marginal, axis=-1)}
+                "top_tokens": top_tokens, "top_probs": jnp.exp(top_log_probs)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -641,10 +639,12 @@ def wait_for_newer_snapshot(watcher, current, timeout: float):
 
 
 def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: int = 4,
-                     seed: int = 1) -> list[dict]:
+                     seed: int = 1, top_k: int = 5) -> list[dict]:
     """`num` masked sentences of the corpus (drawn with another seed), the blocks the newest
-    index and `params` retrieve for them, and the reader's top predictions: for showing a
-    run."""
+    index and `params` retrieve for them, and the reader's `top_k` tokens with their
+    probabilities at each masked wordpiece: for showing a run. Each dict: "sentence",
+    "masked" (the span), "targets" (its wordpieces), "top" ([(token, probability)] per
+    wordpiece), "retrieved" ([(title, retrieval probability)], the null document first)."""
     rc = config.retrieval
     run = Workdir(workdir)
     store = BlockStore.open(config.data.corpus)
@@ -660,14 +660,18 @@ def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: in
     queries = [q for q, _ in zip(maker.iter_store(store, order, seed=seed), range(num))]
     batch = retriever(collate_queries(queries))
     fields = QUERY_FIELDS + CANDIDATE_FIELDS
-    out = jax.device_get(jax.jit(loss_fn.predict)(params, {k: batch[k] for k in fields}, None))
-    tokenizer = maker.tokenizer.backend
+    predict = jax.jit(loss_fn.predict, static_argnums=3)
+    out = jax.device_get(predict(params, {k: batch[k] for k in fields}, None, top_k))
+    vocab = maker.tokenizer.backend
     rows = []
     for i, q in enumerate(queries):
-        valid = q.mask_valid
+        valid = np.flatnonzero(q.mask_valid)
         rows.append({
             "sentence": q.sentence, "masked": q.span_text,
-            "predicted": tokenizer.decode([int(t) for t in out["predicted"][i][valid]]),
+            "targets": [vocab.id_to_token(int(t)) for t in q.mask_targets[valid]],
+            "top": [[(vocab.id_to_token(int(t)), float(p))
+                     for t, p in zip(out["top_tokens"][i, m], out["top_probs"][i, m])]
+                    for m in valid],
             "retrieved": [(store.title(int(c)) if c >= 0 else "(null document)", float(p))
                           for c, p in zip(out["cand_ids"][i], out["retrieval_probs"][i])],
         })

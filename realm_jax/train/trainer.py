@@ -23,7 +23,7 @@ import optax
 
 from realm_jax import config as config_lib
 from realm_jax import distributed, sharding, tasks
-from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.tasks.base import Hook, Task
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optim import make_optimizer
@@ -136,14 +136,28 @@ class Trainer:
             start = 0
             _log.info("initialised a new run in %s", workdir.root)
         else:
+            start, meta = self._restore(abstract_state(self.optimizer, abstract, self.shardings))
             if start < tc.steps:
                 workdir.clear_finished()
-            self.state, meta = self.checkpoints.restore(
-                start, abstract_state(self.optimizer, abstract, self.shardings))
             data.set_state(meta["data"])
             _log.info("resumed %s at step %d", workdir.root, start)
         self.saved_step = start
         return data, start
+
+    def _restore(self, target) -> tuple[int, dict]:
+        """The newest checkpoint that restores whole, into self.state: (its step, its meta).
+        A newer unreadable one (a crash or a full disk mid-write elsewhere, files lost) is
+        set aside with a warning, not deleted."""
+        while True:
+            steps = self.checkpoints.all_steps()
+            try:
+                self.state, meta = self.checkpoints.restore(steps[-1], target)
+                return steps[-1], meta
+            except CheckpointUnreadable as e:
+                if len(steps) == 1:
+                    raise
+                _log.warning("%s; set aside as %s, resuming from checkpoint %d", e,
+                             self.checkpoints.set_aside(steps[-1]), steps[-2])
 
     def _save(self, step: int, data_state) -> None:
         self.checkpoints.save(step, self.state.params,
