@@ -47,7 +47,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import sys
 import tempfile
@@ -422,7 +421,8 @@ def measure_mips(check: Check) -> list[Row]:
             for pname, precision in precisions:
                 search = jax.jit(functools.partial(device_topk, k=s.top_k, block_size=block,
                                                    num_valid=n, precision=precision))
-                seconds = median_seconds(lambda: search(queries, corpus), s.repeats)
+                seconds = median_seconds(lambda f=search, x=queries, c=corpus: f(x, c),
+                                         s.repeats)
                 read = n * dim * itemsize / seconds
                 suffix = "" if pname == "HIGHEST" else "_default"
                 rows.append(Row(
@@ -432,7 +432,7 @@ def measure_mips(check: Check) -> list[Row]:
                     "queries/s", q / seconds, utilization=read / check.device.peak_bandwidth,
                     note=f"block {block}; corpus read {read / 1e9:,.0f} GB/s; "
                          f"{seconds * 1e3:.1f} ms a batch"))
-        del corpus
+        corpus = None  # freed before the next dtype's corpus is made
     return rows
 
 

@@ -31,7 +31,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 HIDDEN_AXES = ("batch", "length", "embed")
 
 # How attention is computed (the `attention` field of the model configs):
-#   "einsum": `dot_product_attention` below (the fastest on XLA:CPU; supports dropout);
+#   "einsum": `dot_product_attention` below (supports dropout);
 #   "xla":    `jax.nn.dot_product_attention(implementation="xla")`;
 #   "cudnn":  `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash)
 #             attention: NVIDIA GPUs, bfloat16/float16 compute, head_dim a multiple of 8.
