@@ -234,7 +234,7 @@ class Check:
         report = Report()
         report.text(
             f"{d.count} x {d.kind} ({d.platform}); peaks: {d.peak_flops / 1e12:.3g} TFLOP/s "
-            f"dense bfloat16, {d.peak_bandwidth / 1e9:,.3g} GB/s memory ({d.peak_source}). "
+            f"dense matmul, {d.peak_bandwidth / 1e9:,.3g} GB/s memory ({d.peak_source}). "
             f"PyTorch on {d.torch_device}. Median of {s.repeats} calls after warm-up; "
             f"realm-jax and PyTorch alternating.")
         report.table(["measurement", "unit", "realm-jax", "PyTorch", "ratio", "of peak",
@@ -266,9 +266,10 @@ def _aims(rows: list[Row]) -> str:
         if key in by_key and getattr(by_key[key], value) is not None:
             got = getattr(by_key[key], value)
             verdict = "met" if got >= target else "not met"
-            shown = f"{got:.0%}" if value == "utilization" else f"{got:.2f}x"
-            said.append(f"{what} >= {target:g}{'' if value == 'utilization' else 'x'}: "
-                        f"{shown}, {verdict}")
+            if value == "utilization":
+                said.append(f"{what} >= {target:.0%}: {got:.0%}, {verdict}")
+            else:
+                said.append(f"{what} >= {target:g}x: {got:.2f}x, {verdict}")
     return ("Aims: " + "; ".join(said) + ".") if said else ""
 
 
@@ -430,7 +431,7 @@ def measure_mips(check: Check) -> list[Row]:
                     f"device MIPS {n:,} x {dim} {dtype}, {q} queries, top-{s.top_k}"
                     + ("" if pname == "HIGHEST" else ", default matmul precision"),
                     "queries/s", q / seconds, utilization=read / check.device.peak_bandwidth,
-                    note=f"block {block}; corpus read {read / 1e9:,.0f} GB/s; "
+                    note=f"block {min(block, n)}; corpus read {read / 1e9:,.3g} GB/s; "
                          f"{seconds * 1e3:.1f} ms a batch"))
         corpus = None  # freed before the next dtype's corpus is made
     return rows
@@ -706,7 +707,7 @@ def measure_realm(mode: str) -> Callable[[Check], list[Row]]:
                     note=note),
                 Row(f"realm_{mode}_flops", f"{what}: model FLOP/s", "TFLOP/s",
                     flops / seconds / 1e12, utilization=flops / seconds / check.device.peak_flops,
-                    note=f"{flops / 1e12:.2f} TFLOP a step")]
+                    note=f"{flops / 1e12:.3g} TFLOP a step")]
     return measure
 
 
