@@ -561,11 +561,12 @@ def measure_corpus_embedding(check: Check) -> list[Row]:
     bert = bert.to(device, dtype).eval()
     proj = torch.nn.Linear(cfg.encoder.hidden_size, cfg.projection_dim)
     norm = torch.nn.LayerNorm(cfg.projection_dim, eps=cfg.encoder.layer_norm_eps)
+    tensor = lambda x: torch.from_numpy(np.array(x, np.float32))  # noqa: E731 (a copy)
     with torch.no_grad():
-        proj.weight.copy_(torch.from_numpy(np.asarray(params["projection"]["kernel"]).T.copy()))
-        proj.bias.copy_(torch.from_numpy(np.asarray(params["projection"]["bias"])))
-        norm.weight.copy_(torch.from_numpy(np.asarray(params["projection_ln"]["scale"])))
-        norm.bias.copy_(torch.from_numpy(np.asarray(params["projection_ln"]["bias"])))
+        proj.weight.copy_(tensor(params["projection"]["kernel"]).T)
+        proj.bias.copy_(tensor(params["projection"]["bias"]))
+        norm.weight.copy_(tensor(params["projection_ln"]["scale"]))
+        norm.bias.copy_(tensor(params["projection_ln"]["bias"]))
     proj, norm = proj.to(device, dtype).eval(), norm.to(device).eval()
     tokens = np.stack(rows.rows(ids)).astype(np.int64)
     per_chip = s.embed_batch // len(embedder.mesh.devices.flat)   # PyTorch: one chip
