@@ -259,7 +259,8 @@ def _aims(rows: list[Row]) -> str:
     for key, what, value, target in (
             ("realm_scann_flops", "REALM step MFU (scann)", "utilization", 0.40),
             ("realm_device_flops", "REALM step MFU (device)", "utilization", 0.40),
-            ("mips_bfloat16_batch", "device MIPS, share of memory bandwidth", "utilization", 0.70),
+            ("mips_bfloat16_step", "device MIPS at the step's batch, share of memory "
+             "bandwidth", "utilization", 0.70),
             ("encoder_cudnn", "encoder forward (cudnn) vs PyTorch", "ratio", 1.2),
             ("encoder_xla", "encoder forward (xla) vs PyTorch", "ratio", 1.2),
             ("rag_token_step", "RAG-Token step vs PyTorch", "ratio", 1.2)):
