@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench accel clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: setup
 bench: setup
 	$(PY) -m pip install -q "faiss-cpu>=1.9"
 	$(PY) benchmarks/suite.py
+
+# The accelerator check (docs/accelerators.md): with the Python that has JAX for the
+# accelerator (a GPU image's python3, not the CPU venv), results into ACCEL_OUT.
+ACCEL_OUT ?= accel_out
+accel:
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/accelerator.py --out $(ACCEL_OUT) $(ACCEL_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -234,13 +234,18 @@ def run_one(bench: Benchmark, quick: bool, logs: Path) -> tuple[str | None, str]
 
 def assemble(sections: dict[str, str], previous: str) -> str:
     """The document: the intro, then one section per benchmark in BENCHMARKS order, new
-    ones from `sections`, the others kept from `previous`."""
+    ones from `sections`, the others kept from `previous`; then the sections other scripts
+    write (benchmarks/accelerator.py), in their previous order, new ones last."""
     kept = {m.group(1): m.group(0) for m in SECTION.finditer(previous)}
     parts = [INTRO]
     for bench in BENCHMARKS:
         section = sections.get(bench.name) or kept.get(bench.name)
         if section:
             parts.append(section)
+    known = {bench.name for bench in BENCHMARKS}
+    for name in list(kept) + [n for n in sections if n not in kept]:
+        if name not in known:
+            parts.append(sections.get(name) or kept[name])
     return "\n".join(parts)
 
 

@@ -89,8 +89,10 @@ def run_knobs(cpu: bool = False) -> dict:
         # scan_layers: the layers as one jax.lax.scan (compiled once, not once per layer);
         # remat: recompute each layer's activations in the backward pass (memory for FLOPs).
         scan_layers=not cpu, remat=not cpu,
-        # Which implementation of jax.nn.dot_product_attention ("xla": the portable one).
-        attention="xla",
+        # Attention: "einsum" (plain XLA ops), or jax.nn.dot_product_attention's "xla" or
+        # "cudnn" implementation (fused kernels on accelerators; einsum while attention
+        # dropout is active, which that function does not do).
+        attention="einsum" if cpu else "xla",
     )
 
 

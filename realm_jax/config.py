@@ -204,7 +204,8 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
 def model_knobs(section: ml_collections.ConfigDict) -> dict:
     """The run-time settings of a model section that apply to pretrained weights too (the
     sizes come from the weights' folder)."""
-    return {k: section[k] for k in ("dtype", "scan_layers", "remat") if k in section}
+    return {k: section[k] for k in ("dtype", "scan_layers", "remat", "attention")
+            if k in section}
 
 
 def encoder_config(section: ml_collections.ConfigDict) -> EncoderConfig:

@@ -69,6 +69,19 @@ def test_bert_encoder_matches_torch(bert_folder):
     np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=TOL, rtol=0)
 
 
+def test_xla_attention_override_matches_torch(bert_folder):
+    """`attention` is a run-time knob: not in the HF config, given to `hf.load`."""
+    folder, model = bert_folder
+    cfg, params = hf.load(folder, attention="xla")
+    assert cfg.attention == "xla" and hf.load(folder)[0].attention == "einsum"
+    ids, mask, types = _inputs()
+    hidden, _ = _apply(cfg, params, ids, mask, types)
+    with torch.no_grad():
+        ref = model(*_torch(ids, mask, types)).last_hidden_state.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], ref[valid], atol=TOL, rtol=0)
+
+
 def test_scanned_and_unrolled_layouts_agree(bert_folder):
     folder, _ = bert_folder
     cfg, params = hf.load(folder)

@@ -107,3 +107,12 @@ def test_errors(data):
     searcher = device.DeviceSearcher(emb[:40], mesh=_mesh((1, 1, 1)))
     with pytest.raises(ValueError, match=r"shape \[Q, 16\]"):
         searcher.search(queries[:, :8], 3)
+
+
+def test_block_size_for_fits_the_score_tile():
+    from realm_jax.index.device import block_size_for
+    # 24 MiB / (4 bytes x 1024 queries) = 6144 rows -> 4096; / (4 x 3000) = 2097 -> 2048.
+    assert block_size_for(1024) == 4096 and block_size_for(3000) == 2048
+    assert block_size_for(32) == 1 << 16            # capped: few queries, big blocks
+    assert block_size_for(10 ** 6) == 1024          # floored
+    assert block_size_for(64, tile_bytes=64 * 4 * 5000) == 4096

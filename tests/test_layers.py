@@ -40,3 +40,67 @@ def test_attention_matches_softmax_reference():
     out = np.asarray(dot_product_attention(q, k, v, jnp.asarray(mask),
                                            dropout=lambda w: w * keep))
     np.testing.assert_allclose(out, _reference(q, k, v, mask, keep), rtol=1e-5, atol=1e-6)
+
+
+# --- the attention implementation of the model configs ----------------------------------
+
+def _tiny_bart(**changes):
+    from realm_jax.models.bart import BartConfig
+    return BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                      decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0, **changes)
+
+
+def test_xla_attention_matches_einsum_in_encoder_and_bart():
+    import jax
+
+    from realm_jax.models.bart import init_cache
+    from realm_jax.models.encoder import EncoderConfig
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 50, (2, 7)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 4:] = 0
+    enc = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    params = enc.module().init(jax.random.key(0), ids, mask)
+    outs = [np.asarray(enc.replace(attention=a).module().apply(params, ids, mask)[0])
+            for a in ("einsum", "xla")]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=0)
+
+    # BART: padded source, causal decoder with a padded target, and one cached step.
+    dec = rng.integers(1, 50, (2, 5)).astype(np.int32)
+    dec_mask = np.ones_like(dec)
+    dec_mask[0, 3:] = 0
+    bart = _tiny_bart()
+    params = bart.module().init(jax.random.key(0), ids, mask, dec)
+    ref, got = (np.asarray(bart.replace(attention=a).module().apply(
+        params, ids, mask, dec, dec_mask)) for a in ("einsum", "xla"))
+    np.testing.assert_allclose(got[dec_mask == 1], ref[dec_mask == 1], atol=1e-5, rtol=0)
+
+    def first_step(cfg):
+        module = cfg.module()
+        states = module.apply(params, ids, mask, method=type(module).encode)
+        logits, _ = module.apply({**params, "cache": init_cache(cfg, 2, 5, 7)}, dec[:, :1],
+                                 states, mask, decode=True, method=type(module).decode,
+                                 mutable=["cache"])
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(first_step(bart.replace(attention="xla")), first_step(bart),
+                               atol=1e-5, rtol=0)
+
+
+def test_bad_attention_names_the_field_and_old_configs_load():
+    import pytest
+
+    from realm_jax.models import config_from_dict, config_to_dict
+    from realm_jax.models.encoder import EncoderConfig
+    with pytest.raises(ValueError, match=r"EncoderConfig\.attention='flash'"):
+        EncoderConfig(vocab_size=5, hidden_size=8, num_layers=1, num_heads=2,
+                      intermediate_size=8, attention="flash")
+    with pytest.raises(ValueError, match=r"BartConfig\.attention='XLA'"):
+        _tiny_bart(attention="XLA")
+    # model.json written before the field existed: loads with the default.
+    saved = config_to_dict(_tiny_bart(attention="cudnn"))
+    assert config_from_dict(saved) == _tiny_bart(attention="cudnn")
+    del saved["attention"]
+    assert config_from_dict(saved).attention == "einsum"

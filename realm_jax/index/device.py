@@ -8,6 +8,15 @@ as in `base.exact_search`.
 
 `device_topk` is a pure function for use inside a jitted step; `DeviceSearcher` holds a
 padded, sharded matrix and answers host queries through the `Searcher` interface.
+
+Blocking and memory traffic. A search of Q queries reads each shard's rows once
+(N x P x itemsize bytes, whatever the block size) and, per block of B rows, computes a
+[Q, B] float32 score tile that the top-k merge then reads: 8 x Q bytes of score traffic per
+corpus row against P x itemsize bytes of corpus (bfloat16, P = 128: 256 bytes), so beyond a
+few dozen queries the scores, not the corpus, dominate unless the tile stays in the chip's
+cache (a GPU's L2, tens of MiB). The block size trades that against the fixed cost of each
+block (a scan iteration: a few kernel launches and a top-k over B + k columns): small enough
+that a [Q, B] tile fits in cache, as large as that allows. `block_size_for` picks it from Q.
 """
 
 from __future__ import annotations
@@ -26,6 +35,17 @@ from realm_jax import sharding as rsharding
 from realm_jax.index import base
 
 DEFAULT_BLOCK_SIZE = 4096
+# The score-tile budget of `block_size_for`: about half a Hopper GPU's 50 MiB L2.
+SCORE_TILE_BYTES = 24 << 20
+
+
+def block_size_for(num_queries: int, tile_bytes: int = SCORE_TILE_BYTES,
+                   smallest: int = 1024, largest: int = 1 << 16) -> int:
+    """The largest power-of-two block (within [smallest, largest]) whose [num_queries,
+    block] float32 score tile takes at most `tile_bytes` (see the module docstring)."""
+    rows = max(1, tile_bytes // (4 * max(1, int(num_queries))))
+    block = 1 << (rows.bit_length() - 1)
+    return int(min(max(block, smallest), largest))
 
 
 def corpus_mesh_axes(mesh: Mesh | jax.sharding.AbstractMesh,

@@ -31,7 +31,8 @@ from flax import linen as nn
 
 from realm_jax.models.encoder import Embed
 from realm_jax.models.layers import (
-    HIDDEN_AXES, BlockConfig, LayerStack, causal_mask, layer_norm, padding_mask, zeros_init)
+    HIDDEN_AXES, BlockConfig, LayerStack, causal_mask, check_attention, layer_norm, padding_mask,
+    zeros_init)
 
 Array = jax.Array
 
@@ -63,8 +64,11 @@ class BartConfig:
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: bool = False
-    attention: str = "xla"        # attention implementation (see configs/common.py)
     hf_architecture: str = "BartForConditionalGeneration"   # what hf.save writes
+    attention: str = "einsum"     # layers.ATTENTION_IMPLEMENTATIONS: "einsum", "xla", "cudnn"
+
+    def __post_init__(self):
+        check_attention(self.attention, "BartConfig.attention")
 
     def _block(self, heads: int, ffn: int, cross: bool) -> BlockConfig:
         return BlockConfig(
@@ -72,7 +76,7 @@ class BartConfig:
             activation=self.activation_function, layer_norm_eps=self.layer_norm_eps,
             dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
             activation_dropout_rate=self.activation_dropout, dtype=self.dtype,
-            cross_attention=cross)
+            cross_attention=cross, attention=self.attention)
 
     @property
     def encoder_block(self) -> BlockConfig:

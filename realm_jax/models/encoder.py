@@ -10,7 +10,8 @@ import numpy as np
 from flax import linen as nn
 
 from realm_jax.models.layers import (
-    HIDDEN_AXES, BlockConfig, LayerStack, dense, layer_norm, padding_mask, param_init)
+    HIDDEN_AXES, BlockConfig, LayerStack, check_attention, dense, layer_norm, padding_mask,
+    param_init)
 
 Array = jax.Array
 
@@ -33,7 +34,10 @@ class EncoderConfig:
     dtype: str = "float32"        # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: bool = False
-    attention: str = "xla"        # attention implementation (see configs/common.py)
+    attention: str = "einsum"     # layers.ATTENTION_IMPLEMENTATIONS: "einsum", "xla", "cudnn"
+
+    def __post_init__(self):
+        check_attention(self.attention, "EncoderConfig.attention")
 
     @property
     def block(self) -> BlockConfig:
@@ -41,7 +45,8 @@ class EncoderConfig:
             hidden_size=self.hidden_size, num_heads=self.num_heads,
             intermediate_size=self.intermediate_size, activation=self.activation,
             layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+            attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+            attention=self.attention)
 
     def replace(self, **changes) -> "EncoderConfig":
         return dataclasses.replace(self, **changes)

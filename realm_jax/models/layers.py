@@ -30,6 +30,22 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # Activation layout names (batch, length, embed) used by every block.
 HIDDEN_AXES = ("batch", "length", "embed")
 
+# How attention is computed (the `attention` field of the model configs):
+#   "einsum": `dot_product_attention` below (supports dropout);
+#   "xla":    `jax.nn.dot_product_attention(implementation="xla")`;
+#   "cudnn":  `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash)
+#             attention: NVIDIA GPUs, bfloat16/float16 compute, head_dim a multiple of 8.
+# jax.nn.dot_product_attention has no dropout: while attention dropout is active (rate > 0,
+# training) a block uses "einsum" whatever the setting.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def check_attention(value: str, field: str) -> str:
+    """`value` if it names an attention implementation, else a ValueError naming `field`."""
+    if value not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"{field}={value!r}: must be one of {ATTENTION_IMPLEMENTATIONS}")
+    return value
+
 
 def param_init(axes: tuple[str | None, ...], std: float = 0.02):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -90,6 +106,10 @@ class BlockConfig:
     dtype: str = "float32"
     cross_attention: bool = False
     activation_dropout_rate: float = 0.0   # after the feed-forward activation (BART)
+    attention: str = "einsum"              # ATTENTION_IMPLEMENTATIONS
+
+    def __post_init__(self):
+        check_attention(self.attention, "BlockConfig.attention")
 
     @property
     def head_dim(self) -> int:
@@ -138,8 +158,22 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
     return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
+def attend(query: Array, key: Array, value: Array, mask: Array | None,
+           dropout: Callable[[Array], Array] | None, implementation: str) -> Array:
+    """Attention by `implementation` (ATTENTION_IMPLEMENTATIONS); "einsum" while `dropout`
+    is given. Shapes as `dot_product_attention`."""
+    if implementation == "einsum" or dropout is not None:
+        return dot_product_attention(query, key, value, mask, dropout)
+    if mask is not None and implementation == "cudnn":
+        # cuDNN takes the mask as a bias spanning [query, key] (a padding mask [B, 1, 1, S]
+        # does not broadcast there).
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation=implementation)
+
+
 class Attention(nn.Module):
-    """Multi-head attention (`dot_product_attention`).
+    """Multi-head attention (`attend`, by the config's `attention`).
 
     With `decode=True` and `cached=True` (causal self-attention of a decoder), keys and
     values are kept in the "cache" collection: initialise it by calling once with the full
@@ -182,7 +216,7 @@ class Attention(nn.Module):
         if cfg.attention_dropout_rate > 0.0 and not deterministic:
             dropout = functools.partial(nn.Dropout(cfg.attention_dropout_rate),
                                         deterministic=False)
-        out = dot_product_attention(query, key, value, mask, dropout)
+        out = attend(query, key, value, mask, dropout, cfg.attention)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = Projection((cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("heads", "kv"),
                          ("embed",), dtype, name="out")(out)
