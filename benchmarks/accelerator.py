@@ -452,9 +452,8 @@ def _random_params(cfg, seed: int = 0):
     import jax
     from flax import linen as nn
 
-    from realm_jax import hf
     module = cfg.module()
-    init = jax.jit(lambda key: nn.unbox(module.init(key, **hf.example_inputs(cfg)))["params"])
+    init = jax.jit(lambda key: nn.unbox(module.init(key, **cfg.example_inputs()))["params"])
     return init(jax.random.key(seed))
 
 

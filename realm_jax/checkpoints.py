@@ -300,17 +300,17 @@ class TrainCheckpoints:
                                             f"{sorted(fields)} from")
                 wanted[STATE_ITEM] = fields
         args = {}
-        metadata = manager.item_metadata(step)
-        for name, tree in wanted.items():
-            if tree is None:
-                saved = getattr(metadata[name], "tree", metadata[name])
-                args[name] = ocp.args.PyTreeRestore(restore_args=host(saved))
-            else:
-                args[name] = ocp.args.PyTreeRestore(
-                    item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
-        if META_ITEM in present:
-            args[META_ITEM] = ocp.args.JsonRestore()
         try:
+            metadata = manager.item_metadata(step)
+            for name, tree in wanted.items():
+                if tree is None:
+                    saved = getattr(metadata[name], "tree", metadata[name])
+                    args[name] = ocp.args.PyTreeRestore(restore_args=host(saved))
+                else:
+                    args[name] = ocp.args.PyTreeRestore(
+                        item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+            if META_ITEM in present:
+                args[META_ITEM] = ocp.args.JsonRestore()
             restored = manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax and tensorstore raise many kinds
             raise CheckpointUnreadable(f"{self.step_path(step)}: cannot restore ({e})") from e

@@ -425,9 +425,12 @@ class Refresher:
         try:
             return self.refresh(source, previous)
         except CheckpointUnreadable as e:
-            if source.step in self.checkpoints.all_steps():  # damaged, not pruned
-                _log.warning("%s: refreshing from the previous checkpoint", e)
+            steps = self.checkpoints.all_steps()
+            if source.step in steps:  # damaged, not pruned
                 self._unreadable.add(source.step)
+                if self._unreadable.issuperset(steps):  # not the files: e.g. another model
+                    raise
+                _log.warning("%s: refreshing from the previous checkpoint", e)
                 return self.refresh_once()
             _log.warning("checkpoint step %d disappeared while refreshing (%s); moving on",
                          source.step, e)

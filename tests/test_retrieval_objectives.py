@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from realm_jax import hf, sharding
+from realm_jax import models, sharding
 from realm_jax.models import EmbedderConfig, EncoderConfig
 from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss, in_batch_softmax
@@ -134,7 +134,7 @@ def _random_params(cfg, seed):
             return np.zeros(x.shape, np.float32)
         return rng.normal(0, 0.3, x.shape).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, hf.abstract_params(cfg))
+    return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")

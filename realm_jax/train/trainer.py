@@ -146,18 +146,21 @@ class Trainer:
 
     def _restore(self, target) -> tuple[int, dict]:
         """The newest checkpoint that restores whole, into self.state: (its step, its meta).
-        A newer unreadable one (a crash or a full disk mid-write elsewhere, files lost) is
-        set aside with a warning, not deleted."""
-        while True:
-            steps = self.checkpoints.all_steps()
+        Newer ones that do not restore (files lost or cut short) are set aside with a
+        warning, not deleted, once an older one has restored: when none does, the fault is
+        not the files' (e.g. another model) and the newest one's error is raised."""
+        unreadable = []
+        for step in reversed(self.checkpoints.all_steps()):
             try:
-                self.state, meta = self.checkpoints.restore(steps[-1], target)
-                return steps[-1], meta
+                self.state, meta = self.checkpoints.restore(step, target)
             except CheckpointUnreadable as e:
-                if len(steps) == 1:
-                    raise
+                unreadable.append((step, e))
+                continue
+            for bad, e in unreadable:
                 _log.warning("%s; set aside as %s, resuming from checkpoint %d", e,
-                             self.checkpoints.set_aside(steps[-1]), steps[-2])
+                             self.checkpoints.set_aside(bad), step)
+            return step, meta
+        raise unreadable[0][1]
 
     def _save(self, step: int, data_state) -> None:
         self.checkpoints.save(step, self.state.params,
