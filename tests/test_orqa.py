@@ -230,20 +230,8 @@ B, Q, C, R, K, N, NUM_VALID = 8, 12, 10, 6, 3, 64, 61
 
 
 def _numpy_params(cfg, seed: int, std: float = 0.05) -> dict:
-    """Random parameters drawn with numpy (a jitted flax init compiles for longer than this
-    test runs): normal(std) weights, zero biases, unit LayerNorm scales."""
-    from realm_jax import models
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = getattr(path[-1], "key", "")
-        if name == "scale":
-            return np.ones(leaf.shape, np.float32)
-        if name == "bias":
-            return np.zeros(leaf.shape, np.float32)
-        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, models.abstract_params(cfg))
+    from tiny_corpus import numpy_params
+    return numpy_params(cfg, seed, std)
 
 
 @pytest.fixture(scope="module")

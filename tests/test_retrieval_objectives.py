@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from realm_jax import models, sharding
+from realm_jax import sharding
 from realm_jax.models import EmbedderConfig, EncoderConfig
 from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss, in_batch_softmax
+from tiny_corpus import numpy_params
 
 
 def _hand_loss(q, c, positives, scale, context_valid=None):
@@ -123,18 +124,7 @@ ENC = EncoderConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
 
 
 def _random_params(cfg, seed):
-    """Random params from the abstract shapes, in numpy (flax's op-by-op init is slow)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['scale']"):
-            return np.ones(x.shape, np.float32)
-        if name.endswith("['bias']"):
-            return np.zeros(x.shape, np.float32)
-        return rng.normal(0, 0.3, x.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(cfg))
+    return numpy_params(cfg, seed, std=0.3)
 
 
 @pytest.fixture(scope="module")

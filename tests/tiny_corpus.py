@@ -35,9 +35,10 @@ def write_corpus(path, n_docs: int, seed: int = 0, max_passages: int = 5):
     return path
 
 
-def random_tower(seed: int):
-    """Random TOWER params, made in numpy (JAX's init of the 30522-word table takes seconds
-    on the emulated devices)."""
+def numpy_params(cfg, seed: int, std: float = 0.05) -> dict:
+    """Random params of any model config, made in numpy from its abstract shapes (JAX's
+    op-by-op init, e.g. of a 30522-word table, takes seconds on the emulated devices):
+    normal(std) weights, zero biases, unit LayerNorm scales."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
@@ -46,9 +47,14 @@ def random_tower(seed: int):
             return np.ones(shape.shape, np.float32)
         if name.endswith("['bias']"):
             return np.zeros(shape.shape, np.float32)
-        return rng.normal(0, 0.05, shape.shape).astype(np.float32)
+        return (std * rng.standard_normal(shape.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(TOWER))
+    return jax.tree_util.tree_map_with_path(leaf, models.abstract_params(cfg))
+
+
+def random_tower(seed: int):
+    """Random TOWER params."""
+    return numpy_params(TOWER, seed)
 
 
 def damage_checkpoint(checkpoint_dir: Path) -> None:
