@@ -57,6 +57,15 @@ def _prepare_corpus(args: argparse.Namespace) -> None:
           f"{result.skipped or 'nothing'}; fingerprint {result.fingerprint[:16]}")
 
 
+def _corpus_update(args: argparse.Namespace) -> None:
+    from realm_jax.data.corpus import update_corpus
+
+    if not (args.add or args.remove):
+        raise ValueError("corpus update: give --add docs.jsonl and/or --remove ids.txt")
+    print(update_corpus(args.store, add=args.add, remove=args.remove,
+                        tokenizer=args.tokenizer).summary())
+
+
 def _load_tower(model: str):
     """(EmbedderConfig, params) from a realm-jax params checkpoint or a HF folder."""
     from pathlib import Path
@@ -286,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no_progress", action="store_true")
     p.set_defaults(run=_prepare_corpus)
+
+    p = sub.add_parser("corpus", help="block store maintenance")
+    corpus_sub = p.add_subparsers(dest="corpus_command", required=True)
+    p = corpus_sub.add_parser("update", help="add, replace and remove documents as a new "
+                              "store version (block ids of unchanged documents stay)")
+    p.add_argument("--store", required=True, help="the block store folder")
+    p.add_argument("--add", default=None, help="JSONL of documents (id, title, text); an "
+                   "existing id is replaced")
+    p.add_argument("--remove", default=None, help="file of document ids to remove, one per line")
+    p.add_argument("--tokenizer", default=None, help="HF folder the store was prepared with "
+                   "(default: the one its manifest records)")
+    p.set_defaults(run=_corpus_update)
 
     p = sub.add_parser("embed-corpus", help="embed a block store with a document tower, "
                        "in shards (one slice per worker), and merge them")
