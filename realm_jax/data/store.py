@@ -88,6 +88,19 @@ def store_versions(root: str | os.PathLike) -> list[int]:
     return sorted(out)
 
 
+def version_fingerprint(root: str | os.PathLike, version: int) -> str:
+    """The fingerprint of version `version` of the store at `root`, from its manifest alone;
+    FileNotFoundError naming the versions there when it is gone (pruned) or never existed."""
+    path = version_folder(root, version) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"block store {root}: version {version} is not there (pruned, or never made); it "
+            f"has versions {store_versions(root)}") from None
+    return str(manifest["fingerprint"])
+
+
 def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ()) -> list[int]:
     """Delete the versions of the store at `root` that are neither the newest, nor version 0,
     nor in `keep` (the versions index snapshots were built from); returns those deleted. A
