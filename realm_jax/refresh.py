@@ -19,6 +19,16 @@ and publishes only once the shards cover every row exactly once and all agree on
 the tower and the corpus. Workers read checkpoints on their own schedule (no orbax barrier
 between processes); they share nothing but WORKDIR.
 
+Corpus updates (`realm-jax corpus update`, realm_jax.data.store): the refresher follows the
+newest version of the corpus block store. When the document tower is the one of the
+published snapshot (same model fingerprint) and only the store version changed, a refresh
+embeds only the blocks that snapshot lacks (new, or of replaced documents; on the chief
+alone), reuses the verified embeddings of the others by block id, drops removed blocks, and
+rebuilds the ScaNN index; a new tower embeds every block. A snapshot lists the live block
+ids of its store version (ids.npy) and names that version (extra.store_version, with
+extra.embedded_blocks / reused_blocks); after publishing, the store versions no snapshot
+names are pruned.
+
 Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
 restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
 the partial ones, and never publishes anything half-written. Only one chief runs per
@@ -565,6 +575,7 @@ class Refresher:
             if job and not job.get("stop") and job != done_job:
                 done_job = job
                 source = Source(int(job["step"]), job["kind"], job["path"])
+                self.follow_store()
                 self._check_job(job)
                 if self._is_current(source, self.published()):
                     continue
