@@ -383,9 +383,9 @@ class BlockStore:
         if not (Path(path) / MANIFEST).is_file():
             return cls(path)  # (its own error)
         versions = store_versions(path)
-        if version is None:
-            version = versions[-1]
-        elif int(version) not in versions:
+        if version is None:  # (a version folder given itself has no versions/: opened as is)
+            return cls(version_folder(path, versions[-1]))
+        if int(version) not in versions:
             raise FileNotFoundError(
                 f"block store {path}: version {version} is not there (pruned, or never made); "
                 f"it has versions {versions}")
