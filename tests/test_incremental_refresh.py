@@ -100,6 +100,9 @@ def test_incremental_refresh_embeds_only_new_blocks(tmp_path, corpus, base_param
         assert snap.manifest["extra"]["reused_blocks"] == second.reused
         assert np.array_equal(snap.ids(), v1.live_ids())
         assert not set(removed_ids) & set(snap.ids().tolist())
+        by_id = snap.block_embeddings()  # (RAG gathers embeddings by block id)
+        assert np.array_equal(by_id[snap.ids()], snap.embeddings())
+        assert not by_id[removed_ids].any()
         # what a full embedding of version 1 gives
         want = _reference(v1, embedder, doc_tower, minilm_path)
         np.testing.assert_allclose(snap.embeddings(), want, rtol=1e-4, atol=1e-5)
