@@ -172,6 +172,15 @@ BENCHMARKS = (
         "`realm-jax eval` runs it (`train.orqa.Predictor`) with the split of its time. No "
         "peer: transformers' REALM open-QA model answers one question per call and is in "
         "maintenance mode."),
+    Benchmark(
+        "corpus_update", "Knowledge update: 1% of the blocks (issue 27)",
+        "bench_corpus_update.py", ("--articles", "5"), ("--articles", "1", "--fraction", "0.05"),
+        "DPR passages of the Wikipedia sample's first articles, each its own document, "
+        "embedded with all-MiniLM-L6-v2 by the refresher: `corpus update` replaces 1% of "
+        "the documents, then an incremental refresh (the same tower: only the new blocks "
+        "embedded, the rest reused by id) against a full refresh of the same updated corpus "
+        "in a fresh workdir; one compiled embedder serves all refreshes, as in a "
+        "long-running refresher."),
 )
 
 INTRO = """\

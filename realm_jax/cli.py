@@ -57,6 +57,15 @@ def _prepare_corpus(args: argparse.Namespace) -> None:
           f"{result.skipped or 'nothing'}; fingerprint {result.fingerprint[:16]}")
 
 
+def _corpus_update(args: argparse.Namespace) -> None:
+    from realm_jax.data.corpus import update_corpus
+
+    if not (args.add or args.remove):
+        raise ValueError("corpus update: give --add docs.jsonl and/or --remove ids.txt")
+    print(update_corpus(args.store, add=args.add, remove=args.remove,
+                        tokenizer=args.tokenizer).summary())
+
+
 def _load_tower(model: str):
     """(EmbedderConfig, params) from a realm-jax params checkpoint or a HF folder."""
     from pathlib import Path
@@ -108,6 +117,10 @@ def _refresh(args: argparse.Namespace) -> None:
     config, _ = config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)
     sharding.use_cpu_devices(args.cpu_devices)
     distributed.from_args(args)
+    from realm_jax.workdir import CONFIG_JSON, Workdir
+    layout = Workdir(args.workdir)
+    if not (layout.root / CONFIG_JSON).exists():  # a retrieval-only workdir: for `search`
+        layout.create().write_config(config)
     refresh.main(config, args.workdir, once=args.once, from_hf=args.from_hf,
                  corpus=args.corpus, worker=args.worker, num_workers=args.num_workers,
                  progress=not args.no_progress)
@@ -169,6 +182,28 @@ def _answer(args: argparse.Namespace) -> None:
         for rank, p in enumerate(a.passages[:a.read]):
             mark = "*" if rank == a.source and a.answer else " "
             print(f"  {mark}{rank + 1}. [{p.id}] {p.title} ({p.score:.3f})")
+
+
+def _search(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    import textwrap
+
+    from realm_jax.search import Searcher
+
+    questions = args.question or [line.strip() for line in sys.stdin if line.strip()]
+    if not questions or any(not q.strip() for q in questions):
+        raise ValueError("search: give non-empty questions as arguments or one per line on stdin")
+    searcher = Searcher(args.workdir, _config(args) if args.config or args.overrides else None)
+    for question, hits in zip(questions, searcher.search(questions, args.top_k)):
+        if args.json:
+            results = [{k: v for k, v in dataclasses.asdict(h).items()} for h in hits]
+            print(json.dumps({"question": question, "results": results}, ensure_ascii=False))
+            continue
+        print(f"Q: {question}")
+        for rank, h in enumerate(hits, 1):
+            snippet = textwrap.shorten(h.text, 120, placeholder=" ...")
+            print(f"  {rank}. [{h.id}] {h.title} ({h.score:.3f}): {snippet}")
 
 
 def _aot(args: argparse.Namespace) -> None:
@@ -287,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true")
     p.set_defaults(run=_prepare_corpus)
 
+    p = sub.add_parser("corpus", help="block store maintenance")
+    corpus_sub = p.add_subparsers(dest="corpus_command", required=True)
+    p = corpus_sub.add_parser("update", help="add, replace and remove documents as a new "
+                              "store version (block ids of unchanged documents stay)")
+    p.add_argument("--store", required=True, help="the block store folder")
+    p.add_argument("--add", default=None, help="JSONL of documents (id, title, text); an "
+                   "existing id is replaced")
+    p.add_argument("--remove", default=None, help="file of document ids to remove, one per line")
+    p.add_argument("--tokenizer", default=None, help="HF folder the store was prepared with "
+                   "(default: the one its manifest records)")
+    p.set_defaults(run=_corpus_update)
+
     p = sub.add_parser("embed-corpus", help="embed a block store with a document tower, "
                        "in shards (one slice per worker), and merge them")
     p.add_argument("--corpus", required=True, help="block store folder")
@@ -357,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_answer, overrides=[])
     _add_score_parser(sub)
 
+    p = sub.add_parser("search", help="retrieve corpus documents for questions (arguments, "
+                       "else one per line on stdin) from WORKDIR's newest index snapshot")
+    p.add_argument("--workdir", required=True, help="a workdir with an index (retrieval, "
+                   "REALM, ORQA or RAG)")
+    p.add_argument("--config", help="experiment config (default: the run's WORKDIR/config.json)")
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON line per question")
+    p.add_argument("question", nargs="*", help="questions")
+    p.set_defaults(run=_search, overrides=[])
+
     p = sub.add_parser("aot", help="compile the REALM train step ahead of time for a device "
                        "topology (e.g. a TPU slice this host does not have): memory per "
                        "device and FLOPs per step; exits 1 when it does not fit")
@@ -380,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if (args.command in ("refresh", "train", "eval", "answer", "aot")
+    if (args.command in ("refresh", "train", "eval", "answer", "aot", "search")
             and all(a.startswith("--config.") for a in extra)):
         args.overrides = extra
     elif extra:

@@ -19,6 +19,16 @@ and publishes only once the shards cover every row exactly once and all agree on
 the tower and the corpus. Workers read checkpoints on their own schedule (no orbax barrier
 between processes); they share nothing but WORKDIR.
 
+Corpus updates (`realm-jax corpus update`, realm_jax.data.store): the refresher follows the
+newest version of the corpus block store. When the document tower is the one of the
+published snapshot (same model fingerprint) and only the store version changed, a refresh
+embeds only the blocks that snapshot lacks (new, or of replaced documents; on the chief
+alone), reuses the verified embeddings of the others by block id, drops removed blocks, and
+rebuilds the ScaNN index; a new tower embeds every block. A snapshot lists the live block
+ids of its store version (ids.npy) and names that version (extra.store_version, with
+extra.embedded_blocks / reused_blocks); after publishing, the store versions no snapshot
+names are pruned.
+
 Kill safety: shards and snapshots appear only complete (temporary names, then rename), so a
 restarted refresher reuses the complete shards of the checkpoint it was embedding, drops
 the partial ones, and never publishes anything half-written. Only one chief runs per
@@ -42,11 +52,11 @@ from typing import Any, Callable
 import numpy as np
 
 from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
-from realm_jax.data.store import BlockStore
+from realm_jax.data.store import BlockStore, prune_versions, store_versions
 from realm_jax.durable import ProcessLock
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
 from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
-from realm_jax.workdir import REFRESH_LOG, Workdir
+from realm_jax.workdir import REFRESH_LOG, Workdir, corpus_check
 
 _log = logging.getLogger(__name__)
 _stages = logging.getLogger(__name__ + ".stages")  # DEBUG lines: where a refresh is
@@ -183,7 +193,7 @@ class Refresher:
         if not corpus.is_dir():
             raise FileNotFoundError(f"corpus block store {corpus}: not found (config "
                                     "data.corpus or --corpus; made by `realm-jax prepare-corpus`)")
-        self.store = BlockStore.open(corpus)
+        self.store = BlockStore.open(corpus)  # the newest version (see follow_store)
         self._embedder_factory = embedder_factory
         self._embedders: dict[Any, Any] = {}
         self._rows: dict[int, Any] = {}
@@ -209,13 +219,43 @@ class Refresher:
         return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
 
     def published(self) -> Snapshot | None:
-        """The snapshot LATEST names (or the newest valid one), verified."""
-        return self.index.latest_valid(self.store.fingerprint, log=_log)
+        """The snapshot LATEST names (or the newest valid one), verified: built from a
+        version of the corpus block store still on disk (not necessarily the newest)."""
+        return self.index.latest_valid(corpus_check(self.store.root), log=_log)
 
-    @staticmethod
-    def _is_current(source: Source, snapshot: Snapshot | None) -> bool:
+    def follow_store(self) -> None:
+        """Open the newest version of the corpus block store when an update made one."""
+        if store_versions(self.store.root)[-1] != self.store.version:
+            self.store = BlockStore.open(self.store.root)
+            self._rows.clear()
+            _log.info("corpus %s: now at version %d (fingerprint %s)", self.store.root,
+                      self.store.version, self.store.fingerprint[:16])
+
+    def _is_current(self, source: Source, snapshot: Snapshot | None) -> bool:
         return (snapshot is not None and snapshot.step == source.step
-                and snapshot.manifest.get("extra", {}).get("source") == source.kind)
+                and snapshot.manifest.get("extra", {}).get("source") == source.kind
+                and snapshot.corpus_fingerprint == self.store.fingerprint)
+
+    def _reusable(self, previous: Snapshot | None, model_fingerprint: str
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(block ids, embeddings) of `previous` that stay valid for the current store
+        version: all its rows when the document tower is the same (its embeddings verified
+        against the manifest), restricted to the blocks still live; None when the tower
+        differs or the embeddings are damaged. Block ids name the same tokens in every
+        version of a store (realm_jax.data.store), and `published` only returns snapshots of
+        a version of this store."""
+        if previous is None or previous.model_fingerprint != model_fingerprint:
+            return None
+        try:
+            embeddings = np.asarray(self.index.verified_embeddings(previous))
+        except SnapshotError as e:
+            _log.warning("not reusing damaged embeddings (%s); embedding anew", e)
+            return None
+        ids = previous.ids()
+        keep = self.store.live[ids] if len(self.store) >= ids.max(initial=-1) + 1 else None
+        if keep is None:
+            return None  # ids past this store's end: not a version of it
+        return ids[keep], embeddings[keep]
 
     def load_tower(self, source: Source):
         """(EmbedderConfig, host params) of the document tower of `source`."""
@@ -305,29 +345,35 @@ class Refresher:
         restore_seconds = time.perf_counter() - started
         _log.info("step %d: restored the document tower from %s in %.1fs", source.step,
                   source.path, restore_seconds)
+        live = self.store.live_ids()
+        reusable = self._reusable(previous, model_fingerprint)
         shard_dir = self._shard_dir(source.step, model_fingerprint)
         self._cleanup_scratch(keep=shard_dir)
-        if self.num_workers > 1:
+        if self.num_workers > 1 and reusable is None:
             self._write_job({"step": source.step, "kind": source.kind, "path": source.path,
                              "model_fingerprint": model_fingerprint,
                              "corpus_fingerprint": self.store.fingerprint,
                              "shard_dir": shard_dir.name, "num_workers": self.num_workers})
 
         t0 = time.perf_counter()
-        embeddings = None
-        if (previous is not None and previous.model_fingerprint == model_fingerprint
-                and previous.count == len(self.store)):
-            # The same weights (e.g. the trainer's step-0 checkpoint of the --from_hf tower):
-            # the embeddings are those of the published snapshot; only the step is new.
-            try:
-                embeddings = np.asarray(self.index.verified_embeddings(previous))
-            except SnapshotError as e:
-                _log.warning("step %d: not reusing damaged embeddings (%s); embedding anew",
-                             source.step, e)
-        if embeddings is not None:
-            _log.info("step %d: the document tower equals the one of %s; reusing its "
-                      "embeddings", source.step, previous.version)
-            result = EmbedResult([], 0, len(embeddings), 0.0)
+        if reusable is not None:
+            # The same document tower: only blocks the previous snapshot lacks (new, or of
+            # replaced documents) are embedded; removed blocks are dropped.
+            old_ids, old_embeddings = reusable
+            new_ids = np.setdiff1d(live, old_ids, assume_unique=True)
+            _log.info("step %d: the document tower equals the one of %s; reusing %d "
+                      "embeddings, embedding %d new block(s), dropping %d removed",
+                      source.step, previous.version, len(old_ids), len(new_ids),
+                      previous.count - len(old_ids))
+            self.on_stage("embed")
+            new_embeddings = self._embed_ids(config, params, new_ids)
+            ids = np.concatenate([old_ids, new_ids])
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            embeddings = np.concatenate([old_embeddings.astype(new_embeddings.dtype),
+                                         new_embeddings])[order]
+            embedded, reused = len(new_ids), len(old_ids)
+            result = EmbedResult([], embedded, reused, time.perf_counter() - t0)
         else:
             self.on_stage("embed")
             embedder = self.embedder(config)
@@ -346,13 +392,18 @@ class Refresher:
             embeddings = merge_shards(shard_dir, len(self.store), step=source.step,
                                       model_fingerprint=model_fingerprint,
                                       corpus_fingerprint=self.store.fingerprint)
+            ids = live
+            if len(live) < len(self.store):
+                embeddings = embeddings[live]  # (removed blocks: embedded, never published)
+            embedded, reused = result.embedded, result.reused  # (reused: a killed run's shards)
         embed_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         searcher = None
         if self.settings.scann is not None:
             self.on_stage("build")
-            searcher = ScannSearcher.build(embeddings, settings=self.settings.scann)
+            searcher = ScannSearcher.build(np.asarray(embeddings, np.float32), ids,
+                                           settings=self.settings.scann)
         build_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -361,19 +412,22 @@ class Refresher:
                    if (previous.step if previous else -1) < s < source.step] \
             if source.kind == "checkpoint" else []
         snapshot = self.index.publish(
-            embeddings, step=source.step, model_fingerprint=model_fingerprint,
+            embeddings, ids=ids, step=source.step, model_fingerprint=model_fingerprint,
             corpus_fingerprint=self.store.fingerprint, scann=searcher,
             dtype=self.settings.dtype,
             extra={"source": source.kind, "source_path": source.path,
-                   "corpus_path": os.fspath(self.store.path)},
+                   "corpus_path": os.fspath(self.store.root),
+                   "store_version": self.store.version, "embedded_blocks": int(embedded),
+                   "reused_blocks": int(reused)},
             on_stage=lambda name: self.on_stage(f"publish:{name}"))
         publish_seconds = time.perf_counter() - t0
         self.on_stage("published")
+        self._prune_store_versions()
         self._cleanup_scratch()
         seconds = time.perf_counter() - started
         out = RefreshResult(
             step=source.step, source=source.kind, version=snapshot.version,
-            count=snapshot.count, embedded=result.embedded, reused=result.reused,
+            count=snapshot.count, embedded=int(embedded), reused=int(reused),
             skipped_steps=skipped, restore_seconds=restore_seconds,
             embed_seconds=embed_seconds, build_seconds=build_seconds,
             publish_seconds=publish_seconds, seconds=seconds,
@@ -382,6 +436,26 @@ class Refresher:
         self._log_result(out)
         self.on_stage("logged")
         return out
+
+    def _embed_ids(self, config, params, ids: np.ndarray) -> np.ndarray:
+        """Embeddings of blocks `ids` (in that order) by the tower (config, params)."""
+        if len(ids) == 0:  # (no embedder compiled for nothing)
+            from realm_jax.index.embed_corpus import numpy_dtype
+            return np.zeros((0, config.output_dim), numpy_dtype(self.settings.dtype))
+        embedder = self.embedder(config)
+        rows = self.rows(self.settings.max_length or embedder.max_length)
+        return embedder.embed_blocks(embedder.place(params), rows, ids)
+
+    def _prune_store_versions(self) -> None:
+        """Delete the corpus versions no snapshot of WORKDIR/index names any more (never
+        version 0 nor the newest; see realm_jax.data.store.prune_versions)."""
+        named = set()
+        for version in self.index.versions():
+            try:
+                named.add(self.index.load(version, validate=False).store_version)
+            except (OSError, ValueError):
+                return  # a snapshot we cannot read: delete nothing
+        prune_versions(self.store.root, keep=named)
 
     def _wait_for_shards(self, shard_dir: Path) -> None:
         from realm_jax.index.embed_corpus import list_shards, missing_ranges
@@ -415,6 +489,7 @@ class Refresher:
 
     def refresh_once(self) -> RefreshResult | None:
         """Refresh from the newest source if the index is not already at it (chief)."""
+        self.follow_store()
         source = self.newest_source()
         if source is None:
             return None
@@ -503,6 +578,7 @@ class Refresher:
             if job and not job.get("stop") and job != done_job:
                 done_job = job
                 source = Source(int(job["step"]), job["kind"], job["path"])
+                self.follow_store()
                 self._check_job(job)
                 if self._is_current(source, self.published()):
                     continue

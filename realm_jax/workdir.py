@@ -31,7 +31,7 @@ from etils import epath
 
 from realm_jax import distributed
 from realm_jax.durable import atomic_write_text
-from realm_jax.index.store import IndexStore, Snapshot, SnapshotWatcher
+from realm_jax.index.store import IndexStore, Snapshot, SnapshotError, SnapshotWatcher
 from realm_jax.models import config_from_dict, config_to_dict
 
 CONFIG_JSON = "config.json"
@@ -162,11 +162,36 @@ class Workdir:
         """The snapshot store: WORKDIR/index, or `root` (another run's index)."""
         return IndexStore(root or self.index_dir, keep=keep)
 
-    def index_watcher(self, corpus_fingerprint: str, root: str | os.PathLike | None = None):
+    def index_watcher(self, corpus, root: str | os.PathLike | None = None):
         """The one way trainers and answerers follow an index: validated snapshots of the
-        given corpus, newest first, one decision for all processes."""
+        corpus, newest first, one decision for all processes. `corpus`: a BlockStore (any of
+        its versions still on disk, each snapshot checked against the version it names; read
+        its tokens through `snapshot_store`), or a corpus fingerprint (that corpus only)."""
+        from realm_jax.data.store import BlockStore
+        check = corpus
+        if isinstance(corpus, BlockStore):
+            check = corpus_check(corpus.root)
         return distributed.shared_watcher(SnapshotWatcher(
-            self.index(root), expected_corpus_fingerprint=corpus_fingerprint, log=_log))
+            self.index(root), expected_corpus_fingerprint=check, log=_log))
+
+    @staticmethod
+    def snapshot_store(snapshot: Snapshot, store):
+        """The version of block store `store` (a BlockStore, any version) that `snapshot` was
+        built from: candidates' tokens are read from it, never from another version. A
+        SnapshotError when that version is gone (pruned) or is another corpus."""
+        from realm_jax.data.store import BlockStore
+        version = snapshot.store_version
+        if store.version != version:
+            try:
+                store = BlockStore.open(store.root, version=version)
+            except FileNotFoundError as e:
+                raise SnapshotError(snapshot.path, "manifest.json:extra.store_version",
+                                    f"refusing it: {e}") from None
+        if store.fingerprint != snapshot.corpus_fingerprint:
+            raise SnapshotError(snapshot.path, "manifest.json:corpus_fingerprint",
+                                f"{snapshot.corpus_fingerprint[:16]} is not the fingerprint "
+                                f"of {store.path} ({store.fingerprint[:16]}): another corpus")
+        return store
 
     def wait_for_snapshot(self, watcher, timeout: float) -> Snapshot:
         """The first snapshot `watcher` serves, waiting up to `timeout` seconds for the
@@ -203,6 +228,16 @@ class Workdir:
         """A finished run asked for more steps is unfinished again."""
         if jax.process_index() == 0:
             (self.checkpoints / FINISHED).unlink(missing_ok=True)
+
+
+def corpus_check(root: str | os.PathLike):
+    """For `IndexStore.validate`: a snapshot's manifest -> the fingerprint of the version of
+    the block store at `root` it names (FileNotFoundError when that version is gone)."""
+    from realm_jax.data.store import version_fingerprint
+
+    def expected(manifest: dict) -> str:
+        return version_fingerprint(root, int(manifest.get("extra", {}).get("store_version", 0)))
+    return expected
 
 
 def _read_json(path: epath.Path) -> Any:

@@ -22,7 +22,7 @@ LAYERS = [
     ["distributed"],
     ["workdir"],
     ["checkpoints"],
-    ["refresh", "tasks"],
+    ["refresh", "tasks", "search"],
     ["train"],
     ["aot", "demo"],
     ["cli"],

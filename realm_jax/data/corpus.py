@@ -1,4 +1,6 @@
-"""``prepare_corpus``: read a corpus, split it into blocks, tokenize, write a block store."""
+"""``prepare_corpus``: read a corpus, split it into blocks, tokenize, write a block store.
+``update_corpus``: add, replace and remove documents of a store as a new store version (see
+realm_jax.data.store for versions and how block ids stay stable)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from tqdm.auto import tqdm
 
 from realm_jax.data.blocks import MODES, Mode, load_tokenizer, spans_in, split_document
 from realm_jax.data.readers import Document, SkipCounter, detect_format, read_documents
-from realm_jax.data.store import BlockStore, BlockStoreWriter, check_replaceable
+from realm_jax.data.store import (UPDATE_LOCK, VERSIONS_DIR, BlockStore, BlockStoreWriter,
+                                  check_replaceable, version_folder)
+from realm_jax.durable import ProcessLock
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +94,35 @@ def _check_output_outside_input(source: str | os.PathLike, output_dir: str | os.
     if src == out or out in src.parents:
         raise ValueError(f"the output folder {output_dir} holds the input {source}; write the "
                          "block store to another folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    tokens: np.ndarray
+    text: str
+    spans: list
+    spans_cut: int
+
+
+def _document_blocks(docs: list[Document], tok: Any, settings: dict[str, Any]
+                     ) -> list[list[_Block]]:
+    """Each document's blocks (none when it has no tokens), split as `settings` say (the
+    store's settings: mode, max_tokens or passage_words)."""
+    out = []
+    for doc, enc in zip(docs, tok.encode_batch([d.text for d in docs])):
+        pieces = [p for p in split_document(doc.text, enc, mode=settings["mode"],
+                                            max_tokens=settings.get("max_tokens", 288),
+                                            passage_words=settings.get("passage_words", 100),
+                                            spans=doc.spans)
+                  if p.tok_end > p.tok_start]
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        blocks = []
+        for piece in pieces:
+            spans, cut = spans_in(doc.spans, piece)
+            blocks.append(_Block(ids[piece.tok_start:piece.tok_end],
+                                 doc.text[piece.char_start:piece.char_end], spans, cut))
+        out.append(blocks)
+    return out
 
 
 def _id_hash(doc_id: str) -> int:
@@ -189,22 +222,15 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
                  total=total, disable=not progress) as bar:
 
         def flush(batch: list[Document]) -> None:
-            for doc, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
-                pieces = [p for p in split_document(doc.text, enc, mode=mode,
-                                                    max_tokens=max_tokens,
-                                                    passage_words=passage_words,
-                                                    spans=doc.spans)
-                          if p.tok_end > p.tok_start]
-                if not pieces:
+            for doc, blocks in zip(batch, _document_blocks(batch, tok, settings)):
+                if not blocks:
                     skips.skip("no_tokens", f"{source_info['path']} document {doc.doc_id!r}")
                     continue
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                for piece in pieces:
-                    spans, cut = spans_in(doc.spans, piece)
-                    counts["spans_cut"] += cut
-                    writer.add(ids[piece.tok_start:piece.tok_end], doc_id=doc.doc_id,
-                               title=doc.title, text=doc.text[piece.char_start:piece.char_end],
-                               spans=spans, doc_index=counts["documents"])
+                for block in blocks:
+                    counts["spans_cut"] += block.spans_cut
+                    writer.add(block.tokens, doc_id=doc.doc_id, title=doc.title,
+                               text=block.text, spans=block.spans,
+                               doc_index=counts["documents"])
                 counts["documents"] += 1
                 id_hashes.append(_id_hash(doc.doc_id))
             bar.update(len(batch))
@@ -227,8 +253,10 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
             raise ValueError(f"no usable documents in {source_info['path']}: "
                              f"skipped {skips.as_dict() or 'nothing (the corpus is empty)'}")
         duplicates, first_repeated = _repeated_ids(id_hashes)
+        tokenizer_path = ({"tokenizer_path": os.path.abspath(os.fspath(tokenizer))}
+                          if isinstance(tokenizer, (str, os.PathLike)) else {})
         manifest = writer.finish({
-            "source": source_info, "skipped": skips.as_dict(),
+            "source": source_info, "skipped": skips.as_dict(), **tokenizer_path,
             "stats": {"spans_cut": counts["spans_cut"], "duplicate_doc_ids": duplicates},
         })
     if duplicates:
@@ -246,3 +274,223 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
               result.num_blocks, result.num_tokens, result.num_documents, source_info["path"],
               seconds, result.skipped or "none")
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateResult:
+    """What :func:`update_corpus` did. `documents`: added, removed, replaced, unchanged;
+    `blocks`: added (of new documents), removed (of removed documents), replaced_old /
+    replaced_new (of replaced documents: the removed and the appended blocks), unchanged
+    (live blocks kept with their ids). `version` is the parent's when nothing changed."""
+
+    root: Path
+    version: int
+    parent_version: int
+    documents: dict[str, int]
+    blocks: dict[str, int]
+    missing: list[str]
+    skipped: dict[str, int]
+    fingerprint: str
+    seconds: float
+
+    @property
+    def changed(self) -> bool:
+        return self.version != self.parent_version
+
+    def summary(self) -> str:
+        d, b = self.documents, self.blocks
+        head = (f"block store {self.root}: version {self.parent_version} -> {self.version} "
+                f"(fingerprint {self.fingerprint[:16]})" if self.changed else
+                f"block store {self.root}: nothing changed; still version {self.version}")
+        lines = [head,
+                 f"documents: {d['added']} added, {d['removed']} removed, {d['replaced']} "
+                 f"replaced, {d['unchanged']} unchanged",
+                 f"blocks: {b['added']} added, {b['removed']} removed, {b['replaced_old']} "
+                 f"replaced by {b['replaced_new']}, {b['unchanged']} unchanged"]
+        if self.missing:
+            shown = ", ".join(repr(m) for m in self.missing[:5])
+            lines.append(f"not in the store (nothing removed): {len(self.missing)} id(s): "
+                         f"{shown}{' ...' if len(self.missing) > 5 else ''}")
+        if self.skipped:
+            lines.append(f"skipped: {self.skipped}")
+        return "\n".join(lines)
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """Document ids, one per line (blank lines ignored), in file order without repeats."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--remove {path}: no such file (one document id per line)"
+                                ) from None
+    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def _documents(store: BlockStore) -> dict[str, tuple[int, list[int]]]:
+    """doc_id -> (its first ordinal, the ids of its live blocks), one record read per
+    document (blocks of one ordinal share the doc_id)."""
+    live = store.live_ids()
+    ordinals = np.asarray(store.doc_index[live])
+    order = np.argsort(ordinals, kind="stable")
+    unique, starts = np.unique(ordinals[order], return_index=True)
+    docs: dict[str, tuple[int, list[int]]] = {}
+    for ordinal, ids in zip(unique.tolist(), np.split(live[order], starts[1:])):
+        entry = docs.setdefault(store.doc_id(int(ids[0])), (ordinal, []))
+        entry[1].extend(ids.tolist())
+    return docs
+
+
+def _same_blocks(store: BlockStore, ids: list[int], doc: Document, blocks: list[_Block]) -> bool:
+    """Whether document `doc` split into `blocks` is what blocks `ids` of `store` hold."""
+    if len(ids) != len(blocks):
+        return False
+    for i, block in zip(ids, blocks):
+        record = store.record(i)
+        if (record.title != doc.title or record.text != block.text
+                or [tuple(s) for s in record.spans] != [tuple(s) for s in block.spans]
+                or not np.array_equal(record.tokens.astype(np.int64), block.tokens)):
+            return False
+    return True
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary and trash folders of killed updates and prunes (the caller holds the lock)."""
+    import shutil
+    for child in folder.iterdir():
+        if child.name.startswith(".trash-") or (child.name.startswith(".v")
+                                                 and ".tmp-" in child.name):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def update_corpus(store: str | os.PathLike, *, add: str | os.PathLike | Iterable[Document] |
+                  None = None, remove: str | os.PathLike | Iterable[str] | None = None,
+                  tokenizer: str | os.PathLike | Any | None = None,
+                  batch_documents: int = 64) -> UpdateResult:
+    """Writes the next version of the block store at `store`: the newest version with the
+    documents of `add` (a JSONL file as for prepare_corpus, or Documents) added, or
+    replacing the document of the same id, and the documents `remove` names (an ids file,
+    one per line, or ids) removed. Block ids of unchanged documents stay; see
+    realm_jax.data.store. A replacement identical to the stored document changes nothing;
+    when nothing changes, no version is written.
+
+    `tokenizer`: the HF folder the store was made with (default: the one its manifest
+    records). One update at a time per store (a lock); the new version appears only once
+    complete (a killed update leaves the previous version the newest)."""
+    started = time.perf_counter()
+    root = Path(store)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"--store {root}: not a block store (make one with "
+                                "`realm-jax prepare-corpus`)")
+    versions_dir = root / VERSIONS_DIR
+    lock = ProcessLock.acquire(versions_dir / UPDATE_LOCK, "corpus update")
+    try:
+        _remove_leftovers(versions_dir)
+        with BlockStore.open(root) as base:
+            return _update(base, root, add, remove, tokenizer, batch_documents, started)
+    finally:
+        lock.release()
+
+
+def _update(base: BlockStore, root: Path, add, remove, tokenizer, batch_documents: int,
+            started: float) -> UpdateResult:
+    skips = SkipCounter()
+    label = os.fspath(add) if isinstance(add, (str, os.PathLike)) else "<documents>"
+    if isinstance(add, (str, os.PathLike)):
+        add = read_documents(add, skips, fmt="jsonl")
+    adds: dict[str, Document] = {}
+    for doc in add or ():
+        if doc.doc_id in adds:
+            _log.warning("%s: document %r given twice; the last one is kept", label, doc.doc_id)
+        adds[doc.doc_id] = doc
+    removes = read_ids(remove) if isinstance(remove, (str, os.PathLike)) else \
+        list(dict.fromkeys(remove or ()))
+    both = [i for i in removes if i in adds]
+    if both:
+        raise ValueError(f"document(s) {both[:5]} are both added ({label}) and removed "
+                         f"({remove}): give each id once")
+    docs = _documents(base)
+    documents = dict.fromkeys(("added", "removed", "replaced", "unchanged"), 0)
+    blocks = dict.fromkeys(("added", "removed", "replaced_old", "replaced_new", "unchanged"), 0)
+    removed: set[int] = set()
+    missing = [i for i in removes if i not in docs]
+    for doc_id in removes:
+        if doc_id in docs:
+            removed.update(docs[doc_id][1])
+            documents["removed"] += 1
+            blocks["removed"] += len(docs[doc_id][1])
+    appended: list[tuple[Document, list[_Block], int]] = []
+    if adds:
+        tok = _store_tokenizer(base, tokenizer)
+        next_ordinal = int(np.max(base.doc_index, initial=-1)) + 1
+        batch = list(adds.values())
+        for start in range(0, len(batch), batch_documents):
+            chunk = batch[start:start + batch_documents]
+            for doc, doc_blocks in zip(chunk, _document_blocks(chunk, tok, base.settings)):
+                if not doc_blocks:
+                    skips.skip("no_tokens", f"{label} document {doc.doc_id!r}")
+                    continue
+                old = docs.get(doc.doc_id)
+                if old is None:
+                    appended.append((doc, doc_blocks, next_ordinal))
+                    next_ordinal += 1
+                    documents["added"] += 1
+                    blocks["added"] += len(doc_blocks)
+                elif not _same_blocks(base, old[1], doc, doc_blocks):
+                    removed.update(old[1])
+                    appended.append((doc, doc_blocks, old[0]))
+                    documents["replaced"] += 1
+                    blocks["replaced_old"] += len(old[1])
+                    blocks["replaced_new"] += len(doc_blocks)
+    touched = documents["removed"] + documents["replaced"]
+    documents["unchanged"] = len(docs) - touched
+    blocks["unchanged"] = int(base.live.sum()) - len(removed)
+    version = base.version + 1 if appended or removed else base.version
+    fingerprint = base.fingerprint
+    if version != base.version:
+        fingerprint = _write_version(base, root, version, removed, appended, {
+            "documents": documents, "blocks": blocks, "missing": len(missing),
+            "add": label if adds else None,
+            "remove": os.fspath(remove) if isinstance(remove, (str, os.PathLike)) else None})
+    result = UpdateResult(root, version, base.version, documents, blocks, missing,
+                          skips.as_dict(), fingerprint, time.perf_counter() - started)
+    _log.info("%s", result.summary().replace("\n", "; "))
+    return result
+
+
+def _store_tokenizer(store: BlockStore, tokenizer: Any) -> Any:
+    """The tokenizer `store` was made with: `tokenizer`, else the folder its manifest
+    records; ValueError when its vocabulary is another."""
+    tokenizer = tokenizer or store.manifest.get("tokenizer_path")
+    if not tokenizer:
+        raise ValueError(f"{store.path / 'manifest.json'} records no tokenizer folder: pass "
+                         "--tokenizer (the HF folder the store was prepared with)")
+    tok = load_tokenizer(tokenizer)
+    want = store.settings.get("tokenizer", {}).get("vocab_hash")
+    if want and tok.vocab_hash != want:
+        raise ValueError(f"tokenizer {tokenizer} is not the one block store {store.root} was "
+                         f"made with ({store.settings['tokenizer'].get('name')!r}): "
+                         "vocab differs")
+    return tok
+
+
+def _write_version(base: BlockStore, root: Path, version: int, removed: set[int],
+                   appended: list[tuple[Document, list[_Block], int]],
+                   update: dict[str, Any]) -> str:
+    """Writes version `version`: every row of `base` (removed ones as removed blocks), then
+    the appended documents' blocks; returns its fingerprint."""
+    with BlockStoreWriter(version_folder(root, version), token_dtype=base.token_dtype,
+                          settings=base.settings) as writer:
+        for i in range(len(base)):
+            if i in removed:
+                writer.add_removed()
+            else:
+                writer.copy_block(base, i)
+        for doc, doc_blocks, ordinal in appended:
+            for block in doc_blocks:
+                writer.add(block.tokens, doc_id=doc.doc_id, title=doc.title, text=block.text,
+                           spans=block.spans, doc_index=ordinal)
+        keep = {k: base.manifest[k] for k in ("source", "tokenizer_path") if k in base.manifest}
+        manifest = writer.finish({**keep, "store_version": version,
+                                  "parent_version": base.version,
+                                  "parent_fingerprint": base.fingerprint, "update": update})
+    return manifest["fingerprint"]

@@ -6,12 +6,31 @@ Layout (``FORMAT_VERSION`` 1)::
     tokens.npy          all blocks' token ids, concatenated (uint16, or int32 for big vocabs)
     offsets.npy         int64 [N+1]: block i's tokens are tokens[offsets[i]:offsets[i+1]]
     lengths.npy         int32 [N]: tokens per block
-    doc_index.npy       int64 [N]: ordinal of the block's source document (0..D-1)
+    doc_index.npy       int64 [N]: ordinal of the block's source document; -1: a removed block
     records.jsonl       one JSON object per block: doc_id, title, text, spans [[start, end, target]]
     records_index.npy   int64 [N+1]: byte offsets of the lines in records.jsonl
+    versions/           later versions made by `realm-jax corpus update` (absent until then):
+      v000001/ ...        each a complete store folder of the layout above
+      .lock, .tmp-*       the updater's lock; a version being written
 
-Arrays are memory-mapped; a record is read with one ``pread``. Block ids are 0..N-1 in corpus
-order. The store is written under a temporary name and renamed into place when complete.
+Arrays are memory-mapped; a record is read with one ``pread``. A store folder is written
+under a temporary name and renamed into place when complete.
+
+Versions. The folder prepare-corpus writes is version 0; `update_corpus`
+(realm_jax.data.corpus) writes version V+1 as a complete folder ``versions/vNNNNNN``: the
+rename of that finished folder is the commit, so a killed update leaves the previous version
+the newest one. ``BlockStore.open(root)`` opens the newest version, ``open(root, version=V)``
+a given one; a store without ``versions/`` opens as before.
+
+Block ids are stable across versions: ids are row positions, and a version keeps every row
+of its parent. The blocks of a removed (or replaced) document become *removed blocks*
+(no tokens, an empty record, ``doc_index`` -1), whose ids are never used again; the blocks of
+new or replaced documents are appended after the last row. So an id names the same tokens
+in every version where it is live (`BlockStore.live`), and a snapshot built from an older
+version can reuse its embeddings by id. Ids only grow; preparing the corpus anew compacts
+them (and needs a full refresh). Documents keep their ordinal when replaced; new documents
+take the next free ordinal. Version 0 is never pruned; later versions are pruned by
+`prune_versions`, which keeps the newest and the ones named (the index snapshots' versions).
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import time
@@ -44,6 +64,65 @@ MANIFEST = "manifest.json"
 _FILES = ("tokens.npy", "offsets.npy", "lengths.npy", "doc_index.npy", "records.jsonl",
           "records_index.npy")
 _TOKEN_CHUNK = 1 << 24  # tokens checked at a time when a store is opened
+VERSIONS_DIR = "versions"
+UPDATE_LOCK = ".lock"
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+REMOVED_RECORD = {"doc_id": "", "title": "", "text": "", "spans": [], "removed": True}
+
+
+def version_folder(root: str | os.PathLike, version: int) -> Path:
+    """Where version `version` of the store at `root` lives (0: `root` itself)."""
+    root = Path(root)
+    return root if version == 0 else root / VERSIONS_DIR / f"v{int(version):06d}"
+
+
+def store_versions(root: str | os.PathLike) -> list[int]:
+    """The complete versions of the store at `root`, oldest first (0 is `root` itself)."""
+    folder = Path(root) / VERSIONS_DIR
+    out = [0]
+    if folder.is_dir():
+        for child in folder.iterdir():
+            match = _VERSION_RE.match(child.name)
+            if match and (child / MANIFEST).is_file():
+                out.append(int(match.group(1)))
+    return sorted(out)
+
+
+def version_fingerprint(root: str | os.PathLike, version: int) -> str:
+    """The fingerprint of version `version` of the store at `root`, from its manifest alone;
+    FileNotFoundError naming the versions there when it is gone (pruned) or never existed."""
+    path = version_folder(root, version) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"block store {root}: version {version} is not there (pruned, or never made); it "
+            f"has versions {store_versions(root)}") from None
+    return str(manifest["fingerprint"])
+
+
+def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ()) -> list[int]:
+    """Delete the versions of the store at `root` that are neither the newest, nor version 0,
+    nor in `keep` (the versions index snapshots were built from); returns those deleted. A
+    folder is renamed first (atomic), then deleted."""
+    versions = store_versions(root)
+    keep = set(int(v) for v in keep) | {0, versions[-1]}
+    removed = []
+    for version in versions:
+        if version in keep:
+            continue
+        folder = version_folder(root, version)
+        trash = folder.parent / f".trash-{uuid.uuid4().hex[:12]}-{folder.name}"
+        try:
+            os.rename(folder, trash)
+        except OSError:
+            continue
+        fsync_dir(folder.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(version)
+    if removed:
+        _log.info("pruned version(s) %s of block store %s", removed, root)
+    return removed
 
 
 def is_block_store(path: str | os.PathLike) -> bool:
@@ -121,12 +200,16 @@ class BlockStoreWriter:
             raise RuntimeError(f"unexpected .npy header size {self._tokens.tell()}")
 
     def add(self, tokens: np.ndarray, *, doc_id: str, title: str, text: str,
-            spans: Sequence[Span], doc_index: int) -> int:
+            spans: Sequence[Span], doc_index: int, removed: bool = False) -> int:
         """Appends one block and returns its id."""
-        toks = np.ascontiguousarray(tokens, dtype=self.token_dtype)
-        line = (json.dumps({"doc_id": doc_id, "title": title, "text": text,
-                            "spans": [list(s) for s in spans]}, ensure_ascii=False)
+        record = {"doc_id": doc_id, "title": title, "text": text,
+                  "spans": [list(s) for s in spans]}
+        line = (json.dumps(REMOVED_RECORD if removed else record, ensure_ascii=False)
                 + "\n").encode("utf-8")
+        return self._append(tokens, line, doc_index)
+
+    def _append(self, tokens: np.ndarray, line: bytes, doc_index: int) -> int:
+        toks = np.ascontiguousarray(tokens, dtype=self.token_dtype)
         raw = toks.tobytes()
         self._hash.update(struct.pack("<QQ", len(toks), len(line)))
         self._hash.update(raw)
@@ -138,6 +221,19 @@ class BlockStoreWriter:
         self._record_index.append(self._record_index[-1] + len(line))
         self._doc_index.append(doc_index)
         return len(self._doc_index) - 1
+
+    def add_removed(self) -> int:
+        """Appends a removed block (no tokens, an empty record, doc_index -1)."""
+        return self.add(np.zeros(0, self.token_dtype), doc_id="", title="", text="", spans=(),
+                        doc_index=-1, removed=True)
+
+    def copy_block(self, store: BlockStore, i: int) -> int:
+        """Appends block `i` of `store` unchanged (its stored bytes; the same fingerprint
+        contribution as adding it anew)."""
+        i = store._check_id(i)
+        start, end = int(store._record_index[i]), int(store._record_index[i + 1])
+        return self._append(store.tokens(i), os.pread(store._fd, end - start, start),
+                            int(store.doc_index[i]))
 
     def finish(self, manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes the index arrays and the manifest, then renames the folder into place."""
@@ -158,7 +254,7 @@ class BlockStoreWriter:
         np.save(self._tmp / "records_index.npy", np.frombuffer(self._record_index, dtype=np.int64))
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "count": count,
-            "num_documents": int(self._doc_index[-1]) + 1 if count else 0,
+            "num_documents": _live_documents(np.frombuffer(self._doc_index, np.int64)),
             "num_tokens": int(self._offsets[-1]), "token_dtype": self.token_dtype.name,
             "settings": self.settings, **(manifest_extra or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -168,7 +264,7 @@ class BlockStoreWriter:
         for name in _FILES[1:4] + _FILES[5:] + (MANIFEST,):
             fsync_file(self._tmp / name)
         fsync_dir(self._tmp)
-        BlockStore.open(self._tmp).close()  # validate before publishing
+        BlockStore(self._tmp).close()  # validate before publishing
         old = None
         if self.path.exists():
             if not self._overwrite:
@@ -198,6 +294,11 @@ class BlockStoreWriter:
         self.abort()
 
 
+def _live_documents(doc_index: np.ndarray) -> int:
+    live = doc_index[doc_index >= 0]
+    return int(len(np.unique(live))) if len(live) else 0
+
+
 class BlockStore:
     """Read access to a block store folder; arrays are memory-mapped, records read on demand.
 
@@ -225,6 +326,8 @@ class BlockStore:
         self.doc_index: np.ndarray = self._load("doc_index.npy")
         self._record_index = self._load("records_index.npy")
         self._fd = os.open(self.path / "records.jsonl", os.O_RDONLY)
+        self.version: int = int(self.manifest.get("store_version", 0))
+        self.root: Path = self.path.parent.parent if self.version else self.path
         self._check()
         if check_tokens:
             self._check_tokens()
@@ -272,9 +375,26 @@ class BlockStore:
                     f"{MANIFEST} (settings.tokenizer.vocab_size)")
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> BlockStore:
-        """Opens a store folder written by :func:`realm_jax.data.prepare_corpus`."""
-        return cls(path)
+    def open(cls, path: str | os.PathLike, version: int | None = None) -> BlockStore:
+        """Opens the newest version of the store at `path` (written by
+        :func:`realm_jax.data.prepare_corpus`, updated by `update_corpus`), or `version`.
+        FileNotFoundError names the versions there when `version` is not among them (pruned,
+        or never made)."""
+        if not (Path(path) / MANIFEST).is_file():
+            return cls(path)  # (its own error)
+        versions = store_versions(path)
+        if version is None:  # (a version folder given itself has no versions/: opened as is)
+            return cls(version_folder(path, versions[-1]))
+        if int(version) not in versions:
+            raise FileNotFoundError(
+                f"block store {path}: version {version} is not there (pruned, or never made); "
+                f"it has versions {versions}")
+        store = cls(version_folder(path, int(version)))
+        if store.version != int(version):
+            store.close()
+            raise ValueError(f"{version_folder(path, int(version)) / MANIFEST}: store_version "
+                             f"{store.version}, expected {version}")
+        return store
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -289,6 +409,15 @@ class BlockStore:
     def fingerprint(self) -> str:
         """sha256 over the settings and every block's tokens and record (stable across runs)."""
         return self.manifest["fingerprint"]
+
+    @property
+    def live(self) -> np.ndarray:
+        """bool [N]: which block ids hold a block (removed blocks do not)."""
+        return np.asarray(self.doc_index) >= 0
+
+    def live_ids(self) -> np.ndarray:
+        """The ids of the blocks not removed, ascending (all ids of a store never updated)."""
+        return np.flatnonzero(self.live).astype(np.int64)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -369,4 +498,5 @@ class BlockStore:
         self.__init__(state["path"], check_tokens=False)
 
     def __repr__(self) -> str:
-        return f"BlockStore({str(self.path)!r}, count={len(self)}, mode={self.settings.get('mode')})"
+        return (f"BlockStore({str(self.root)!r}, version={self.version}, count={len(self)}, "
+                f"mode={self.settings.get('mode')})")

@@ -72,6 +72,7 @@ _STALE_REMOTE_TMP_S = 3600.0
 _FINITE_CHUNK_ROWS = 1 << 16
 
 PathLike = str | os.PathLike
+CorpusCheck = str | Callable[[dict], str] | None
 
 
 class SnapshotError(Exception):
@@ -226,6 +227,12 @@ class Snapshot:
         return str(self.manifest["corpus_fingerprint"])
 
     @property
+    def store_version(self) -> int:
+        """The block store version the snapshot was built from (0 for snapshots of stores
+        never updated, and of refreshers before versions)."""
+        return int(self.manifest.get("extra", {}).get("store_version", 0))
+
+    @property
     def scann_settings(self) -> dict[str, Any] | None:
         return self.manifest["searcher"].get("scann")
 
@@ -249,6 +256,17 @@ class Snapshot:
     def ids(self) -> np.ndarray:
         with (self.path / IDS).open("rb") as f:
             return np.lib.format.read_array(f, allow_pickle=False)
+
+    def block_embeddings(self) -> np.ndarray:
+        """The embeddings indexed by block id: [max id + 1, dim], zero rows for ids the
+        snapshot lacks (removed blocks of an updated corpus; never returned by a search).
+        The stored matrix itself when its ids are 0..count-1."""
+        ids, embeddings = self.ids(), self.embeddings()
+        if np.array_equal(ids, np.arange(len(ids))):
+            return embeddings
+        out = np.zeros((int(ids.max()) + 1, embeddings.shape[1]), embeddings.dtype)
+        out[ids] = embeddings
+        return out
 
     def numpy_searcher(self) -> base.NumpySearcher:
         return base.NumpySearcher(self.embeddings(), self.ids())
@@ -311,10 +329,12 @@ class IndexStore:
             raise SnapshotError(pointer, LATEST, f"does not name a snapshot folder: {name!r}")
         return name
 
-    def validate(self, version: str, expected_corpus_fingerprint: str | None = None
+    def validate(self, version: str, expected_corpus_fingerprint: CorpusCheck = None
                  ) -> dict[str, Any]:
         """Check a snapshot's manifest against its files (presence, sizes, sha256, array
-        shapes and dtypes) and against the corpus; returns the manifest or raises
+        shapes and dtypes) and against the corpus (`expected_corpus_fingerprint`: the
+        fingerprint, or a function of the manifest giving the fingerprint of the corpus
+        version it names, FileNotFoundError when that is gone); returns the manifest or raises
         SnapshotError naming the folder and the failing field or file. The sha256 pass is
         skipped when this store verified the version before and its files have not changed
         since (see the module docstring)."""
@@ -346,6 +366,12 @@ class IndexStore:
             raise SnapshotError(folder, f"{MANIFEST}:count/dim", f"{count} x {dim}")
         if dtype not in _DTYPES:
             raise SnapshotError(folder, f"{MANIFEST}:dtype", f"{dtype!r} not in {_DTYPES}")
+        if callable(expected_corpus_fingerprint):
+            try:
+                expected_corpus_fingerprint = expected_corpus_fingerprint(manifest)
+            except FileNotFoundError as e:
+                raise SnapshotError(folder, f"{MANIFEST}:extra.store_version",
+                                    f"built from a corpus version that is gone ({e})") from None
         if (expected_corpus_fingerprint is not None
                 and manifest["corpus_fingerprint"] != expected_corpus_fingerprint):
             raise SnapshotError(folder, f"{MANIFEST}:corpus_fingerprint",
@@ -419,7 +445,7 @@ class IndexStore:
         return array
 
     def load(self, version: str, *, validate: bool = True, checksums: bool = True,
-             expected_corpus_fingerprint: str | None = None) -> Snapshot:
+             expected_corpus_fingerprint: CorpusCheck = None) -> Snapshot:
         """The snapshot in folder `version`, validated unless validate=False (`checksums`:
         ignored, kept for old callers: every load verifies, see `validate`)."""
         del checksums
@@ -430,7 +456,7 @@ class IndexStore:
         return Snapshot(self.root / version, manifest)
 
     def latest(self, *, validate: bool = True,
-               expected_corpus_fingerprint: str | None = None) -> Snapshot | None:
+               expected_corpus_fingerprint: CorpusCheck = None) -> Snapshot | None:
         """The snapshot LATEST names (None if none yet); SnapshotError if it is invalid."""
         version = self.latest_version()
         if version is None:
@@ -438,7 +464,7 @@ class IndexStore:
         return self.load(version, validate=validate,
                          expected_corpus_fingerprint=expected_corpus_fingerprint)
 
-    def latest_valid(self, expected_corpus_fingerprint: str | None = None,
+    def latest_valid(self, expected_corpus_fingerprint: CorpusCheck = None,
                      checksums: bool = True,
                      log: logging.Logger | None = None) -> Snapshot | None:
         """LATEST's snapshot if valid, else the newest valid older one (each failure logged);
@@ -678,7 +704,7 @@ class SnapshotWatcher:
     The first poll also falls back to the newest valid older snapshot when LATEST's is bad.
     """
 
-    def __init__(self, store: IndexStore, *, expected_corpus_fingerprint: str | None = None,
+    def __init__(self, store: IndexStore, *, expected_corpus_fingerprint: CorpusCheck = None,
                  log: logging.Logger | None = None):
         self.store = store
         self.expected_corpus_fingerprint = expected_corpus_fingerprint

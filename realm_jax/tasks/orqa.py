@@ -299,7 +299,7 @@ def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: 
     """The newest valid snapshot under `retrieval.index` (default WORKDIR/index) of the
     corpus `data.corpus`."""
     run = Workdir(workdir)
-    watcher = run.index_watcher(store.fingerprint, config.retrieval.index or None)
+    watcher = run.index_watcher(store, config.retrieval.index or None)
     try:
         return run.wait_for_snapshot(watcher, 0)
     except FileNotFoundError:
@@ -351,6 +351,7 @@ class Setup:
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
         snapshot = frozen_index(config, workdir, store)
+        store = Workdir.snapshot_store(snapshot, store)
         with sharding.activate(mesh, rules):
             corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
                                          rc.search_block_size)

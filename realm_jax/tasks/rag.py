@@ -222,7 +222,7 @@ class Retriever:
         else:
             self.searcher = snapshot.numpy_searcher()
         self.snapshot = snapshot
-        self.embeddings = snapshot.embeddings()
+        self.embeddings = snapshot.block_embeddings()
         self.store, self.cfg, self.tokenizer = store, cfg, generator_tokenizer
 
     def embed(self, params, question_ids: jax.Array, question_mask: jax.Array) -> np.ndarray:
@@ -286,7 +286,8 @@ def _retriever(config, workdir: Workdir, store: BlockStore, cfg: RagConfig, toke
                wait_seconds: float = 0.0) -> "Retriever":
     """The retriever over the newest snapshot of WORKDIR/index (waiting up to
     `wait_seconds` for the refresher to publish one)."""
-    snapshot = workdir.wait_for_snapshot(workdir.index_watcher(store.fingerprint), wait_seconds)
+    snapshot = workdir.wait_for_snapshot(workdir.index_watcher(store), wait_seconds)
+    store = workdir.snapshot_store(snapshot, store)
     return Retriever(snapshot, store, cfg, tokenizers.generator, config.retrieval.backend,
                      config.retrieval.scann_threads)
 

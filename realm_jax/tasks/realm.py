@@ -179,6 +179,12 @@ class DeviceCorpus:
 
 def device_corpus(snapshot, store: BlockStore, block_length: int, mesh, block_size: int = 4096
                   ) -> DeviceCorpus:
+    if not np.array_equal(snapshot.ids(), np.arange(len(store))):
+        raise ValueError(f"index {snapshot.path}: built from version {store.version} of block "
+                         f"store {store.root}, which has removed blocks (a `corpus update` "
+                         "removed or replaced documents); device-mode retrieval needs every "
+                         "block id in the index: use retrieval.mode=scann, or prepare the "
+                         "corpus anew")
     searcher = snapshot.device_searcher(mesh, block_size=block_size)
     n = len(store)
     shapes = device_corpus_shapes(n, searcher.dim, snapshot.dtype, block_length, mesh,
@@ -511,7 +517,7 @@ class RealmTask(Task):
     def start(self, run) -> None:
         self.run = run
         self.loss_ = self.loss_fn(run.configs, self.maker.special, num_valid=len(self.store))
-        self.watcher = run.workdir.index_watcher(self.store.fingerprint)
+        self.watcher = run.workdir.index_watcher(self.store)
         self._use(run.workdir.wait_for_snapshot(self.watcher,
                                                 self.config.train.index_wait_seconds))
         _log.info("using index %s (checkpoint step %d)", self.snapshot.version,
@@ -522,6 +528,8 @@ class RealmTask(Task):
         the query tower of its checkpoint (scann mode)."""
         run, rc = self.run, self.config.retrieval
         self.snapshot, self.corpus, self.retriever = snapshot, None, None
+        # candidates' tokens come from the store version the snapshot was built from
+        self.store = run.workdir.snapshot_store(snapshot, self.store)
         if rc.mode == "device":
             with sharding.activate(run.mesh, run.rules):
                 self.corpus = device_corpus(snapshot, self.store, rc.block_length, run.mesh,
@@ -651,7 +659,8 @@ def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: in
     maker = QueryMaker.for_store(store, config.data.tokenizer, query_length=rc.query_length,
                                  max_mask_tokens=rc.max_mask_tokens)
     configs = run.read_model()
-    snapshot = run.wait_for_snapshot(run.index_watcher(store.fingerprint), 0)
+    snapshot = run.wait_for_snapshot(run.index_watcher(store), 0)
+    store = run.snapshot_store(snapshot, store)
     params = jax.device_get(params)
     retriever = HostRetriever.from_config(rc, snapshot, configs["query_tower"],
                                           params["query_tower"], store)

@@ -1,0 +1,122 @@
+"""`realm-jax search`: questions answered by retrieval from a workdir's newest valid index
+snapshot, with no reader: the corpus documents whose blocks score highest.
+
+    realm-jax search --workdir W [--top_k K] [--json] QUESTION...   (or one per line on stdin)
+
+The query tower is the one the snapshot was embedded for: the `query_tower` of the
+checkpoint the snapshot came from (REALM, ORQA), else the config's query-side HF folder
+(`model.query_tower_hf`, RAG's `model.question_encoder_hf`), else, for a snapshot of a HF
+document tower, that same folder (a symmetric retriever such as MiniLM). Blocks' texts are
+read from the store version the snapshot was built from (`Workdir.snapshot_store`), so a
+document removed before the snapshot was built is never shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from realm_jax.checkpoints import TrainCheckpoints
+from realm_jax.data.store import BlockStore
+from realm_jax.workdir import Workdir
+
+_log = logging.getLogger(__name__)
+QUERY_TOWER = "query_tower"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One retrieved block: its corpus document id, title, text, score and block id."""
+
+    id: str
+    title: str
+    text: str
+    score: float
+    block: int
+
+
+def _config_value(config, dotted: str) -> Any:
+    node = config
+    for name in dotted.split("."):
+        if node is None or not hasattr(node, "get"):
+            return None
+        node = node.get(name)
+    return node
+
+
+def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
+    """(EmbedderConfig, host params, tokenizer folder, what it is) of the query tower that
+    goes with `snapshot` (see the module docstring)."""
+    from realm_jax import hf
+
+    extra = snapshot.manifest.get("extra", {})
+    parts = layout.read_model() if layout.has_model() else {}
+    if extra.get("source") == "checkpoint" and QUERY_TOWER in parts:
+        tokenizer = _config_value(config, "data.tokenizer")
+        if not tokenizer:
+            raise ValueError(f"{layout.root}: config data.tokenizer is empty: the query "
+                             "tower's tokenizer folder is needed")
+        params = TrainCheckpoints(layout, independent=True).restore_part(snapshot.step,
+                                                                         QUERY_TOWER)
+        return parts[QUERY_TOWER], params, tokenizer, f"checkpoint step {snapshot.step}"
+    for field in ("model.query_tower_hf", "model.question_encoder_hf"):
+        folder = _config_value(config, field)
+        if folder:
+            config_, params = hf.load_embedder(folder)
+            return config_, params, folder, f"{folder} (config {field})"
+    if extra.get("source") == "hf" and extra.get("source_path"):
+        folder = extra["source_path"]
+        config_, params = hf.load_embedder(folder)
+        return config_, params, folder, f"{folder} (the snapshot's document tower)"
+    raise ValueError(f"{snapshot.path}: no query tower for this snapshot: its checkpoint has "
+                     "no query_tower and the config names no model.query_tower_hf")
+
+
+class Searcher:
+    """The newest valid snapshot of WORKDIR/index, its query tower and its store version."""
+
+    def __init__(self, workdir: str | os.PathLike, config=None, query_length: int | None = None):
+        from realm_jax import hf
+        from realm_jax.embedding import TextEmbedder
+
+        self.layout = Workdir(workdir)
+        config = config if config is not None else self.layout.read_config()
+        corpus = (_config_value(config, "data.corpus")
+                  or _config_value(config, "refresh.corpus"))
+        if not corpus:
+            raise ValueError(f"{self.layout.root}: the config names no corpus (data.corpus)")
+        store = BlockStore.open(corpus)
+        self.snapshot = self.layout.wait_for_snapshot(self.layout.index_watcher(store), 0)
+        self.store = self.layout.snapshot_store(self.snapshot, store)
+        tower, params, tokenizer, what = query_tower(self.layout, config, self.snapshot)
+        if tower.output_dim != self.snapshot.dim:
+            raise ValueError(f"the query tower {what} makes {tower.output_dim}-d embeddings, "
+                             f"snapshot {self.snapshot.path} holds {self.snapshot.dim}-d ones")
+        length = (query_length or _config_value(config, "search.query_length")
+                  or _config_value(config, "retrieval.query_length") or 64)
+        self.embedder = TextEmbedder(tower, params, hf.load_tokenizer(tokenizer),
+                                     max_length=int(length))
+        self.searcher = (self.snapshot.scann_searcher() if self.snapshot.scann_settings
+                         else self.snapshot.numpy_searcher())
+        _log.info("searching snapshot %s (store version %d) with the query tower of %s",
+                  self.snapshot.path, self.store.version, what)
+
+    def search(self, questions: Sequence[str], top_k: int = 5) -> list[list[Hit]]:
+        """The `top_k` best blocks of each question."""
+        queries = self.embedder.embed(list(questions))
+        scores, ids = self.searcher.search(queries, min(int(top_k), self.snapshot.count))
+        out = []
+        for row_scores, row_ids in zip(np.asarray(scores), np.asarray(ids)):
+            hits = []
+            for score, block in zip(row_scores.tolist(), row_ids.tolist()):
+                if block < 0:
+                    continue
+                record = self.store.record(block)
+                hits.append(Hit(record.doc_id, record.title, record.text, float(score),
+                                int(block)))
+            out.append(hits)
+        return out
