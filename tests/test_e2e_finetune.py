@@ -10,7 +10,6 @@ import shutil
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec

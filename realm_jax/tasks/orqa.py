@@ -151,7 +151,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         reader = cfg, params
     configs = {"query_tower": query[0], "reader": reader[0]}
     params = {"query_tower": query[1], "reader": reader[1]}
-    if m.train_doc_tower:
+    if m.get("train_doc_tower", False):
         configs[DOC_TOWER], params[DOC_TOWER] = _doc_tower(config, knobs)
     return configs, params
 
@@ -413,24 +413,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= rc.num_read <= rc.beam_size:
         raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
                          f"retrieval.beam_size ({rc.beam_size})")
-    if rc.strategy not in STRATEGIES:
-        raise ValueError(f"retrieval.strategy={rc.strategy!r}: expected one of "
+    strategy, trains = _strategy(config), config.model.get("train_doc_tower", False)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"retrieval.strategy={strategy!r}: expected one of "
                          f"{', '.join(STRATEGIES)}")
-    if config.model.train_doc_tower != (rc.strategy != "query_side"):
-        raise ValueError(f"retrieval.strategy={rc.strategy!r} with model.train_doc_tower="
-                         f"{config.model.train_doc_tower}: 'refresh' and 'rerank' train the "
-                         "document tower (set model.train_doc_tower=True), 'query_side' "
-                         "keeps it frozen")
-    if rc.strategy == "rerank" and rc.over_retrieve < rc.beam_size:
+    if trains != (strategy != "query_side"):
+        raise ValueError(f"retrieval.strategy={strategy!r} with model.train_doc_tower="
+                         f"{trains}: 'refresh' and 'rerank' train the document tower (set "
+                         "model.train_doc_tower=True), 'query_side' keeps it frozen")
+    if strategy == "rerank" and rc.over_retrieve < rc.beam_size:
         raise ValueError(f"retrieval.strategy='rerank': retrieval.over_retrieve "
                          f"({rc.over_retrieve}) must be >= retrieval.beam_size ({rc.beam_size})")
-    if rc.strategy == "refresh" and rc.index:
+    if strategy == "refresh" and rc.index:
         raise ValueError(f"retrieval.strategy='refresh' serves WORKDIR/index, where the "
                          f"refresher publishes; retrieval.index={rc.index!r} must be ''")
-    if rc.retriever_loss != "marginal":
+    if rc.get("retriever_loss", "marginal") != "marginal":
         raise ValueError(f"retrieval.retriever_loss={rc.retriever_loss!r}: ORQA's retrieval "
                          "term is the marginal over the beam's correct blocks ('marginal'); "
                          "the distillation losses are RAG's")
+
+
+def _strategy(config: ml_collections.ConfigDict) -> str:
+    """retrieval.strategy ("query_side" in the config.json of runs made before it existed)."""
+    return config.retrieval.get("strategy", "query_side")
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,14 +466,15 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        wait = config.train.index_wait_seconds if rc.strategy == "refresh" else 0.0
+        strategy = _strategy(config)
+        wait = config.train.index_wait_seconds if strategy == "refresh" else 0.0
         watcher, snapshot = frozen_index(config, workdir, store, wait)
         with sharding.activate(mesh, rules):
             corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
                                          rc.search_block_size)
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, corpus.num_valid, corpus.block_size,
-                          rc.reader_length or None, rc.strategy, rc.over_retrieve)
+                          rc.reader_length or None, strategy, rc.get("over_retrieve", 0))
         return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
@@ -602,7 +608,7 @@ class OrqaTask(Task):
                                    tc.index_wait_seconds)
 
     def before_step(self, step: int, run) -> None:
-        if self.config.retrieval.strategy == "refresh":
+        if _strategy(self.config) == "refresh":
             new = self.index.due(step, run.saved_step)
             if new is not None:
                 self.setup.use(new)
@@ -634,7 +640,7 @@ class OrqaTask(Task):
     def hooks(self, run) -> list[Hook]:
         tc, rc = self.config.train, self.config.retrieval
         hooks = []
-        if rc.drift_every > 0:
+        if rc.get("drift_every", 0) > 0:
             if not self.setup.model.live_docs:
                 raise ValueError("retrieval.drift_every: drift is measured against the live "
                                  "document tower (retrieval.strategy 'refresh' or 'rerank')")
