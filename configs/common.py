@@ -232,6 +232,26 @@ def scann_threads(threads: int) -> dict:
     return dict(scann_threads=threads)
 
 
+def end_to_end(**changes) -> dict:
+    """For `retrieval` of the fine-tuning tasks (ORQA, RAG): how the retriever is trained
+    (realm_jax/tasks/orqa.py and rag.py; docs/experiments.md)."""
+    return dict(dict(
+        # "query_side": the document tower frozen (the papers'); "refresh": trainable
+        # (model.train_doc_tower), the corpus re-embedded by the refresher from the run's
+        # checkpoints, newer snapshots swapped in at step boundaries; "rerank": trainable,
+        # over_retrieve candidates from the stale index re-embedded in the step, the best
+        # kept by live score.
+        strategy="query_side", over_retrieve=0,
+        # The retriever's loss: "marginal" (the task's own), "emdr2", "pdist", "loop"
+        # (objectives/distill.py); the target's temperature for pdist and loop.
+        retriever_loss="marginal", distill_temperature=1.0,
+        # Drift: every drift_every steps (0: never) overlap@k of the served index's top k
+        # with an exact search over freshly embedded candidates, on drift_probes training
+        # questions; written to WORKDIR/drift.json for `refresh.min_overlap`.
+        drift_every=0, drift_probes=8,
+    ), **changes)
+
+
 def qa_eval(**changes) -> ConfigDict:
     """`eval` of the QA tasks (ORQA, RAG): `realm-jax eval` and evaluation while training."""
     return _section(dict(
@@ -262,4 +282,7 @@ def refresh(tiny: bool = False, **changes) -> ConfigDict:
         # The HF folder of the document tower that embeds the corpus while the run's
         # checkpoints hold none (the default of `--from_hf`; RAG's frozen context encoder).
         doc_tower_hf="",
+        # Publish a run's newer checkpoint only when the trainer's measured drift overlap
+        # (WORKDIR/drift.json, retrieval.drift_every) is under this (0: always publish).
+        min_overlap=0.0,
     ), changes)

@@ -37,13 +37,18 @@ def get_config(arg=None):
         # fields replace its parts.
         init_from_realm="", realm_step=-1,
         # The span reader's head: hidden width; spans of at most max_span_width wordpieces.
-        span_hidden_size=256, max_span_width=10)
+        span_hidden_size=256, max_span_width=10,
+        # Train the document tower too (retrieval.strategy "refresh" or "rerank"): a
+        # doc_tower part, from init_from_realm's doc_tower, else refresh.doc_tower_hf, else
+        # init_from_hf (the tower that built the index).
+        train_doc_tower=False)
     c.retrieval = common.retrieval(
         query_length=64,
         # The frozen IndexStore root ("": WORKDIR/index); beam_size: retriever beam for the
         # retrieval loss; num_read: top blocks read by the span reader; reader_length: of
         # `[CLS] question [SEP] block [SEP]`, the block cut to fit (0: query + block length).
-        index="", beam_size=5000, num_read=5, reader_length=288 + 32)
+        index="", beam_size=5000, num_read=5, reader_length=288 + 32,
+        **common.end_to_end())
     steps = 40_000
     c.train = common.train(
         batch_size=8, steps=steps, learning_rate=1e-5,
@@ -51,7 +56,10 @@ def get_config(arg=None):
         **common.lr_multipliers(query_tower=1.0, reader=1.0),
         # Evaluation while training: the first eval_questions of data.eval (0: none), at the
         # start, every eval_every steps (0: never) and at the end.
-        eval_questions=1000, eval_every=1000)
+        eval_questions=1000, eval_every=1000,
+        # retrieval.strategy="refresh": the wait for an index snapshot, and the bounded
+        # staleness (0: none) as in REALM pre-training (configs/realm.py).
+        **common.index_wait(0), max_index_staleness=0)
     # ORQA's evaluation: exact match of the best span of the top num_read blocks.
     c.eval = common.qa_eval()
     # `realm-jax refresh --once --from_hf`: the frozen index (no ScaNN: ORQA searches the

@@ -41,7 +41,11 @@ def get_config(arg=None):
         generator=common.bart_large()))
     c.retrieval = common.ConfigDict(dict(
         # Search of the snapshot on the host: "scann" (its ScaNN index) or "exact" (numpy).
-        backend="scann", **common.scann_threads(0)))
+        backend="scann", **common.scann_threads(0),
+        # The question encoder's loss: "marginal" (the RAG loss's own gradient), "emdr2",
+        # "pdist", "loop" (objectives/distill.py over the RAG-Sequence per-document
+        # log-likelihoods, reader side stop-gradient); pdist / loop target temperature.
+        retriever_loss="marginal", distill_temperature=1.0))
     c.train = common.train(
         batch_size=128, steps=20_000, learning_rate=3e-5, warmup_steps=500,
         checkpoint_every=1000, log_every=50, weight_decay=0.001, clip_norm=0.1,

@@ -54,6 +54,7 @@ import numpy as np
 from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.data.store import BlockStore, prune_versions, store_versions
 from realm_jax.durable import ProcessLock
+from realm_jax.index.drift import refresh_due
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
 from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
 from realm_jax.workdir import REFRESH_LOG, Workdir, corpus_check
@@ -78,7 +79,9 @@ class RefreshSettings:
     shard_size: blocks per embedding shard (0: one per worker slice); doc_tower_hf: the HF
     folder of the document tower that embeds the corpus while the run's checkpoints hold
     none (default of --from_hf; RAG's context encoder); scann: ScannSettings fields, or None
-    for no ScaNN index."""
+    for no ScaNN index; min_overlap: publish a newer checkpoint only when the trainer's
+    drift measurement of the served index (WORKDIR/drift.json) has its overlap@k under this
+    (0: always; the last checkpoint of a finished run is always published)."""
 
     corpus: str
     tokenizer: str = ""
@@ -90,6 +93,7 @@ class RefreshSettings:
     poll_seconds: float = 30.0
     keep_snapshots: int = 3
     doc_tower_hf: str = ""
+    min_overlap: float = 0.0
     scann: ScannSettings | None = dataclasses.field(default_factory=ScannSettings)
 
     @classmethod
@@ -199,6 +203,8 @@ class Refresher:
         self._rows: dict[int, Any] = {}
         self._waiting_logged = False
         self._unreadable: set[int] = set()  # checkpoint steps whose document tower won't restore
+        self._held: set[int] = set()  # checkpoint steps not embedded (refresh.min_overlap)
+        self.blocks_saved = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -472,14 +478,8 @@ class Refresher:
             self.sleep(min(self.settings.poll_seconds, 1.0))
 
     def _log_result(self, result: RefreshResult) -> None:
-        line = dict(dataclasses.asdict(result),
-                    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        data = (json.dumps(line, sort_keys=True) + "\n").encode()
-        fd = os.open(self.workdir / REFRESH_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, data)  # one write: lines never interleave
-        finally:
-            os.close(fd)
+        self._append_log(dict(dataclasses.asdict(result),
+                              time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         skipped = f"; skipped steps {result.skipped_steps}" if result.skipped_steps else ""
         _log.info("published %s (step %d, %d blocks) in %.1fs: restore %.1fs, embed %.1fs "
                   "(%.1f docs/s, %d reused), build %.1fs, publish %.1fs%s", result.version,
@@ -496,6 +496,8 @@ class Refresher:
         previous = self.published()
         if self._is_current(source, previous):
             self._cleanup_scratch()  # shards of a run killed after publishing
+            return None
+        if self._drift_holds(source, previous):
             return None
         try:
             return self.refresh(source, previous)
@@ -517,6 +519,44 @@ class Refresher:
                              source.step, e)
                 return None
             raise
+
+    def _drift_holds(self, source: Source, previous: Snapshot | None) -> bool:
+        """refresh.min_overlap: whether to leave `previous` served although `source` is
+        newer, because the trainer's newest drift measurement of it (drift.json) has an
+        overlap@k of at least min_overlap (or it has not measured `previous` yet). No drift
+        file (the trainer does not measure), no index yet, or a finished run: publish. Each
+        checkpoint held is logged once to refresh_log.jsonl with the blocks it saved."""
+        if (not self.settings.min_overlap or previous is None or source.kind != "checkpoint"
+                or self.checkpoints.is_finished()):
+            return False
+        drift = self.layout.read_drift()
+        if drift is None:
+            return False
+        if drift["index"] == previous.version and refresh_due(drift["overlap"],
+                                                              self.settings.min_overlap):
+            return False
+        if source.step not in self._held:
+            self._held.add(source.step)
+            self.blocks_saved += len(self.store)
+            line = {"held_step": source.step, "index": previous.version,
+                    "measured_index": drift["index"], "overlap": drift["overlap"],
+                    "min_overlap": self.settings.min_overlap, "blocks_saved": len(self.store),
+                    "blocks_saved_total": self.blocks_saved,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self._append_log(line)
+            _log.info("checkpoint %d not embedded: overlap %.3f of index %s >= "
+                      "refresh.min_overlap %.3f (%d blocks saved so far)", source.step,
+                      drift["overlap"], drift["index"], self.settings.min_overlap,
+                      self.blocks_saved)
+        return True
+
+    def _append_log(self, line: dict) -> None:
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        fd = os.open(self.workdir / REFRESH_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)  # one write: lines never interleave
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ loops
 

@@ -11,6 +11,8 @@
       metrics/             metrics.jsonl and TensorBoard events (the trainer)
       eval/                predictions and metrics of `realm-jax eval`
       heldout_baseline.json   REALM's first held-out evaluation, per query
+      drift.json           the fine-tuning trainer's newest drift measurement of the served
+                           index (retrieval.drift_every); read by `refresh.min_overlap`
 
 The trainer, the refresher and the eval / answer commands share nothing but this folder
 (a local path or a bucket path). Each file is written whole (a crash leaves the old or the
@@ -44,6 +46,7 @@ REFRESH_LOG = "refresh_log.jsonl"
 METRICS_DIR = "metrics"
 EVAL_DIR = "eval"
 HELDOUT_BASELINE = "heldout_baseline.json"
+DRIFT_JSON = "drift.json"
 
 _log = logging.getLogger(__name__)
 
@@ -155,6 +158,26 @@ class Workdir:
                 f"{'; '.join(refused)}; resume with the recorded settings or use a new workdir")
         if diffs:
             _log.warning("resuming %s with changed %s (allowed)", self.root, "; ".join(diffs))
+
+    # ---- drift.json: the newest drift measurement of the served index
+
+    def write_drift(self, *, step: int, index: str, index_step: int, overlap: float) -> None:
+        """Record that at training step `step` the served snapshot `index` (of checkpoint
+        `index_step`) gave the probes a mean overlap@k of `overlap` with the live towers."""
+        atomic_write_text(self.root / DRIFT_JSON, json.dumps(
+            {"step": int(step), "index": index, "index_step": int(index_step),
+             "overlap": float(overlap)}, sort_keys=True) + "\n")
+
+    def read_drift(self) -> dict | None:
+        """The newest drift measurement (write_drift's fields), or None when there is none."""
+        path = self.root / DRIFT_JSON
+        if not path.exists():
+            return None
+        drift = _read_json(path)
+        missing = {"step", "index", "index_step", "overlap"} - set(drift)
+        if missing:
+            raise ValueError(f"{path}: missing {sorted(missing)}")
+        return drift
 
     # ---- the index
 

@@ -40,7 +40,7 @@ Array = jax.Array
 
 __all__ = [
     "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
-    "shift_targets", "split_docs",
+    "sequence_log_likelihoods", "shift_targets", "split_docs",
 ]
 
 
@@ -146,7 +146,7 @@ def rag_sequence_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id
     tok, lse = _token_log_probs(logits, targets)                            # [B, K, T]
     nll_mask, smooth_mask = _nll_mask(targets, pad_id, exclude_bos_score, bos_id)
 
-    seq_ll = jnp.sum(jnp.where(nll_mask[:, None, :], tok, 0.0), axis=-1) + lp_z
+    seq_ll = _sequence_ll(tok, nll_mask) + lp_z
     nll = -jax.nn.logsumexp(seq_ll, axis=1)
     smooth = None
     if not _is_zero(epsilon):
@@ -154,6 +154,24 @@ def rag_sequence_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id
         seq_smooth = jnp.sum(jnp.where(smooth_mask[:, None, :], vocab_sum, 0.0), axis=-1)
         smooth = -jax.nn.logsumexp(seq_smooth + vocab * lp_z, axis=1)
     return _finish(nll, smooth, epsilon, vocab, reduce)
+
+
+def _sequence_ll(tok: Array, nll_mask: Array) -> Array:
+    """[B, K] the target's log-likelihood under each document: token log-probs [B, K, T]
+    summed over the scored positions [B, T]."""
+    return jnp.sum(jnp.where(nll_mask[:, None, :], tok, 0.0), axis=-1)
+
+
+def sequence_log_likelihoods(logits: Array, targets: Array, *, pad_id: int,
+                             exclude_bos_score: bool = False, bos_id: int | None = None
+                             ) -> Array:
+    """[B, K] log p(y|x, z_k): the generator's log-likelihood of the target under each
+    document alone, the per-document term of the RAG-Sequence loss (the same positions
+    scored); what the distillation retriever losses (objectives/distill.py) pull towards."""
+    _check(logits, targets, jnp.zeros(logits.shape[:2]))
+    tok, _ = _token_log_probs(logits.astype(jnp.float32), targets)
+    nll_mask, _ = _nll_mask(targets, pad_id, exclude_bos_score, bos_id)
+    return _sequence_ll(tok, nll_mask)
 
 
 def rag_token_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id: int,

@@ -1,8 +1,13 @@
-"""Host-side pieces the question-answering tasks share: batches of question indices,
-answering in fixed-size padded batches, and evaluation of answers against the references."""
+"""Host-side pieces the tasks share: batches of question indices, answering in fixed-size
+padded batches, evaluation of answers against the references, and swapping in the newest
+index snapshot at step boundaries (REALM pre-training, fine-tuning with a trainable
+document tower)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -10,9 +15,11 @@ import grain
 import jax
 import numpy as np
 
-from realm_jax import evaluate
+from realm_jax import distributed, evaluate
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.tasks.base import Answer
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,3 +61,53 @@ def evaluate_answers(examples: Sequence, answers: Sequence[Answer], recall_at: S
     if out is not None and jax.process_index() == 0:
         evaluate.write_predictions(out, predictions)
     return evaluate.summarize(predictions, recall_at), None if out is None else str(out)
+
+
+@dataclasses.dataclass
+class SnapshotSwaps:
+    """Which index snapshot a run serves, and when a newer one comes in: `due(step,
+    saved_step)` at each step boundary returns the newer snapshot the refresher published
+    (or None). With `max_staleness` (opt-in bounded staleness) the trainer waits, up to
+    `wait_seconds`, for an index of a newer checkpoint once the served one is that many
+    steps behind and a newer checkpoint exists. Every swap is recorded in `swaps`."""
+
+    watcher: object          # index.store.SnapshotWatcher
+    snapshot: object         # the served index.store.Snapshot
+    max_staleness: int = 0
+    wait_seconds: float = 0.0
+    swaps: list = dataclasses.field(default_factory=list)
+
+    def due(self, step: int, saved_step: int):
+        new = self.watcher.poll()
+        limit = self.max_staleness
+        if (new is None and limit and self.snapshot.staleness(step) >= limit
+                and saved_step > self.snapshot.step):
+            _log.info("index %s is %d steps stale (train.max_index_staleness=%d): waiting "
+                      "for a newer one", self.snapshot.version, self.snapshot.staleness(step),
+                      limit)
+            new = wait_for_newer_snapshot(self.watcher, self.snapshot, self.wait_seconds)
+        if new is not None:
+            self.snapshot = new
+            self.swaps.append({"step": step, "index": new.version, "checkpoint_step": new.step})
+            _log.info("swapped in index %s (checkpoint step %d) at step %d", new.version,
+                      new.step, step)
+        return new
+
+    def step_metrics(self, step: int) -> dict:
+        return {"staleness": float(self.snapshot.staleness(step)),
+                "index_step": float(self.snapshot.step)}
+
+
+def wait_for_newer_snapshot(watcher, current, timeout: float):
+    """A snapshot newer than `current`, or None after `timeout` seconds (training goes on
+    with the one it has: the refresher may be dead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = watcher.poll()
+        if snapshot is not None:
+            return snapshot
+        if distributed.agree(time.monotonic() > deadline):
+            _log.warning("no index newer than %s (checkpoint step %d) after %.0fs: training "
+                         "on with it", current.version, current.step, timeout)
+            return None
+        time.sleep(0.2)

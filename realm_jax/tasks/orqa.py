@@ -6,6 +6,18 @@ embeddings of an IndexStore snapshot (from REALM pre-training, or built from pre
 weights with `realm-jax refresh --once --from_hf`), sharded along the corpus axis on the
 devices with the blocks' tokens.
 
+End to end (`model.train_doc_tower`, `retrieval.strategy`): a third part, `doc_tower`,
+initialised from the tower that built the index, is trained too. The beam's blocks are
+re-embedded by the live document tower inside the step (as REALM's candidates are), so the
+retrieval loss reaches both towers; the stale index only proposes the beam. "refresh": the
+refresher re-embeds the corpus from the run's checkpoints (model.json names the doc_tower)
+and newer snapshots are swapped in at step boundaries, as in REALM pre-training; "rerank":
+`retrieval.over_retrieve` blocks are proposed by the stale index, re-embedded live, and the
+best `beam_size` by live score form the beam (Atlas). Drift (`retrieval.drift_every`): the
+overlap@k of the served index's top k with the live towers' exact top k over the
+over-retrieved pool of probe questions, logged beside staleness and written to
+WORKDIR/drift.json, where `refresh.min_overlap` reads it.
+
 One training step:
 
 1. host: a batch of questions (a seeded, checkpointed pipeline over the QA examples),
@@ -46,6 +58,8 @@ from realm_jax.data.qa import QAExample, load_qa, questions_from_store
 from realm_jax.data.realm_examples import SpecialIds, special_ids
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
+from realm_jax.index.drift import measure_drift
+from realm_jax.index.rerank import rerank
 from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig, random_params
 from realm_jax.objectives.orqa import (best_span, evidence_mask, joint_span_logits, orqa_loss,
                                        span_labels, span_valid_mask)
@@ -53,12 +67,15 @@ from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import evaluate_answers, in_padded_batches, question_batches
+from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
+                                    question_batches)
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
 
 PARTS = ("query_tower", "reader")
+DOC_TOWER = "doc_tower"    # the trainable document tower's part (model.train_doc_tower)
+STRATEGIES = ("query_side", "refresh", "rerank")
 STEP_FIELDS = ("input_ids", "attention_mask", "beam_ids", "retrieval_correct", "span_correct")
 EVAL_PREFIX = "eval_"
 
@@ -91,7 +108,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     - otherwise random weights of the sizes in `model.encoder`;
     - `query_tower_hf`: a retriever tower folder (REALM embedder, DPR question encoder, BERT);
     - `reader_hf`: a REALM reader folder (span head included) or any folder with a BERT
-      encoder (span head new).
+      encoder (span head new);
+    - with `train_doc_tower`, a `doc_tower` part: the REALM workdir's doc_tower, else
+      `refresh.doc_tower_hf`, else `init_from_hf` (the tower the index was built with).
     The span head's sizes: `model.span_hidden_size`, `model.max_span_width`."""
     m = config.model
     knobs = config_lib.model_knobs(m.encoder)
@@ -130,8 +149,30 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         if encoder[1] is not None:
             params["encoder"] = {k: v for k, v in encoder[1].items() if k != "pooler"}
         reader = cfg, params
-    return ({"query_tower": query[0], "reader": reader[0]},
-            {"query_tower": query[1], "reader": reader[1]})
+    configs = {"query_tower": query[0], "reader": reader[0]}
+    params = {"query_tower": query[1], "reader": reader[1]}
+    if m.get("train_doc_tower", False):
+        configs[DOC_TOWER], params[DOC_TOWER] = _doc_tower(config, knobs)
+    return configs, params
+
+
+def _doc_tower(config: ml_collections.ConfigDict, knobs: dict) -> tuple:
+    """(EmbedderConfig, host params) of the document tower that built the index."""
+    m = config.model
+    if m.init_from_realm:
+        ckpts = TrainCheckpoints(m.init_from_realm)
+        saved = ckpts.model_configs()
+        if DOC_TOWER not in saved:
+            raise ValueError(f"model.init_from_realm={m.init_from_realm}: its model.json has "
+                             f"no {DOC_TOWER} (parts {sorted(saved)})")
+        step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
+        return saved[DOC_TOWER], ckpts.restore_part(step, DOC_TOWER)
+    folder = config.refresh.doc_tower_hf or m.init_from_hf
+    if not folder:
+        raise ValueError("model.train_doc_tower: no document tower to start from: set "
+                         "model.init_from_realm, refresh.doc_tower_hf or model.init_from_hf "
+                         "(the tower the index was built with)")
+    return hf.load_embedder(folder, **knobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +191,13 @@ class OrqaModel:
     num_valid: int
     block_size: int = 4096
     reader_length: int | None = None   # T of `[CLS] question [SEP] block [SEP]` (None: Q + C)
+    strategy: str = "query_side"       # retrieval.strategy (STRATEGIES)
+    over_retrieve: int = 0             # rerank: blocks proposed by the stale index
+
+    @property
+    def live_docs(self) -> bool:
+        """Whether the beam is scored with the live document tower (else the index's)."""
+        return self.strategy != "query_side"
 
     def _apply(self, part: str, params, *args, rng=None):
         kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
@@ -168,13 +216,51 @@ class OrqaModel:
                               num_valid=self.num_valid)
         return rows
 
+    def embed_rows(self, params, corpus: dict, rows: jax.Array, rng=None) -> jax.Array:
+        """[B, R, P] the blocks `rows` [B, R] embedded by the live document tower (empty
+        slots embed an empty block)."""
+        safe = jnp.maximum(rows, 0)
+        tokens = jnp.take(corpus["tokens"], safe, axis=0)
+        lengths = jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
+        b, r, c = tokens.shape
+        ids, mask = realm.doc_tower_inputs(tokens.reshape(b * r, c), lengths.reshape(b * r),
+                                     self.special)
+        return self._apply(DOC_TOWER, params, ids, mask, rng=rng).reshape(b, r, -1)
+
+    def retrieve(self, params, questions: jax.Array, corpus: dict, depth: int) -> jax.Array:
+        """Rows [B, depth] of the blocks retrieved for question embeddings: the index's best
+        ("query_side", "refresh"), or ("rerank") the best by live score of the index's
+        `over_retrieve` (no gradient)."""
+        if self.strategy != "rerank":
+            return self.top_rows(questions, corpus, depth)
+        questions = jax.lax.stop_gradient(questions)
+        pool = self.top_rows(questions, corpus, max(self.over_retrieve, depth))
+        docs = jax.lax.stop_gradient(self.embed_rows(params, corpus, pool))
+        return rerank(pool, docs, questions, min(depth, pool.shape[1])).ids
+
     def search(self, params, batch: dict, corpus: dict) -> jax.Array:
         """The retriever beam: rows [B, beam_size]."""
-        return self.top_rows(self.embed(params, batch), corpus, self.beam_size)
+        return self.retrieve(params, self.embed(params, batch), corpus, self.beam_size)
 
-    def retrieval_logits(self, questions: jax.Array, corpus: dict, rows: jax.Array) -> jax.Array:
-        """[B, R] question embeddings . the frozen embeddings of `rows` (scaled)."""
-        docs = jnp.take(corpus["embeddings"], jnp.maximum(rows, 0), axis=0).astype(jnp.float32)
+    def drift_rows(self, params, batch: dict, corpus: dict) -> tuple[jax.Array, jax.Array]:
+        """(the served index's top `num_read` rows, the live towers' exact top `num_read`
+        over the index's best max(over_retrieve, beam_size) blocks, freshly embedded)."""
+        questions = self.embed(params, batch)
+        served = self.top_rows(questions, corpus, self.num_read)
+        pool = self.top_rows(questions, corpus, max(self.over_retrieve, self.beam_size))
+        exact = rerank(pool, self.embed_rows(params, corpus, pool), questions,
+                       min(self.num_read, pool.shape[1])).ids
+        return served, exact
+
+    def retrieval_logits(self, params, questions: jax.Array, corpus: dict, rows: jax.Array,
+                         rng=None) -> jax.Array:
+        """[B, R] question embeddings . the embeddings of `rows` (scaled): the live
+        document tower's (`live_docs`), else the index's."""
+        if self.live_docs:
+            docs = self.embed_rows(params, corpus, rows, rng).astype(jnp.float32)
+        else:
+            docs = jnp.take(corpus["embeddings"], jnp.maximum(rows, 0),
+                            axis=0).astype(jnp.float32)
         return jnp.einsum("bp,brp->br", questions, docs) * self.score_scale
 
     def read(self, params, batch: dict, corpus: dict, rows: jax.Array, rng=None):
@@ -196,9 +282,14 @@ class OrqaModel:
 
     def loss(self, params, batch: dict, corpus: dict, rng: jax.Array | None):
         """(loss, metrics); dropout on when `rng` is given."""
-        rng_q, rng_r = jax.random.split(rng) if rng is not None else (None, None)
+        rng_q = rng_r = rng_d = None
+        if rng is not None and self.live_docs:
+            rng_q, rng_r, rng_d = jax.random.split(rng, 3)
+        elif rng is not None:
+            rng_q, rng_r = jax.random.split(rng)
         rows = batch["beam_ids"]
-        logits = self.retrieval_logits(self.embed(params, batch, rng_q), corpus, rows)
+        logits = self.retrieval_logits(params, self.embed(params, batch, rng_q), corpus, rows,
+                                       rng_d)
         span_logits, _, _, span_valid = self.read(params, batch, corpus,
                                                   rows[:, :self.num_read], rng_r)
         out = orqa_loss(logits, batch["retrieval_correct"], span_logits, batch["span_correct"],
@@ -214,8 +305,8 @@ class OrqaModel:
         all of them by the joint logits (`candidate`, reader positions `start`, `end`,
         `score`, each [B])."""
         questions = self.embed(params, batch)
-        rows = self.top_rows(questions, corpus, self.num_read)
-        scores = self.retrieval_logits(questions, corpus, rows)
+        rows = self.retrieve(params, questions, corpus, self.num_read)
+        scores = self.retrieval_logits(params, questions, corpus, rows)
         span_logits, starts, ends, valid = self.read(params, batch, corpus, rows)
         best = best_span(joint_span_logits(span_logits, scores), starts, ends,
                          valid & (rows >= 0)[..., None])
@@ -295,13 +386,14 @@ def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str
     return examples
 
 
-def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore):
-    """The newest valid snapshot under `retrieval.index` (default WORKDIR/index) of the
-    corpus `data.corpus`."""
+def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore,
+                 timeout: float = 0.0):
+    """(the watcher, the newest valid snapshot) under `retrieval.index` (default
+    WORKDIR/index) of the corpus `data.corpus`, waiting up to `timeout` seconds."""
     run = Workdir(workdir)
     watcher = run.index_watcher(store, config.retrieval.index or None)
     try:
-        return run.wait_for_snapshot(watcher, 0)
+        return watcher, run.wait_for_snapshot(watcher, timeout)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"retrieval.index: no index snapshot of corpus {store.path} in "
@@ -321,6 +413,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= rc.num_read <= rc.beam_size:
         raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
                          f"retrieval.beam_size ({rc.beam_size})")
+    strategy, trains = _strategy(config), config.model.get("train_doc_tower", False)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"retrieval.strategy={strategy!r}: expected one of "
+                         f"{', '.join(STRATEGIES)}")
+    if trains != (strategy != "query_side"):
+        raise ValueError(f"retrieval.strategy={strategy!r} with model.train_doc_tower="
+                         f"{trains}: 'refresh' and 'rerank' train the document tower (set "
+                         "model.train_doc_tower=True), 'query_side' keeps it frozen")
+    if strategy == "rerank" and rc.over_retrieve < rc.beam_size:
+        raise ValueError(f"retrieval.strategy='rerank': retrieval.over_retrieve "
+                         f"({rc.over_retrieve}) must be >= retrieval.beam_size ({rc.beam_size})")
+    if strategy == "refresh" and rc.index:
+        raise ValueError(f"retrieval.strategy='refresh' serves WORKDIR/index, where the "
+                         f"refresher publishes; retrieval.index={rc.index!r} must be ''")
+    if rc.get("retriever_loss", "marginal") != "marginal":
+        raise ValueError(f"retrieval.retriever_loss={rc.retriever_loss!r}: ORQA's retrieval "
+                         "term is the marginal over the beam's correct blocks ('marginal'); "
+                         "the distillation losses are RAG's")
+
+
+def _strategy(config: ml_collections.ConfigDict) -> str:
+    """retrieval.strategy ("query_side" in the config.json of runs made before it existed)."""
+    return config.retrieval.get("strategy", "query_side")
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,6 +451,7 @@ class Setup:
     rules: Any
     store: BlockStore
     tokenizer: Any
+    watcher: Any
     snapshot: Any
     corpus: realm.DeviceCorpus
     model: OrqaModel
@@ -350,16 +466,27 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        snapshot = frozen_index(config, workdir, store)
+        strategy = _strategy(config)
+        wait = config.train.index_wait_seconds if strategy == "refresh" else 0.0
+        watcher, snapshot = frozen_index(config, workdir, store, wait)
         store = Workdir.snapshot_store(snapshot, store)
         with sharding.activate(mesh, rules):
             corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
                                          rc.search_block_size)
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, corpus.num_valid, corpus.block_size,
-                          rc.reader_length or None)
-        return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, snapshot, corpus,
-                   model, AnswerMatcher(store, tokenizer))
+                          rc.reader_length or None, strategy, rc.get("over_retrieve", 0))
+        return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
+                   corpus, model, AnswerMatcher(store, tokenizer))
+
+    def use(self, snapshot) -> None:
+        """Serve `snapshot` (a newer index of the same corpus): its embeddings on the
+        devices, sharded as before."""
+        rc = self.config.retrieval
+        with sharding.activate(self.mesh, self.rules):
+            self.corpus = realm.device_corpus(snapshot, self.store, rc.block_length, self.mesh,
+                                              rc.search_block_size)
+        self.snapshot = snapshot
 
 
 class Predictor:
@@ -430,12 +557,12 @@ def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
         raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
                                 "(realm-jax train --config ... --workdir ...)")
     configs = ckpts.model_configs()
-    if set(configs) != set(PARTS):
+    if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
         raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
-                         f"({', '.join(PARTS)})")
+                         f"({', '.join(PARTS)}, optionally {DOC_TOWER})")
     setup = Setup.create(config, workdir, configs)
     shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
-    params = {part: ckpts.restore_part(step, part, shardings[part]) for part in PARTS}
+    params = {part: ckpts.restore_part(step, part, shardings[part]) for part in configs}
     return Predictor(setup, shardings, params), step
 
 
@@ -477,7 +604,18 @@ class OrqaTask(Task):
             out_shardings=sharding.replicated(run.mesh),
             compiler_options=config_lib.compiler_options(self.config))
         self.targets = Targets(setup.matcher, setup.model, rc.block_length)
+        tc = self.config.train
+        self.index = SnapshotSwaps(setup.watcher, setup.snapshot, tc.max_index_staleness,
+                                   tc.index_wait_seconds)
 
+    def before_step(self, step: int, run) -> None:
+        if _strategy(self.config) == "refresh":
+            new = self.index.due(step, run.saved_step)
+            if new is not None:
+                self.setup.use(new)
+
+    def step_metrics(self, step: int) -> dict:
+        return self.index.step_metrics(step)
     def load(self, indices):
         chosen = [self.examples[int(i)] for i in indices]
         ids, mask = encode_questions(self.setup.tokenizer, self.setup.model.special,
@@ -501,9 +639,16 @@ class OrqaTask(Task):
         return self.setup.corpus.arrays()
 
     def hooks(self, run) -> list[Hook]:
-        tc = self.config.train
+        tc, rc = self.config.train, self.config.retrieval
+        hooks = []
+        if rc.get("drift_every", 0) > 0:
+            if not self.setup.model.live_docs:
+                raise ValueError("retrieval.drift_every: drift is measured against the live "
+                                 "document tower (retrieval.strategy 'refresh' or 'rerank')")
+            hooks.append(Hook("drift", DriftProbe(self, run), every=rc.drift_every,
+                              shown=("drift/overlap", "staleness")))
         if tc.eval_questions <= 0:
-            return []
+            return hooks
         examples = qa_examples(self.config, self.setup.store, "eval",
                                self.setup.tokenizer)[:tc.eval_questions]
         predictor = Predictor(self.setup, run.param_shardings)
@@ -512,13 +657,13 @@ class OrqaTask(Task):
             summary, _ = predictor.evaluate(examples, params, self.config.eval.recall_at)
             return {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
 
-        return [Hook("eval", evaluate, every=tc.eval_every)]
+        return hooks + [Hook("eval", evaluate, every=tc.eval_every)]
 
     def checkpoint_meta(self) -> dict:
         return {"index": self.setup.snapshot.version}
 
     def result(self) -> dict:
-        return {"snapshot": self.setup.snapshot}
+        return {"snapshot": self.setup.snapshot, "swaps": self.index.swaps}
 
     @staticmethod
     def summary(result: dict) -> str | None:
@@ -532,6 +677,52 @@ class OrqaTask(Task):
     @classmethod
     def answerer(cls, config, workdir, step=None) -> "OrqaAnswerer":
         return OrqaAnswerer(config, workdir, step)
+
+
+class DriftProbe:
+    """The drift hook: the first `retrieval.drift_probes` training questions, their top
+    `num_read` from the served index against the live towers' exact top `num_read` over
+    the index's best max(over_retrieve, beam_size) blocks freshly embedded (`OrqaModel.
+    drift_rows`); logs `drift/overlap`, `drift/rank_correlation` and the staleness, and
+    writes them to WORKDIR/drift.json (Workdir.write_drift) for `refresh.min_overlap`."""
+
+    def __init__(self, task: OrqaTask, run):
+        setup, rc = task.setup, task.config.retrieval
+        self.task, self.run = task, run
+        chosen = task.examples[:rc.drift_probes]
+        self.questions = [ex.question for ex in chosen]
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        self.batch_size = -(-len(self.questions) // shards) * shards
+        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
+        self._rows = jax.jit(setup.model.drift_rows, in_shardings=(
+            run.param_shardings, run.batch_sharding, corpus_shardings),
+            out_shardings=sharding.replicated(run.mesh),
+            compiler_options=config_lib.compiler_options(task.config))
+
+    def _ids(self, questions: list[str], params) -> list:
+        setup = self.task.setup
+        ids, mask = encode_questions(setup.tokenizer, setup.model.special, questions,
+                                     self.task.config.retrieval.query_length)
+        put = lambda x: jax.make_array_from_callback(  # noqa: E731 (every process: all)
+            x.shape, self.run.batch_sharding, lambda index: x[index])
+        batch = {"input_ids": put(ids), "attention_mask": put(mask)}
+        with sharding.activate(self.run.mesh, self.run.rules):
+            served, exact = self._rows(params, batch, setup.corpus.arrays())
+        served, exact = (np.asarray(x.addressable_data(0)) for x in (served, exact))
+        return list(zip(served, exact))
+
+    def __call__(self, step: int, params) -> dict:
+        pairs = in_padded_batches(self.questions, self.batch_size,
+                                  lambda batch: self._ids(batch, params))
+        served, exact = (np.stack(x) for x in zip(*pairs))
+        values = dict(measure_drift(served, exact).metrics(),
+                      **self.task.index.step_metrics(step))
+        snapshot = self.task.setup.snapshot
+        if jax.process_index() == 0:
+            self.run.workdir.write_drift(step=step, index=snapshot.version,
+                                         index_step=snapshot.step,
+                                         overlap=values["drift/overlap"])
+        return values
 
 
 class OrqaAnswerer:

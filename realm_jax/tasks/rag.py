@@ -39,7 +39,10 @@ from realm_jax.data.store import BlockStore
 from realm_jax.index.store import SnapshotError
 from realm_jax.models import BartConfig, EmbedderConfig, EncoderConfig, RagConfig, random_params
 from realm_jax.models.rag import Retrieved, build_contexts, retrieve
-from realm_jax.objectives.rag import doc_log_probs, rag_sequence_nll, rag_token_nll
+from realm_jax.objectives.distill import (emdr2_loss, leave_one_out_marginals, loop_loss,
+                                          pdist_loss)
+from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token_nll,
+                                      sequence_log_likelihoods)
 from realm_jax.tasks.base import Answer, Passage, Task, register
 from realm_jax.tasks.common import evaluate_answers, in_padded_batches, question_batches
 from realm_jax.workdir import Workdir
@@ -48,6 +51,7 @@ _log = logging.getLogger(__name__)
 
 MODEL_KEY = "rag"          # the RagConfig's name in WORKDIR/model.json
 LOSSES = {"token": rag_token_nll, "sequence": rag_sequence_nll}
+RETRIEVER_LOSSES = ("marginal", "emdr2", "pdist", "loop")
 BACKENDS = ("scann", "exact")
 DECODINGS = ("thorough", "fast")
 BATCH_FIELDS = ("question_ids", "question_mask", "doc_embeddings", "context_ids",
@@ -61,7 +65,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """The choices of a RAG config, each error naming its field."""
     for field, value, allowed in (("rag.loss", config.rag.loss, tuple(LOSSES)),
                                   ("retrieval.backend", config.retrieval.backend, BACKENDS),
-                                  ("eval.decoding", config.eval.decoding, DECODINGS)):
+                                  ("eval.decoding", config.eval.decoding, DECODINGS),
+                                  ("retrieval.retriever_loss",
+                                   config.retrieval.get("retriever_loss", "marginal"),
+                                   RETRIEVER_LOSSES)):
         if value not in allowed:
             raise ValueError(f"--config.{field}={value!r}: expected one of {', '.join(allowed)}")
 
@@ -250,11 +257,20 @@ def _embed_questions(cfg: EmbedderConfig, params, ids, mask):
 class RagLossFn:
     """Mean RAG-Token / RAG-Sequence loss per question of a batch (BATCH_FIELDS), with
     dropout when given an rng; metrics: loss, nll (without label smoothing), top_doc_prob
-    (the mean largest p(z|x))."""
+    (the mean largest p(z|x)).
+
+    `retriever_loss` other than "marginal": the generator's loss is taken with the document
+    scores under stop_gradient, and the question encoder is trained by EMDR², perplexity
+    distillation or LOOP (objectives/distill.py, `distill_temperature`) towards the
+    generator's per-document log-likelihoods of the target (the RAG-Sequence loss's own
+    per-document term, `sequence_log_likelihoods`, stop-gradient); the loss is their sum,
+    `retriever_loss` and `generator_loss` logged apart."""
     config: RagConfig
     loss: str = "token"
     label_smoothing: float = 0.0
     exclude_bos_score: bool = False
+    retriever_loss: str = "marginal"
+    distill_temperature: float = 1.0
 
     def __call__(self, params, batch: dict, rng: jax.Array | None):
         out = self.config.module().apply(
@@ -262,14 +278,38 @@ class RagLossFn:
             batch["doc_embeddings"], batch["context_ids"], batch["context_mask"],
             batch["decoder_input_ids"], deterministic=rng is None,
             rngs=None if rng is None else {"dropout": rng})
-        nll = functools.partial(LOSSES[self.loss], out.logits, batch["labels"], out.doc_scores,
-                                pad_id=self.config.generator.pad_token_id,
-                                exclude_bos_score=self.exclude_bos_score, reduce=False)
+        pad = self.config.generator.pad_token_id
+        distill = self.retriever_loss != "marginal"
+        scores = jax.lax.stop_gradient(out.doc_scores) if distill else out.doc_scores
+        nll = functools.partial(LOSSES[self.loss], out.logits, batch["labels"], scores,
+                                pad_id=pad, exclude_bos_score=self.exclude_bos_score,
+                                reduce=False)
         loss = jnp.mean(nll(epsilon=self.label_smoothing))
-        metrics = {"loss": loss,
-                   "nll": jnp.mean(nll()) if self.label_smoothing else loss,
+        metrics = {"nll": jnp.mean(nll()) if self.label_smoothing else loss,
                    "top_doc_prob": jnp.exp(doc_log_probs(out.doc_scores).max(-1)).mean()}
+        if distill:
+            ll = sequence_log_likelihoods(out.logits, batch["labels"], pad_id=pad,
+                                          exclude_bos_score=self.exclude_bos_score)
+            retriever = self.retriever_term(out.doc_scores, ll)
+            metrics.update(generator_loss=loss, retriever_loss=retriever.loss,
+                           retriever_top1_agreement=retriever.metrics["top1_agreement"])
+            loss = loss + retriever.loss
+        metrics["loss"] = loss
         return loss, metrics
+
+    def retriever_term(self, doc_scores: jax.Array, log_likelihoods: jax.Array):
+        """The `retriever_loss` over the document scores [B, K] and the generator's
+        per-document log-likelihoods [B, K] (a distill.RetrieverLoss)."""
+        t = self.distill_temperature
+        if self.retriever_loss == "emdr2":
+            return emdr2_loss(doc_scores, log_likelihoods)
+        if self.retriever_loss == "pdist":
+            return pdist_loss(doc_scores, log_likelihoods, temperature=t)
+        if self.retriever_loss == "loop":
+            loo = leave_one_out_marginals(doc_scores, jax.lax.stop_gradient(log_likelihoods))
+            return loop_loss(doc_scores, loo, temperature=t)
+        raise ValueError(f"retrieval.retriever_loss={self.retriever_loss!r}: expected one of "
+                         f"{', '.join(RETRIEVER_LOSSES)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,8 +350,10 @@ class RagTask(Task):
     def build(self) -> tuple[dict, dict]:
         self.tokenizers = load_tokenizers(self.config)
         cfg, params = build_model(self.config, self.tokenizers)
-        rc = self.config.rag
-        self.loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score)
+        rc, rt = self.config.rag, self.config.retrieval
+        self.loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score,
+                                 rt.get("retriever_loss", "marginal"),
+                                 rt.get("distill_temperature", 1.0))
         return {MODEL_KEY: cfg}, params
 
     def param_shardings(self, configs: dict, mesh, rules) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import grain
 import jax
@@ -24,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from realm_jax import config as config_lib
-from realm_jax import distributed, hf, sharding
+from realm_jax import hf, sharding
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, MaskedQuery,
                                           QueryMaker, SpecialIds, candidate_tokens,
@@ -36,6 +35,7 @@ from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs
                                         realm_loss_from_logits)
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Hook, Task, register
+from realm_jax.tasks.common import SnapshotSwaps
 from realm_jax.workdir import HELDOUT_BASELINE, Workdir
 
 _log = logging.getLogger(__name__)
@@ -478,7 +478,6 @@ class RealmTask(Task):
         if config.retrieval.mode not in ("device", "scann"):
             raise ValueError(f"--config.retrieval.mode={config.retrieval.mode!r}: expected "
                              "'device' or 'scann'")
-        self.swaps: list[dict] = []
         self.snapshot = None
 
     def build(self) -> tuple[dict, dict]:
@@ -517,9 +516,11 @@ class RealmTask(Task):
     def start(self, run) -> None:
         self.run = run
         self.loss_ = self.loss_fn(run.configs, self.maker.special, num_valid=len(self.store))
-        self.watcher = run.workdir.index_watcher(self.store)
-        self._use(run.workdir.wait_for_snapshot(self.watcher,
-                                                self.config.train.index_wait_seconds))
+        watcher = run.workdir.index_watcher(self.store)
+        tc = self.config.train
+        self.index = SnapshotSwaps(watcher, run.workdir.wait_for_snapshot(
+            watcher, tc.index_wait_seconds), tc.max_index_staleness, tc.index_wait_seconds)
+        self._use(self.index.snapshot)
         _log.info("using index %s (checkpoint step %d)", self.snapshot.version,
                   self.snapshot.step)
 
@@ -546,22 +547,9 @@ class RealmTask(Task):
                                                    query_params, self.store)
 
     def before_step(self, step: int, run) -> None:
-        new = self.watcher.poll()
-        limit = self.config.train.max_index_staleness
-        if (new is None and limit and self.snapshot.staleness(step) >= limit
-                and run.saved_step > self.snapshot.step):
-            # Bounded staleness (opt-in): wait for the refresher to index a newer
-            # checkpoint; after index_wait_seconds, go on with the stale index.
-            _log.info("index %s is %d steps stale (train.max_index_staleness=%d): waiting "
-                      "for a newer one", self.snapshot.version, self.snapshot.staleness(step),
-                      limit)
-            new = wait_for_newer_snapshot(self.watcher, self.snapshot,
-                                          self.config.train.index_wait_seconds)
+        new = self.index.due(step, run.saved_step)
         if new is not None:
             self._use(new)
-            self.swaps.append({"step": step, "index": new.version, "checkpoint_step": new.step})
-            _log.info("swapped in index %s (checkpoint step %d) at step %d", new.version,
-                      new.step, step)
 
     def make_batch(self, item, params):
         if self.retriever is not None:
@@ -576,8 +564,7 @@ class RealmTask(Task):
         return None if self.corpus is None else self.corpus.arrays()
 
     def step_metrics(self, step: int) -> dict:
-        return {"staleness": float(self.snapshot.staleness(step)),
-                "index_step": float(self.snapshot.step)}
+        return self.index.step_metrics(step)
 
     def tokens_per_step(self) -> int:
         rc = self.config.retrieval
@@ -619,7 +606,7 @@ class RealmTask(Task):
         return {} if self.snapshot is None else {"index": self.snapshot.version}
 
     def result(self) -> dict:
-        return {"snapshot": self.snapshot, "swaps": self.swaps}
+        return {"snapshot": self.snapshot, "swaps": self.index.swaps}
 
     @staticmethod
     def summary(result: dict) -> str | None:
@@ -629,21 +616,6 @@ class RealmTask(Task):
                     f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
                     f"(steps {first['step']} -> {last['step']})")
         return None
-
-
-def wait_for_newer_snapshot(watcher, current, timeout: float):
-    """A snapshot newer than `current`, or None after `timeout` seconds (training goes on
-    with the one it has: the refresher may be dead)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        snapshot = watcher.poll()
-        if snapshot is not None:
-            return snapshot
-        if distributed.agree(time.monotonic() > deadline):
-            _log.warning("no index newer than %s (checkpoint step %d) after %.0fs: training "
-                         "on with it", current.version, current.step, timeout)
-            return None
-        time.sleep(0.2)
 
 
 def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: int = 4,
