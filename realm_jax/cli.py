@@ -151,10 +151,23 @@ def _answerer(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """Any task's answerer: the summary table, WORKDIR/eval/metrics.json (all its figures,
+    the task's metrics included) and the predictions file."""
+    import json
+
+    import jax
+
     from realm_jax import evaluate
+    from realm_jax.durable import atomic_write_text
+    from realm_jax.workdir import Workdir
 
     summary, path = _answerer(args).evaluate(out=args.out)
+    metrics = Workdir(args.workdir).eval_dir / "metrics.json"
+    if jax.process_index() == 0:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(evaluate.format_summary(summary))
+    print(f"metrics: {metrics}")
     print(f"predictions: {path}")
 
 
