@@ -356,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "WORKDIR/config.json); override fields with --config.FIELD=VALUE")
         p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
 
-    p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA, RAG): "
-                       "exact match and recall@k on data.eval; predictions as JSONL")
+    p = sub.add_parser("eval", help="evaluation of a fine-tuning run (ORQA, RAG): exact "
+                       "match, recall@k and the task's eval.metrics on data.eval in "
+                       "WORKDIR/eval/metrics.json; predictions as JSONL")
     run_flags(p)
     p.add_argument("--out", default=None,
                    help="predictions file (default WORKDIR/eval/predictions.jsonl)")

@@ -59,7 +59,8 @@ def setup(tmp_path_factory, minilm_path, wiki_sample_path):
         "model.generator.encoder_ffn_dim=64", "model.generator.decoder_ffn_dim=64",
         "model.generator.max_position_embeddings=64", "retrieval.backend=exact",
         f"train.steps={STEPS}", f"train.checkpoint_every={STOP}", "train.log_every=1",
-        "eval.batch_size=8", "eval.recall_at=(1,2)")]
+        "eval.batch_size=8", "eval.recall_at=(1,2)",
+        "train.fast_compile=True")]
     index_home = root / "index_home"
     assert cli.main(["refresh", "--config", "configs/rag.py:tiny", "--workdir", str(index_home),
                      "--once", "--no_progress", *common_overrides]) == 0
