@@ -106,6 +106,14 @@ def test_generation_tasks_train_resume_and_write_their_metrics(setup, task, caps
     assert {k: metrics[k] for k in scored} == scored and metrics["step"] == STEPS
     assert metrics["count"] == len(read_task(setup["files"][task], task)) == 8
     assert "rprec" not in metrics   # no provenance in these files
+    if task == "jeopardy":   # RAG-Token sampling (eval.do_sample): seeded, so repeatable
+        def sample(seed, name):
+            assert cli.main(["eval", "--workdir", str(workdir), "--config.eval.do_sample=True",
+                             "--config.eval.top_k=5", f"--config.eval.seed={seed}",
+                             "--out", str(workdir / name)]) == 0
+            return [p.answer for p in evaluate.read_predictions(workdir / name)]
+
+        assert sample(1, "a.jsonl") == sample(1, "b.jsonl")
 
 
 def test_fever_is_scored_as_classification_with_provenance(setup, capsys):
