@@ -2,15 +2,16 @@
 sentence generation, MS-MARCO-shaped question -> sentence answers, and FEVER-shaped claims
 (supported: a passage's first sentence; refuted: the same sentence with its entity swapped
 for another article's title). Each task's config (configs/rag_jeopardy.py, rag_msmarco.py,
-rag_fever.py, `:tiny` with a wider BART and all-MiniLM-L6-v2 encoders) is trained by the real trainer over the
-frozen index of the passages, and `realm-jax eval` scores step 0 and the last step.
+rag_fever.py; `:tiny` with a wider BART and all-MiniLM-L6-v2 encoders) is trained by the
+real trainer over the frozen index of the passages, and `realm-jax eval` scores step 0 and
+the last step on the training rows and on held-out ones.
 
     python benchmarks/rag_tasks.py --out /tmp/rag_tasks [--steps 100] [--articles 40]
 
 (figures and what they mean in docs/experiments.md).
 
 Synthetic data from the sample, not the papers' datasets: the figures show that each task's
-path learns and is scored, not how RAG does on Jeopardy, MS MARCO or FEVER.
+path trains and is scored, not how RAG does on Jeopardy, MS MARCO or FEVER.
 """
 
 from __future__ import annotations
