@@ -22,7 +22,9 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, tiny=False, sequence=False)
     c = common.experiment("rag")
     # question_tokenizer / generator_tokenizer: HF folders ("": the model folders' own).
-    c.data = common.qa_data(question_tokenizer="", generator_tokenizer="")
+    # format: "qa" (realm_jax.data.qa.load_qa, data.*_split apply) or a task file read by
+    # realm_jax.data.tasks.read_task: "kilt", "msmarco", "jeopardy", "fever", "fever2".
+    c.data = common.qa_data(question_tokenizer="", generator_tokenizer="", format="qa")
     c.rag = common.ConfigDict(dict(
         # "token": RAG-Token (marginal over documents at every target token); "sequence":
         # RAG-Sequence (over documents of the whole target's likelihood).
@@ -59,7 +61,14 @@ def get_config(arg=None):
         n_docs=50 if arg.sequence else 15, recall_at=(1, 5, 20), batch_size=32,
         # Greedy (num_beams 1) or beam search; at most max_length tokens with the start
         # token (0: rag.max_target_length + 1); RAG-Sequence decoding "thorough" or "fast".
-        num_beams=1, max_length=0, min_length=1, length_penalty=1.0, decoding="thorough")
+        num_beams=1, max_length=0, min_length=1, length_penalty=1.0, decoding="thorough",
+        # RAG-Token sampling instead of search (num_beams 1): temperature, top_k (0: off),
+        # top_p (1: off), the key's seed.
+        do_sample=False, temperature=1.0, top_k=50, top_p=1.0, seed=0,
+        # What `realm-jax eval` scores (names of realm_jax.evaluate.score, as `realm-jax
+        # score --metrics`); rprec and recall@K only count when the examples have provenance.
+        # FEVER's generations are mapped to their labels first.
+        metrics=("em", "f1"))
     # The refresher (`realm-jax refresh --once`): the corpus embedded once by
     # model.context_encoder_hf (the document side of RAG is frozen).
     c.refresh = common.refresh(

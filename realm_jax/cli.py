@@ -164,10 +164,23 @@ def _answerer(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """Any task's answerer: the summary table, WORKDIR/eval/metrics.json (all its figures,
+    the task's metrics included) and the predictions file."""
+    import json
+
+    import jax
+
     from realm_jax import evaluate
+    from realm_jax.durable import atomic_write_text
+    from realm_jax.workdir import Workdir
 
     summary, path = _answerer(args).evaluate(out=args.out)
+    metrics = Workdir(args.workdir).eval_dir / "metrics.json"
+    if jax.process_index() == 0:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(evaluate.format_summary(summary))
+    print(f"metrics: {metrics}")
     print(f"predictions: {path}")
 
 
@@ -390,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "WORKDIR/config.json); override fields with --config.FIELD=VALUE")
         p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
 
-    p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA, RAG): "
-                       "exact match and recall@k on data.eval; predictions as JSONL")
+    p = sub.add_parser("eval", help="evaluation of a fine-tuning run (ORQA, RAG): exact "
+                       "match, recall@k and the task's eval.metrics on data.eval in "
+                       "WORKDIR/eval/metrics.json; predictions as JSONL")
     run_flags(p)
     p.add_argument("--out", default=None,
                    help="predictions file (default WORKDIR/eval/predictions.jsonl)")

@@ -1,7 +1,8 @@
 """Host-side pieces the tasks share: batches of question indices, answering in fixed-size
-padded batches, evaluation of answers against the references, and swapping in the newest
-index snapshot at step boundaries (REALM pre-training, fine-tuning with a trainable
-document tower)."""
+padded batches, evaluation of answers against the references (the figures of `realm-jax
+eval`, with the metrics `realm-jax score` computes), and swapping in the newest index
+snapshot at step boundaries (REALM pre-training, fine-tuning with a trainable document
+tower)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import grain
 import jax
@@ -49,18 +50,52 @@ def in_padded_batches(items: Sequence[T], batch_size: int,
     return out
 
 
+DEFAULT_METRICS = evaluate.DEFAULT_SCORE_METRICS
+PROVENANCE_METRICS = ("rprec", "recall@")
+
+
+def scored_examples(examples: Sequence, answers: Sequence[Answer], labels=None
+                    ) -> list[evaluate.ScoredExample]:
+    """The answers as `evaluate.score` inputs: the generation against the references, the
+    retrieved pages' titles against the gold evidence sets (an example's `provenance`, else
+    each gold passage alone). With `labels` (a `data.tasks.LabelSet`: FEVER) a generation
+    is mapped to the class it names ("" for none) and compared with the example's label."""
+    out = []
+    for ex, a in zip(examples, answers):
+        prediction, references = a.answer or "", tuple(ex.answers)
+        if labels is not None:
+            prediction, references = labels.label_of(prediction) or "", (ex.label,)
+        evidence = tuple(getattr(ex, "provenance", ())) or tuple((g,) for g in ex.gold_passages)
+        out.append(evaluate.ScoredExample(ex.question, prediction, references, ex.is_regex,
+                                          tuple(p.title for p in a.passages), evidence))
+    return out
+
+
+def task_metrics(examples: Sequence[evaluate.ScoredExample], metrics: Iterable[str]) -> dict:
+    """`evaluate.score` of `metrics`, the provenance ones (rprec, recall@K) left out when no
+    example has gold evidence."""
+    names = evaluate.parse_metrics(metrics)
+    if not any(e.evidence for e in examples):
+        names = [m for m in names if not m.startswith(PROVENANCE_METRICS)]
+    return evaluate.score(examples, names) if names else {}
+
+
 def evaluate_answers(examples: Sequence, answers: Sequence[Answer], recall_at: Sequence[int],
-                     out: str | Path | None = None) -> tuple[dict, str | None]:
-    """Exact match of `answers` against the examples' references and recall@k of the
-    passages read; the predictions written as JSONL to `out` when given (process 0).
-    Returns (evaluate.summarize's figures, the path)."""
+                     out: str | Path | None = None, metrics: Iterable[str] = DEFAULT_METRICS,
+                     labels=None) -> tuple[dict, str | None]:
+    """Exact match of `answers` against the examples' references, recall@k of the passages
+    read and the task's `metrics` (`task_metrics` of `scored_examples`, `labels` mapping
+    generations to classes); the predictions written as JSONL to `out` when given (process
+    0). Returns (evaluate.summarize's figures with the metrics, the path)."""
     predictions = [evaluate.Prediction.from_retrieval(
         ex, a.answer, ids=[p.id for p in a.passages], titles=[p.title for p in a.passages],
         texts=[p.text for p in a.passages], scores=[p.score for p in a.passages])
         for ex, a in zip(examples, answers)]
     if out is not None and jax.process_index() == 0:
         evaluate.write_predictions(out, predictions)
-    return evaluate.summarize(predictions, recall_at), None if out is None else str(out)
+    summary = evaluate.summarize(predictions, recall_at)
+    summary.update(task_metrics(scored_examples(examples, answers, labels), metrics))
+    return summary, None if out is None else str(out)
 
 
 @dataclasses.dataclass

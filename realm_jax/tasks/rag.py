@@ -44,7 +44,8 @@ from realm_jax.objectives.distill import (emdr2_loss, leave_one_out_marginals, l
 from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token_nll,
                                       sequence_log_likelihoods)
 from realm_jax.tasks.base import Answer, Passage, Task, register
-from realm_jax.tasks.common import evaluate_answers, in_padded_batches, question_batches
+from realm_jax.tasks.common import (DEFAULT_METRICS, evaluate_answers, in_padded_batches,
+                                    question_batches)
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -63,14 +64,44 @@ _TOKENIZER_SUBFOLDERS = {"question": "question_encoder_tokenizer",
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The choices of a RAG config, each error naming its field."""
+    from realm_jax.data.tasks import TASK_FORMATS
+    from realm_jax.evaluate import parse_metrics
+
     for field, value, allowed in (("rag.loss", config.rag.loss, tuple(LOSSES)),
                                   ("retrieval.backend", config.retrieval.backend, BACKENDS),
                                   ("eval.decoding", config.eval.decoding, DECODINGS),
                                   ("retrieval.retriever_loss",
                                    config.retrieval.get("retriever_loss", "marginal"),
-                                   RETRIEVER_LOSSES)):
+                                   RETRIEVER_LOSSES),
+                                  ("data.format", data_format(config), ("qa", *TASK_FORMATS))):
         if value not in allowed:
             raise ValueError(f"--config.{field}={value!r}: expected one of {', '.join(allowed)}")
+    try:
+        parse_metrics(eval_metrics(config))
+    except ValueError as e:
+        raise ValueError(f"--config.eval.metrics: {e}") from None
+    if config.eval.get("do_sample") and config.rag.loss == "sequence":
+        raise ValueError("--config.eval.do_sample: sampling is RAG-Token decoding's; RAG-Sequence "
+                         "decodes by beam search (eval.decoding thorough or fast)")
+
+
+def data_format(config: ml_collections.ConfigDict) -> str:
+    """config.data.format ("qa" for configs written before it existed)."""
+    return config.data.get("format", "qa")
+
+
+def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.eval.metrics (exact match and F1 for configs written before it existed)."""
+    return tuple(config.eval.get("metrics", DEFAULT_METRICS))
+
+
+def label_set(config: ml_collections.ConfigDict):
+    """The FEVER classes of data.format fever / fever2 (their generations are mapped back to
+    labels before scoring), else None."""
+    from realm_jax.data.tasks import fever_labels
+
+    fmt = data_format(config)
+    return fever_labels(3 if fmt == "fever" else 2) if fmt in ("fever", "fever2") else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,14 +208,20 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
 # Data
 
 def load_examples(config: ml_collections.ConfigDict, which: str) -> list:
-    """The QA examples of config.data.<which> ("train" or "eval") and its split."""
+    """The examples of config.data.<which> ("train" or "eval"): QA (data.format "qa", with
+    its split) or a task's file (`data.tasks.read_task` of data.format: KILT, MS MARCO,
+    Jeopardy, FEVER). Each example's input is `question`, its target `answers[0]`."""
     from realm_jax.data.qa import load_qa
+    from realm_jax.data.tasks import read_task
 
-    d = config.data
+    d, fmt = config.data, data_format(config)
     if not d[which]:
-        raise ValueError(f"set --config.data.{which} (a QA file: .jsonl, .json, .tsv; or "
-                         "tfds:NAME)")
-    return load_qa(d[which], split=d[f"{which}_split"], data_dir=d.data_dir or None)
+        raise ValueError(f"set --config.data.{which} (" + (
+            "a QA file: .jsonl, .json, .tsv; or tfds:NAME)" if fmt == "qa"
+            else f"a {fmt} file, data.format={fmt!r})"))
+    if fmt == "qa":
+        return load_qa(d[which], split=d[f"{which}_split"], data_dir=d.data_dir or None)
+    return read_task(d[which], fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,7 +490,9 @@ class RagAnswerer:
         ec, rc = config.eval, config.rag
         self.cfg = configs[MODEL_KEY]
         self.n_docs = ec.n_docs or self.cfg.n_docs
-        self.depth = max([self.n_docs, *ec.recall_at])
+        # Retrieved: the documents read, and enough for recall@k and the metrics' recall@K.
+        self.depth = max([self.n_docs, *ec.recall_at, *(
+            int(m.partition("@")[2]) for m in eval_metrics(config) if m.startswith("recall@"))])
         self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         p_shardings = sharding.part_shardings(configs, self.mesh, self.rules)[MODEL_KEY]
@@ -468,8 +507,10 @@ class RagAnswerer:
         gen = decode.GenerationConfig.from_rag(
             self.cfg, num_beams=ec.num_beams, min_length=ec.min_length,
             max_length=ec.max_length or rc.max_target_length + 1,
-            length_penalty=ec.length_penalty)
+            length_penalty=ec.length_penalty, **{
+                k: ec[k] for k in ("do_sample", "temperature", "top_k", "top_p") if k in ec})
         reader_cfg = self.cfg.replace(n_docs=self.n_docs)
+        self._rng = jax.random.key(ec.get("seed", 0)) if gen.do_sample else None
         if rc.loss == "sequence":
             self._decode = functools.partial(decode.rag_sequence_generate, config=reader_cfg,
                                              gen=gen, fast=ec.decoding == "fast")
@@ -490,8 +531,11 @@ class RagAnswerer:
             found = self.retriever.search(q, self.depth)
             scores = np.einsum("bp,bkp->bk", q, found.doc_embeddings)
             ctx, ctx_mask = self.retriever.contexts(found.doc_ids[:, :self.n_docs], questions)
+            sampling = {}
+            if self._rng is not None:   # a new key for every batch, from eval.seed
+                self._rng, sampling["rng"] = jax.random.split(self._rng)
             out = self._decode(self.params, put(ctx), put(ctx_mask),
-                               put(scores[:, :self.n_docs].astype(np.float32)))
+                               put(scores[:, :self.n_docs].astype(np.float32)), **sampling)
             sequences, answer_scores = (np.asarray(x) for x in multihost_utils.process_allgather(
                 (out.sequences[:, 0], out.scores[:, 0]), tiled=True))
         texts = self.tokenizers.generator.batch_decode(sequences, skip_special_tokens=True)
@@ -502,15 +546,17 @@ class RagAnswerer:
             for i, (question, text) in enumerate(zip(questions, texts))]
 
     def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
-        """Exact match of the generated answers (normalized) and recall@k (`eval.recall_at`)
-        of the retrieved passages on `examples` (default: data.eval, its first
-        eval.num_questions); the predictions as JSONL (default
-        WORKDIR/eval/predictions.jsonl). The figures include the checkpoint "step"."""
+        """Exact match of the generated answers (normalized), recall@k (`eval.recall_at`)
+        of the retrieved passages and the task's `eval.metrics` (FEVER's generations mapped to
+        labels) on `examples` (default: data.eval, its first eval.num_questions); the
+        predictions as JSONL (default WORKDIR/eval/predictions.jsonl). The figures include
+        the checkpoint "step"."""
         if examples is None:
             examples = load_examples(self.config, "eval")
             if self.config.eval.num_questions:
                 examples = examples[:self.config.eval.num_questions]
         answers = self.answer([ex.question for ex in examples])
         summary, path = evaluate_answers(examples, answers, self.config.eval.recall_at,
-                                         out or self.workdir.eval_dir / "predictions.jsonl")
+                                         out or self.workdir.eval_dir / "predictions.jsonl",
+                                         eval_metrics(self.config), label_set(self.config))
         return dict(summary, step=self.step), path
