@@ -30,21 +30,37 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def realm_store(tmp_path_factory, wiki_sample_path, minilm_path):
+def documents(tmp_path_factory, wiki_sample_path, minilm_path):
+    """Ten short documents of Wikipedia text (three blocks of the sample each), so that a
+    store of them has fewer than 100 blocks."""
+    root = tmp_path_factory.mktemp("wiki")
+    prepare_corpus(wiki_sample_path, root / "store", tokenizer=minilm_path, mode="realm",
+                   max_tokens=32, max_documents=3, progress=False)
+    store = BlockStore.open(root / "store")
+    with open(root / "docs.jsonl", "w") as f:
+        for d in range(10):
+            text = " ".join(store.text(i) for i in range(3 * d, 3 * d + 3))
+            f.write(json.dumps({"id": f"doc{d}", "title": f"{store.title(3 * d)} {d}",
+                                "text": text}) + "\n")
+    return str(root / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def realm_store(tmp_path_factory, documents, minilm_path):
     out = tmp_path_factory.mktemp("ict") / "store"
-    prepare_corpus(wiki_sample_path, out, tokenizer=minilm_path, mode="realm", max_tokens=32,
-                   max_documents=3, progress=False)
+    prepare_corpus(documents, out, tokenizer=minilm_path, mode="realm", max_tokens=32,
+                   progress=False)
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def dpr_data(tmp_path_factory, wiki_sample_path, minilm_path):
+def dpr_data(tmp_path_factory, documents, minilm_path):
     """A DPR passage store and questions made from it: a question is words 2-9 of a
     passage, its positive that passage (passage_id = its document id), its answer the
     passage's last word, its hard negative the next passage."""
     root = tmp_path_factory.mktemp("dpr")
-    prepare_corpus(wiki_sample_path, root / "store", tokenizer=minilm_path, mode="dpr",
-                   passage_words=30, max_documents=3, progress=False)
+    prepare_corpus(documents, root / "store", tokenizer=minilm_path, mode="dpr",
+                   passage_words=30, progress=False)
     store = BlockStore.open(root / "store")
 
     def ctx(i):
