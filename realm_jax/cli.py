@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_refresh, overrides=[])
 
     p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training, ORQA or "
-                       "RAG fine-tuning); index snapshots from WORKDIR/index")
+                       "RAG fine-tuning, ICT or DPR retriever training); index snapshots "
+                       "from WORKDIR/index")
     p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
                    "--config.FIELD=VALUE")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
 
     p = sub.add_parser("eval", help="open-QA evaluation of a fine-tuning run (ORQA, RAG): "
-                       "exact match and recall@k on data.eval; predictions as JSONL")
+                       "exact match and recall@k on data.eval; predictions as JSONL; "
+                       "recall@k of a retriever run (ICT, DPR) into W/eval/metrics.json")
     run_flags(p)
     p.add_argument("--out", default=None,
                    help="predictions file (default WORKDIR/eval/predictions.jsonl)")
