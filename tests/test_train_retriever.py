@@ -136,6 +136,7 @@ def test_eval_writes_recall(runs, dpr_data, realm_store):
             (root / "straight" / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["count"] > 0
     assert metrics["recall@1"] == pytest.approx(np.mean([r["hit_rank"] == 0 for r in rows]))
+    assert cli.main(["answer", "--workdir", str(root / "straight"), "Who was an anarchist?"]) == 0
     if task == "dpr":
         assert metrics["count"] == 12
     else:  # the held-out document's blocks, their own block the hit
@@ -272,3 +273,41 @@ def test_sharded_loss_equals_one_device(dpr_batch):
     nll = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1) \
         - logits[np.arange(len(q)), pos]
     np.testing.assert_allclose(float(single), nll.mean(), rtol=1e-5)
+
+
+def test_shared_towers_are_one_part(dpr_batch):
+    config, _, _, item = dpr_batch
+    config = config_lib.load_config(CONFIGS["dpr"], f"data.tokenizer={config.data.tokenizer}",
+                                    "model.shared_towers=true")
+    task = tasks.get("dpr")(config)
+    configs, params = task.build()
+    assert set(configs) == {"doc_tower"}
+    loss, _ = jax.jit(task.loss)(params, item, None, None)
+    embed = lambda ids, mask: np.asarray(  # noqa: E731
+        configs["doc_tower"].module().apply({"params": params["doc_tower"]}, ids, mask))
+    q, d = embed(item["query_ids"], item["query_mask"]), embed(item["doc_ids"], item["doc_mask"])
+    logits = np.where(item["doc_valid"][None], q @ d.T, -np.inf)
+    want = np.mean([np.logaddexp.reduce(row) - row[2 * i] for i, row in enumerate(logits)])
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_empty_negative_slots_keep_gradients_finite(dpr_batch):
+    """A question short of negatives has an empty, all-masked passage slot: left out of the
+    loss, and given one unmasked token so that a normalised tower's gradient stays finite."""
+    import dataclasses
+
+    from realm_jax.tasks.retriever import TowerLoss
+
+    _, task, params, item = dpr_batch
+    raw = {"question_input_ids": item["query_ids"], "question_attention_mask": item["query_mask"],
+           "passage_input_ids": item["doc_ids"].copy(),
+           "passage_attention_mask": item["doc_mask"].copy(),
+           "passage_valid": item["doc_valid"].copy()}
+    raw["passage_valid"][1] = False
+    raw["passage_input_ids"][1] = raw["passage_attention_mask"][1] = 0
+    cfg = dataclasses.replace(task.loss_fn.configs["query_tower"], pooling="mean", normalize=True)
+    loss_fn = TowerLoss({"query_tower": cfg, "doc_tower": cfg}, "dpr")
+    unfixed = dict(task.rows(raw), doc_mask=raw["passage_attention_mask"])
+    for rows, finite in ((unfixed, False), (task.rows(raw), True)):
+        grads = jax.grad(lambda p: loss_fn(p, rows, None, None)[0])(params)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) == finite

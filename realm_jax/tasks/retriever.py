@@ -153,8 +153,8 @@ class TowerLoss:
 
 class RetrieverTask(Task):
     """What ICT and DPR share: the towers, the loss (plain or gradient-cached), the step's
-    batch from the host items (`_rows(item)` -> BATCH_FIELDS on the host) and the
-    answerer. A subclass gives `dataset` and `_rows`."""
+    batch from the host items (`rows(item)` -> BATCH_FIELDS on the host) and the
+    answerer. A subclass gives `dataset` and `rows`."""
 
     kind: ClassVar[str]
     progress_keys = ("loss", "accuracy", "step_time")
@@ -169,7 +169,7 @@ class RetrieverTask(Task):
         return configs, params
 
     def load(self, item):
-        return self._rows(item)
+        return self.rows(item)
 
     def start(self, run) -> None:
         self.run = run
@@ -201,7 +201,7 @@ class IctTask(RetrieverTask):
                            block_ids=train, process_index=jax.process_index(),
                            process_count=jax.process_count())
 
-    def _rows(self, batch: dict) -> dict:
+    def rows(self, batch: dict) -> dict:
         return dict(query_ids=batch["query_input_ids"], query_mask=batch["query_attention_mask"],
                     doc_ids=batch["context_input_ids"], doc_mask=batch["context_attention_mask"],
                     doc_valid=np.ones(len(batch["context_input_ids"]), bool))
@@ -224,10 +224,14 @@ class DprTask(RetrieverTask):
                            self.config.seed, process_index=jax.process_index(),
                            process_count=jax.process_count())
 
-    def _rows(self, batch: dict) -> dict:
+    def rows(self, batch: dict) -> dict:
+        # An empty slot (no negative left) gets its first token unmasked: the loss leaves it
+        # out, but an all-masked row's gradient is NaN in normalised or mean-pooled towers.
+        mask = batch["passage_attention_mask"].copy()
+        mask[:, 0] |= ~batch["passage_valid"]
         return dict(query_ids=batch["question_input_ids"],
                     query_mask=batch["question_attention_mask"],
-                    doc_ids=batch["passage_input_ids"], doc_mask=batch["passage_attention_mask"],
+                    doc_ids=batch["passage_input_ids"], doc_mask=mask,
                     doc_valid=batch["passage_valid"])
 
 
@@ -247,13 +251,13 @@ def ict_maker(config: ml_collections.ConfigDict, store: BlockStore | None = None
                            remove_probability=ic.remove_probability)
 
 
-def dpr_maker(config: ml_collections.ConfigDict, *, shuffle: bool = True):
+def dpr_maker(config: ml_collections.ConfigDict):
     from realm_jax.data.dpr import DprExampleMaker
 
     dc = config.dpr
     return DprExampleMaker(tokenizer_folder(config), num_hard_negatives=dc.num_hard_negatives,
                            question_length=dc.question_length,
-                           passage_length=dc.passage_length, title=dc.title, shuffle=shuffle)
+                           passage_length=dc.passage_length, title=dc.title)
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +329,14 @@ class RetrieverAnswerer:
         return np.concatenate(out) if out else np.zeros((0, self.searcher.dim), np.float32)
 
     def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
-        rows = dpr_maker(self.config, shuffle=False).question_rows(list(questions))
+        """Query embeddings [n, P] of `[CLS] question [SEP]` rows (dpr.question_length or
+        ict.query_length wordpieces)."""
+        from realm_jax.data.dpr import DprExampleMaker
+
+        length = (self.config.ict.query_length if self.kind == "ict"
+                  else self.config.dpr.question_length)
+        maker = DprExampleMaker(tokenizer_folder(self.config), question_length=length)
+        rows = maker.question_rows(list(questions))
         return self.embed_rows(rows["input_ids"], rows["attention_mask"])
 
     def answer(self, questions: Sequence[str], k: int = 5) -> list[Answer]:
