@@ -355,7 +355,7 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
     """Write one part of a trainer checkpoint (`step`, default the newest) as a Hugging Face
     folder, e.g. a REALM run's reader for ORQA fine-tuning (`model.reader_hf`); returns
     (the folder, the step). A retriever tower's folder keeps its pooling and normalisation
-    (`hf.embedder_files`); `tokenizer`: a folder whose tokenizer files are copied in."""
+    (`hf.save_embedder`); `tokenizer`: a folder whose tokenizer files are copied in."""
     from realm_jax import hf
 
     with TrainCheckpoints(workdir) as checkpoints:
@@ -371,11 +371,9 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
             raise FileNotFoundError(f"--step {step}: no such checkpoint in "
                                     f"{checkpoints.directory} (it holds {steps})")
         params = checkpoints.restore_part(step, part)
-    extra = dict(hf.tokenizer_files(tokenizer)) if tokenizer else {}
-    if isinstance(configs[part], EmbedderConfig):
-        extra.update(hf.embedder_files(configs[part]))
-    return hf.save(out, configs[part], params, architecture=architecture,
-                   extra_files=extra), step
+    extra = hf.tokenizer_files(tokenizer) if tokenizer else {}
+    save = hf.save_embedder if isinstance(configs[part], EmbedderConfig) else hf.save
+    return save(out, configs[part], params, architecture=architecture, extra_files=extra), step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -792,6 +792,19 @@ def tokenizer_files(folder: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def save_embedder(folder: str | os.PathLike, cfg: EmbedderConfig, params: dict, *,
+                  architecture: str | None = None, extra_files: dict[str, str] | None = None
+                  ) -> Path:
+    """`save` for a retriever tower: a mean-pooled one as its BERT encoder with the
+    sentence-transformers files of `embedder_files` (what `load_embedder` reads back), the
+    others in their own layout (DPR for CLS pooling, REALM's embedder for the pooler)."""
+    extra = dict(extra_files or {}, **embedder_files(cfg))
+    if cfg.pooling == "mean":
+        return save(folder, cfg.encoder, params["encoder"], architecture=architecture,
+                    extra_files=extra)
+    return save(folder, cfg, params, architecture=architecture, extra_files=extra)
+
+
 def embedder_files(cfg: EmbedderConfig) -> dict[str, str]:
     """{name: text}: the sentence-transformers files (modules.json, pooling, normalize)
     that make `load_embedder` read a BertModel folder back with `cfg`'s mean pooling and
@@ -802,7 +815,8 @@ def embedder_files(cfg: EmbedderConfig) -> dict[str, str]:
         raise CheckpointError(f"a tower with pooling={cfg.pooling!r}, normalize={cfg.normalize}"
                               f", projection_dim={cfg.projection_dim} has no Hugging Face "
                               "layout that keeps all three")
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling",
                 "type": "sentence_transformers.models.Pooling"}]
     if cfg.normalize:

@@ -311,3 +311,23 @@ def test_empty_negative_slots_keep_gradients_finite(dpr_batch):
     for rows, finite in ((unfixed, False), (task.rows(raw), True)):
         grads = jax.grad(lambda p: loss_fn(p, rows, None, None)[0])(params)
         assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) == finite
+
+
+def test_mean_pooled_normalised_tower_keeps_its_pooling_in_hf(tmp_path, minilm_path):
+    """A tower started from all-MiniLM-L6-v2 (mean pooling, normalised) is written as a BERT
+    folder with sentence-transformers' pooling files, and reads back the same."""
+    from realm_jax import hf
+    from realm_jax.models import EmbedderConfig, EncoderConfig, random_params
+
+    enc = EncoderConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, add_pooler=False)
+    cfg = EmbedderConfig(enc, pooling="mean", normalize=True)
+    params = random_params(cfg, 0)
+    hf.save_embedder(tmp_path / "t", cfg, params)
+    assert hf.sentence_transformers_pooling(tmp_path / "t") == ("mean", True)
+    loaded, loaded_params = hf.load_embedder(tmp_path / "t")
+    assert loaded == cfg
+    jax.tree.map(np.testing.assert_array_equal, loaded_params, params)
+    assert hf.embedder_files(EmbedderConfig(enc, pooling="cls")) == {}
+    with pytest.raises(hf.CheckpointError, match="no Hugging Face layout"):
+        hf.embedder_files(EmbedderConfig(enc, pooling="cls", normalize=True))
