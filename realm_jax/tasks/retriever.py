@@ -58,8 +58,8 @@ PARTS = ("query_tower", "doc_tower")
 # The step's batch: queries [B, Q], documents [B * (1 + h), L] (each query's positive first).
 BATCH_FIELDS = ("query_ids", "query_mask", "doc_ids", "doc_mask", "doc_valid")
 HIT_RULE = {
-    "dpr": "a retrieved block is a positive passage (passage_id = the block's document id, "
-           "else the same title and text) or holds an answer (evaluate.has_answer)",
+    "dpr": "a retrieved block is a positive passage (its block_id, passage_id = the block's "
+           "document id, or the same title and text) or holds an answer (evaluate.has_answer)",
     "ict": "the block the pseudo-query sentence was taken from is retrieved",
 }
 
