@@ -8,8 +8,9 @@ blocks of 288, the sentence removed from its block with probability 0.9.
     realm-jax eval --workdir W            # held-out pseudo-queries: recall@k of their block
 
 The run's parts `query_tower` and `doc_tower` start REALM pre-training (`realm-jax convert
---workdir W --part doc_tower --out DIR`, then --from_hf DIR / model.query_tower_hf) and
-ORQA (`--config.model.init_from_realm=W`). `configs/ict.py:tiny`: toy sizes on a CPU.
+--workdir W --part query_tower --out Q` and `--part doc_tower --out D`, then
+--config.model.query_tower_hf=Q --config.model.doc_tower_hf=D) and ORQA
+(`--config.model.init_from_realm=W`). `configs/ict.py:tiny`: toy sizes on a CPU.
 """
 
 from configs import common
