@@ -286,3 +286,41 @@ def refresh(tiny: bool = False, **changes) -> ConfigDict:
         # (WORKDIR/drift.json, retrieval.drift_every) is under this (0: always publish).
         min_overlap=0.0,
     ), changes)
+
+
+# ---------------------------------------------------------------------------------------
+# Retriever training (ICT, DPR: realm_jax/tasks/retriever.py)
+
+def retriever_model(encoder: ConfigDict, **changes) -> ConfigDict:
+    """`model` of ICT and DPR: the query and document towers."""
+    return _section(dict(
+        # One HF folder (BERT, DPR, REALM embedder, sentence-transformers) for both towers,
+        # with its pooling and normalisation ("": random towers of the sizes in `encoder`).
+        init_from_hf="",
+        encoder=encoder,
+        # Random towers' output: "pooler" (REALM), "cls" (DPR) or "mean", projected to
+        # retriever_proj_size (dense + LayerNorm, as REALM's 128; 0: the hidden size).
+        pooling="pooler", retriever_proj_size=128,
+        # One tower (the `doc_tower` part) embedding questions and passages alike.
+        shared_towers=False,
+    ), changes)
+
+
+def retriever_train(**changes) -> dict:
+    """For `train` of ICT and DPR: the loss's scale and the gradient cache."""
+    return dict(dict(
+        # Logits are loss_scale * q . d (an inverse temperature; about 20 for unit-length
+        # embeddings such as MiniLM's).
+        loss_scale=1.0,
+        # > 0: the gradient cache, rows embedded this many at a time (must divide the
+        # global batch and its passages); 0: the plain step.
+        grad_cache_chunk_size=0,
+    ), **changes)
+
+
+def retriever_eval(**changes) -> ConfigDict:
+    """`eval` of ICT and DPR (`realm-jax eval`): recall@k of the retrieved blocks."""
+    return _section(dict(
+        # num_questions (0: all); queries embedded per jitted batch; recall of the top k.
+        num_questions=0, batch_size=64, recall_at=(1, 5, 20, 100),
+    ), changes)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from realm_jax.models import abstract_params, config_from_dict, config_to_dict
+from realm_jax.models import EmbedderConfig, abstract_params, config_from_dict, config_to_dict
 from realm_jax.workdir import MODEL_JSON, Workdir
 
 PARAMS_DIR = "params"
@@ -350,10 +350,12 @@ class TrainCheckpoints:
 
 
 def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *,
-                step: int | None = None, architecture: str | None = None) -> tuple[Path, int]:
+                step: int | None = None, architecture: str | None = None,
+                tokenizer: str | os.PathLike | None = None) -> tuple[Path, int]:
     """Write one part of a trainer checkpoint (`step`, default the newest) as a Hugging Face
     folder, e.g. a REALM run's reader for ORQA fine-tuning (`model.reader_hf`); returns
-    (the folder, the step)."""
+    (the folder, the step). A retriever tower's folder keeps its pooling and normalisation
+    (`hf.save_embedder`); `tokenizer`: a folder whose tokenizer files are copied in."""
     from realm_jax import hf
 
     with TrainCheckpoints(workdir) as checkpoints:
@@ -369,7 +371,9 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
             raise FileNotFoundError(f"--step {step}: no such checkpoint in "
                                     f"{checkpoints.directory} (it holds {steps})")
         params = checkpoints.restore_part(step, part)
-    return hf.save(out, configs[part], params, architecture=architecture), step
+    extra = hf.tokenizer_files(tokenizer) if tokenizer else {}
+    save = hf.save_embedder if isinstance(configs[part], EmbedderConfig) else hf.save
+    return save(out, configs[part], params, architecture=architecture, extra_files=extra), step
 
 
 @dataclasses.dataclass(frozen=True)

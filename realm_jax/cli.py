@@ -9,6 +9,8 @@ from typing import Sequence
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from realm_jax import hf
     from realm_jax import checkpoints
 
@@ -25,8 +27,17 @@ def _convert(args: argparse.Namespace) -> None:
         out = hf.save(args.out, cfg, params, architecture=args.architecture)
         print(f"wrote Hugging Face folder to {out}")
     else:
+        from realm_jax.workdir import Workdir
+
+        # The run's tokenizer (data.tokenizer, else model.init_from_hf) goes with the part.
+        workdir = Workdir(args.workdir)
+        saved = (workdir.read_config().to_dict() if workdir.path("config.json").exists()
+                 else {})
+        tokenizer = (saved.get("data", {}).get("tokenizer")
+                     or saved.get("model", {}).get("init_from_hf") or None)
+        tokenizer = tokenizer if tokenizer and Path(tokenizer).is_dir() else None
         out, step = checkpoints.export_part(args.workdir, args.part, args.out, step=args.step,
-                                            architecture=args.architecture)
+                                            architecture=args.architecture, tokenizer=tokenizer)
         print(f"wrote the {args.part} of checkpoint step {step} as a Hugging Face folder to {out}")
 
 
@@ -182,6 +193,30 @@ def _eval(args: argparse.Namespace) -> None:
     print(evaluate.format_summary(summary))
     print(f"metrics: {metrics}")
     print(f"predictions: {path}")
+
+
+def _mine(args: argparse.Namespace) -> None:
+    from realm_jax.data.dpr import read_dpr, write_dpr
+    from realm_jax.index import mining
+
+    records = read_dpr(args.input)
+    if args.bm25:
+        from realm_jax.data.store import BlockStore
+
+        store = BlockStore.open(_config(args).data.corpus)
+        mined, stats = mining.mine_bm25_negatives(records, store, num_negatives=args.num_negatives,
+                                                  depth=args.depth)
+    else:
+        run = _answerer(args)   # a DPR / ICT run: the corpus embedded by its document tower
+        if not hasattr(run, "embed_questions"):
+            raise ValueError(f"mine: {args.workdir} is not a retriever (ict, dpr) run")
+        mined, stats = mining.mine_hard_negatives(
+            records, run.embed_questions([r.question for r in records]), run.searcher,
+            run.store, num_negatives=args.num_negatives,
+            depth=min(max(args.depth, args.num_negatives), run.searcher.size))
+    write_dpr(args.output, mined)
+    print(f"wrote {len(mined)} questions with mined hard_negative_ctxs to {args.output}; "
+          f"{stats.as_dict()}")
 
 
 def _answer(args: argparse.Namespace) -> None:
@@ -388,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_refresh, overrides=[])
 
     p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training, ORQA or "
-                       "RAG fine-tuning); index snapshots from WORKDIR/index")
+                       "RAG fine-tuning, ICT or DPR retriever training); index snapshots "
+                       "from WORKDIR/index")
     p.add_argument("--config", help="experiment config (configs/NAME.py); override fields with "
                    "--config.FIELD=VALUE")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
@@ -403,13 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "WORKDIR/config.json); override fields with --config.FIELD=VALUE")
         p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
 
-    p = sub.add_parser("eval", help="evaluation of a fine-tuning run (ORQA, RAG): exact "
-                       "match, recall@k and the task's eval.metrics on data.eval in "
-                       "WORKDIR/eval/metrics.json; predictions as JSONL")
+    p = sub.add_parser("eval", help="evaluation of a run: exact match, recall@k and the "
+                       "task's eval.metrics on data.eval (ORQA, RAG), recall@k of a retriever "
+                       "(ICT, DPR); figures in WORKDIR/eval/metrics.json, predictions as JSONL")
     run_flags(p)
     p.add_argument("--out", default=None,
                    help="predictions file (default WORKDIR/eval/predictions.jsonl)")
     p.set_defaults(run=_eval, overrides=[])
+
+    p = sub.add_parser("mine", help="hard negatives for DPR training data: each question's "
+                       "top passages (a retriever run's towers, or BM25 over data.corpus) "
+                       "without an answer, as hard_negative_ctxs")
+    run_flags(p)
+    p.add_argument("--input", required=True, help="DPR training data (.json / .jsonl)")
+    p.add_argument("--output", required=True, help="where the mined records go")
+    p.add_argument("--num_negatives", type=int, default=30, help="negatives per question")
+    p.add_argument("--depth", type=int, default=100, help="passages searched per question")
+    p.add_argument("--bm25", action="store_true", help="rank by BM25 (bm25s), not the run")
+    p.set_defaults(run=_mine, overrides=[])
 
     p = sub.add_parser("answer", help="answer questions (arguments, else one per line on "
                        "stdin) with a fine-tuning run (ORQA, RAG)")
@@ -451,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if (args.command in ("refresh", "train", "eval", "answer", "aot", "search")
+    if (args.command in ("refresh", "train", "eval", "answer", "aot", "search", "mine")
             and all(a.startswith("--config.") for a in extra)):
         args.overrides = extra
     elif extra:

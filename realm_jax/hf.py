@@ -776,3 +776,53 @@ def load_embedder(folder: str | os.PathLike, pooling: str | None = None,
         cfg = dataclasses.replace(cfg, pooling=pooling or cfg.pooling,
                                   normalize=cfg.normalize if normalize is None else normalize)
     return cfg, params
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt")
+
+
+def tokenizer_files(folder: str | os.PathLike) -> dict[str, str]:
+    """{name: text} of the tokenizer files a folder holds (to write beside weights)."""
+    folder = Path(folder)
+    out = {n: (folder / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES
+           if (folder / n).is_file()}
+    if not out:
+        raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return out
+
+
+def save_embedder(folder: str | os.PathLike, cfg: EmbedderConfig, params: dict, *,
+                  architecture: str | None = None, extra_files: dict[str, str] | None = None
+                  ) -> Path:
+    """`save` for a retriever tower: a mean-pooled one as its BERT encoder with the
+    sentence-transformers files of `embedder_files` (what `load_embedder` reads back), the
+    others in their own layout (DPR for CLS pooling, REALM's embedder for the pooler)."""
+    extra = dict(extra_files or {}, **embedder_files(cfg))
+    if cfg.pooling == "mean":
+        return save(folder, cfg.encoder, params["encoder"], architecture=architecture,
+                    extra_files=extra)
+    return save(folder, cfg, params, architecture=architecture, extra_files=extra)
+
+
+def embedder_files(cfg: EmbedderConfig) -> dict[str, str]:
+    """{name: text}: the sentence-transformers files (modules.json, pooling, normalize)
+    that make `load_embedder` read a BertModel folder back with `cfg`'s mean pooling and
+    normalisation (nothing for the other towers, whose layout carries their pooling)."""
+    if cfg.pooling != "mean" and not cfg.normalize:
+        return {}
+    if cfg.pooling != "mean" or cfg.projection_dim:
+        raise CheckpointError(f"a tower with pooling={cfg.pooling!r}, normalize={cfg.normalize}"
+                              f", projection_dim={cfg.projection_dim} has no Hugging Face "
+                              "layout that keeps all three")
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    if cfg.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    pooling = {"word_embedding_dimension": cfg.output_dim, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}
+    return {"modules.json": json.dumps(modules, indent=2) + "\n",
+            "1_Pooling/config.json": json.dumps(pooling, indent=2) + "\n"}

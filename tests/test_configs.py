@@ -14,7 +14,7 @@ from realm_jax.models.encoder import EncoderConfig
 from realm_jax.refresh import RefreshSettings
 
 VARIANTS = ("realm", "realm:tiny", "realm:demo", "orqa", "orqa:tiny", "rag", "rag:sequence",
-            "rag:tiny", "rag:tiny,sequence")
+            "rag:tiny", "rag:tiny,sequence", "ict", "ict:tiny", "dpr", "dpr:tiny")
 
 # Fields the code reads that every config of the task must define (no defaults in code).
 REQUIRED = {
@@ -33,6 +33,12 @@ REQUIRED = {
     "rag": ("train.question_encoder_lr_multiplier", "train.index_wait_seconds",
             "data.question_tokenizer", "data.generator_tokenizer", "model.context_encoder_hf",
             "retrieval.backend", "retrieval.scann_threads", "eval.n_docs", "eval.decoding"),
+    "ict": ("data.heldout_fraction", "model.init_from_hf", "model.shared_towers",
+            "train.loss_scale", "train.grad_cache_chunk_size", "ict.remove_probability",
+            "eval.recall_at", "eval.num_questions", "refresh.title"),
+    "dpr": ("data.train", "data.eval", "model.init_from_hf", "model.shared_towers",
+            "train.loss_scale", "train.grad_cache_chunk_size", "dpr.num_hard_negatives",
+            "eval.recall_at", "eval.num_questions", "refresh.title"),
 }
 
 

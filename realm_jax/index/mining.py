@@ -43,7 +43,9 @@ class MiningStats:
         return dataclasses.asdict(self)
 
 
-def _is_positive(store: BlockStore, block_id: int, record: DprRecord) -> bool:
+def is_positive(store: BlockStore, block_id: int, record: DprRecord) -> bool:
+    """Whether block `block_id` is one of the record's positives: the same block id, its
+    document id equal to a positive's passage_id, or the same title and text."""
     doc_id, title, text = None, None, None
     for p in record.positive_ctxs:
         if p.block_id is not None and p.block_id == block_id:
@@ -83,7 +85,7 @@ def negatives_from_ranking(records: Sequence[DprRecord], ranked_ids: np.ndarray,
             if block_id >= len(store):
                 raise ValueError(f"block id {block_id} is beyond the {len(store)} blocks of "
                                  f"{store.path}: the index is not over this store")
-            if _is_positive(store, block_id, record):
+            if is_positive(store, block_id, record):
                 positives += 1
                 continue
             r = store.record(block_id)

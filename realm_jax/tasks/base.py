@@ -10,7 +10,9 @@ jitted sharded step, prefetch, metrics, checkpoints, hooks); a task supplies:
   that needs no parameters, in the prefetch thread); `make_batch(item, params)` (host work
   that needs the live parameters, e.g. retrieval, then the global batch);
 - its pure loss: `loss(params, batch, extras, rng) -> (loss, metrics)`, where `extras` is a
-  sharded pytree the step also receives (e.g. the corpus embeddings and tokens);
+  sharded pytree the step also receives (e.g. the corpus embeddings and tokens); optionally
+  `value_and_grad` (same arguments -> ((loss, metrics), grads)), which the step then uses
+  in place of `jax.value_and_grad(loss)` (e.g. a gradient cache);
 - its hooks: `before_step` (e.g. swapping in a new index), `hooks()` (e.g. evaluation);
 - its answerer: `answerer(config, workdir, step)` for `realm-jax eval` and `answer`.
 """
@@ -144,6 +146,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss(self, params, batch: dict, extras, rng) -> tuple[Any, dict]:
         """(scalar loss, metrics): pure, jitted inside the step; dropout when `rng`."""
+
+    # Optional: `(params, batch, extras, rng) -> ((loss, metrics), grads)`, equal to
+    # `jax.value_and_grad(self.loss, has_aux=True)` but computed the task's way (e.g. chunk
+    # by chunk); None: the step differentiates `loss`. Set by `build()` at the latest.
+    value_and_grad: Callable | None = None
 
     def extras(self):
         """Sharded arrays the step receives besides the batch (None: nothing)."""

@@ -103,7 +103,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     source replaces what an earlier one gave):
 
     - `init_from_realm`: a REALM pre-training workdir: its query tower, and its reader's
-      encoder under a new span head (checkpoint `realm_step`; -1: the newest);
+      encoder under a new span head (checkpoint `realm_step`; -1: the newest); or an ICT /
+      DPR workdir (no reader): its query tower (the doc_tower of shared towers), the
+      reader as the next source gives it;
     - `init_from_hf`: one BERT-layout folder for both (the reader's span head new);
     - otherwise random weights of the sizes in `model.encoder`;
     - `query_tower_hf`: a retriever tower folder (REALM embedder, DPR question encoder, BERT);
@@ -114,6 +116,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     The span head's sizes: `model.span_hidden_size`, `model.max_span_width`."""
     m = config.model
     knobs = config_lib.model_knobs(m.encoder)
+    realm_query = encoder = None
     if m.init_from_realm:
         ckpts = TrainCheckpoints(m.init_from_realm)
         step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
@@ -121,19 +124,25 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             raise FileNotFoundError(f"model.init_from_realm={m.init_from_realm}: no checkpoint "
                                     f"in {ckpts.directory}")
         saved = ckpts.model_configs()
-        query = saved["query_tower"], ckpts.restore_part(step, "query_tower")
-        encoder = _reader_encoder(saved["reader"], ckpts.restore_part(step, "reader"),
-                                  f"model.init_from_realm={m.init_from_realm}")
-    elif m.init_from_hf:
+        tower = "query_tower" if "query_tower" in saved else "doc_tower"
+        if tower not in saved:
+            raise ValueError(f"model.init_from_realm={m.init_from_realm}: no query_tower or "
+                             f"doc_tower in its model.json (parts: {sorted(saved)})")
+        realm_query = saved[tower], ckpts.restore_part(step, tower)
+        if "reader" in saved:
+            encoder = _reader_encoder(saved["reader"], ckpts.restore_part(step, "reader"),
+                                      f"model.init_from_realm={m.init_from_realm}")
+    if m.init_from_hf:
         query = hf.load_embedder(m.init_from_hf, **knobs)
-        encoder = query[0].encoder, query[1]["encoder"]
+        encoder = encoder or (query[0].encoder, query[1]["encoder"])
     else:
         enc = config_lib.encoder_config(m.encoder)
         proj = m.retriever_proj_size or None
         tower = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
                                projection_layer_norm=bool(proj))
-        query = tower, random_params(tower, config.seed)
-        encoder = enc, None
+        query = realm_query or (tower, random_params(tower, config.seed))
+        encoder = encoder or (enc, None)
+    query = realm_query or query
     if m.query_tower_hf:
         query = hf.load_embedder(m.query_tower_hf, **knobs)
     reader = None

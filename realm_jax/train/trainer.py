@@ -41,14 +41,17 @@ def step_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+               value_and_grad: Callable | None = None) -> Callable:
     """`step(state, batch, extras, rng) -> (state, metrics)` for `loss_fn(params, batch,
-    extras, rng) -> (loss, metrics)`: gradients, the optimizer's update, the metrics with the
+    extras, rng) -> (loss, metrics)`: gradients (by `value_and_grad`, same arguments ->
+    ((loss, metrics), grads), when given), the optimizer's update, the metrics with the
     gradient norm; the rng (dropout) folded with the step."""
+    value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
+
     def step(state: TrainState, batch, extras, rng):
         rng = jax.random.fold_in(rng, state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, extras, rng)
+        (_, metrics), grads = value_and_grad(state.params, batch, extras, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), dict(
@@ -59,11 +62,11 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Ca
 
 def jit_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    shardings: TrainState, batch_sharding, extras_shardings=None,
-                   compiler_options: dict | None = None):
+                   compiler_options: dict | None = None, value_and_grad: Callable | None = None):
     """The step jitted with its shardings, the state donated: what the Trainer runs and
     what `realm-jax aot` compiles for a topology it does not have."""
     replicated = sharding.replicated(batch_sharding.mesh)
-    return jax.jit(train_step(loss_fn, optimizer),
+    return jax.jit(train_step(loss_fn, optimizer, value_and_grad),
                    in_shardings=(shardings, batch_sharding, extras_shardings, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0,
                    compiler_options=compiler_options)
@@ -183,7 +186,8 @@ class Trainer:
         step_fn = jit_train_step(
             task.loss, self.optimizer, self.shardings, self.batch_sharding,
             None if extras is None else jax.tree.map(lambda x: x.sharding, extras),
-            compiler_options=config_lib.compiler_options(self.config))
+            compiler_options=config_lib.compiler_options(self.config),
+            value_and_grad=task.value_and_grad)
         rng = jax.random.key(self.config.seed)
         tokens = task.tokens_per_step()
         peak = tc.peak_flops_per_device * jax.device_count()
@@ -230,10 +234,13 @@ class Trainer:
                     extras = task.extras()
                     if flops is None:
                         flops = step_flops(step_fn.lower(self.state, batch, extras, rng).compile())
+                    logged = (step + 1) % tc.log_every == 0 or step + 1 in (start + 1, end)
+                    if logged:  # steps run asynchronously: time this one alone
+                        jax.block_until_ready(self.state)
                     t0 = time.perf_counter()
                     self.state, metrics = step_fn(self.state, batch, extras, rng)
                     step += 1
-                    if step % tc.log_every == 0 or step in (start + 1, end):
+                    if logged:
                         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         seconds = time.perf_counter() - t0
                         values.update(step_time=seconds, host_time=host_seconds,
