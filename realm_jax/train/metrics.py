@@ -12,13 +12,15 @@ from typing import Mapping
 
 import jax
 
+from realm_jax.workdir import Workdir
+
 _log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics"
+        self.path = Path(Workdir(workdir).metrics_dir)
         self._jsonl = None
         self._tb = None
         if not self.enabled:
@@ -49,7 +51,7 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    path = Path(workdir) / "metrics" / "metrics.jsonl"
+    path = Path(Workdir(workdir).metrics_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
