@@ -16,7 +16,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from realm_jax import hf, sharding
 from realm_jax.models.towers import EmbedderConfig
@@ -56,7 +56,7 @@ class TextEmbedder:
             lambda: module.init(jax.random.key(0), **config.example_inputs()),
             mesh=self.mesh, rules=rules)["params"]
         self.params = sharding.place(params, shardings)
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        self._batch_sharding = sharding.batch_sharding(self.mesh)
 
         def forward(params, ids, mask):
             return module.apply({"params": params}, ids, mask)

@@ -32,6 +32,7 @@ from realm_jax.tasks import heldout, realm
 from realm_jax.train import trainer
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
+from realm_jax.workdir import HELDOUT_BASELINE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -232,7 +233,7 @@ def test_heldout_baseline_file(tmp_path, corpus, minilm_path, caplog):
         return heldout.HeldoutEval(SimpleNamespace(mode="device"), queries, mesh=mesh,
                                    param_shardings=None, baseline_file=path, resume=resume)
 
-    path = tmp_path / heldout.BASELINE_FILE
+    path = tmp_path / HELDOUT_BASELINE
     fingerprint = evaluator(queries).queries_fingerprint
     assert evaluator(queries[:3]).queries_fingerprint != fingerprint
     path.write_text(json.dumps(dict(step=0, queries_fingerprint=fingerprint,

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
@@ -230,7 +230,7 @@ class CorpusEmbedder:
         self.param_shardings = sharding.param_shardings(
             lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
             mesh=self.mesh, rules=rules)["params"]
-        batch = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        batch = sharding.batch_sharding(self.mesh)
         # A module-level function with static (module, dtype): embedders of the same tower
         # on the same mesh share their compiled shapes.
         self._forward = jax.jit(_forward, static_argnums=(0, 1),

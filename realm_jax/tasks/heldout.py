@@ -40,15 +40,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from realm_jax import sharding
 from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, MaskedQuery,
                                           QueryMaker, collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import tree_digest
 
 PREFIX = "heldout_"
-BASELINE_FILE = "heldout_baseline.json"
 
 _log = logging.getLogger(__name__)
 
@@ -145,7 +144,7 @@ class HeldoutEval:
         self.answerable = (None if finder is None
                            else np.array([finder(q) for q in queries], bool))
         self.mesh = mesh
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        self.batch_sharding = sharding.batch_sharding(mesh)
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.chunk = -(-min(max(int(batch_size), 1), len(queries)) // shards) * shards
         batch = collate_queries(queries)
@@ -174,7 +173,7 @@ class HeldoutEval:
 
         self._metrics = jax.jit(metrics, in_shardings=(
             param_shardings, self.batch_sharding, corpus_shardings),
-            out_shardings=NamedSharding(mesh, PartitionSpec()))
+            out_shardings=sharding.replicated(mesh))
 
     def _global(self, array: np.ndarray) -> jax.Array:
         array = np.asarray(array)

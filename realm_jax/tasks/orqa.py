@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from realm_jax import config as config_lib
 from realm_jax import hf, sharding
@@ -507,11 +506,11 @@ class Predictor:
         self.setup, self.params = setup, params
         shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
         self.batch_size = -(-setup.config.eval.batch_size // shards) * shards
-        self.batch_sharding = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp")))
+        self.batch_sharding = sharding.batch_sharding(setup.mesh)
         corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
         self._predict = jax.jit(setup.model.predict, in_shardings=(
             param_shardings, self.batch_sharding, corpus_shardings),
-            out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
+            out_shardings=sharding.replicated(setup.mesh),
             compiler_options=config_lib.compiler_options(setup.config))
 
     def _global(self, array: np.ndarray) -> jax.Array:
