@@ -48,9 +48,9 @@ def main() -> None:
     import transformers as tr
 
     from realm_jax import hf
-    from realm_jax.train.trainer import step_flops
     from realm_jax.decode import GenerationConfig, rag_sequence_generate, rag_token_generate
     from realm_jax.objectives import rag_sequence_nll, rag_token_nll, shift_targets
+    from realm_jax.train.metrics import matmul_flops
 
     b, k, d, v = args.batch, args.docs, args.d_model, args.vocab
     heads, ffn = max(1, d // 64), 4 * d
@@ -109,7 +109,7 @@ def main() -> None:
             return optax.apply_updates(params, updates), opt_state, loss
 
         train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        flops = step_flops(train_step.lower(state["params"], state["opt"], batch).compile())
+        flops = matmul_flops(train_step, state["params"], state["opt"], batch)
 
         def jax_step(state=state, train_step=train_step):
             state["params"], state["opt"], loss = train_step(state["params"], state["opt"], batch)

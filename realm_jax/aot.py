@@ -128,11 +128,13 @@ def topology_devices(topology: str) -> list:
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
                        mesh_shape: Sequence[int] | None = None,
                        corpus_rows: int | None = None):
-    """(compiled step, mesh, corpus rows or None): the trainer's jitted REALM step of
-    `config`, lowered for abstract arguments on a mesh of `devices` and compiled."""
+    """(compiled step, mesh, corpus rows or None, FLOPs of its matrix products): the
+    trainer's jitted REALM step of `config`, lowered for abstract arguments on a mesh of
+    `devices` and compiled."""
     from realm_jax.data.realm_examples import SpecialIds
     from realm_jax.tasks import realm
     from realm_jax.train.optim import make_optimizer
+    from realm_jax.train.metrics import matmul_flops
     from realm_jax.train.state import abstract_state, state_shardings
     from realm_jax.train.trainer import jit_train_step
 
@@ -165,6 +167,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                                sharding=NamedSharding(mesh, PartitionSpec()))
     with sharding.activate(mesh, rules):
+        flops = matmul_flops(step, state, batch, corpus, rng)
         lowered = step.lower(state, batch, corpus, rng)
         try:
             compiled = lowered.compile()
@@ -175,7 +178,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
             # available HBM (...G)"
             raise DoesNotFit(f"{devices[0].device_kind}, mesh "
                              f"{dict(mesh.shape)}: {str(e).splitlines()[0]}") from None
-    return compiled, mesh, corpus_rows
+    return compiled, mesh, corpus_rows, flops
 
 
 def _mesh(shape: Sequence[int], devices: Sequence) -> Mesh:
@@ -212,10 +215,8 @@ def report(config: ml_collections.ConfigDict, topology: str, *,
            mesh_shape: Sequence[int] | None = None, corpus_rows: int | None = None,
            device_memory_gib: float | None = None) -> Report:
     """Compile the train step of `config` for `topology` and measure it."""
-    from realm_jax.train.trainer import step_flops
-
     devices = topology_devices(topology)
-    compiled, mesh, rows = compile_train_step(config, devices, mesh_shape, corpus_rows)
+    compiled, mesh, rows, flops = compile_train_step(config, devices, mesh_shape, corpus_rows)
     memory = compiled.memory_analysis()
     limit = (int(device_memory_gib * GIB) if device_memory_gib else device_memory(devices))
     return Report(
@@ -225,7 +226,7 @@ def report(config: ml_collections.ConfigDict, topology: str, *,
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
         code_bytes=int(memory.generated_code_size_in_bytes), device_memory_bytes=limit,
-        flops_per_device=step_flops(compiled))
+        flops_per_device=flops / len(devices))
 
 
 def parse_mesh(text: str | None) -> tuple[int, ...] | None:

@@ -101,6 +101,39 @@ def test_encoder_flops_agree_with_xla():
     assert 1.0 <= xla / ours < 1.08, (xla, ours)
 
 
+def test_matmul_flops_count_every_scanned_layer():
+    """The trainer's MFU divides by `matmul_flops`, counted from the jaxpr: the same for an
+    encoder with scanned and unrolled layers (XLA's cost analysis counts a scanned body
+    once), equal to the shape count of its forward, and about 3x that for a gradient."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from realm_jax.models.encoder import EncoderConfig
+    from realm_jax.train.metrics import matmul_flops
+
+    x, w = jnp.ones((3, 4)), jnp.ones((4, 4))
+    assert matmul_flops(lambda x, w: x @ w, x, w) == 2 * 3 * 4 * 4
+    six = lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=6)[0]  # noqa
+    assert matmul_flops(six, x, w) == 6 * 2 * 3 * 4 * 4
+    branches = lambda x, w: jax.lax.cond(x[0, 0] > 0, lambda: x @ w @ w, lambda: x)  # noqa
+    assert matmul_flops(jax.jit(branches), x, w) == 2 * 2 * 3 * 4 * 4
+
+    ids = np.ones((2, 16), np.int32)
+    counts = []
+    for scan in (False, True):
+        cfg = EncoderConfig(vocab_size=100, hidden_size=32, num_layers=3, num_heads=4,
+                            intermediate_size=64, max_position_embeddings=16, scan_layers=scan)
+        module = cfg.module()
+        params = jax.eval_shape(lambda: module.init(jax.random.key(0), ids))  # noqa: B023
+        forward = matmul_flops(lambda p, i: module.apply(p, i), params, ids)  # noqa: B023
+        assert forward == accelerator.encoder_flops(cfg, 2, 16)
+        grad = jax.grad(lambda p, i: jnp.sum(module.apply(p, i)[0] ** 2))  # noqa: B023
+        counts.append((forward, matmul_flops(grad, params, ids)))
+    assert counts[0] == counts[1]
+    assert 2.9 < counts[0][1] / counts[0][0] <= 3.0
+
+
 def test_docs_section_survives_the_suite():
     suite = pytest.importorskip("suite")
     ours = f"<!-- bench:{accelerator.SECTION} -->\n## Accelerator\nfirst run\n" \

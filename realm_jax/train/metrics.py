@@ -1,16 +1,18 @@
-"""Metrics: a JSONL file and TensorBoard event files under WORKDIR/metrics, and a progress
-line. Only the process that writes once (process 0) writes."""
+"""Metrics: a JSONL file and TensorBoard event files under WORKDIR/metrics, a progress line
+(only process 0 writes), and the FLOP count that MFU divides by."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
+from jax.extend import core as jax_core
 
 from realm_jax.workdir import Workdir
 
@@ -62,3 +64,42 @@ def progress_line(step: int, total: int, values: Mapping[str, float]) -> str:
     for k, v in values.items():
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return " | ".join(parts)
+
+
+def matmul_flops(fn: Callable, *args) -> float:
+    """FLOPs of the matrix products of one call of `fn(*args)`, counted from its jaxpr (traced,
+    not compiled): a dot_general counts 2 x (its batch, free and contracted sizes
+    multiplied); a scan's body counts `length` times, a cond's costliest branch once, a
+    while loop's body once (its trip count is not known when tracing). XLA's cost analysis
+    counts a scanned body once, so it reads num_layers times low with `scan_layers`;
+    elementwise work is left out, as MFU conventionally leaves it. A step with
+    rematerialisation counts the recomputed products too."""
+    return _flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            rhs_free = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+            total += 2.0 * math.prod(lhs) * math.prod(rhs_free)
+            continue
+        inner = [_flops(j) for j in _sub_jaxprs(eqn.params)]
+        if eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        elif eqn.primitive.name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            total += sum(inner)
+    return total
+
+
+def _sub_jaxprs(params: dict) -> Iterator:
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax_core.Jaxpr):
+                yield item

@@ -25,20 +25,12 @@ from realm_jax import config as config_lib
 from realm_jax import distributed, sharding, tasks
 from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.tasks.base import Hook, Task
-from realm_jax.train.metrics import MetricsWriter, progress_line
+from realm_jax.train.metrics import MetricsWriter, matmul_flops, progress_line
 from realm_jax.train.optim import make_optimizer
 from realm_jax.train.state import TrainState, abstract_state, create_state, state_shardings
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
-
-
-def step_flops(compiled) -> float:
-    """FLOPs of one call of a compiled step, from XLA's cost analysis (0 if unknown)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
 
 
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
@@ -233,7 +225,7 @@ class Trainer:
                     host_seconds = time.perf_counter() - t_host
                     extras = task.extras()
                     if flops is None:
-                        flops = step_flops(step_fn.lower(self.state, batch, extras, rng).compile())
+                        flops = matmul_flops(step_fn, self.state, batch, extras, rng)
                     logged = (step + 1) % tc.log_every == 0 or step + 1 in (start + 1, end)
                     if logged:  # steps run asynchronously: time this one alone
                         jax.block_until_ready(self.state)
