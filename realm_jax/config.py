@@ -191,6 +191,24 @@ def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict
     return config
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config (its config.json) over the defaults of its task's config file
+    today (configs/TASK.py): a field added since the run was written reads its default, so
+    no code keeps a fallback of its own. Saved values win; without that file, the saved
+    config alone."""
+    task = saved.get("task")
+    try:
+        defaults = _load(task).to_dict() if isinstance(task, str) and task else {}
+    except FileNotFoundError:
+        defaults = {}
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict)
+                           and isinstance(base.get(k), dict) else v for k, v in over.items()}}
+
+    return ml_collections.ConfigDict(merge(defaults, saved))
+
+
 # `train.fast_compile`: cheap XLA compilation, for CPU tests where compiling a step takes
 # longer than running it.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from realm_jax import config as config_lib
 from realm_jax import distributed
 from realm_jax.durable import atomic_write_text
 from realm_jax.index.store import IndexStore, Snapshot, SnapshotError, SnapshotWatcher
@@ -105,11 +106,12 @@ class Workdir:
                               config.to_json_best_effort(indent=2) + "\n")
 
     def read_config(self) -> ml_collections.ConfigDict:
+        """The run's config, with the defaults of fields added since it was written."""
         path = self.root / CONFIG_JSON
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; `realm-jax train` writes the run's config "
                                     "there (or pass --config)")
-        return ml_collections.ConfigDict(_read_json(path))
+        return config_lib.with_defaults(_read_json(path))
 
     # ---- model.json: each part's model config
 

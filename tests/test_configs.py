@@ -162,6 +162,25 @@ def test_override_of_a_saved_config():
         config.apply_override(saved, "train.steps", "x")
 
 
+def test_a_run_saved_before_a_field_existed_reads_its_default(tmp_path):
+    """Workdir.read_config lays WORKDIR/config.json over its task's config file: fields the
+    run did not save read today's defaults, saved values (variants included) win."""
+    from realm_jax.workdir import Workdir
+
+    saved = config.load_config("rag:tiny,sequence", "train.steps=7").to_dict()
+    del saved["retrieval"]["retriever_loss"], saved["eval"]["metrics"], saved["data"]["format"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    read = Workdir(tmp_path).read_config()
+    default = config.load_config("rag")
+    assert read.retrieval.retriever_loss == default.retrieval.retriever_loss
+    assert tuple(read.eval.metrics) == tuple(default.eval.metrics)
+    assert read.data.format == default.data.format
+    assert (read.train.steps, read.rag.loss) == (7, "sequence") != (default.train.steps,
+                                                                     default.rag.loss)
+    (tmp_path / "config.json").write_text(json.dumps({"task": "nope", "seed": 3}))
+    assert Workdir(tmp_path).read_config().to_dict() == {"task": "nope", "seed": 3}
+
+
 @pytest.mark.parametrize("spec, overrides, error, match", [
     ("realm:tiny", ["train.nope=1"], ValueError, r"--config.train.nope: no such field"),
     ("realm:tiny", ["nope.x=1"], ValueError, r"--config.nope.x: no config section 'nope'"),
