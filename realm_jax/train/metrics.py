@@ -74,7 +74,10 @@ def matmul_flops(fn: Callable, *args) -> float:
     counts a scanned body once, so it reads num_layers times low with `scan_layers`;
     elementwise work is left out, as MFU conventionally leaves it. A step with
     rematerialisation counts the recomputed products too."""
-    return _flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    # a jitted fn traces as itself: inside make_jaxpr it would be a nested jit, which may
+    # not carry compiler_options
+    traced = fn.trace(*args).jaxpr if hasattr(fn, "trace") else jax.make_jaxpr(fn)(*args)
+    return _flops(traced.jaxpr)
 
 
 def _flops(jaxpr) -> float:
