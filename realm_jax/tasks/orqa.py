@@ -221,7 +221,8 @@ class OrqaModel:
         (the exact search of the corpus-sharded frozen embeddings; no gradient)."""
         _, rows = device_topk(jax.lax.stop_gradient(questions), corpus["embeddings"],
                               min(depth, self.num_valid), block_size=self.block_size,
-                              num_valid=self.num_valid)
+                              num_valid=self.num_valid,
+                              row_valid=realm.corpus_row_valid(corpus))
         return rows
 
     def embed_rows(self, params, corpus: dict, rows: jax.Array, rng=None) -> jax.Array:
