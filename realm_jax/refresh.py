@@ -202,6 +202,7 @@ class Refresher:
         self._embedders: dict[Any, Any] = {}
         self._rows: dict[int, Any] = {}
         self._tokenizer = None  # the TokenizerInfo the rows use, once loaded
+        self._last_tower = None  # (source, config, params, fingerprint) of the last refresh
         self._waiting_logged = False
         self._unreadable: set[int] = set()  # checkpoint steps whose document tower won't restore
         self._held: set[int] = set()  # checkpoint steps not embedded (refresh.min_overlap)
@@ -349,8 +350,13 @@ class Refresher:
 
         started = time.perf_counter()
         self.on_stage("restore")
-        config, params = self.load_tower(source)
-        model_fingerprint = params_fingerprint(config, params)
+        if self._last_tower is not None and self._last_tower[0] == source:
+            # the same source again (a corpus update since): its tower is still here
+            _, config, params, model_fingerprint = self._last_tower
+        else:
+            config, params = self.load_tower(source)
+            model_fingerprint = params_fingerprint(config, params)
+            self._last_tower = (source, config, params, model_fingerprint)
         restore_seconds = time.perf_counter() - started
         _log.info("step %d: restored the document tower from %s in %.1fs", source.step,
                   source.path, restore_seconds)

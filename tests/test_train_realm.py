@@ -361,7 +361,8 @@ def test_trainer_follows_a_corpus_update(tmp_path, corpus, minilm_path, initial_
     masked rows that no search returns. The refresher (same document tower) embedded only
     the new block. Device mode, the side-by-side test's step (a cache hit in a full run)."""
     store = Path(shutil.copytree(corpus, tmp_path / "store"))
-    config = _config(store, minilm_path, "retrieval.mode=device", "train.eval_queries=0")
+    config = _config(store, minilm_path, "retrieval.mode=device",
+                     "train.checkpoint_every=6")  # saves at steps 0 and 3 only
     workdir = _with_index(tmp_path / "w", initial_index)
     with BlockStore.open(store) as v0:
         docs = list(dict.fromkeys(v0.doc_id(i) for i in range(len(v0))))
@@ -393,11 +394,14 @@ def test_trainer_follows_a_corpus_update(tmp_path, corpus, minilm_path, initial_
     assert swap["step"] == 2 and swap["index"] == snap.version and snap.store_version == 1
     assert [r["step"] for r in _train_rows(workdir)] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in _train_rows(workdir))
+    _assert_eval(result["last_eval"], 3)  # held-out candidates of version 1
 
     task = run.task
     v1 = task.store
     assert v1.version == 1 and v1.fingerprint == snap.corpus_fingerprint and len(v1) == rows_v0 + 1
     assert np.flatnonzero(~v1.live).tolist() == old
+    # held-out answers are looked up in version 1's blocks
+    assert task.evaluator.finder is task.finder and len(task.finder._docs) == len(v1)
     arrays = jax.device_get(task.corpus.arrays())
     n = len(v1)
     tokens, lengths = v1.tokens_batch(np.arange(n), max_length=config.retrieval.block_length)

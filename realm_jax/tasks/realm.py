@@ -505,6 +505,7 @@ class RealmTask(Task):
             raise ValueError(f"--config.retrieval.mode={config.retrieval.mode!r}: expected "
                              "'device' or 'scann'")
         self.snapshot = None
+        self.evaluator = None
 
     def build(self) -> tuple[dict, dict]:
         return build_models(self.config)
@@ -558,7 +559,13 @@ class RealmTask(Task):
         run, rc = self.run, self.config.retrieval
         self.snapshot, self.corpus, self.retriever = snapshot, None, None
         # candidates' tokens come from the store version the snapshot was built from
-        self.store = run.workdir.snapshot_store(snapshot, self.store)
+        store = run.workdir.snapshot_store(snapshot, self.store)
+        if store is not self.store and self.finder is not None:
+            # the held-out figures look the answers up in the blocks candidates come from
+            self.finder = AnswerFinder(store, rc.exclude)
+            if self.evaluator is not None:
+                self.evaluator.finder = self.finder
+        self.store = store
         if rc.mode == "device":
             with sharding.activate(run.mesh, run.rules):
                 self.corpus = device_corpus(snapshot, self.store, rc.block_length, run.mesh,
@@ -617,6 +624,7 @@ class RealmTask(Task):
                 lambda x: x.sharding, extras),
             baseline_file=run.workdir.path(HELDOUT_BASELINE), resume=run.resuming,
             finder=self.finder, batch_size=tc.eval_batch_size)
+        self.evaluator = evaluator
         _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
                   "answerable)", len(queries), len(self.heldout_blocks),
                   "?" if self.finder is None else evaluator.answerable.sum())
