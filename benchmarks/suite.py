@@ -178,9 +178,10 @@ BENCHMARKS = (
         "DPR passages of the Wikipedia sample's first articles, each its own document, "
         "embedded with all-MiniLM-L6-v2 by the refresher: `corpus update` replaces 1% of "
         "the documents, then an incremental refresh (the same tower: only the new blocks "
-        "embedded, the rest reused by id) against a full refresh of the same updated corpus "
-        "in a fresh workdir; one compiled embedder serves all refreshes, as in a "
-        "long-running refresher."),
+        "embedded, in a batch fitted to them, the rest reused by id), twice (the second with "
+        "the small batch compiled), against a full refresh of the same updated corpus in a "
+        "fresh workdir; one refresher and one compiled embedder, as in a long-running "
+        "refresher."),
 )
 
 INTRO = """\

@@ -71,10 +71,14 @@ def _prepare_corpus(args: argparse.Namespace) -> None:
 def _corpus_update(args: argparse.Namespace) -> None:
     from realm_jax.data.corpus import update_corpus
 
-    if not (args.add or args.remove):
-        raise ValueError("corpus update: give --add docs.jsonl and/or --remove ids.txt")
-    print(update_corpus(args.store, add=args.add, remove=args.remove,
-                        tokenizer=args.tokenizer).summary())
+    if args.replace_all and (args.add or args.remove):
+        raise ValueError("corpus update: --replace_all takes the whole new corpus; give no "
+                         "--add or --remove with it")
+    if not (args.add or args.remove or args.replace_all):
+        raise ValueError("corpus update: give --add docs.jsonl and/or --remove ids.txt, or "
+                         "--replace_all NEW_CORPUS")
+    print(update_corpus(args.store, add=args.replace_all or args.add, remove=args.remove,
+                        tokenizer=args.tokenizer, replace_all=bool(args.replace_all)).summary())
 
 
 def _load_tower(model: str):
@@ -378,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", default=None, help="JSONL of documents (id, title, text); an "
                    "existing id is replaced")
     p.add_argument("--remove", default=None, help="file of document ids to remove, one per line")
+    p.add_argument("--replace_all", "--replace-all", default=None, metavar="NEW_CORPUS",
+                   help="a whole new corpus (as for prepare-corpus: JSONL, Wikipedia XML): "
+                   "the stored documents it lacks are removed, the others added, replaced or "
+                   "kept with their block ids")
     p.add_argument("--tokenizer", default=None, help="HF folder the store was prepared with "
                    "(default: the one its manifest records)")
     p.set_defaults(run=_corpus_update)

@@ -201,6 +201,8 @@ class Refresher:
         self._embedder_factory = embedder_factory
         self._embedders: dict[Any, Any] = {}
         self._rows: dict[int, Any] = {}
+        self._tokenizer = None  # the TokenizerInfo the rows use, once loaded
+        self._last_tower = None  # (source, config, params, fingerprint) of the last refresh
         self._waiting_logged = False
         self._unreadable: set[int] = set()  # checkpoint steps whose document tower won't restore
         self._held: set[int] = set()  # checkpoint steps not embedded (refresh.min_overlap)
@@ -233,6 +235,8 @@ class Refresher:
         """Open the newest version of the corpus block store when an update made one."""
         if store_versions(self.store.root)[-1] != self.store.version:
             self.store = BlockStore.open(self.store.root)
+            # rows are rebuilt for the new version, with the tokenizer already loaded
+            self._tokenizer = next((r.tokenizer for r in self._rows.values()), self._tokenizer)
             self._rows.clear()
             _log.info("corpus %s: now at version %d (fingerprint %s)", self.store.root,
                       self.store.version, self.store.fingerprint[:16])
@@ -293,7 +297,7 @@ class Refresher:
     def rows(self, max_length: int):
         if max_length not in self._rows:
             from realm_jax.index.embed_corpus import RowBuilder
-            tokenizer = self.settings.tokenizer or self.from_hf
+            tokenizer = self._tokenizer or self.settings.tokenizer or self.from_hf
             if not tokenizer:
                 raise ValueError("no tokenizer: set config.data.tokenizer to the HF folder "
                                  "the corpus was prepared with (or pass --from_hf)")
@@ -346,8 +350,13 @@ class Refresher:
 
         started = time.perf_counter()
         self.on_stage("restore")
-        config, params = self.load_tower(source)
-        model_fingerprint = params_fingerprint(config, params)
+        if self._last_tower is not None and self._last_tower[0] == source:
+            # the same source again (a corpus update since): its tower is still here
+            _, config, params, model_fingerprint = self._last_tower
+        else:
+            config, params = self.load_tower(source)
+            model_fingerprint = params_fingerprint(config, params)
+            self._last_tower = (source, config, params, model_fingerprint)
         restore_seconds = time.perf_counter() - started
         _log.info("step %d: restored the document tower from %s in %.1fs", source.step,
                   source.path, restore_seconds)

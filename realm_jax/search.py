@@ -4,9 +4,12 @@ snapshot, with no reader: the corpus documents whose blocks score highest.
     realm-jax search --workdir W [--top_k K] [--json] QUESTION...   (or one per line on stdin)
 
 The query tower is the one the snapshot was embedded for: the `query_tower` of the
-checkpoint the snapshot came from (REALM, ORQA), else the config's query-side HF folder
-(`model.query_tower_hf`, RAG's `model.question_encoder_hf`), else, for a snapshot of a HF
-document tower, that same folder (a symmetric retriever such as MiniLM). Blocks' texts are
+checkpoint the snapshot came from (REALM, ORQA with a trained document tower); for a
+snapshot of a frozen HF document tower, the query tower the run trains against it (ORQA's
+`query_tower`, RAG's `question_encoder`) from the run's newest checkpoint; without
+checkpoints, the config's query-side HF folder (`model.query_tower_hf`, RAG's
+`model.question_encoder_hf`), else the snapshot's own document tower folder (a symmetric
+retriever such as MiniLM). Blocks' texts are
 read from the store version the snapshot was built from (`Workdir.snapshot_store`), so a
 document removed before the snapshot was built is never shown.
 """
@@ -26,6 +29,8 @@ from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
 QUERY_TOWER = "query_tower"
+QUESTION_ENCODER = "question_encoder"  # RAG's query tower: a part of the "rag" model
+RAG_QUESTION_TOKENIZER = "question_encoder_tokenizer"  # its subfolder in a HF RAG folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +60,22 @@ def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
 
     extra = snapshot.manifest.get("extra", {})
     parts = layout.read_model() if layout.has_model() else {}
-    if extra.get("source") == "checkpoint" and QUERY_TOWER in parts:
-        tokenizer = _config_value(config, "data.tokenizer")
-        if not tokenizer:
-            raise ValueError(f"{layout.root}: config data.tokenizer is empty: the query "
-                             "tower's tokenizer folder is needed")
-        params = TrainCheckpoints(layout, independent=True).restore_part(snapshot.step,
-                                                                         QUERY_TOWER)
-        return parts[QUERY_TOWER], params, tokenizer, f"checkpoint step {snapshot.step}"
+    trained = _trained_query_tower(parts)
+    if trained is not None:
+        part, tower, tokenizer_fields = trained
+        checkpoints = TrainCheckpoints(layout, independent=True)
+        from_checkpoint = extra.get("source") == "checkpoint"
+        step = snapshot.step if from_checkpoint else checkpoints.latest_step()
+        if step is not None:
+            tokenizer = next(filter(None, (_config_value(config, f) for f in tokenizer_fields)),
+                             None)
+            if not tokenizer:
+                raise ValueError(f"{layout.root}: config {' / '.join(tokenizer_fields)} is "
+                                 "empty: the query tower's tokenizer folder is needed")
+            sub = os.path.join(tokenizer, RAG_QUESTION_TOKENIZER)
+            tokenizer = sub if os.path.isdir(sub) else tokenizer
+            return (tower, checkpoints.restore_part(step, part), tokenizer,
+                    f"checkpoint step {step}" + ("" if from_checkpoint else " (newest)"))
     for field in ("model.query_tower_hf", "model.question_encoder_hf"):
         folder = _config_value(config, field)
         if folder:
@@ -74,6 +87,19 @@ def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
         return config_, params, folder, f"{folder} (the snapshot's document tower)"
     raise ValueError(f"{snapshot.path}: no query tower for this snapshot: its checkpoint has "
                      "no query_tower and the config names no model.query_tower_hf")
+
+
+def _trained_query_tower(parts: dict) -> tuple[str, Any, tuple[str, ...]] | None:
+    """(checkpoint part, EmbedderConfig, config fields naming its tokenizer) of the query
+    tower a run's model (WORKDIR/model.json `parts`) trains, or None."""
+    if QUERY_TOWER in parts:
+        return QUERY_TOWER, parts[QUERY_TOWER], ("data.tokenizer",)
+    for config in parts.values():
+        tower = getattr(config, QUESTION_ENCODER, None)
+        if tower is not None:
+            return QUESTION_ENCODER, tower, ("data.question_tokenizer",
+                                             "model.question_encoder_hf")
+    return None
 
 
 class Searcher:

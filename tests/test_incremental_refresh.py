@@ -108,7 +108,7 @@ def test_incremental_refresh_embeds_only_new_blocks(tmp_path, corpus, base_param
         np.testing.assert_allclose(snap.embeddings(), want, rtol=1e-4, atol=1e-5)
         # no search returns a removed block, even for queries equal to its old embedding
         queries = np.asarray(old.embeddings()[np.isin(old.ids(), removed_ids)], np.float32)
-        for searcher in (snap.numpy_searcher(), snap.scann_searcher()):
+        for searcher in (snap.numpy_searcher(), snap.scann_searcher(), snap.device_searcher()):
             _, got = searcher.search(queries, snap.count)
             assert not set(np.asarray(got).ravel().tolist()) & set(removed_ids)
             assert set(np.asarray(got).ravel().tolist()) <= set(v1.live_ids().tolist())
@@ -153,3 +153,46 @@ def test_snapshots_follow_store_versions_and_pruned_ones_are_refused(
         index.validate(older.version, corpus_check(store))
     watcher = workdir.index_watcher(BlockStore.open(store, version=0))
     assert watcher.poll().store_version == 3
+
+
+def test_whole_corpus_swap_then_refresh(tmp_path, corpus, base_params, embedder, minilm_path,
+                                        capsys):
+    """`corpus update --replace_all NEW`: NEW is the whole corpus (two documents dropped, one
+    changed, one new, the rest as they were): one version, unchanged documents keep their
+    block ids, and the refresher (same tower) embeds only the new blocks into a snapshot
+    whose searches never return a dropped document."""
+    from realm_jax import cli
+
+    store = shutil.copytree(corpus, tmp_path / "store")
+    make_workdir(tmp_path / "w", base_params, [6])
+    refresher = _refresher(tmp_path / "w", store, embedder, minilm_path)
+    refresher.run(once=True)
+    docs = [json.loads(line) for line in (corpus.parent / "docs.jsonl").read_text().splitlines()]
+    new = [d for d in docs if d["id"] not in ("d0", "d1")]
+    new[0] = dict(new[0], text="harbour " * 15)
+    new.append({"id": "n1", "title": "New", "text": "lighthouse " * 10})
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(d) + "\n" for d in new))
+    assert cli.main(["corpus", "update", "--store", str(store), "--replace_all",
+                     str(tmp_path / "new.jsonl"), "--remove", str(tmp_path / "x")]) == 2
+    assert "--replace_all takes the whole new corpus" in capsys.readouterr().err
+    assert cli.main(["corpus", "update", "--store", str(store), "--replace-all",
+                     str(tmp_path / "new.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "version 0 -> 1" in out
+    assert f"documents: 1 added, 2 removed, 1 replaced, {len(docs) - 3} unchanged" in out
+    with BlockStore.open(store, version=0) as v0, BlockStore.open(store) as v1:
+        dropped = [i for i in range(len(v0)) if v0.doc_id(i) in ("d0", "d1", new[0]["id"])]
+        kept = [i for i in range(len(v0)) if i not in dropped]
+        assert np.flatnonzero(~v1.live).tolist() == dropped
+        assert all(np.array_equal(v0.tokens(i), v1.tokens(i)) for i in kept)
+        assert sorted({v1.doc_id(i) for i in v1.live_ids().tolist()}) == sorted(
+            d["id"] for d in new)
+        embedder.ids.clear()
+        [result] = refresher.run(once=True)
+        assert sorted(embedder.ids) == list(range(len(v0), len(v1)))
+        assert result.reused == len(kept)
+        snap = IndexStore(tmp_path / "w" / "index").latest()
+        assert snap.store_version == 1 and np.array_equal(snap.ids(), v1.live_ids())
+        queries = np.asarray(snap.embeddings(), np.float32)
+        _, got = snap.numpy_searcher().search(queries, snap.count)
+        assert not set(got.ravel().tolist()) & set(dropped)

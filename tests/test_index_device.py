@@ -116,3 +116,30 @@ def test_block_size_for_fits_the_score_tile():
     assert block_size_for(32) == 1 << 16            # capped: few queries, big blocks
     assert block_size_for(10 ** 6) == 1024          # floored
     assert block_size_for(64, tile_bytes=64 * 4 * 5000) == 4096
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
+def test_device_topk_row_valid_masks_removed_rows(data, shape):
+    """Rows marked invalid (the removed blocks of an updated corpus, laid out by block id)
+    are never returned, even for a query equal to one of them scaled up, whatever k: the
+    result is the exact search of the valid rows alone, with their own row numbers."""
+    emb, queries = data
+    mesh = _mesh(shape)
+    rows, valid = 8 * 50, 390
+    ok = np.random.default_rng(1).random(rows) > 0.3
+    ok[valid:] = True  # rows past num_valid stay masked by num_valid alone
+    queries = np.concatenate([queries, 100.0 * emb[np.flatnonzero(~ok)[:2]]])
+    search = jax.jit(functools.partial(device.device_topk, block_size=32, num_valid=valid),
+                     static_argnames="k")
+    keep = np.flatnonzero(ok[:valid])
+    with sharding.activate(mesh):
+        e = jax.device_put(emb[:rows], device.corpus_sharding(mesh))
+        m = jax.device_put(ok, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(device.corpus_sharding(mesh).spec[0])))
+        q = jax.device_put(queries, sharding.replicated(mesh))
+        got = search(q, e, k=K, row_valid=m)
+        _, every = search(q, e, k=len(keep) + 4, row_valid=m)
+    _assert_same(tuple(map(np.asarray, got)), base.exact_search(queries, emb[keep], K, keep))
+    every = np.asarray(every)
+    assert (np.sort(every[:, :len(keep)], axis=1) == keep).all()
+    assert (every[:, len(keep):] == -1).all()

@@ -190,6 +190,30 @@ def test_rag_token_fine_tuning_and_the_workdir_commands(data, capsys):
     assert cli.main(["refresh", "--config", "configs/rag.py:tiny", "--workdir", str(workdir),
                      "--once", *data["overrides"]]) == 0
     assert len(list((workdir / "index").glob("v*"))) == 1
+    _check_search_uses_the_trained_question_encoder(workdir, data, capsys)
+
+
+def _check_search_uses_the_trained_question_encoder(workdir, data, capsys):
+    """`realm-jax search` on a RAG workdir embeds questions with the question encoder of the
+    newest checkpoint (trained against the frozen index), not the pretrained HF folder."""
+    from realm_jax.search import Searcher
+
+    searcher = Searcher(workdir)
+    trained = TrainCheckpoints(workdir).restore_part(STEPS, "question_encoder")
+    _, pretrained = hf.load_embedder(data["encoder"])
+    used = jax.device_get(searcher.embedder.params)
+    jax.tree.map(np.testing.assert_array_equal, used, trained)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), used, pretrained))
+    assert max(moved) > 1e-4
+    questions = [q["question"] for q in data["qa"]]
+    got = searcher.embedder.embed(questions[:1])
+    # the command answers from the same embeddings: the best block by hand
+    capsys.readouterr()
+    assert cli.main(["search", "--workdir", str(workdir), "--top_k", "1", "--json",
+                     questions[0]]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    _, [best] = searcher.searcher.search(got[:1], 1)
+    assert json.loads(line)["results"][0]["id"] == searcher.store.doc_id(int(best[0]))
 
 
 def test_rag_sequence_fine_tuning(data, capsys):

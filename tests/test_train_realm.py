@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 
 from realm_jax import config as config_lib
-from realm_jax.data.corpus import prepare_corpus
+from realm_jax import sharding
+from realm_jax.data.corpus import prepare_corpus, update_corpus
 from realm_jax.data.realm_examples import QueryMaker
 from realm_jax.data.store import BlockStore
+from realm_jax.index.device import device_topk
 from realm_jax.index.store import IndexStore
 from realm_jax.refresh import Refresher, RefreshSettings, publish_initial_index
 from realm_jax.tasks import heldout, realm
@@ -349,6 +351,83 @@ def test_trainer_and_refresher_side_by_side(tmp_path, corpus, minilm_path, mode)
     # The doc tower is trained through the re-embedded candidates: its projection moved.
     assert np.abs(initial["doc_tower"]["projection"]["kernel"]
                   - trained["doc_tower"]["projection"]["kernel"]).max() > 0
+
+
+def test_trainer_follows_a_corpus_update(tmp_path, corpus, minilm_path, initial_index):
+    """A run whose corpus is updated mid-training (one document removed, one replaced by a
+    shorter text: new block ids that only version 1 has) swaps store version and snapshot
+    together at the next step boundary: the device corpus then holds the tokens of version
+    1, row for row, the snapshot's embeddings at their block ids, and removed blocks as
+    masked rows that no search returns. The refresher (same document tower) embedded only
+    the new block. Device mode, the side-by-side test's step (a cache hit in a full run)."""
+    store = Path(shutil.copytree(corpus, tmp_path / "store"))
+    config = _config(store, minilm_path, "retrieval.mode=device",
+                     "train.checkpoint_every=6")  # saves at steps 0 and 3 only
+    workdir = _with_index(tmp_path / "w", initial_index)
+    with BlockStore.open(store) as v0:
+        docs = list(dict.fromkeys(v0.doc_id(i) for i in range(len(v0))))
+        gone, replaced = docs[0], docs[1]
+        old = [i for i in range(len(v0)) if v0.doc_id(i) in (gone, replaced)]
+        keep = next(i for i in old if v0.doc_id(i) == replaced)
+        (tmp_path / "add.jsonl").write_text(json.dumps(
+            {"id": replaced, "title": v0.title(keep), "text": v0.text(keep)}) + "\n")
+        rows_v0 = len(v0)
+    run = trainer.Trainer(config, workdir)
+    refresher = Refresher(workdir, RefreshSettings.from_config(config), progress=False)
+    refreshes = []
+
+    def update_and_refresh():
+        update_corpus(store, add=tmp_path / "add.jsonl", remove=[gone])
+        refreshes.append(refresher.refresh_once())
+
+    def update(step, params):  # the refresher off the trainer's thread (and mesh)
+        thread = threading.Thread(target=update_and_refresh)
+        thread.start()
+        thread.join()
+
+    run.add_hook(update, name="corpus_update", every=2, at_start=False, at_end=False)
+    result = run.run(stop_after=3)
+    [refreshed] = refreshes
+    assert refreshed.embedded == 1 and refreshed.reused == rows_v0 - len(old)
+    [swap] = result["swaps"]
+    snap = result["snapshot"]
+    assert swap["step"] == 2 and swap["index"] == snap.version and snap.store_version == 1
+    assert [r["step"] for r in _train_rows(workdir)] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in _train_rows(workdir))
+    _assert_eval(result["last_eval"], 3)  # held-out candidates of version 1
+
+    task = run.task
+    v1 = task.store
+    assert v1.version == 1 and v1.fingerprint == snap.corpus_fingerprint and len(v1) == rows_v0 + 1
+    assert np.flatnonzero(~v1.live).tolist() == old
+    # held-out answers are looked up in version 1's blocks
+    assert task.evaluator.finder is task.finder and len(task.finder._docs) == len(v1)
+    arrays = jax.device_get(task.corpus.arrays())
+    n = len(v1)
+    tokens, lengths = v1.tokens_batch(np.arange(n), max_length=config.retrieval.block_length)
+    np.testing.assert_array_equal(arrays["tokens"][:n], tokens)
+    np.testing.assert_array_equal(arrays["lengths"][:n], lengths)
+    np.testing.assert_array_equal(arrays["doc_index"][:n], v1.doc_index)
+    assert (arrays["doc_index"][old] == -1).all() and (arrays["doc_index"][n:] == -1).all()
+    np.testing.assert_array_equal(arrays["embeddings"][snap.ids()], snap.embeddings())
+    assert not arrays["embeddings"][old].any()
+    # The rows of version 0 leave room for the new block: the step compiled for version 0
+    # serves version 1.
+    rows = arrays["embeddings"].shape[0]
+    assert rows == realm.device_corpus_shapes(
+        rows_v0, snap.dim, snap.dtype, config.retrieval.block_length, run.mesh,
+        config.retrieval.search_block_size)["embeddings"].shape[0]
+    assert [realm.corpus_rows(n) for n in (1, 16, 17, 1064, 1065, 1088, 1089)] == [
+        1, 16, 17, 1088, 1088, 1088, 1152]
+    # The whole corpus searched: every live block comes back, no removed one, no padding.
+    queries = np.asarray(snap.embeddings()[:4], np.float32)
+    with sharding.activate(run.mesh, run.rules):
+        _, got = jax.jit(device_topk, static_argnames=("k", "block_size"))(
+            queries, task.corpus.embeddings, k=rows, block_size=task.corpus.block_size,
+            row_valid=realm.corpus_row_valid(task.corpus.arrays()))
+    got = np.asarray(got)
+    live = v1.live_ids().tolist()
+    assert all(sorted(r[r >= 0].tolist()) == live for r in got)
 
 
 def test_resumed_run_matches_an_uninterrupted_run(tmp_path, corpus, minilm_path, initial_index):

@@ -365,13 +365,17 @@ def _remove_leftovers(folder: Path) -> None:
 def update_corpus(store: str | os.PathLike, *, add: str | os.PathLike | Iterable[Document] |
                   None = None, remove: str | os.PathLike | Iterable[str] | None = None,
                   tokenizer: str | os.PathLike | Any | None = None,
-                  batch_documents: int = 64) -> UpdateResult:
+                  batch_documents: int = 64, replace_all: bool = False) -> UpdateResult:
     """Writes the next version of the block store at `store`: the newest version with the
     documents of `add` (a JSONL file as for prepare_corpus, or Documents) added, or
     replacing the document of the same id, and the documents `remove` names (an ids file,
     one per line, or ids) removed. Block ids of unchanged documents stay; see
     realm_jax.data.store. A replacement identical to the stored document changes nothing;
     when nothing changes, no version is written.
+
+    `replace_all`: `add` is the whole new corpus (any format prepare_corpus reads, e.g. a
+    newer Wikipedia dump; `remove` not given): the stored documents it lacks are removed, the
+    others added, replaced or kept with their block ids, as one version.
 
     `tokenizer`: the HF folder the store was made with (default: the one its manifest
     records). One update at a time per store (a lock); the new version appears only once
@@ -386,9 +390,28 @@ def update_corpus(store: str | os.PathLike, *, add: str | os.PathLike | Iterable
     try:
         _remove_leftovers(versions_dir)
         with BlockStore.open(root) as base:
+            if replace_all:
+                add, remove = _whole_corpus(base, add, remove)
             return _update(base, root, add, remove, tokenizer, batch_documents, started)
     finally:
         lock.release()
+
+
+def _whole_corpus(base: BlockStore, corpus, remove) -> tuple[list[Document], list[str]]:
+    """(documents, ids to remove) of an update that makes `corpus` the store's whole
+    content: its documents, and the ids of the stored documents it lacks."""
+    if remove is not None:
+        raise ValueError("corpus update --replace_all: the new corpus says what is removed; "
+                         "give no --remove")
+    if corpus is None:
+        raise ValueError("corpus update --replace_all: give the new corpus")
+    skips = SkipCounter()
+    docs = list(read_documents(corpus, skips) if isinstance(corpus, (str, os.PathLike))
+                else corpus)
+    if skips.as_dict():
+        _log.info("%s: skipped %s", os.fspath(corpus), skips.as_dict())
+    kept = {d.doc_id for d in docs}
+    return docs, [doc_id for doc_id in _documents(base) if doc_id not in kept]
 
 
 def _update(base: BlockStore, root: Path, add, remove, tokenizer, batch_documents: int,

@@ -86,13 +86,14 @@ def _merge(best_s, best_r, scores, rows, k):
 
 def local_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
                block_size: int = DEFAULT_BLOCK_SIZE, row_offset: jax.Array | int = 0,
-               num_valid: jax.Array | int | None = None,
+               num_valid: jax.Array | int | None = None, row_valid: jax.Array | None = None,
                precision=lax.Precision.HIGHEST, varying_axes: tuple[str, ...] = ()
                ) -> tuple[jax.Array, jax.Array]:
     """Top-k of `queries @ embeddings.T` over blocks of rows, on one device.
 
-    Rows get global indices `row_offset + i`; rows whose global index is >= num_valid score
-    -inf. Returns (scores [Q, k] float32, rows [Q, k] int32); empty slots hold (-inf, -1).
+    Rows get global indices `row_offset + i`; rows whose global index is >= num_valid, and
+    rows where `row_valid` [N] (bool, this device's rows) is False, score -inf. Returns
+    (scores [Q, k] float32, rows [Q, k] int32); empty slots hold (-inf, -1).
     `varying_axes`: inside shard_map, the manual mesh axes the running top-k varies over.
     """
     n, p = embeddings.shape
@@ -102,13 +103,18 @@ def local_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     num_blocks, tail = divmod(n, block)
     row_offset = jnp.asarray(row_offset, jnp.int32)
 
-    def score(blk, start):
+    if row_valid is not None and row_valid.shape != (n,):
+        raise ValueError(f"local_topk: row_valid {row_valid.shape} must be [{n}], one per row")
+
+    def score(blk, start, valid):
         s = jnp.dot(queries, blk.astype(jnp.float32).T, precision=precision,
                     preferred_element_type=jnp.float32)
         rows = row_offset + start + jnp.arange(blk.shape[0], dtype=jnp.int32)
         rows = jnp.broadcast_to(rows, s.shape)
         if num_valid is not None:
             s = jnp.where(rows < num_valid, s, -jnp.inf)
+        if valid is not None:
+            s = jnp.where(valid[None, :], s, -jnp.inf)
         return s, rows
 
     best_s = jnp.full((q, k), -jnp.inf, jnp.float32)
@@ -117,16 +123,20 @@ def local_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
         best_s, best_r = lax.pcast((best_s, best_r), tuple(varying_axes), to="varying")
     if num_blocks:
         blocks = embeddings[:num_blocks * block].reshape(num_blocks, block, p)
+        valid = (None if row_valid is None
+                 else row_valid[:num_blocks * block].reshape(num_blocks, block))
 
         def step(carry, xs):
-            blk, i = xs
-            s, rows = score(blk, i * block)
+            blk, i, ok = xs
+            s, rows = score(blk, i * block, ok)
             return _merge(*carry, s, rows, k), None
 
         (best_s, best_r), _ = lax.scan(
-            step, (best_s, best_r), (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
+            step, (best_s, best_r),
+            (blocks, jnp.arange(num_blocks, dtype=jnp.int32), valid))
     if tail:
-        s, rows = score(embeddings[num_blocks * block:], num_blocks * block)
+        s, rows = score(embeddings[num_blocks * block:], num_blocks * block,
+                        None if row_valid is None else row_valid[num_blocks * block:])
         best_s, best_r = _merge(best_s, best_r, s, rows, k)
     return best_s, jnp.where(best_s == -jnp.inf, base.NO_ID, best_r)
 
@@ -149,6 +159,7 @@ def _current_mesh(mesh):
 
 def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
                 block_size: int = DEFAULT_BLOCK_SIZE, num_valid: jax.Array | int | None = None,
+                row_valid: jax.Array | None = None,
                 mesh: Mesh | jax.sharding.AbstractMesh | None = None,
                 rules=rsharding.DEFAULT_RULES,
                 precision=lax.Precision.HIGHEST) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +169,9 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     rows over the mesh axes the "corpus" rule names (`corpus_sharding(mesh)`); `mesh`
     defaults to the mesh set by `jax.set_mesh`/`sharding.activate`, and with no mesh the
     search runs unsharded. N must divide evenly over the corpus shards (pad it, and pass
-    num_valid: rows with index >= num_valid are never returned). Queries are replicated.
+    num_valid: rows with index >= num_valid are never returned). `row_valid` [N] bool,
+    sharded as the rows: rows where it is False are never returned either (the removed
+    blocks of an updated corpus). Queries are replicated.
     The embeddings may be float16/bfloat16; scores are float32.
 
     Returns (scores [Q, k] float32, rows [Q, k] int32) sorted by descending score, ties to
@@ -175,7 +188,7 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     axes = corpus_mesh_axes(mesh, rules) if mesh is not None else ()
     shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
     if shards == 1:
-        return local(queries, embeddings, num_valid=num_valid)
+        return local(queries, embeddings, num_valid=num_valid, row_valid=row_valid)
     n = embeddings.shape[0]
     if n % shards:
         raise ValueError(f"device_topk: N={n} rows do not divide over {shards} corpus shards "
@@ -183,9 +196,10 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     per_shard = n // shards
     valid = None if num_valid is None else jnp.asarray(num_valid, jnp.int32)
 
-    def shard_fn(qs, emb, valid):
+    def shard_fn(qs, emb, valid, *ok):
         offset = _linear_axis_index(axes, mesh) * per_shard
-        s, r = local(qs, emb, row_offset=offset, num_valid=valid, varying_axes=axes)
+        s, r = local(qs, emb, row_offset=offset, num_valid=valid,
+                     row_valid=ok[0] if ok else None, varying_axes=axes)
         # [Q, shards * k], shard-major: on ties top_k keeps the lower global row.
         s = lax.all_gather(s, axes, axis=1, tiled=True, to="invarying")
         r = lax.all_gather(r, axes, axis=1, tiled=True, to="invarying")
@@ -193,10 +207,12 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
         return s, jnp.take_along_axis(r, pos, axis=1)
 
     valid_arg = jnp.asarray(n if valid is None else valid, jnp.int32)
+    masks = () if row_valid is None else (row_valid,)
     return jax.shard_map(shard_fn, mesh=mesh,
-                         in_specs=(PartitionSpec(), PartitionSpec(axes, None), PartitionSpec()),
+                         in_specs=(PartitionSpec(), PartitionSpec(axes, None), PartitionSpec(),
+                                   *(PartitionSpec(axes),) * len(masks)),
                          out_specs=(PartitionSpec(), PartitionSpec()))(
-        queries, embeddings, valid_arg)
+        queries, embeddings, valid_arg, *masks)
 
 
 def _bucket(q: int) -> int:

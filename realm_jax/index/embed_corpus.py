@@ -225,6 +225,7 @@ class CorpusEmbedder:
         self.dtype = dtype
         storage_dtype(dtype)  # validates
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.shards = shards
         self.batch_size = -(-max(1, int(batch_size)) // shards) * shards
         self._module = config.module()
         self.param_shardings = sharding.param_shardings(
@@ -240,6 +241,14 @@ class CorpusEmbedder:
     @property
     def dim(self) -> int:
         return self.config.output_dim
+
+    def batch_rows(self, count: int) -> int:
+        """Rows of the padded batch that embeds `count` rows: the next power of two (a
+        multiple of the batch shards) up to `batch_size`, so that a few rows (an
+        incremental refresh, a corpus's last batch) cost a small batch, and the compiled
+        shapes stay few."""
+        rows = 1 << max(0, int(count) - 1).bit_length()
+        return min(self.batch_size, -(-rows // self.shards) * self.shards)
 
     @property
     def max_length(self) -> int:
@@ -267,8 +276,9 @@ class CorpusEmbedder:
         with sharding.activate(self.mesh, self.rules):
             for idx in length_sorted_batches(lengths, self.batch_size):
                 width = bucket_length(int(lengths[idx].max()), rows.max_length)
-                tokens = np.full((self.batch_size, width), pad_id, np.int32)
-                mask = np.zeros((self.batch_size, width), np.int32)
+                size = self.batch_rows(len(idx))
+                tokens = np.full((size, width), pad_id, np.int32)
+                mask = np.zeros((size, width), np.int32)
                 for r, i in enumerate(idx.tolist()):
                     row = rows.row(int(ids[i]), titles)
                     tokens[r, :len(row)] = row

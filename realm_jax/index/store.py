@@ -257,14 +257,18 @@ class Snapshot:
         with (self.path / IDS).open("rb") as f:
             return np.lib.format.read_array(f, allow_pickle=False)
 
-    def block_embeddings(self) -> np.ndarray:
-        """The embeddings indexed by block id: [max id + 1, dim], zero rows for ids the
-        snapshot lacks (removed blocks of an updated corpus; never returned by a search).
-        The stored matrix itself when its ids are 0..count-1."""
+    def block_embeddings(self, rows: int | None = None) -> np.ndarray:
+        """The embeddings indexed by block id: [rows (default: max id + 1), dim], zero rows
+        for ids the snapshot lacks (removed blocks of an updated corpus; never returned by
+        a search). The stored matrix itself when its ids are 0..rows-1."""
         ids, embeddings = self.ids(), self.embeddings()
-        if np.array_equal(ids, np.arange(len(ids))):
+        rows = int(ids.max(initial=-1)) + 1 if rows is None else int(rows)
+        if np.array_equal(ids, np.arange(rows)):
             return embeddings
-        out = np.zeros((int(ids.max()) + 1, embeddings.shape[1]), embeddings.dtype)
+        if rows <= ids.max(initial=-1):
+            raise ValueError(f"index {self.path}: block ids up to {ids.max()} do not fit in "
+                             f"{rows} rows")
+        out = np.zeros((rows, embeddings.shape[1]), embeddings.dtype)
         out[ids] = embeddings
         return out
 

@@ -221,7 +221,8 @@ class OrqaModel:
         (the exact search of the corpus-sharded frozen embeddings; no gradient)."""
         _, rows = device_topk(jax.lax.stop_gradient(questions), corpus["embeddings"],
                               min(depth, self.num_valid), block_size=self.block_size,
-                              num_valid=self.num_valid)
+                              num_valid=self.num_valid,
+                              row_valid=realm.corpus_row_valid(corpus))
         return rows
 
     def embed_rows(self, params, corpus: dict, rows: jax.Array, rng=None) -> jax.Array:
@@ -481,19 +482,26 @@ class Setup:
         with sharding.activate(mesh, rules):
             corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
                                          rc.search_block_size)
+        # every row of the device corpus is searched: padding and removed blocks are masked
+        # by their doc_index, so the compiled search serves later store versions too
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
-                          rc.score_scale, corpus.num_valid, corpus.block_size,
+                          rc.score_scale, int(corpus.embeddings.shape[0]), corpus.block_size,
                           rc.reader_length or None, strategy, rc.get("over_retrieve", 0))
         return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
     def use(self, snapshot) -> None:
-        """Serve `snapshot` (a newer index of the same corpus): its embeddings on the
-        devices, sharded as before."""
+        """Serve `snapshot` (a newer index of the same corpus, perhaps of a newer store
+        version): its embeddings and its store version's blocks on the devices, sharded as
+        before; answers are matched in that version's blocks."""
         rc = self.config.retrieval
+        store = Workdir.snapshot_store(snapshot, self.store)
         with sharding.activate(self.mesh, self.rules):
-            self.corpus = realm.device_corpus(snapshot, self.store, rc.block_length, self.mesh,
+            self.corpus = realm.device_corpus(snapshot, store, rc.block_length, self.mesh,
                                               rc.search_block_size)
+        # (the matcher's cached blocks stay valid: a block id names the same tokens in every
+        # version where it is live)
+        self.store = self.matcher.store = store
         self.snapshot = snapshot
 
 

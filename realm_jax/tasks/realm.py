@@ -179,14 +179,22 @@ class DeviceCorpus:
 
 def device_corpus(snapshot, store: BlockStore, block_length: int, mesh, block_size: int = 4096
                   ) -> DeviceCorpus:
-    if not np.array_equal(snapshot.ids(), np.arange(len(store))):
-        raise ValueError(f"index {snapshot.path}: built from version {store.version} of block "
-                         f"store {store.root}, which has removed blocks (a `corpus update` "
-                         "removed or replaced documents); device-mode retrieval needs every "
-                         "block id in the index: use retrieval.mode=scann, or prepare the "
-                         "corpus anew")
-    searcher = snapshot.device_searcher(mesh, block_size=block_size)
+    """`snapshot`'s embeddings and the tokens of `store` (the version the snapshot was built
+    from) on the devices, a row per block id: the removed blocks of an updated corpus are
+    zero rows with doc_index -1, which the search masks out (`corpus_row_valid`)."""
+    from realm_jax.index.device import DeviceSearcher
+
+    if not np.array_equal(snapshot.ids(), store.live_ids()):
+        raise ValueError(f"index {snapshot.path}: its block ids are not the live blocks of "
+                         f"version {store.version} of block store {store.root} (read the "
+                         "store through Workdir.snapshot_store)")
     n = len(store)
+    embeddings = snapshot.block_embeddings(n)
+    rows = corpus_rows(n)
+    if rows > n:  # room for updates: zero rows with doc_index -1, never returned
+        embeddings = np.concatenate([embeddings, np.zeros((rows - n, embeddings.shape[1]),
+                                                          embeddings.dtype)])
+    searcher = DeviceSearcher(embeddings, mesh=mesh, block_size=block_size)
     shapes = device_corpus_shapes(n, searcher.dim, snapshot.dtype, block_length, mesh,
                                   block_size)
     tokens, lengths = store.tokens_batch(np.arange(n), max_length=block_length)
@@ -196,8 +204,23 @@ def device_corpus(snapshot, store: BlockStore, block_length: int, mesh, block_si
     docs = np.pad(np.asarray(store.doc_index, np.int32), (0, pad), constant_values=-1)
     put = lambda x, name: jax.device_put(x, shapes[name].sharding)  # noqa: E731
     return DeviceCorpus(searcher.embeddings, put(tokens.astype(np.int32), "tokens"),
-                        put(lengths, "lengths"), put(docs, "doc_index"), searcher.num_valid,
+                        put(lengths, "lengths"), put(docs, "doc_index"), n,
                         searcher.block_size)
+
+
+def corpus_rows(num_blocks: int) -> int:
+    """Rows a device corpus of `num_blocks` blocks is laid out on: rounded up to a
+    multiple of a sixteenth of its power of two (at most 1/16 more), so that a corpus update
+    that adds a few blocks keeps the shapes, and the compiled step, of the version before."""
+    step = 1 << max(0, max(1, int(num_blocks)).bit_length() - 5)
+    return -(-int(num_blocks) // step) * step
+
+
+def corpus_row_valid(corpus: dict) -> jax.Array | None:
+    """Which rows of a device corpus hold a block ([N] bool: not padding, not removed), or
+    None for a corpus without `doc_index` (every row below num_valid is a block)."""
+    docs = corpus.get("doc_index")
+    return None if docs is None else docs >= 0
 
 
 def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int, mesh,
@@ -208,7 +231,7 @@ def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int,
     from realm_jax.index.embed_corpus import numpy_dtype
 
     rows = corpus_sharding(mesh)
-    padded, _ = padded_rows(num_rows, mesh, block_size)
+    padded, _ = padded_rows(corpus_rows(num_rows), mesh, block_size)
     spec = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
         mesh, jax.sharding.PartitionSpec(rows.spec[0], *([None] * (ndim - 1))))
     i32 = np.dtype(np.int32)
@@ -364,7 +387,7 @@ class RealmLossFn:
     exclude_slack: int
     score_scale: float
     mode: str                       # "device" or "scann"
-    num_valid: int = 0              # device mode: corpus rows that are real
+    num_valid: int = 0              # device mode: corpus rows that are real (0: by doc_index)
     block_size: int = 4096
     exclude: str = "block"          # retrieval.exclude (EXCLUDE_MODES)
 
@@ -375,7 +398,8 @@ class RealmLossFn:
     def from_config(cls, rc: ml_collections.ConfigDict, configs: dict, special: SpecialIds,
                     mode: str | None = None, num_valid: int = 0) -> "RealmLossFn":
         """The loss the `retrieval` config section `rc` describes (`mode` overrides
-        rc.mode; `num_valid`: the corpus rows, for device mode)."""
+        rc.mode; `num_valid`: the corpus rows, for device mode; 0: the rows doc_index marks
+        as blocks, which follow whatever corpus version is served)."""
         return cls(configs, special, rc.num_candidates, rc.exclude_slack, rc.score_scale,
                    mode or rc.mode, num_valid=num_valid, block_size=rc.search_block_size,
                    exclude=rc.exclude)
@@ -385,9 +409,11 @@ class RealmLossFn:
         query's source (`exclude`), gather the candidates' tokens."""
         q = self.configs["query_tower"].module().apply(
             {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"])
-        depth = min(self.num_candidates - 1 + self.exclude_slack, self.num_valid)
+        depth = min(self.num_candidates - 1 + self.exclude_slack,
+                    self.num_valid or corpus["embeddings"].shape[0])
         _, rows = device_topk(jax.lax.stop_gradient(q), corpus["embeddings"], depth,
-                              block_size=self.block_size, num_valid=self.num_valid)
+                              block_size=self.block_size, num_valid=self.num_valid or None,
+                              row_valid=corpus_row_valid(corpus))
         cand, valid = exclude_source(
             rows, *exclusion_keys(self.exclude, rows, corpus["doc_index"], batch),
             self.num_candidates)
@@ -479,6 +505,7 @@ class RealmTask(Task):
             raise ValueError(f"--config.retrieval.mode={config.retrieval.mode!r}: expected "
                              "'device' or 'scann'")
         self.snapshot = None
+        self.evaluator = None
 
     def build(self) -> tuple[dict, dict]:
         return build_models(self.config)
@@ -515,7 +542,9 @@ class RealmTask(Task):
 
     def start(self, run) -> None:
         self.run = run
-        self.loss_ = self.loss_fn(run.configs, self.maker.special, num_valid=len(self.store))
+        # device mode: the corpus rows searched are those its doc_index marks as blocks, so
+        # the one compiled step serves every store version a snapshot swap brings in
+        self.loss_ = self.loss_fn(run.configs, self.maker.special)
         watcher = run.workdir.index_watcher(self.store)
         tc = self.config.train
         self.index = SnapshotSwaps(watcher, run.workdir.wait_for_snapshot(
@@ -530,7 +559,13 @@ class RealmTask(Task):
         run, rc = self.run, self.config.retrieval
         self.snapshot, self.corpus, self.retriever = snapshot, None, None
         # candidates' tokens come from the store version the snapshot was built from
-        self.store = run.workdir.snapshot_store(snapshot, self.store)
+        store = run.workdir.snapshot_store(snapshot, self.store)
+        if store is not self.store and self.finder is not None:
+            # the held-out figures look the answers up in the blocks candidates come from
+            self.finder = AnswerFinder(store, rc.exclude)
+            if self.evaluator is not None:
+                self.evaluator.finder = self.finder
+        self.store = store
         if rc.mode == "device":
             with sharding.activate(run.mesh, run.rules):
                 self.corpus = device_corpus(snapshot, self.store, rc.block_length, run.mesh,
@@ -589,6 +624,7 @@ class RealmTask(Task):
                 lambda x: x.sharding, extras),
             baseline_file=run.workdir.path(HELDOUT_BASELINE), resume=run.resuming,
             finder=self.finder, batch_size=tc.eval_batch_size)
+        self.evaluator = evaluator
         _log.info("held-out evaluation: %d masked queries from %d held-out blocks (%s "
                   "answerable)", len(queries), len(self.heldout_blocks),
                   "?" if self.finder is None else evaluator.answerable.sum())
