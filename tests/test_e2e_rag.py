@@ -159,6 +159,7 @@ def tower(data, model):
     return tower_cfg, tower_params, live, ids
 
 
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 LIVE = ("--config.model.train_doc_tower=True", "--config.retrieval.strategy=refresh",
         "--config.refresh.max_length=48")
 
@@ -203,8 +204,8 @@ def _head_grads(cfg, batch, mesh):
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     f = jax.jit(all_heads, in_shardings=(rows, rows, rows),
                 out_shardings=NamedSharding(mesh, PartitionSpec()))
-    return jax.device_get(f(*(jax.device_put(batch[k], rows) for k in ("logits", "scores",
-                                                                        "labels"))))
+    args = [jax.device_put(batch[k], rows) for k in ("logits", "scores", "labels")]
+    return jax.device_get(f.lower(*args).compile(FAST)(*args))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (emulated) devices")
@@ -248,9 +249,10 @@ def test_live_document_tower_loss_by_hand_and_sharded(model, tower):
         b_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         f = jax.jit(jax.value_and_grad(lambda p, x: fn(p, x, None), has_aux=True),
                     in_shardings=(p_sh, b_sh), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        args = (sharding.place(params, p_sh),
+                {k: jax.device_put(v, b_sh) for k, v in batch.items()})
         with sharding.activate(mesh, sharding.DEFAULT_RULES):
-            return jax.device_get(f(sharding.place(params, p_sh),
-                                    {k: jax.device_put(v, b_sh) for k, v in batch.items()}))
+            return jax.device_get(f.lower(*args).compile(FAST)(*args))
 
     (loss, _), want = grads(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     (got, _), got_grads = grads(sharding.make_mesh((2, 2, 2)))
@@ -310,46 +312,50 @@ def test_rag_strategy_settings_and_old_configs(data):
 
 def test_a_rerank_run_resumes_exactly(data):
     """RAG-Token, LOOP, the document tower trained, "rerank" of 4 over-retrieved passages,
-    on 8 devices: stopped at step 2 and resumed to 4, the parameters and losses of an
+    on 8 devices: stopped at step 1 and resumed to 2, the parameters and losses of an
     uninterrupted run; all three parts move; checkpoints and model.json hold the doc_tower,
-    and `realm-jax eval`'s answerer reads it."""
-    config = _config(data, "", "--config.train.steps=4", "--config.train.checkpoint_every=2",
+    and `realm-jax eval`'s answerer reads it and retrieves with it."""
+    config = _config(data, "", "--config.train.steps=2", "--config.train.checkpoint_every=1",
+                     "--config.train.fast_compile=True",
                      "--config.train.log_every=1", "--config.retrieval.retriever_loss=loop",
                      "--config.model.train_doc_tower=True", "--config.retrieval.strategy=rerank",
                      "--config.retrieval.over_retrieve=4", "--config.refresh.max_length=48")
     stopped, straight = _workdir(data, "rerank_a"), _workdir(data, "rerank_b")
-    trainer.train(config, stopped, stop_after=2)
+    trainer.train(config, stopped, stop_after=1)
     resumed = trainer.train(config, stopped)
     reference = trainer.train(config, straight)
     final = jax.device_get(resumed["final_state"].params)
     jax.tree.map(np.testing.assert_array_equal, final,
                  jax.device_get(reference["final_state"].params))
     rows = _train_rows(stopped)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     assert [r["loss"] for r in rows] == [r["loss"] for r in _train_rows(straight)]
-    assert [r["staleness"] for r in rows] == [1, 2, 3, 4] and reference["swaps"] == []
+    assert [r["staleness"] for r in rows] == [1, 2] and reference["swaps"] == []
     _, initial = rag.RagTask(config).build()
     for part in ("question_encoder", "generator", "doc_tower"):
         assert _max_diff(initial[part], final[part]) > 0, part
     assert set(Workdir(stopped).read_model()) == {"rag", "doc_tower"}
     answerer = rag.RagAnswerer(config, stopped)
-    assert set(answerer.params) == {"question_encoder", "generator", "doc_tower"}
-    answer = answerer.answer([data["qa"][0]["question"]])[0]
-    assert len(answer.passages) == answerer.depth
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(answerer.params), final)
+    q = np.random.default_rng(0).normal(size=(8, rag.build_doc_tower(config)[0].output_dim)).astype(np.float32)
+    with sharding.activate(answerer.mesh, answerer.rules):
+        ids, scores = answerer._documents(q)
+    assert ids.shape == scores.shape == (8, answerer.depth) and (ids >= 0).all()
+    assert (np.diff(scores, axis=1) <= 0).all()            # best live score first
 
 
 def test_trainer_and_refresher_side_by_side(data, tmp_path):
     """RAG-Sequence, EMDR², "refresh": the refresher follows the run's checkpoints (model.json
     has a doc_tower) while the trainer runs; the trainer waits for the index of its step-2
-    checkpoint (train.max_index_staleness=2) and swaps it in; drift every 2 steps; stopped
-    at step 2 and resumed to 4 beside the same refresher."""
+    checkpoint (train.max_index_staleness=2) and swaps it in; drift every 2 steps."""
     import threading
 
     from realm_jax.refresh import Refresher, RefreshSettings
     from realm_jax.train.metrics import read_metrics
 
-    config = _config(data, "sequence", *LIVE, "--config.train.steps=4",
+    config = _config(data, "sequence", *LIVE, "--config.train.steps=3",
                      "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+                     "--config.train.fast_compile=True",
                      "--config.retrieval.retriever_loss=emdr2",
                      "--config.train.max_index_staleness=2", "--config.retrieval.drift_every=2",
                      "--config.refresh.poll_seconds=0.1")
@@ -358,24 +364,26 @@ def test_trainer_and_refresher_side_by_side(data, tmp_path):
                           from_hf=data["encoder"], progress=False)
     thread = threading.Thread(target=refresher.run, daemon=True)
     thread.start()
-    first = trainer.train(config, workdir, stop_after=2)
     result = trainer.train(config, workdir)
     thread.join(120)
     assert not thread.is_alive(), "the refresher did not stop after the trainer finished"
     rows = _train_rows(workdir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert np.isfinite(r["loss"]) and r["staleness"] == r["step"] - r["index_step"]
         assert r["loss"] == pytest.approx(r["generator_loss"] + r["retriever_loss"], rel=1e-5)
-    swaps = first["swaps"] + result["swaps"]
-    assert (2, 2) in [(s["step"], s["checkpoint_step"]) for s in swaps], swaps
-    assert rows[2]["index_step"] >= 2
+    swaps = [(s["step"], s["checkpoint_step"]) for s in result["swaps"]]
+    assert (2, 2) in swaps and rows[2]["index_step"] == 2, swaps
     log = [json.loads(x) for x in (workdir / "refresh_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 4 and {0, 2, 4} <= {x["step"] for x in log}
+    assert log[-1]["step"] == 3 and {0, 2, 3} <= {x["step"] for x in log}
     drift = [r for r in read_metrics(workdir) if "drift/overlap" in r]
-    assert [r["step"] for r in drift] == [0, 2, 2, 4]     # start and end of each run
+    assert [r["step"] for r in drift] == [0, 2, 3]
     for r in drift:
         assert 0.0 <= r["drift/overlap"] <= 1.0 and r["drift/probes"] == len(data["qa"])
         assert r["staleness"] == r["step"] - r["index_step"]
     assert drift[0]["drift/overlap"] > 0.5                 # the index is of the live towers
-    assert json.loads((workdir / "drift.json").read_text())["step"] == 4
+    assert json.loads((workdir / "drift.json").read_text())["step"] == 3
+    # The document tower moved, through the re-embedded documents.
+    _, initial = rag.RagTask(config).build()
+    trained = jax.device_get(result["final_state"].params)
+    assert _max_diff(initial["doc_tower"], trained["doc_tower"]) > 0
