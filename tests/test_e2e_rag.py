@@ -337,7 +337,8 @@ def test_a_rerank_run_resumes_exactly(data):
     assert set(Workdir(stopped).read_model()) == {"rag", "doc_tower"}
     answerer = rag.RagAnswerer(config, stopped)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(answerer.params), final)
-    q = np.random.default_rng(0).normal(size=(8, rag.build_doc_tower(config)[0].output_dim)).astype(np.float32)
+    dim = answerer.cfg.retrieval_dim
+    q = np.random.default_rng(0).normal(size=(8, dim)).astype(np.float32)
     with sharding.activate(answerer.mesh, answerer.rules):
         ids, scores = answerer._documents(q)
     assert ids.shape == scores.shape == (8, answerer.depth) and (ids >= 0).all()

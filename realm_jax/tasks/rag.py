@@ -604,6 +604,8 @@ class RagTask(Task):
         if rc.get("drift_every", 0) <= 0:
             return []
         probes = [ex.question for ex in self.examples[:rc.drift_probes]]
+        # Tokenized here, before the prefetch thread uses the question tokenizer.
+        self.probes = dict(zip(probes, zip(*self.encoder.questions(probes))))
         probe = DriftProbe(probes, self.config.train.batch_size, self.drift_rows,
                            self.index, run.workdir)
         return [Hook("drift", probe, every=rc.drift_every, shown=("drift/overlap", "staleness"))]
@@ -611,9 +613,9 @@ class RagTask(Task):
     def drift_rows(self, questions: list[str], params) -> list:
         """The drift hook's `rows`: the served index's top n_docs of each question against
         the live towers' exact top n_docs over the index's best max(over_retrieve, n_docs)
-        passages freshly embedded (questions: the whole batch, on every host)."""
+        passages freshly embedded (questions: the whole batch of probes, on every host)."""
         put = functools.partial(question_batch, batch_sharding=self.run.batch_sharding)
-        ids, mask = self.encoder.questions(questions)
+        ids, mask = (np.stack(x) for x in zip(*(self.probes[q] for q in questions)))
         batch = put(dict(question_ids=ids, question_mask=mask))
         q = self.retriever.embed(params["question_encoder"], batch["question_ids"],
                                  batch["question_mask"])
