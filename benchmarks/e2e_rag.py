@@ -18,6 +18,7 @@ BART from scratch; RAG-Token, 3 documents; the first index embedded by the conte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import threading
@@ -108,12 +109,49 @@ def run(strategy: str, loss: str, seed: int, root: Path, base, steps: int, first
                     "drift": drift, "swaps": len(result.get("swaps", []))}
 
 
+def time_steps(base: list[str], rounds: int, repeats: int = 5) -> dict[str, list[float]]:
+    """Seconds of the jitted loss and gradient of one training batch's shapes (batch 8, the
+    passages' rows padded to refresh.max_length as in the step) with the document tower
+    frozen and trained, alternated call by call (benchmarks/common.alternate); `rounds`
+    medians of `repeats` calls each."""
+    import jax
+    from common import alternate
+
+    from realm_jax.tasks import rag
+
+    task = rag.RagTask(_config(base, "refresh", "marginal", 1))
+    configs, params = task.build()
+    live = task.loss_fn
+    frozen = dataclasses.replace(live, doc_tower=None)
+    cfg, c = live.config, task.config
+    rng = np.random.default_rng(0)
+    b, k, s, t = c.train.batch_size, c.rag.n_docs, c.rag.max_source_length, c.rag.max_target_length
+    length, width = c.refresh.max_length, c.rag.max_combined_length
+    ids = lambda *shape: rng.integers(5, 900, shape).astype(np.int32)  # noqa: E731
+    batch = {"question_ids": ids(b, s), "question_mask": np.ones((b, s), np.int32),
+             "context_ids": ids(b, k, width), "context_mask": np.ones((b, k, width), np.int32),
+             "decoder_input_ids": ids(b, t), "labels": ids(b, t),
+             "doc_embeddings": rng.normal(size=(b, k, cfg.retrieval_dim)).astype(np.float32),
+             "doc_tokens": ids(b, k, length), "doc_mask": np.ones((b, k, length), np.int32)}
+    grads = {name: jax.jit(jax.value_and_grad(lambda p, x, fn=fn: fn(p, x, None)[0]))
+             for name, fn in (("frozen", frozen), ("trained", live))}
+    calls = {name: lambda g=g: g(params, batch) for name, g in grads.items()}
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, seconds in alternate(calls, repeats).items():
+            out[name].append(seconds)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="a new folder for everything")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--articles", type=int, default=24)
     parser.add_argument("--runs", default=RUNS, help="STRATEGY:LOSS[:SEED],...")
+    parser.add_argument("--timing", type=int, default=0, metavar="ROUNDS",
+                        help="also time the frozen against the trained document tower's "
+                        "loss and gradient, alternated, ROUNDS medians of 5 calls")
     parser.add_argument("--tower_lr", type=float, default=0.01,
                         help="train.question_encoder_lr_multiplier (both towers)")
     args = parser.parse_args(argv)
@@ -131,11 +169,16 @@ def main(argv=None) -> None:
     qa = write_jsonl(root / "qa.jsonl", [{"question": r["question"], "answers": [r["answer"]]}
                                          for r in records])
     base = _overrides(store.path, encoder, qa, args.steps, args.tower_lr)
+    if args.timing:
+        times = time_steps(base, args.timing)
+        print("seconds per loss-and-gradient (medians of 5 alternated calls, per round): "
+              + "; ".join(f"{n} {' '.join(f'{x:.3f}' for x in v)}" for n, v in times.items()),
+              flush=True)
     first = root / "first"
     refresh.main(_config(base, "query_side", "marginal", args.steps), first, once=True,
                  from_hf=encoder, progress=False)
     results, before = [], None
-    for spec in args.runs.split(","):
+    for spec in filter(None, args.runs.split(",")):
         strategy, loss, seed = (spec + ":0").split(":")[:3]
         row_before, row = run(strategy, loss, int(seed), root, base, args.steps,
                               first / "index", encoder, before)
