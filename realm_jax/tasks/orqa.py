@@ -16,7 +16,8 @@ and newer snapshots are swapped in at step boundaries, as in REALM pre-training;
 best `beam_size` by live score form the beam (Atlas). Drift (`retrieval.drift_every`): the
 overlap@k of the served index's top k with the live towers' exact top k over the
 over-retrieved pool of probe questions, logged beside staleness and written to
-WORKDIR/drift.json, where `refresh.min_overlap` reads it.
+WORKDIR/drift.json, where `refresh.min_overlap` reads it. The strategies, the drift hook and
+their checks are shared with RAG (tasks/end_to_end.py).
 
 One training step:
 
@@ -57,8 +58,6 @@ from realm_jax.data.qa import QAExample, load_qa, questions_from_store
 from realm_jax.data.realm_examples import SpecialIds, special_ids
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
-from realm_jax.index.drift import measure_drift
-from realm_jax.index.rerank import rerank
 from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig, random_params
 from realm_jax.objectives.orqa import (best_span, evidence_mask, joint_span_logits, orqa_loss,
                                        span_labels, span_valid_mask)
@@ -68,13 +67,14 @@ from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
 from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
                                     question_batches)
+from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
+                                        question_batch, strategy_name, trains_doc_tower)
+from realm_jax.tasks import end_to_end
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
 
 PARTS = ("query_tower", "reader")
-DOC_TOWER = "doc_tower"    # the trainable document tower's part (model.train_doc_tower)
-STRATEGIES = ("query_side", "refresh", "rerank")
 STEP_FIELDS = ("input_ids", "attention_mask", "beam_ids", "retrieval_correct", "span_correct")
 EVAL_PREFIX = "eval_"
 
@@ -159,7 +159,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         reader = cfg, params
     configs = {"query_tower": query[0], "reader": reader[0]}
     params = {"query_tower": query[1], "reader": reader[1]}
-    if m.get("train_doc_tower", False):
+    if trains_doc_tower(config):
         configs[DOC_TOWER], params[DOC_TOWER] = _doc_tower(config, knobs)
     return configs, params
 
@@ -199,13 +199,17 @@ class OrqaModel:
     num_valid: int
     block_size: int = 4096
     reader_length: int | None = None   # T of `[CLS] question [SEP] block [SEP]` (None: Q + C)
-    strategy: str = "query_side"       # retrieval.strategy (STRATEGIES)
+    strategy: str = "query_side"       # retrieval.strategy (end_to_end.STRATEGIES)
     over_retrieve: int = 0             # rerank: blocks proposed by the stale index
+
+    @property
+    def how(self) -> Strategy:
+        return Strategy(self.strategy, self.over_retrieve)
 
     @property
     def live_docs(self) -> bool:
         """Whether the beam is scored with the live document tower (else the index's)."""
-        return self.strategy != "query_side"
+        return self.how.live_docs
 
     def _apply(self, part: str, params, *args, rng=None):
         kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
@@ -231,21 +235,16 @@ class OrqaModel:
         safe = jnp.maximum(rows, 0)
         tokens = jnp.take(corpus["tokens"], safe, axis=0)
         lengths = jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
-        b, r, c = tokens.shape
-        ids, mask = realm.doc_tower_inputs(tokens.reshape(b * r, c), lengths.reshape(b * r),
-                                     self.special)
-        return self._apply(DOC_TOWER, params, ids, mask, rng=rng).reshape(b, r, -1)
+        ids, mask = realm.doc_tower_inputs(tokens, lengths, self.special)
+        return embed_docs(self.configs[DOC_TOWER], params[DOC_TOWER], ids, mask, rng)
 
     def retrieve(self, params, questions: jax.Array, corpus: dict, depth: int) -> jax.Array:
         """Rows [B, depth] of the blocks retrieved for question embeddings: the index's best
         ("query_side", "refresh"), or ("rerank") the best by live score of the index's
         `over_retrieve` (no gradient)."""
-        if self.strategy != "rerank":
-            return self.top_rows(questions, corpus, depth)
-        questions = jax.lax.stop_gradient(questions)
-        pool = self.top_rows(questions, corpus, max(self.over_retrieve, depth))
-        docs = jax.lax.stop_gradient(self.embed_rows(params, corpus, pool))
-        return rerank(pool, docs, questions, min(depth, pool.shape[1])).ids
+        pool = self.top_rows(questions, corpus, self.how.pool_depth(depth))
+        return self.how.choose(pool, lambda rows: self.embed_rows(params, corpus, rows),
+                               questions, depth)
 
     def search(self, params, batch: dict, corpus: dict) -> jax.Array:
         """The retriever beam: rows [B, beam_size]."""
@@ -256,10 +255,9 @@ class OrqaModel:
         over the index's best max(over_retrieve, beam_size) blocks, freshly embedded)."""
         questions = self.embed(params, batch)
         served = self.top_rows(questions, corpus, self.num_read)
-        pool = self.top_rows(questions, corpus, max(self.over_retrieve, self.beam_size))
-        exact = rerank(pool, self.embed_rows(params, corpus, pool), questions,
-                       min(self.num_read, pool.shape[1])).ids
-        return served, exact
+        pool = self.top_rows(questions, corpus, self.how.probe_depth(self.beam_size))
+        return served, live_top(pool, self.embed_rows(params, corpus, pool), questions,
+                                self.num_read).ids
 
     def retrieval_logits(self, params, questions: jax.Array, corpus: dict, rows: jax.Array,
                          rng=None) -> jax.Array:
@@ -422,29 +420,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= rc.num_read <= rc.beam_size:
         raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
                          f"retrieval.beam_size ({rc.beam_size})")
-    strategy, trains = _strategy(config), config.model.get("train_doc_tower", False)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"retrieval.strategy={strategy!r}: expected one of "
-                         f"{', '.join(STRATEGIES)}")
-    if trains != (strategy != "query_side"):
-        raise ValueError(f"retrieval.strategy={strategy!r} with model.train_doc_tower="
-                         f"{trains}: 'refresh' and 'rerank' train the document tower (set "
-                         "model.train_doc_tower=True), 'query_side' keeps it frozen")
-    if strategy == "rerank" and rc.over_retrieve < rc.beam_size:
-        raise ValueError(f"retrieval.strategy='rerank': retrieval.over_retrieve "
-                         f"({rc.over_retrieve}) must be >= retrieval.beam_size ({rc.beam_size})")
-    if strategy == "refresh" and rc.index:
+    end_to_end.check_config(config, rc.beam_size, "retrieval.beam_size")
+    if strategy_name(config) == "refresh" and rc.index:
         raise ValueError(f"retrieval.strategy='refresh' serves WORKDIR/index, where the "
                          f"refresher publishes; retrieval.index={rc.index!r} must be ''")
     if rc.get("retriever_loss", "marginal") != "marginal":
         raise ValueError(f"retrieval.retriever_loss={rc.retriever_loss!r}: ORQA's retrieval "
                          "term is the marginal over the beam's correct blocks ('marginal'); "
                          "the distillation losses are RAG's")
-
-
-def _strategy(config: ml_collections.ConfigDict) -> str:
-    """retrieval.strategy ("query_side" in the config.json of runs made before it existed)."""
-    return config.retrieval.get("strategy", "query_side")
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,7 +458,7 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        strategy = _strategy(config)
+        strategy = strategy_name(config)
         wait = config.train.index_wait_seconds if strategy == "refresh" else 0.0
         watcher, snapshot = frozen_index(config, workdir, store, wait)
         store = Workdir.snapshot_store(snapshot, store)
@@ -625,7 +608,7 @@ class OrqaTask(Task):
                                    tc.index_wait_seconds)
 
     def before_step(self, step: int, run) -> None:
-        if _strategy(self.config) == "refresh":
+        if strategy_name(self.config) == "refresh":
             new = self.index.due(step, run.saved_step)
             if new is not None:
                 self.setup.use(new)
@@ -658,10 +641,11 @@ class OrqaTask(Task):
         tc, rc = self.config.train, self.config.retrieval
         hooks = []
         if rc.get("drift_every", 0) > 0:
-            if not self.setup.model.live_docs:
-                raise ValueError("retrieval.drift_every: drift is measured against the live "
-                                 "document tower (retrieval.strategy 'refresh' or 'rerank')")
-            hooks.append(Hook("drift", DriftProbe(self, run), every=rc.drift_every,
+            shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+            probes = [ex.question for ex in self.examples[:rc.drift_probes]]
+            probe = DriftProbe(probes, -(-len(probes) // shards) * shards,
+                               drift_rows(self, run), self.index, run.workdir)
+            hooks.append(Hook("drift", probe, every=rc.drift_every,
                               shown=("drift/overlap", "staleness")))
         if tc.eval_questions <= 0:
             return hooks
@@ -695,50 +679,27 @@ class OrqaTask(Task):
         return OrqaAnswerer(config, workdir, step)
 
 
-class DriftProbe:
-    """The drift hook: the first `retrieval.drift_probes` training questions, their top
-    `num_read` from the served index against the live towers' exact top `num_read` over
-    the index's best max(over_retrieve, beam_size) blocks freshly embedded (`OrqaModel.
-    drift_rows`); logs `drift/overlap`, `drift/rank_correlation` and the staleness, and
-    writes them to WORKDIR/drift.json (Workdir.write_drift) for `refresh.min_overlap`."""
+def drift_rows(task: OrqaTask, run):
+    """The drift hook's `rows` for ORQA: the probe questions' top `num_read` from the served
+    index against the live towers' exact top `num_read` over the index's best
+    max(over_retrieve, beam_size) blocks freshly embedded (`OrqaModel.drift_rows`, jitted on
+    the run's mesh)."""
+    setup = task.setup
+    corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
+    rows = jax.jit(setup.model.drift_rows, in_shardings=(
+        run.param_shardings, run.batch_sharding, corpus_shardings),
+        out_shardings=sharding.replicated(run.mesh),
+        compiler_options=config_lib.compiler_options(task.config))
 
-    def __init__(self, task: OrqaTask, run):
-        setup, rc = task.setup, task.config.retrieval
-        self.task, self.run = task, run
-        chosen = task.examples[:rc.drift_probes]
-        self.questions = [ex.question for ex in chosen]
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-        self.batch_size = -(-len(self.questions) // shards) * shards
-        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
-        self._rows = jax.jit(setup.model.drift_rows, in_shardings=(
-            run.param_shardings, run.batch_sharding, corpus_shardings),
-            out_shardings=sharding.replicated(run.mesh),
-            compiler_options=config_lib.compiler_options(task.config))
-
-    def _ids(self, questions: list[str], params) -> list:
-        setup = self.task.setup
+    def fn(questions: list[str], params) -> list:
         ids, mask = encode_questions(setup.tokenizer, setup.model.special, questions,
-                                     self.task.config.retrieval.query_length)
-        put = lambda x: jax.make_array_from_callback(  # noqa: E731 (every process: all)
-            x.shape, self.run.batch_sharding, lambda index: x[index])
-        batch = {"input_ids": put(ids), "attention_mask": put(mask)}
-        with sharding.activate(self.run.mesh, self.run.rules):
-            served, exact = self._rows(params, batch, setup.corpus.arrays())
-        served, exact = (np.asarray(x.addressable_data(0)) for x in (served, exact))
-        return list(zip(served, exact))
+                                     task.config.retrieval.query_length)
+        batch = question_batch({"input_ids": ids, "attention_mask": mask}, run.batch_sharding)
+        with sharding.activate(run.mesh, run.rules):
+            served, exact = rows(params, batch, task.setup.corpus.arrays())
+        return list(zip(*(np.asarray(x.addressable_data(0)) for x in (served, exact))))
 
-    def __call__(self, step: int, params) -> dict:
-        pairs = in_padded_batches(self.questions, self.batch_size,
-                                  lambda batch: self._ids(batch, params))
-        served, exact = (np.stack(x) for x in zip(*pairs))
-        values = dict(measure_drift(served, exact).metrics(),
-                      **self.task.index.step_metrics(step))
-        snapshot = self.task.setup.snapshot
-        if jax.process_index() == 0:
-            self.run.workdir.write_drift(step=step, index=snapshot.version,
-                                         index_step=snapshot.step,
-                                         overlap=values["drift/overlap"])
-        return values
+    return fn
 
 
 class OrqaAnswerer:

@@ -4,8 +4,8 @@
     realm-jax train   --config configs/rag.py:tiny --workdir W
     realm-jax eval    --workdir W          realm-jax answer --workdir W "a question?"
 
-The document side is frozen: WORKDIR/index holds the passages (config.data.corpus, a block
-store) embedded once by the DPR context encoder (the refresher, from
+By default the document side is frozen: WORKDIR/index holds the passages (config.data.corpus,
+a block store) embedded once by the DPR context encoder (the refresher, from
 config.model.context_encoder_hf). For each batch, on the host, the live question encoder
 embeds the questions, the snapshot's searcher (ScaNN or exact, `retrieval.backend`) finds
 their top `rag.n_docs` passages, and `title / text // question` contexts are tokenized for
@@ -13,8 +13,20 @@ the generator. In the jitted step the live question encoder scores those documen
 (so the loss trains it), BART reads the contexts, and the RAG-Token or RAG-Sequence loss
 (`rag.loss`) is taken; the question encoder and BART are trained.
 
-Checkpoints hold the params of `models.rag.Rag` ({"question_encoder", "generator"});
-WORKDIR/model.json its RagConfig under "rag"; WORKDIR/config.json the experiment config.
+End to end (`model.train_doc_tower`, `retrieval.strategy` "refresh" or "rerank";
+tasks/end_to_end.py): a `doc_tower` part, the context encoder, is trained too. The batch
+carries the kept passages' rows as the refresher builds them (`[CLS] title [SEP] text
+[SEP]`, index.embed_corpus.RowBuilder), the step embeds them with the live document tower,
+so the loss reaches it. "refresh": the refresher embeds the corpus from the run's
+checkpoints (model.json names the doc_tower) and newer snapshots are swapped in at step
+boundaries; "rerank": `retrieval.over_retrieve` passages proposed by the stale index are
+embedded live (a jitted call before the step) and the best `rag.n_docs` kept. Drift
+(`retrieval.drift_every`) as in ORQA.
+
+Checkpoints hold the params of `models.rag.Rag` ({"question_encoder", "generator"}, plus
+"doc_tower" when it trains); WORKDIR/model.json its RagConfig under "rag" (and the
+document tower's EmbedderConfig under "doc_tower"); WORKDIR/config.json the experiment
+config. Runs made before the document tower could train load and resume as they were.
 """
 
 from __future__ import annotations
@@ -30,22 +42,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from realm_jax import config as config_lib
 from realm_jax import hf, sharding
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.data.store import BlockStore
+from realm_jax.index.embed_corpus import TITLE_CHOICES, RowBuilder
 from realm_jax.index.store import SnapshotError
 from realm_jax.models import BartConfig, EmbedderConfig, EncoderConfig, RagConfig, random_params
-from realm_jax.models.rag import Retrieved, build_contexts, retrieve
+from realm_jax.models.rag import Rag, RagOutput, Retrieved, build_contexts, retrieve
+from realm_jax.models.towers import relevance_scores
 from realm_jax.objectives.distill import (emdr2_loss, leave_one_out_marginals, loop_loss,
                                           pdist_loss)
 from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token_nll,
                                       sequence_log_likelihoods)
-from realm_jax.tasks.base import Answer, Passage, Task, register
-from realm_jax.tasks.common import (DEFAULT_METRICS, evaluate_answers, in_padded_batches,
-                                    question_batches)
+from realm_jax.tasks import end_to_end
+from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
+from realm_jax.tasks.common import (DEFAULT_METRICS, SnapshotSwaps, evaluate_answers,
+                                    in_padded_batches, question_batches)
+from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
+                                        question_batch, trains_doc_tower)
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -55,8 +73,7 @@ LOSSES = {"token": rag_token_nll, "sequence": rag_sequence_nll}
 RETRIEVER_LOSSES = ("marginal", "emdr2", "pdist", "loop")
 BACKENDS = ("scann", "exact")
 DECODINGS = ("thorough", "fast")
-BATCH_FIELDS = ("question_ids", "question_mask", "doc_embeddings", "context_ids",
-                "context_mask", "decoder_input_ids", "labels")
+RAG_PARTS = ("question_encoder", "generator")   # the params of models.rag.Rag
 # Where a Hugging Face RAG folder keeps its two tokenizers.
 _TOKENIZER_SUBFOLDERS = {"question": "question_encoder_tokenizer",
                          "generator": "generator_tokenizer"}
@@ -80,6 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         parse_metrics(eval_metrics(config))
     except ValueError as e:
         raise ValueError(f"--config.eval.metrics: {e}") from None
+    end_to_end.check_config(config, config.rag.n_docs, "rag.n_docs")
     if config.eval.get("do_sample") and config.rag.loss == "sequence":
         raise ValueError("--config.eval.do_sample: sampling is RAG-Token decoding's; RAG-Sequence "
                          "decodes by beam search (eval.decoding thorough or fast)")
@@ -204,6 +222,17 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
     return cfg, {"question_encoder": q_params, "generator": g_params}
 
 
+def build_doc_tower(config: ml_collections.ConfigDict) -> tuple[EmbedderConfig, dict]:
+    """(EmbedderConfig, host params) of the trainable document tower (model.train_doc_tower):
+    the context encoder that built the index, `model.context_encoder_hf`, with the question
+    encoder section's run knobs (dtype, attention, ...)."""
+    folder = config.model.context_encoder_hf or config.refresh.get("doc_tower_hf", "")
+    if not folder:
+        raise ValueError("model.train_doc_tower: set --config.model.context_encoder_hf (the "
+                         "context encoder the index was built with)")
+    return hf.load_embedder(folder, **config_lib.model_knobs(config.model.question_encoder))
+
+
 # ---------------------------------------------------------------------------------------
 # Data
 
@@ -287,12 +316,68 @@ def _embed_questions(cfg: EmbedderConfig, params, ids, mask):
     return cfg.module().apply({"params": params}, ids, mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class LiveDocs:
+    """The trainable document tower's view of retrieved passages: their rows as the
+    refresher embeds them (`rows`, a RowBuilder of the served snapshot's store, padded to
+    its max_length) and the best of a pool by live score (`choose`)."""
+
+    config: EmbedderConfig
+    rows: RowBuilder
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, tower: EmbedderConfig,
+               store: BlockStore) -> "LiveDocs":
+        """Rows as `realm-jax refresh` builds them with this config: `refresh.title`,
+        `refresh.max_length` (0: the tower's positions), the tokenizer data.tokenizer or
+        else the context encoder's folder."""
+        tokenizer = config.data.tokenizer or config.model.context_encoder_hf
+        length = config.refresh.max_length or tower.encoder.max_position_embeddings
+        return cls(tower, RowBuilder.for_store(store, tokenizer, max_length=length,
+                                               title=TITLE_CHOICES[config.refresh.title]))
+
+    def tokens(self, doc_ids: np.ndarray) -> dict:
+        """{"doc_tokens", "doc_mask"} [B, R, L] of passages `doc_ids` [B, R] (-1: an empty
+        row, one visible pad token)."""
+        b, r = doc_ids.shape
+        length, pad = self.rows.max_length, self.config.encoder.pad_token_id
+        tokens = np.full((b * r, length), pad, np.int32)
+        mask = np.zeros((b * r, length), np.int32)
+        flat = doc_ids.reshape(-1)
+        real = np.flatnonzero(flat >= 0)
+        for i, row in zip(real, self.rows.rows(flat[real])):
+            tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+        mask[flat < 0, 0] = 1
+        return {"doc_tokens": tokens.reshape(b, r, length), "doc_mask": mask.reshape(b, r, length)}
+
+    def choose(self, params, questions: np.ndarray, pool: np.ndarray, k: int, put
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, live scores) [B, k] of the best k of `pool` [B, R] (best first) by the live
+        towers: questions [B, P] . the pool's rows embedded by `params` (the doc_tower part).
+        `put(dict) -> dict` makes global batch arrays of the host's rows; the results are
+        the global batch's, on every host."""
+        arrays = put(dict(self.tokens(pool), questions=questions.astype(np.float32),
+                          pool=pool.astype(np.int32)))
+        out = _live_choice(self.config, k, params, arrays)
+        return tuple(np.asarray(x) for x in multihost_utils.process_allgather(out, tiled=True))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _live_choice(cfg: EmbedderConfig, k: int, params, arrays: dict):
+    docs = embed_docs(cfg, params, arrays["doc_tokens"], arrays["doc_mask"])
+    kept = live_top(arrays["pool"], docs, arrays["questions"], k)
+    return kept.ids, kept.scores
+
+
 # ---------------------------------------------------------------------------------------
 # The loss
 
 @dataclasses.dataclass(frozen=True)
 class RagLossFn:
-    """Mean RAG-Token / RAG-Sequence loss per question of a batch (BATCH_FIELDS), with
+    """Mean RAG-Token / RAG-Sequence loss per question of a batch (question_ids,
+    question_mask, context_ids, context_mask, decoder_input_ids, labels, and the documents:
+    `doc_embeddings` from the index, or with `doc_tower` their rows `doc_tokens`,
+    `doc_mask` embedded by the live document tower, the params' "doc_tower" part), with
     dropout when given an rng; metrics: loss, nll (without label smoothing), top_doc_prob
     (the mean largest p(z|x)).
 
@@ -308,24 +393,49 @@ class RagLossFn:
     exclude_bos_score: bool = False
     retriever_loss: str = "marginal"
     distill_temperature: float = 1.0
+    doc_tower: EmbedderConfig | None = None   # trained (model.train_doc_tower)
+
+    def outputs(self, params, batch: dict, rng: jax.Array | None) -> RagOutput:
+        """The generator's logits and the document scores, by the live question encoder
+        against the index's embeddings (no gradient to them) or the live document tower's."""
+        rag_params = {"params": {part: params[part] for part in RAG_PARTS}}
+        module = self.config.module()
+        if self.doc_tower is None:
+            return module.apply(
+                rag_params, batch["question_ids"], batch["question_mask"],
+                batch["doc_embeddings"], batch["context_ids"], batch["context_mask"],
+                batch["decoder_input_ids"], deterministic=rng is None,
+                rngs=None if rng is None else {"dropout": rng})
+        rng, rng_docs = (None, None) if rng is None else jax.random.split(rng)
+        apply = functools.partial(module.apply, rag_params, deterministic=rng is None,
+                                  rngs=None if rng is None else {"dropout": rng})
+        questions = apply(batch["question_ids"], batch["question_mask"],
+                          method=Rag.embed_questions)
+        docs = embed_docs(self.doc_tower, params[DOC_TOWER], batch["doc_tokens"],
+                          batch["doc_mask"], rng_docs).astype(jnp.float32)
+        logits = apply(batch["context_ids"], batch["context_mask"], batch["decoder_input_ids"],
+                       method=Rag.generator_logits)
+        scores = nn.with_logical_constraint(relevance_scores(questions, docs), ("batch", None))
+        return RagOutput(logits, scores)
 
     def __call__(self, params, batch: dict, rng: jax.Array | None):
-        out = self.config.module().apply(
-            {"params": params}, batch["question_ids"], batch["question_mask"],
-            batch["doc_embeddings"], batch["context_ids"], batch["context_mask"],
-            batch["decoder_input_ids"], deterministic=rng is None,
-            rngs=None if rng is None else {"dropout": rng})
+        return self.head(self.outputs(params, batch, rng), batch["labels"])
+
+    def head(self, out: RagOutput, labels: jax.Array):
+        """(loss, metrics) of the model's outputs against the target `labels` [B, T]: the
+        RAG loss and the retriever's (pure; the same for every strategy, which only changes
+        where `out.doc_scores` come from)."""
         pad = self.config.generator.pad_token_id
         distill = self.retriever_loss != "marginal"
         scores = jax.lax.stop_gradient(out.doc_scores) if distill else out.doc_scores
-        nll = functools.partial(LOSSES[self.loss], out.logits, batch["labels"], scores,
+        nll = functools.partial(LOSSES[self.loss], out.logits, labels, scores,
                                 pad_id=pad, exclude_bos_score=self.exclude_bos_score,
                                 reduce=False)
         loss = jnp.mean(nll(epsilon=self.label_smoothing))
         metrics = {"nll": jnp.mean(nll()) if self.label_smoothing else loss,
                    "top_doc_prob": jnp.exp(doc_log_probs(out.doc_scores).max(-1)).mean()}
         if distill:
-            ll = sequence_log_likelihoods(out.logits, batch["labels"], pad_id=pad,
+            ll = sequence_log_likelihoods(out.logits, labels, pad_id=pad,
                                           exclude_bos_score=self.exclude_bos_score)
             retriever = self.retriever_term(out.doc_scores, ll)
             metrics.update(generator_loss=loss, retriever_loss=retriever.loss,
@@ -360,21 +470,28 @@ def _store(config) -> BlockStore:
 
 
 def _retriever(config, workdir: Workdir, store: BlockStore, cfg: RagConfig, tokenizers,
-               wait_seconds: float = 0.0) -> "Retriever":
+               wait_seconds: float = 0.0, watcher=None) -> "Retriever":
     """The retriever over the newest snapshot of WORKDIR/index (waiting up to
-    `wait_seconds` for the refresher to publish one)."""
-    snapshot = workdir.wait_for_snapshot(workdir.index_watcher(store), wait_seconds)
-    store = workdir.snapshot_store(snapshot, store)
-    return Retriever(snapshot, store, cfg, tokenizers.generator, config.retrieval.backend,
-                     config.retrieval.scann_threads)
+    `wait_seconds` for the refresher to publish one; `watcher`: the index watcher to ask)."""
+    watcher = watcher or workdir.index_watcher(store)
+    return _serve(config, workdir.wait_for_snapshot(watcher, wait_seconds), store, cfg,
+                  tokenizers)
+
+
+def _serve(config, snapshot, store: BlockStore, cfg: RagConfig, tokenizers) -> "Retriever":
+    """The retriever over `snapshot` (its own version of the corpus store)."""
+    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg, tokenizers.generator,
+                     config.retrieval.backend, config.retrieval.scann_threads)
 
 
 @register
 class RagTask(Task):
     """RAG fine-tuning: question batches; on the host the live question encoder's top
-    `rag.n_docs` passages from the frozen index and their contexts; in the step the
-    RAG-Token or RAG-Sequence loss (`rag.loss`). model.json holds the RagConfig under
-    "rag"; the params are its parts {"question_encoder", "generator"}."""
+    `rag.n_docs` passages from the index (with `retrieval.strategy` "rerank" the best of
+    `over_retrieve` by the live towers) and their contexts; in the step the RAG-Token or
+    RAG-Sequence loss (`rag.loss`). model.json holds the RagConfig under "rag" (and the
+    trained context encoder under "doc_tower"); the params are its parts
+    {"question_encoder", "generator"} (and "doc_tower")."""
 
     name = "rag"
     progress_keys = ("loss", "top_doc_prob", "answer_in_docs", "step_time")
@@ -383,21 +500,29 @@ class RagTask(Task):
         super().__init__(config)
         check_config(config)
         self.retriever = None
+        self.how = Strategy.from_config(config)
 
     def build(self) -> tuple[dict, dict]:
         self.tokenizers = load_tokenizers(self.config)
         cfg, params = build_model(self.config, self.tokenizers)
+        configs = {MODEL_KEY: cfg}
+        if trains_doc_tower(self.config):
+            configs[DOC_TOWER], params[DOC_TOWER] = build_doc_tower(self.config)
         rc, rt = self.config.rag, self.config.retrieval
         self.loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score,
                                  rt.get("retriever_loss", "marginal"),
-                                 rt.get("distill_temperature", 1.0))
-        return {MODEL_KEY: cfg}, params
+                                 rt.get("distill_temperature", 1.0), configs.get(DOC_TOWER))
+        return configs, params
 
     def param_shardings(self, configs: dict, mesh, rules) -> dict:
-        return sharding.part_shardings(configs, mesh, rules)[MODEL_KEY]
+        return rag_param_shardings(configs, mesh, rules)
 
     def lr_multipliers(self) -> dict:
-        return {"question_encoder": self.config.train.question_encoder_lr_multiplier}
+        """The retriever's towers (question encoder and a trained context encoder) at
+        train.question_encoder_lr_multiplier."""
+        factor = self.config.train.question_encoder_lr_multiplier
+        return {"question_encoder": factor,
+                **({DOC_TOWER: factor} if trains_doc_tower(self.config) else {})}
 
     def dataset(self, run):
         self.store = _store(self.config)
@@ -414,45 +539,107 @@ class RagTask(Task):
     def start(self, run) -> None:
         c, cfg = self.config, self.loss_fn.config
         self.run = run
+        watcher = run.workdir.index_watcher(self.store)
         self.retriever = _retriever(c, run.workdir, self.store, cfg, self.tokenizers,
-                                    c.train.index_wait_seconds)
+                                    c.train.index_wait_seconds, watcher)
+        self.index = SnapshotSwaps(watcher, self.retriever.snapshot,
+                                   c.train.get("max_index_staleness", 0),
+                                   c.train.index_wait_seconds)
         self.encoder = QAEncoder(self.tokenizers, cfg.generator, c.rag.max_source_length,
                                  c.rag.max_target_length)
+        self.live = (LiveDocs.create(c, self.loss_fn.doc_tower, self.retriever.store)
+                     if self.how.live_docs else None)
+
+    def before_step(self, step: int, run) -> None:
+        if self.how.name == "refresh":
+            new = self.index.due(step, run.saved_step)
+            if new is not None:
+                self.retriever = _serve(self.config, new, self.store, self.loss_fn.config,
+                                        self.tokenizers)
+                self.live = LiveDocs.create(self.config, self.loss_fn.doc_tower,
+                                            self.retriever.store)
+
+    def step_metrics(self, step: int) -> dict:
+        return self.index.step_metrics(step) if self.how.live_docs else {}
 
     def load(self, indices):  # the generator's tokenizer is used in this thread only
         chosen = [self.examples[int(i)] for i in indices]
         return chosen, self.encoder.questions([ex.question for ex in chosen])
 
+    def documents(self, params, questions: np.ndarray, put) -> tuple[np.ndarray, dict]:
+        """(ids [B, n_docs], the batch's document fields) of questions [B, P] (this host's
+        rows): the index's top n_docs, or ("rerank") the live towers' best of its top
+        over_retrieve; their index embeddings ("query_side") or rows for the live document
+        tower. `put`: global batch arrays of this host's rows."""
+        k = self.config.rag.n_docs
+        found = self.retriever.search(questions, self.how.pool_depth(k))
+        if not self.how.live_docs:
+            return found.doc_ids, put({"doc_embeddings": found.doc_embeddings})
+        ids = found.doc_ids[:, :k]
+        if self.how.name == "rerank":
+            ids = sharding.local_rows(self.live.choose(params[DOC_TOWER], questions,
+                                                       found.doc_ids, k, put)[0])
+        return ids, put(self.live.tokens(ids))
+
     def make_batch(self, item, params):
         """The documents retrieved with the live question encoder, their contexts and the
         targets."""
         chosen, (question_ids, question_mask) = item
-        put = self.run.batch_sharding
-        batch = sharding.global_batch(dict(question_ids=question_ids,
-                                           question_mask=question_mask), put)
+        put = functools.partial(sharding.global_batch, sharding=self.run.batch_sharding)
+        batch = put(dict(question_ids=question_ids, question_mask=question_mask))
         q = self.retriever.embed(params["question_encoder"], batch["question_ids"],
                                  batch["question_mask"])
-        found = self.retriever.search(sharding.local_rows(q), self.config.rag.n_docs)
-        ctx, ctx_mask = self.retriever.contexts(found.doc_ids, [ex.question for ex in chosen])
+        doc_ids, docs = self.documents(params, sharding.local_rows(q), put)
+        ctx, ctx_mask = self.retriever.contexts(doc_ids, [ex.question for ex in chosen])
         dec, labels = self.encoder.targets([ex.answers[0] for ex in chosen])
-        batch.update(sharding.global_batch(dict(
-            doc_embeddings=found.doc_embeddings, context_ids=ctx, context_mask=ctx_mask,
-            decoder_input_ids=dec, labels=labels), put))
-        return batch, lambda: {"answer_in_docs": _answer_in_docs(self.store, found.doc_ids,
-                                                                 chosen)}
+        batch.update(docs, **put(dict(context_ids=ctx, context_mask=ctx_mask,
+                                      decoder_input_ids=dec, labels=labels)))
+        return batch, lambda: {"answer_in_docs": _answer_in_docs(self.store, doc_ids, chosen)}
 
     def loss(self, params, batch, extras, rng):
         return self.loss_fn(params, batch, rng)
+
+    def hooks(self, run) -> list[Hook]:
+        rc = self.config.retrieval
+        if rc.get("drift_every", 0) <= 0:
+            return []
+        probes = [ex.question for ex in self.examples[:rc.drift_probes]]
+        # Tokenized here, before the prefetch thread uses the question tokenizer.
+        self.probes = dict(zip(probes, zip(*self.encoder.questions(probes))))
+        probe = DriftProbe(probes, self.config.train.batch_size, self.drift_rows,
+                           self.index, run.workdir)
+        return [Hook("drift", probe, every=rc.drift_every, shown=("drift/overlap", "staleness"))]
+
+    def drift_rows(self, questions: list[str], params) -> list:
+        """The drift hook's `rows`: the served index's top n_docs of each question against
+        the live towers' exact top n_docs over the index's best max(over_retrieve, n_docs)
+        passages freshly embedded (questions: the whole batch of probes, on every host)."""
+        put = functools.partial(question_batch, batch_sharding=self.run.batch_sharding)
+        ids, mask = (np.stack(x) for x in zip(*(self.probes[q] for q in questions)))
+        batch = put(dict(question_ids=ids, question_mask=mask))
+        q = self.retriever.embed(params["question_encoder"], batch["question_ids"],
+                                 batch["question_mask"])
+        k = self.config.rag.n_docs
+        pool = self.retriever.search(q, self.how.probe_depth(k)).doc_ids
+        exact, _ = self.live.choose(params[DOC_TOWER], q, pool, k, put)
+        return list(zip(pool[:, :k], exact))
 
     def checkpoint_meta(self) -> dict:
         return {} if self.retriever is None else {"index": self.retriever.snapshot.version}
 
     def result(self) -> dict:
-        return {"snapshot": self.retriever.snapshot}
+        return {"snapshot": self.retriever.snapshot, "swaps": self.index.swaps}
 
     @classmethod
     def answerer(cls, config, workdir, step=None) -> "RagAnswerer":
         return RagAnswerer(config, workdir, step=step)
+
+
+def rag_param_shardings(configs: dict, mesh, rules) -> dict:
+    """NamedShardings of a RAG run's params: the RagConfig's parts at the top level (and
+    the document tower's)."""
+    shardings = sharding.part_shardings(configs, mesh, rules)
+    return dict(shardings.pop(MODEL_KEY), **shardings)
 
 
 def _answer_in_docs(store: BlockStore, doc_ids: np.ndarray, examples: Sequence) -> float:
@@ -495,12 +682,16 @@ class RagAnswerer:
             int(m.partition("@")[2]) for m in eval_metrics(config) if m.startswith("recall@"))])
         self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        p_shardings = sharding.part_shardings(configs, self.mesh, self.rules)[MODEL_KEY]
+        p_shardings = rag_param_shardings(configs, self.mesh, self.rules)
         self.params = {part: checkpoints.restore_part(self.step, part, p_shardings[part])
                        for part in p_shardings}
         self.store = _store(config)
         self.tokenizers = load_tokenizers(config)
         self.retriever = _retriever(config, self.workdir, self.store, self.cfg, self.tokenizers)
+        # A trained document tower scores (and with "rerank" chooses) the passages live.
+        self.how = Strategy.from_config(config)
+        self.live = (LiveDocs.create(config, configs[DOC_TOWER], self.retriever.store)
+                     if DOC_TOWER in configs else None)
         self.encoder = QAEncoder(self.tokenizers, self.cfg.generator, rc.max_source_length,
                                  rc.max_target_length)
         from realm_jax import decode
@@ -528,13 +719,12 @@ class RagAnswerer:
         with sharding.activate(self.mesh, self.rules):
             ids, mask = self.encoder.questions(questions)
             q = self.retriever.embed(self.params["question_encoder"], put(ids), put(mask))
-            found = self.retriever.search(q, self.depth)
-            scores = np.einsum("bp,bkp->bk", q, found.doc_embeddings)
-            ctx, ctx_mask = self.retriever.contexts(found.doc_ids[:, :self.n_docs], questions)
+            doc_ids, scores = self._documents(q)
+            ctx, ctx_mask = self.retriever.contexts(doc_ids[:, :self.n_docs], questions)
             sampling = {}
             if self._rng is not None:   # a new key for every batch, from eval.seed
                 self._rng, sampling["rng"] = jax.random.split(self._rng)
-            out = self._decode(self.params, put(ctx), put(ctx_mask),
+            out = self._decode({p: self.params[p] for p in RAG_PARTS}, put(ctx), put(ctx_mask),
                                put(scores[:, :self.n_docs].astype(np.float32)), **sampling)
             sequences, answer_scores = (np.asarray(x) for x in multihost_utils.process_allgather(
                 (out.sequences[:, 0], out.scores[:, 0]), tiled=True))
@@ -542,8 +732,19 @@ class RagAnswerer:
         store = self.store
         return [Answer(question, text.strip(), float(answer_scores[i]), tuple(
             Passage(int(d), store.title(int(d)), store.text(int(d)), float(s))
-            for d, s in zip(found.doc_ids[i], scores[i]) if d >= 0), read=self.n_docs)
+            for d, s in zip(doc_ids[i], scores[i]) if d >= 0), read=self.n_docs)
             for i, (question, text) in enumerate(zip(questions, texts))]
+
+    def _documents(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) [B, depth] of the passages retrieved for question embeddings:
+        the index's, scored by its embeddings; with a trained document tower the best by
+        live score of the index's top depth (max(over_retrieve, depth) under "rerank")."""
+        if self.live is None:
+            found = self.retriever.search(q, self.depth)
+            return found.doc_ids, np.einsum("bp,bkp->bk", q, found.doc_embeddings)
+        pool = self.retriever.search(q, self.how.pool_depth(self.depth)).doc_ids
+        put = functools.partial(question_batch, batch_sharding=self.batch_sharding)
+        return self.live.choose(self.params[DOC_TOWER], q, pool, self.depth, put)
 
     def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
         """Exact match of the generated answers (normalized), recall@k (`eval.recall_at`)
