@@ -266,7 +266,7 @@ def test_rerank_keeps_the_live_best_of_the_over_retrieved(model, tower):
     assert (ids != pool[:, :3]).any()
 
 
-def test_rag_strategy_settings_and_old_configs(data):
+def test_rag_strategy_settings_and_old_configs(data, tmp_path):
     def refused(*overrides):
         with pytest.raises(ValueError) as e:
             rag.check_config(_config(data, "", *overrides))
@@ -277,11 +277,14 @@ def test_rag_strategy_settings_and_old_configs(data):
     assert "rag.n_docs" in refused("--config.retrieval.strategy=rerank",
                                    "--config.model.train_doc_tower=True")
     assert "drift_every" in refused("--config.retrieval.drift_every=2")
-    # A config.json written before these fields existed: the frozen document tower.
-    old = _config(data, "")
+    # A config.json written before these fields existed reads their defaults (Workdir.
+    # read_config): the frozen document tower.
+    saved = _config(data, "").to_dict()
     for section, field in (("model", "train_doc_tower"), ("retrieval", "strategy"),
                            ("retrieval", "over_retrieve"), ("retrieval", "drift_every")):
-        del old[section][field]
+        del saved[section][field]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = Workdir(tmp_path).read_config()
     rag.check_config(old)
     task = rag.RagTask(old)
     assert task.how == end_to_end.Strategy("query_side", 0) and not task.how.live_docs

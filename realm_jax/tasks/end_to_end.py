@@ -38,31 +38,21 @@ DOC_TOWER = "doc_tower"    # the trainable document tower's part (model.train_do
 STRATEGIES = ("query_side", "refresh", "rerank")
 
 
-def strategy_name(config: ml_collections.ConfigDict) -> str:
-    """retrieval.strategy ("query_side" in the config.json of runs made before it existed)."""
-    return config.retrieval.get("strategy", "query_side")
-
-
-def trains_doc_tower(config: ml_collections.ConfigDict) -> bool:
-    """model.train_doc_tower (False for runs made before it existed)."""
-    return bool(config.model.get("train_doc_tower", False))
-
-
 def check_config(config: ml_collections.ConfigDict, depth: int, depth_field: str) -> None:
     """The strategy's fields, each error naming its field: a known strategy, the document
     tower trained exactly when the strategy re-embeds, `retrieval.over_retrieve` at least
     the `depth` documents kept (`depth_field`), drift only against a live document tower."""
-    rc, name, trains = config.retrieval, strategy_name(config), trains_doc_tower(config)
+    rc, name, trains = config.retrieval, config.retrieval.strategy, config.model.train_doc_tower
     if name not in STRATEGIES:
         raise ValueError(f"retrieval.strategy={name!r}: expected one of {', '.join(STRATEGIES)}")
     if trains != (name != "query_side"):
         raise ValueError(f"retrieval.strategy={name!r} with model.train_doc_tower={trains}: "
                          "'refresh' and 'rerank' train the document tower (set "
                          "model.train_doc_tower=True), 'query_side' keeps it frozen")
-    if name == "rerank" and rc.get("over_retrieve", 0) < depth:
+    if name == "rerank" and rc.over_retrieve < depth:
         raise ValueError(f"retrieval.strategy='rerank': retrieval.over_retrieve "
-                         f"({rc.get('over_retrieve', 0)}) must be >= {depth_field} ({depth})")
-    if rc.get("drift_every", 0) > 0 and not trains:
+                         f"({rc.over_retrieve}) must be >= {depth_field} ({depth})")
+    if rc.drift_every > 0 and not trains:
         raise ValueError("retrieval.drift_every: drift is measured against the live document "
                          "tower (retrieval.strategy 'refresh' or 'rerank')")
 
@@ -76,7 +66,7 @@ class Strategy:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Strategy":
-        return cls(strategy_name(config), config.retrieval.get("over_retrieve", 0))
+        return cls(config.retrieval.strategy, config.retrieval.over_retrieve)
 
     @property
     def live_docs(self) -> bool:

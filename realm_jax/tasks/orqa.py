@@ -68,7 +68,7 @@ from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
 from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
                                     question_batches)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
-                                        question_batch, strategy_name, trains_doc_tower)
+                                        question_batch)
 from realm_jax.tasks import end_to_end
 from realm_jax.workdir import Workdir
 
@@ -159,7 +159,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         reader = cfg, params
     configs = {"query_tower": query[0], "reader": reader[0]}
     params = {"query_tower": query[1], "reader": reader[1]}
-    if trains_doc_tower(config):
+    if config.model.train_doc_tower:
         configs[DOC_TOWER], params[DOC_TOWER] = _doc_tower(config, knobs)
     return configs, params
 
@@ -421,10 +421,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"need 1 <= retrieval.num_read ({rc.num_read}) <= "
                          f"retrieval.beam_size ({rc.beam_size})")
     end_to_end.check_config(config, rc.beam_size, "retrieval.beam_size")
-    if strategy_name(config) == "refresh" and rc.index:
+    if rc.strategy == "refresh" and rc.index:
         raise ValueError(f"retrieval.strategy='refresh' serves WORKDIR/index, where the "
                          f"refresher publishes; retrieval.index={rc.index!r} must be ''")
-    if rc.get("retriever_loss", "marginal") != "marginal":
+    if rc.retriever_loss != "marginal":
         raise ValueError(f"retrieval.retriever_loss={rc.retriever_loss!r}: ORQA's retrieval "
                          "term is the marginal over the beam's correct blocks ('marginal'); "
                          "the distillation losses are RAG's")
@@ -458,7 +458,7 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        strategy = strategy_name(config)
+        strategy = config.retrieval.strategy
         wait = config.train.index_wait_seconds if strategy == "refresh" else 0.0
         watcher, snapshot = frozen_index(config, workdir, store, wait)
         store = Workdir.snapshot_store(snapshot, store)
@@ -469,7 +469,7 @@ class Setup:
         # by their doc_index, so the compiled search serves later store versions too
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, int(corpus.embeddings.shape[0]), corpus.block_size,
-                          rc.reader_length or None, strategy, rc.get("over_retrieve", 0))
+                          rc.reader_length or None, strategy, rc.over_retrieve)
         return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
@@ -608,7 +608,7 @@ class OrqaTask(Task):
                                    tc.index_wait_seconds)
 
     def before_step(self, step: int, run) -> None:
-        if strategy_name(self.config) == "refresh":
+        if self.config.retrieval.strategy == "refresh":
             new = self.index.due(step, run.saved_step)
             if new is not None:
                 self.setup.use(new)
@@ -640,7 +640,7 @@ class OrqaTask(Task):
     def hooks(self, run) -> list[Hook]:
         tc, rc = self.config.train, self.config.retrieval
         hooks = []
-        if rc.get("drift_every", 0) > 0:
+        if rc.drift_every > 0:
             shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
             probes = [ex.question for ex in self.examples[:rc.drift_probes]]
             probe = DriftProbe(probes, -(-len(probes) // shards) * shards,

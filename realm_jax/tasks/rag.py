@@ -60,10 +60,10 @@ from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token
                                       sequence_log_likelihoods)
 from realm_jax.tasks import end_to_end
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (DEFAULT_METRICS, SnapshotSwaps, evaluate_answers,
-                                    in_padded_batches, question_batches)
+from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
+                                    question_batches)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
-                                        question_batch, trains_doc_tower)
+                                        question_batch)
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -87,30 +87,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field, value, allowed in (("rag.loss", config.rag.loss, tuple(LOSSES)),
                                   ("retrieval.backend", config.retrieval.backend, BACKENDS),
                                   ("eval.decoding", config.eval.decoding, DECODINGS),
-                                  ("retrieval.retriever_loss",
-                                   config.retrieval.get("retriever_loss", "marginal"),
+                                  ("retrieval.retriever_loss", config.retrieval.retriever_loss,
                                    RETRIEVER_LOSSES),
-                                  ("data.format", data_format(config), ("qa", *TASK_FORMATS))):
+                                  ("data.format", config.data.format, ("qa", *TASK_FORMATS))):
         if value not in allowed:
             raise ValueError(f"--config.{field}={value!r}: expected one of {', '.join(allowed)}")
     try:
-        parse_metrics(eval_metrics(config))
+        parse_metrics(config.eval.metrics)
     except ValueError as e:
         raise ValueError(f"--config.eval.metrics: {e}") from None
     end_to_end.check_config(config, config.rag.n_docs, "rag.n_docs")
-    if config.eval.get("do_sample") and config.rag.loss == "sequence":
+    if config.eval.do_sample and config.rag.loss == "sequence":
         raise ValueError("--config.eval.do_sample: sampling is RAG-Token decoding's; RAG-Sequence "
                          "decodes by beam search (eval.decoding thorough or fast)")
-
-
-def data_format(config: ml_collections.ConfigDict) -> str:
-    """config.data.format ("qa" for configs written before it existed)."""
-    return config.data.get("format", "qa")
-
-
-def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """config.eval.metrics (exact match and F1 for configs written before it existed)."""
-    return tuple(config.eval.get("metrics", DEFAULT_METRICS))
 
 
 def label_set(config: ml_collections.ConfigDict):
@@ -118,7 +107,7 @@ def label_set(config: ml_collections.ConfigDict):
     labels before scoring), else None."""
     from realm_jax.data.tasks import fever_labels
 
-    fmt = data_format(config)
+    fmt = config.data.format
     return fever_labels(3 if fmt == "fever" else 2) if fmt in ("fever", "fever2") else None
 
 
@@ -226,7 +215,7 @@ def build_doc_tower(config: ml_collections.ConfigDict) -> tuple[EmbedderConfig, 
     """(EmbedderConfig, host params) of the trainable document tower (model.train_doc_tower):
     the context encoder that built the index, `model.context_encoder_hf`, with the question
     encoder section's run knobs (dtype, attention, ...)."""
-    folder = config.model.context_encoder_hf or config.refresh.get("doc_tower_hf", "")
+    folder = config.model.context_encoder_hf or config.refresh.doc_tower_hf
     if not folder:
         raise ValueError("model.train_doc_tower: set --config.model.context_encoder_hf (the "
                          "context encoder the index was built with)")
@@ -243,7 +232,7 @@ def load_examples(config: ml_collections.ConfigDict, which: str) -> list:
     from realm_jax.data.qa import load_qa
     from realm_jax.data.tasks import read_task
 
-    d, fmt = config.data, data_format(config)
+    d, fmt = config.data, config.data.format
     if not d[which]:
         raise ValueError(f"set --config.data.{which} (" + (
             "a QA file: .jsonl, .json, .tsv; or tfds:NAME)" if fmt == "qa"
@@ -506,12 +495,11 @@ class RagTask(Task):
         self.tokenizers = load_tokenizers(self.config)
         cfg, params = build_model(self.config, self.tokenizers)
         configs = {MODEL_KEY: cfg}
-        if trains_doc_tower(self.config):
+        if self.config.model.train_doc_tower:
             configs[DOC_TOWER], params[DOC_TOWER] = build_doc_tower(self.config)
         rc, rt = self.config.rag, self.config.retrieval
         self.loss_fn = RagLossFn(cfg, rc.loss, rc.label_smoothing, rc.exclude_bos_score,
-                                 rt.get("retriever_loss", "marginal"),
-                                 rt.get("distill_temperature", 1.0), configs.get(DOC_TOWER))
+                                 rt.retriever_loss, rt.distill_temperature, configs.get(DOC_TOWER))
         return configs, params
 
     def param_shardings(self, configs: dict, mesh, rules) -> dict:
@@ -522,7 +510,7 @@ class RagTask(Task):
         train.question_encoder_lr_multiplier."""
         factor = self.config.train.question_encoder_lr_multiplier
         return {"question_encoder": factor,
-                **({DOC_TOWER: factor} if trains_doc_tower(self.config) else {})}
+                **({DOC_TOWER: factor} if self.config.model.train_doc_tower else {})}
 
     def dataset(self, run):
         self.store = _store(self.config)
@@ -543,7 +531,7 @@ class RagTask(Task):
         self.retriever = _retriever(c, run.workdir, self.store, cfg, self.tokenizers,
                                     c.train.index_wait_seconds, watcher)
         self.index = SnapshotSwaps(watcher, self.retriever.snapshot,
-                                   c.train.get("max_index_staleness", 0),
+                                   c.train.max_index_staleness,
                                    c.train.index_wait_seconds)
         self.encoder = QAEncoder(self.tokenizers, cfg.generator, c.rag.max_source_length,
                                  c.rag.max_target_length)
@@ -679,7 +667,7 @@ class RagAnswerer:
         self.n_docs = ec.n_docs or self.cfg.n_docs
         # Retrieved: the documents read, and enough for recall@k and the metrics' recall@K.
         self.depth = max([self.n_docs, *ec.recall_at, *(
-            int(m.partition("@")[2]) for m in eval_metrics(config) if m.startswith("recall@"))])
+            int(m.partition("@")[2]) for m in config.eval.metrics if m.startswith("recall@"))])
         self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         p_shardings = rag_param_shardings(configs, self.mesh, self.rules)
@@ -699,9 +687,9 @@ class RagAnswerer:
             self.cfg, num_beams=ec.num_beams, min_length=ec.min_length,
             max_length=ec.max_length or rc.max_target_length + 1,
             length_penalty=ec.length_penalty, **{
-                k: ec[k] for k in ("do_sample", "temperature", "top_k", "top_p") if k in ec})
+                k: ec[k] for k in ("do_sample", "temperature", "top_k", "top_p")})
         reader_cfg = self.cfg.replace(n_docs=self.n_docs)
-        self._rng = jax.random.key(ec.get("seed", 0)) if gen.do_sample else None
+        self._rng = jax.random.key(ec.seed) if gen.do_sample else None
         if rc.loss == "sequence":
             self._decode = functools.partial(decode.rag_sequence_generate, config=reader_cfg,
                                              gen=gen, fast=ec.decoding == "fast")
@@ -759,5 +747,5 @@ class RagAnswerer:
         answers = self.answer([ex.question for ex in examples])
         summary, path = evaluate_answers(examples, answers, self.config.eval.recall_at,
                                          out or self.workdir.eval_dir / "predictions.jsonl",
-                                         eval_metrics(self.config), label_set(self.config))
+                                         tuple(self.config.eval.metrics), label_set(self.config))
         return dict(summary, step=self.step), path
