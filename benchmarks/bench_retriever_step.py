@@ -33,7 +33,7 @@ import statistics
 import time
 
 import numpy as np
-from common import Report, add_markdown_flag, machine, minilm_folder
+from common import Report, add_markdown_flag, minilm_folder
 
 CPU_KNOBS = ("model.encoder.dtype=float32", "model.encoder.scan_layers=false",
              "model.encoder.remat=false", "model.encoder.attention=einsum")
@@ -194,7 +194,6 @@ def throughput(args, report: Report) -> None:
         + ", ".join(f"{n.split(' ')[0]} {v:.5f}" for n, v in list(first.items())[::2]) + ".")
     report.table(["step", "examples/s (median)", "range", "vs sentence-transformers MNRL",
                   "ratio range"], table)
-    report.text(f"Machine: {machine()}.")
 
 
 def memory(args, report: Report) -> None:
@@ -220,7 +219,6 @@ def memory(args, report: Report) -> None:
         f"the donated state's aliasing.")
     report.table(["questions", "passages", "step", "arguments", "temporaries", "peak"],
                  rows, numeric_from=3)
-    report.text(f"Machine: {machine()}.")
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 The whole gensim Wikipedia sample cut into REALM blocks of at most --block_length
 wordpieces (MiniLM's tokenizer); two small random BERT towers with MiniLM's vocabulary
-(--layers x --hidden, REALM's pooler and 128-d projection) trained by the real trainer on
+(--layers x --hidden, --pooling, --projection; by default one mean-pooled tower shared by
+queries and blocks, --no-shared_towers for ORQA's two) trained by the real trainer on
 ICT (`configs/ict.py`, the sentence removed from its block with probability 0.9) over the
 blocks of the training documents. At step 0 (the untrained towers) and every --eval_every
 steps, `realm-jax eval`'s evaluation (`RetrieverAnswerer.evaluate`): one pseudo-query
@@ -38,8 +39,9 @@ def ict_config(root: Path, args: argparse.Namespace):
         f"model.encoder.hidden_size={args.hidden}", f"model.encoder.num_layers={args.layers}",
         f"model.encoder.num_heads={args.hidden // 32}",
         f"model.encoder.intermediate_size={4 * args.hidden}",
-        "model.encoder.max_position_embeddings=128", "model.retriever_proj_size=128",
-        "model.pooling=pooler",
+        "model.encoder.max_position_embeddings=128",
+        f"model.retriever_proj_size={args.projection}",
+        f"model.pooling={args.pooling}", f"model.shared_towers={args.shared_towers}",
         f"ict.query_length={args.query_length}", f"ict.context_length={args.block_length}",
         f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
         f"train.learning_rate={args.learning_rate}", f"train.warmup_steps={args.steps // 10}",
@@ -71,6 +73,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--query_length", type=int, default=32)
     parser.add_argument("--block_length", type=int, default=64)
+    parser.add_argument("--pooling", choices=("pooler", "cls", "mean"), default="mean")
+    parser.add_argument("--projection", type=int, default=0,
+                        help="projection size (REALM: 128; 0: none, the hidden size; a "
+                             "mean-pooled tower with one has no HF layout for REALM's init)")
+    parser.add_argument("--shared_towers", action=argparse.BooleanOptionalAction,
+                        default=True, help="one tower for queries and blocks")
     add_markdown_flag(parser)
     args = parser.parse_args()
     from realm_jax.checkpoints import TrainCheckpoints
@@ -103,8 +111,10 @@ def main() -> None:
     blocks = rows[0]["corpus_blocks"]
     report = Report()
     report.text(
-        f"ICT from random towers ({args.layers} layers x {args.hidden}, MiniLM's vocabulary, "
-        f"pooler + 128-d projection): {steps[-1]} steps (of a {config.train.steps}-step "
+        f"ICT from random towers ({'one shared tower' if args.shared_towers else 'two towers'}"
+        f", {args.layers} layers x {args.hidden}, MiniLM's vocabulary, {args.pooling} pooling"
+        f"{f', {args.projection}-d projection' if args.projection else ''}): "
+        f"{steps[-1]} steps (of a {config.train.steps}-step "
         f"schedule) of {args.batch_size} "
         f"pseudo-queries (in-batch negatives), learning rate {args.learning_rate:g}, queries "
         f"of {args.query_length} and blocks of {args.block_length} wordpieces; "

@@ -63,9 +63,12 @@ def realm_config(ict_config: dict, towers: Path, args: argparse.Namespace):
 
 
 def export_towers(ict_workdir: Path, step: int, out: Path) -> Path:
+    """The ICT run's towers at `step` as out/query and out/doc (a shared tower: both)."""
     from realm_jax.checkpoints import export_part
+    from realm_jax.tasks.retriever import load_towers, query_part
 
-    for part, name in (("query_tower", "query"), ("doc_tower", "doc")):
+    configs, _, _ = load_towers(ict_workdir, step)
+    for part, name in ((query_part(configs), "query"), ("doc_tower", "doc")):
         if not (out / name).exists():
             export_part(ict_workdir, part, out / name, step=step, tokenizer=minilm_folder())
     return out
@@ -108,6 +111,9 @@ def run_arm(name: str, towers: Path, ict_config: dict, root: Path, args) -> dict
 
     config = realm_config(ict_config, towers, args)
     work = root / name
+    done = work / "cold_start_arm.json"  # a finished arm's figures (a rerun reuses them)
+    if done.exists():
+        return dict(json.loads(done.read_text()), config=config)
     if not (work / "index").exists():
         publish_initial_realm_index(config, work / "index")
     started = time.perf_counter()
@@ -117,7 +123,9 @@ def run_arm(name: str, towers: Path, ict_config: dict, root: Path, args) -> dict
     evals = list({r["step"]: r for r in rows if "heldout_loss" in r}.values())
     losses = [r["loss"] for r in rows if "loss" in r]
     spread = {step: top1_spread(config, work, step) for step in (0, args.steps)}
-    return dict(config=config, evals=evals, losses=losses, minutes=minutes, spread=spread)
+    arm = dict(evals=evals, losses=losses, minutes=minutes, spread=spread)
+    done.write_text(json.dumps(arm))
+    return dict(json.loads(done.read_text()), config=config)
 
 
 def change(r: dict, key: str) -> str:
@@ -140,6 +148,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_candidates", type=int, default=5)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--arms", default="warm,cold",
+                        help="run only these arms (the report needs both: a later run with "
+                             "both reuses a finished arm)")
     add_markdown_flag(parser)
     args = parser.parse_args()
     from realm_jax.checkpoints import TrainCheckpoints
@@ -152,8 +163,11 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     arms = {}
     for name, step in (("warm", warm_step), ("cold", 0)):
-        towers = export_towers(ict, step, root / f"towers_{name}")
-        arms[name] = run_arm(name, towers, ict_config, root, args)
+        if name in args.arms.split(","):
+            towers = export_towers(ict, step, root / f"towers_{name}")
+            arms[name] = run_arm(name, towers, ict_config, root, args)
+    if len(arms) < 2:
+        return
     load = os.getloadavg()
 
     first = arms["warm"]["evals"][0]
@@ -187,7 +201,7 @@ def main() -> None:
                  [(name, step, f"{d} of {n}", f"{share:.3f}",
                    f"{np.mean(arm['losses'][:5] if step == 0 else arm['losses'][-5:]):.3f}")
                   for name, arm in arms.items()
-                  for step, (d, share, n) in arm["spread"].items()], numeric_from=1)
+                  for step, (d, share, n) in ((int(k), v) for k, v in arm["spread"].items())], numeric_from=1)
     report.emit(args.markdown)
 
 
