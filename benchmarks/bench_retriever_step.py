@@ -12,16 +12,15 @@ row at full length, so no side gains from padding less, and tokenization left ou
 Each candidate runs --steps steps per round, the candidates interleaved round by round
 (--rounds), so that other jobs on the host slow them alike; the first step of each is
 warm-up (compilation). Reported: training examples (questions) per second, the median
-over rounds with the range, and each against sentence-transformers' plain step. The first
-steps' losses of the two plain candidates are printed as a check that they compute the
-same loss.
+over rounds with the range, and each against sentence-transformers' plain step. All run
+in training mode (dropout on).
 
 `memory`: for each global batch size (--batch_sizes), the trainer's step compiled plain and
 with the gradient cache (chunks of --chunk_size rows), and XLA's memory analysis of each:
 arguments (parameters, optimizer state, batch), temporaries (activations and workspace) and
 their sum less what the donated state aliases. Deterministic for a given jax version.
 
-    python benchmarks/bench_retriever_step.py throughput --batch_size 16 --rounds 3
+    python benchmarks/bench_retriever_step.py throughput --batch_size 16 --rounds 3 --steps 2
     python benchmarks/bench_retriever_step.py memory --batch_sizes 16,64,256,1024
 """
 
@@ -79,7 +78,8 @@ class JaxStep:
 
         task = tasks.get("dpr")(config)
         configs, host_params = task.build()
-        self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+        self.mesh = sharding.mesh_from_config(config)
+        self.rules = sharding.rules_from_config(config)
         batch_sharding = sharding.batch_sharding(self.mesh)
         optimizer = make_optimizer(config.train, task.lr_multipliers())
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_params)
@@ -190,7 +190,9 @@ def throughput(args, report: Report) -> None:
         f"in-batch negatives), questions of {args.question_length} and passages of "
         f"{args.passage_length} wordpieces; {args.rounds} rounds of {args.steps} steps per "
         f"candidate, interleaved. Load average (1 / 5 / 15 min) before and after each round: "
-        f"{'; '.join(loads)}. First-step losses (same weights, same rows): "
+        f"{'; '.join(loads)}. First-step losses (same weights and rows, dropout on in both, so "
+        f"they differ by its noise; the losses on equal embeddings are equal, "
+        f"tests/test_retrieval_objectives.py): "
         + ", ".join(f"{n.split(' ')[0]} {v:.5f}" for n, v in list(first.items())[::2]) + ".")
     report.table(["step", "examples/s (median)", "range", "vs sentence-transformers MNRL",
                   "ratio range"], table)

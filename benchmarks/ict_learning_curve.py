@@ -1,7 +1,7 @@
 """ICT from random towers on the Wikipedia sample: held-out recall@k along training.
 
 The whole gensim Wikipedia sample cut into REALM blocks of at most --block_length
-wordpieces (MiniLM's tokenizer); two small random BERT towers with MiniLM's vocabulary
+wordpieces (MiniLM's tokenizer); small random BERT towers with MiniLM's vocabulary
 (--layers x --hidden, --pooling, --projection; by default one mean-pooled tower shared by
 queries and blocks, --no-shared_towers for ORQA's two) trained by the real trainer on
 ICT (`configs/ict.py`, the sentence removed from its block with probability 0.9) over the
@@ -11,11 +11,12 @@ sentence from each block of the held-out documents (`data.heldout_fraction`, nev
 on), searched exactly among all blocks of the corpus (the held-out ones included), a hit
 being the block it was taken from; chance is k / blocks.
 
-    python benchmarks/ict_learning_curve.py --workdir /tmp/ict_curve
+    python benchmarks/ict_learning_curve.py --workdir ICT --steps 400 --eval_every 100 \
+        --learning_rate 1e-3
 
-With --workdir the store and the run are kept there (item 2 of the cold-start ablation,
-benchmarks/realm_cold_start.py, starts REALM from that run's towers); the same command
-again resumes or, when the run is finished, only evaluates.
+With --workdir the store and the run are kept there (benchmarks/realm_cold_start.py, the
+REALM cold-start ablation, starts REALM from that run's towers); the same command again
+resumes or, when the run is finished, only evaluates (--stop_after N stops training at N).
 """
 
 from __future__ import annotations

@@ -13,14 +13,19 @@ never trained on, `data.heldout_fraction` 0.1). The trainer's held-out evaluatio
 of masked held-out sentences, the retrieval utility (that loss with the null document only,
 minus the marginal), its change since step 0 with a standard error, and the answer recall
 (the share of the answerable held-out queries, those whose masked span occurs in a block
-they may read, with the answer in a retrieved candidate). Collapse: at the start and the end
+they may read, with the answer in a retrieved candidate), and the retriever's mean
+probability of the null document and of its top candidate. Collapse: at the start and the end
 of each arm, the held-out queries searched by the arm's towers (corpus re-embedded by the
 document tower): the number of distinct top-1 blocks, and the share of queries whose top-1
 is the most frequent one.
 
-    python benchmarks/ict_learning_curve.py --workdir /tmp/ict_curve --steps 2000 \
-        --eval_every 400 --learning_rate 1e-3
-    python benchmarks/realm_cold_start.py --ict_workdir /tmp/ict_curve --out /tmp/cold
+    python benchmarks/ict_learning_curve.py --workdir ICT --steps 400 --eval_every 100 \
+        --learning_rate 1e-3
+    python benchmarks/realm_cold_start.py --ict_workdir ICT --ict_step 200 --out COLD \
+        --steps 60 --eval_every 30 --eval_queries 160 --batch_size 8 --num_candidates 4
+
+(docs/experiments.md; `--arms warm` and `--arms cold` run one arm each, e.g. in parallel,
+and the command without it then reuses both and writes the report.)
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def realm_config(ict_config: dict, towers: Path, args: argparse.Namespace):
         f"train.learning_rate={args.learning_rate}", f"train.warmup_steps={args.steps // 10}",
         f"train.checkpoint_every={args.steps}", "train.keep_checkpoints=2",
         "train.log_every=25", f"train.eval_every={args.eval_every}",
+        f"train.lr_multipliers.query_tower={args.tower_lr}",
+        f"train.lr_multipliers.doc_tower={args.tower_lr}",
         f"train.eval_queries={args.eval_queries}", "train.eval_batch_size=32",
         f"refresh.max_length={ict_config['ict']['context_length']}", "refresh.batch_size=128")
 
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_candidates", type=int, default=5)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--tower_lr", type=float, default=1.0,
+                        help="the towers' learning rate as a factor of --learning_rate")
     parser.add_argument("--arms", default="warm,cold",
                         help="run only these arms (the report needs both: a later run with "
                              "both reuses a finished arm)")
@@ -177,7 +186,7 @@ def main() -> None:
         f"REALM pre-training, {args.steps} steps of {args.batch_size} masked queries, "
         f"{args.num_candidates} candidates each (the null document included), the live query "
         f"tower searching the index of the arm's initial document tower, learning rate "
-        f"{args.learning_rate:g} for the towers and a random reader "
+        f"{args.learning_rate:g} (towers x {args.tower_lr:g}) and a random reader "
         f"({cfg.model.encoder.num_layers} x {cfg.model.encoder.hidden_size}); warm: towers "
         f"of ICT step {warm_step}; cold: the same towers at ICT step 0. "
         f"{int(first['heldout_queries'])} held-out queries "
@@ -192,16 +201,20 @@ def main() -> None:
                           f"{r['heldout_retrieval_utility']:+.4f}",
                           change(r, "heldout_retrieval_utility"),
                           f"{r['heldout_answerable_retrieval_utility']:+.4f}",
-                          f"{r['heldout_answer_recall']:.3f}"))
+                          f"{r['heldout_answer_recall']:.3f}",
+                          f"{r['heldout_null_prob']:.4f}",
+                          f"{r['heldout_top_candidate_prob']:.4f}"))
     report.table(["towers", "step", "held-out MLM loss", "retrieval utility",
-                  "utility change since step 0", "answerable: utility", "answer recall"],
+                  "utility change since step 0", "answerable: utility", "answer recall",
+                  "p(null document)", "p(top candidate)"],
                  table, numeric_from=1)
     report.table(["towers", "step", "distinct top-1 blocks", "most frequent top-1's share",
-                  "training loss (mean of 5 logged)"],
+                  "training loss (first / last logged)"],
                  [(name, step, f"{d} of {n}", f"{share:.3f}",
-                   f"{np.mean(arm['losses'][:5] if step == 0 else arm['losses'][-5:]):.3f}")
+                   f"{arm['losses'][0 if step == 0 else -1]:.3f}")
                   for name, arm in arms.items()
-                  for step, (d, share, n) in ((int(k), v) for k, v in arm["spread"].items())], numeric_from=1)
+                  for step, (d, share, n) in ((int(k), v) for k, v in arm["spread"].items())],
+                 numeric_from=1)
     report.emit(args.markdown)
 
 
