@@ -182,6 +182,26 @@ BENCHMARKS = (
         "the small batch compiled), against a full refresh of the same updated corpus in a "
         "fresh workdir; one refresher and one compiled embedder, as in a long-running "
         "refresher."),
+    Benchmark(
+        "retriever_step", "DPR training step against sentence-transformers (issue 26)",
+        "bench_retriever_step.py", ("throughput", "--batch_size", "16", "--rounds", "3",
+                                    "--steps", "2"),
+        ("throughput", "--batch_size", "4", "--chunk_size", "2", "--rounds", "1", "--steps",
+         "1", "--question_length", "8", "--passage_length", "16"),
+        "The trainer's DPR step (in-batch + one hard negative per question, all-MiniLM-L6-v2 "
+        "towers, 20 x cosine logits, AdamW), plain and with the gradient cache, against "
+        "sentence-transformers' step with `MultipleNegativesRankingLoss` (the same loss) and "
+        "`CachedMultipleNegativesRankingLoss` on the same weights and the same full-length "
+        "token rows (tokenization left out of both), rounds interleaved; dropout on in all "
+        "(training mode)."),
+    Benchmark(
+        "grad_cache_memory", "Gradient-cache memory against batch size (issue 26)",
+        "bench_retriever_step.py", ("memory", "--batch_sizes", "16,64,256,1024"),
+        ("memory", "--batch_sizes", "4,8", "--chunk_size", "2", "--question_length", "8",
+         "--passage_length", "16"),
+        "The trainer's DPR step on all-MiniLM-L6-v2 compiled at growing global batches, "
+        "plain and with the gradient cache, and XLA's memory analysis of each compiled step "
+        "(deterministic for a jax version; nothing is run)."),
 )
 
 INTRO = """\

@@ -78,6 +78,23 @@ def test_dpr_loss_by_hand():
         dpr_loss(q, p[:-1])
 
 
+def test_dpr_loss_equals_sentence_transformers_mnrl():
+    """The loss benchmarks/bench_retriever_step.py compares against: sentence-transformers'
+    MultipleNegativesRankingLoss (scale 20 x cosine) on (question, positive, hard negative)
+    columns equals dpr_loss on the normalised embeddings with the passages interleaved."""
+    torch = pytest.importorskip("torch")
+    losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    rng = np.random.default_rng(3)
+    q, pos, neg = (rng.normal(size=(5, 6)) for _ in range(3))
+    mnrl = losses.MultipleNegativesRankingLoss(None, scale=20.0)
+    want = float(mnrl.compute_loss_from_embeddings(
+        [torch.tensor(x) for x in (q, pos, neg)], torch.arange(5)))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    passages = np.stack([unit(pos), unit(neg)], axis=1).reshape(10, 6)
+    got = dpr_loss(jnp.asarray(unit(q)), jnp.asarray(passages), scale=20.0).loss
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (emulated) devices")
 def test_sharded_loss_sees_the_global_batch():
     """With the batch sharded 8 ways on the data axis, every query still meets every
