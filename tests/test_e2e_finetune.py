@@ -3,7 +3,7 @@ retrieval.strategy): the beam scored by the live document tower (loss and gradie
 logits built by hand, sharded on 8 emulated devices equal to one device), "rerank"'s beam
 against a numpy re-ranking, the config refusals, the refresher's `refresh.min_overlap`
 decision, a trainer and refresher side by side ("refresh": swaps, staleness and drift
-logged, the document tower trained) and an exactly resumed "rerank" run."""
+logged, the document tower trained) and exactly resumed "rerank" and "refresh" runs."""
 
 import json
 import shutil
@@ -250,14 +250,17 @@ def test_trainer_and_refresher_side_by_side(tmp_path, wiki_store, minilm_1layer,
         assert max(moved) > 0, part
 
 
-def test_rerank_run_resumes_exactly(tmp_path, wiki_store, minilm_1layer, minilm_path):
-    """A "rerank" run stopped at step 2 and resumed ends with the parameters of a run that
-    went straight to step 4 (one index for both, built once from the --from_hf tower)."""
+@pytest.mark.parametrize("strategy", ["rerank", "refresh"])
+def test_a_run_training_the_doc_tower_resumes_exactly(tmp_path, wiki_store, minilm_1layer,
+                                                      minilm_path, strategy):
+    """A "rerank" or "refresh" run stopped at step 2 and resumed ends with the parameters of
+    a run that went straight to step 4 (one index for both, built once from the --from_hf
+    tower; no refresher, so "refresh" serves that index throughout)."""
     from realm_jax import refresh
     from realm_jax.train import trainer
 
-    config = _e2e_config(wiki_store, minilm_path, minilm_1layer, "retrieval.strategy=rerank",
-                         "retrieval.over_retrieve=16")
+    config = _e2e_config(wiki_store, minilm_path, minilm_1layer,
+                         f"retrieval.strategy={strategy}", "retrieval.over_retrieve=16")
     index = tmp_path / "first"
     refresh.main(config, index, once=True, from_hf=minilm_1layer, progress=False)
     for name in ("straight", "resumed"):

@@ -293,18 +293,20 @@ def test_rag_strategy_settings_and_old_configs(data, tmp_path):
     assert set(task.lr_multipliers()) == {"question_encoder"}
 
 
-def test_a_rerank_run_resumes_exactly(data):
-    """RAG-Token, perplexity distillation, the document tower trained, "rerank" of 4
-    over-retrieved passages,
+@pytest.mark.parametrize("strategy, loss", [("rerank", "pdist"), ("refresh", "emdr2")])
+def test_a_run_training_the_doc_tower_resumes_exactly(data, strategy, loss):
+    """RAG-Token, the document tower trained, "rerank" of 4 over-retrieved passages with
+    perplexity distillation, or "refresh" (no refresher: the first index serves) with EMDR²,
     on 8 devices: stopped at step 1 and resumed to 2, the parameters and losses of an
     uninterrupted run; all three parts move; checkpoints and model.json hold the doc_tower,
     and `realm-jax eval`'s answerer reads it and retrieves with it."""
     config = _config(data, "", "--config.train.steps=2", "--config.train.checkpoint_every=1",
                      "--config.train.fast_compile=True",
-                     "--config.train.log_every=1", "--config.retrieval.retriever_loss=pdist",
-                     "--config.model.train_doc_tower=True", "--config.retrieval.strategy=rerank",
+                     "--config.train.log_every=1", f"--config.retrieval.retriever_loss={loss}",
+                     "--config.model.train_doc_tower=True",
+                     f"--config.retrieval.strategy={strategy}",
                      "--config.retrieval.over_retrieve=4", "--config.refresh.max_length=48")
-    stopped, straight = _workdir(data, "rerank_a"), _workdir(data, "rerank_b")
+    stopped, straight = _workdir(data, f"{strategy}_a"), _workdir(data, f"{strategy}_b")
     trainer.train(config, stopped, stop_after=1)
     resumed = trainer.train(config, stopped)
     reference = trainer.train(config, straight)

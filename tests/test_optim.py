@@ -54,7 +54,8 @@ def test_rag_question_encoder_multiplier_is_a_part_multiplier():
     params = {"question_encoder": {"w": jnp.ones((2, 2))}, "generator": {"w": jnp.ones((2, 2))}}
     grads = jax.tree.map(lambda p: 0.3 * p, params)
     task = RagTask.__new__(RagTask)  # the task's multipliers need only its config
-    task.config = ml_collections.ConfigDict(dict(train=_train(question_encoder_lr_multiplier=0.25)))
+    task.config = ml_collections.ConfigDict(dict(
+        model=dict(train_doc_tower=False), train=_train(question_encoder_lr_multiplier=0.25)))
     rag = _updates(make_optimizer(task.config.train, task.lr_multipliers()), params, grads)
     plain = _updates(make_optimizer(_train()), params, grads)
     np.testing.assert_allclose(rag["question_encoder"]["w"], 0.25 * plain["question_encoder"]["w"],
