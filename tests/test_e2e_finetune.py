@@ -7,7 +7,6 @@ logged, the document tower trained) and exactly resumed "rerank" and "refresh" r
 
 import json
 import shutil
-import threading
 
 import jax
 import numpy as np
@@ -19,6 +18,7 @@ from realm_jax import sharding
 from realm_jax.objectives.orqa import orqa_loss
 from test_orqa import (FAST, SPECIAL, _numpy_params, _orqa_config,  # noqa: F401 (fixtures)
                        minilm_1layer, wiki_store)
+from tiny_corpus import train_beside_refresher
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
@@ -206,21 +206,13 @@ def test_trainer_and_refresher_side_by_side(tmp_path, wiki_store, minilm_1layer,
     """The refresher publishes the --from_hf index, then follows the fine-tuning run's
     checkpoints (model.json has a doc_tower); the trainer waits for the index of its step-2
     checkpoint (train.max_index_staleness=2) and swaps it in; drift every 2 steps."""
-    from realm_jax.refresh import Refresher, RefreshSettings
     from realm_jax.tasks import orqa as train_orqa
-    from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
     config = _e2e_config(wiki_store, minilm_path, minilm_1layer, "retrieval.strategy=refresh",
                          "train.checkpoint_every=2", "train.max_index_staleness=2",
                          "train.index_wait_seconds=300", "retrieval.drift_every=2")
-    refresher = Refresher(tmp_path, RefreshSettings.from_config(config), from_hf=minilm_1layer,
-                          progress=False)
-    thread = threading.Thread(target=refresher.run, daemon=True)
-    thread.start()
-    result = trainer.train(config, tmp_path)
-    thread.join(120)
-    assert not thread.is_alive(), "the refresher did not stop after the trainer finished"
+    result = train_beside_refresher(config, tmp_path, from_hf=minilm_1layer)
     rows = _train_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -33,6 +33,7 @@ from realm_jax.objectives.rag import rag_sequence_nll, sequence_log_likelihoods
 from realm_jax.tasks import end_to_end, rag
 from realm_jax.train import trainer
 from realm_jax.workdir import Workdir
+from tiny_corpus import train_beside_refresher
 from test_train_rag import _config, _train_rows, _workdir, data  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
@@ -338,9 +339,6 @@ def test_trainer_and_refresher_side_by_side(data, tmp_path):
     """RAG-Sequence, EMDR², "refresh": the refresher follows the run's checkpoints (model.json
     has a doc_tower) while the trainer runs; the trainer waits for the index of its step-2
     checkpoint (train.max_index_staleness=2) and swaps it in; drift every 2 steps."""
-    import threading
-
-    from realm_jax.refresh import Refresher, RefreshSettings
     from realm_jax.train.metrics import read_metrics
 
     config = _config(data, "sequence", *LIVE, "--config.train.steps=3",
@@ -350,13 +348,7 @@ def test_trainer_and_refresher_side_by_side(data, tmp_path):
                      "--config.train.max_index_staleness=2", "--config.retrieval.drift_every=2",
                      "--config.refresh.poll_seconds=0.1")
     workdir = tmp_path / "side"
-    refresher = Refresher(workdir, RefreshSettings.from_config(config),
-                          from_hf=data["encoder"], progress=False)
-    thread = threading.Thread(target=refresher.run, daemon=True)
-    thread.start()
-    result = trainer.train(config, workdir)
-    thread.join(120)
-    assert not thread.is_alive(), "the refresher did not stop after the trainer finished"
+    result = train_beside_refresher(config, workdir, from_hf=data["encoder"])
     rows = _train_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:

@@ -35,6 +35,7 @@ from realm_jax.train import trainer
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.train.metrics import read_metrics
 from realm_jax.workdir import HELDOUT_BASELINE
+from tiny_corpus import train_beside_refresher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,17 +77,6 @@ def initial_index(tmp_path_factory, corpus, minilm_path):
 def _with_index(workdir: Path, index: Path) -> Path:
     shutil.copytree(index, workdir / "index")
     return workdir
-
-
-def _run(config, workdir):
-    """The trainer, with a refresher thread keeping WORKDIR/index up to date."""
-    refresher = Refresher(workdir, RefreshSettings.from_config(config), progress=False)
-    thread = threading.Thread(target=refresher.run, daemon=True)
-    thread.start()
-    result = trainer.train(config, workdir)
-    thread.join(120)
-    assert not thread.is_alive(), "the refresher did not stop after the trainer finished"
-    return result
 
 
 def _train_rows(workdir):
@@ -306,7 +296,7 @@ def test_trainer_and_refresher_side_by_side(tmp_path, corpus, minilm_path, mode)
     # waits for the refresher's index of that step's checkpoint, so swaps happen at fixed
     # steps however fast either side runs.
     config = _config(corpus, minilm_path, f"retrieval.mode={mode}", "train.max_index_staleness=2")
-    result = _run(config, tmp_path)
+    result = train_beside_refresher(config, tmp_path)
     rows = _train_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:

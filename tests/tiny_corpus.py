@@ -67,3 +67,22 @@ def damage_checkpoint(checkpoint_dir: Path) -> None:
         p.write_bytes(p.read_bytes()[:16])
 
 
+
+
+def train_beside_refresher(config, workdir, from_hf=None) -> dict:
+    """`trainer.train(config, workdir)` with a refresher thread keeping WORKDIR/index up to
+    date (its first index from `from_hf` when given); the refresher must stop once the
+    trainer has finished."""
+    import threading
+
+    from realm_jax.refresh import Refresher, RefreshSettings
+    from realm_jax.train import trainer
+
+    refresher = Refresher(workdir, RefreshSettings.from_config(config), from_hf=from_hf,
+                          progress=False)
+    thread = threading.Thread(target=refresher.run, daemon=True)
+    thread.start()
+    result = trainer.train(config, workdir)
+    thread.join(120)
+    assert not thread.is_alive(), "the refresher did not stop after the trainer finished"
+    return result
