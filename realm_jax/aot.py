@@ -134,7 +134,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     from realm_jax.data.realm_examples import SpecialIds
     from realm_jax.tasks import realm
     from realm_jax.train.optim import make_optimizer
-    from realm_jax.train.metrics import matmul_flops
+    from realm_jax.train.metrics import jaxpr_matmul_flops
     from realm_jax.train.state import abstract_state, state_shardings
     from realm_jax.train.trainer import jit_train_step
 
@@ -167,8 +167,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
                                sharding=NamedSharding(mesh, PartitionSpec()))
     with sharding.activate(mesh, rules):
-        flops = matmul_flops(step, state, batch, corpus, rng)
-        lowered = step.lower(state, batch, corpus, rng)
+        traced = step.trace(state, batch, corpus, rng)     # traced once: FLOPs, then lowered
+        flops = jaxpr_matmul_flops(traced.jaxpr)
+        lowered = traced.lower()
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:

@@ -77,7 +77,12 @@ def matmul_flops(fn: Callable, *args) -> float:
     # a jitted fn traces as itself: inside make_jaxpr it would be a nested jit, which may
     # not carry compiler_options
     traced = fn.trace(*args).jaxpr if hasattr(fn, "trace") else jax.make_jaxpr(fn)(*args)
-    return _flops(traced.jaxpr)
+    return jaxpr_matmul_flops(traced)
+
+
+def jaxpr_matmul_flops(closed_jaxpr) -> float:
+    """`matmul_flops` of a traced function's ClosedJaxpr (e.g. `jit(f).trace(...).jaxpr`)."""
+    return _flops(closed_jaxpr.jaxpr)
 
 
 def _flops(jaxpr) -> float:
