@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.data.readers import SkipCounter
+from realm_jax.data.readers import (SkipCounter, decode_text, open_binary, require_file,
+                                    source_records)
 from realm_jax.evaluate import compile_regex
 
 _log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def detect_qa_format(path: str | os.PathLike) -> str:
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) per line, decoded one by one so a bad byte names its line."""
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -181,17 +182,24 @@ def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
                               ) from None
 
 
-def _json_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
+def load_json(path: Path, expected: str = "") -> Any:
+    """A whole JSON file (``.gz`` too); invalid JSON raises QADataError naming the line,
+    followed by ``expected`` (what the file should hold)."""
+    with (gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz"
+          else open(path, encoding="utf-8-sig")) as f:
         try:
-            data = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column "
-                             f"{e.colno})") from None
+            raise QADataError(f"{path}:{e.lineno}", None, f"invalid JSON ({e.msg} at column "
+                                                          f"{e.colno}){expected}") from None
+
+
+def json_array_records(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    """``("PATH record I", value)`` per item of a file holding a JSON array of ``what``."""
+    data = load_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of question objects, got "
-                         f"{type(data).__name__}")
+        raise QADataError(str(path), None, f"expected a JSON array of {what}, got "
+                                           f"{type(data).__name__}")
     for i, record in enumerate(data):
         yield f"{path} record {i}", record
 
@@ -254,9 +262,7 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
         unparsable answers, an invalid pattern, bad gold passages, a repeated id), naming the
         file, line and field.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"QA file not found: {p}")
+    p = require_file(path, "QA")
     fmt = detect_qa_format(p) if format == "auto" else format
     if fmt not in QA_FORMATS:
         raise ValueError(f"unknown QA format {fmt!r}; expected one of {', '.join(QA_FORMATS)}")
@@ -265,7 +271,8 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     if fmt == "tsv":
         rows: Iterable[tuple[str, Any]] = _tsv_rows(p, skips, is_regex)
     else:
-        rows = jsonl_records(p, skips) if fmt == "jsonl" else _json_rows(p, skips)
+        rows = (jsonl_records(p, skips) if fmt == "jsonl"
+                else json_array_records(p, "question objects"))
     examples: list[QAExample] = []
     seen: dict[str, str] = {}
     for where, row in rows:
@@ -285,16 +292,8 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _tfds_text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalar
-        return _tfds_text(value.item())
-    return str(value)
-
-
-def _tfds_texts(value: Any) -> list[str]:
-    return [_tfds_text(v) for v in value]
+def _texts(value: Any) -> list[str]:
+    return [decode_text(v) for v in value]
 
 
 def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
@@ -306,19 +305,19 @@ def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
     where = where or f"tfds:{dataset} record {index}"
     hint = ""
     if base == "natural_questions_open":
-        qid, answers = str(index), _tfds_texts(record["answer"])
+        qid, answers = str(index), _texts(record["answer"])
     elif base == "web_questions":
-        qid, answers = str(index), _tfds_texts(record["answers"])
+        qid, answers = str(index), _texts(record["answers"])
     elif base == "trivia_qa":
         answer = record["answer"]
-        qid = _tfds_text(record["question_id"])
+        qid = decode_text(record["question_id"])
         answers = list(dict.fromkeys(
-            a for a in [_tfds_text(answer["value"])] + _tfds_texts(answer["aliases"]) if a))
+            a for a in [decode_text(answer["value"])] + _texts(answer["aliases"]) if a))
         hint = " (TriviaQA's test answers are not public: evaluate on 'validation')"
     else:
         raise ValueError(f"no QA reader for TFDS dataset {dataset!r}; supported: "
                          f"{', '.join(TFDS_QA_DATASETS)}")
-    return _example(where, qid, _tfds_text(record["question"]), answers, is_regex=False,
+    return _example(where, qid, decode_text(record["question"]), answers, is_regex=False,
                     hint=hint)
 
 
@@ -398,14 +397,8 @@ def records_to_examples(source: Any, dataset: str, *, label: str | None = None,
     """All records of a random-access source (``len`` and ``[i]``, or ``__getitems__``) of a
     TFDS QA dataset as examples."""
     label = label or f"tfds:{dataset}"
-    get_many = getattr(source, "__getitems__", None)
-    out = []
-    for first in range(0, len(source), batch_size):
-        indices = list(range(first, min(first + batch_size, len(source))))
-        records = get_many(indices) if get_many else [source[i] for i in indices]
-        out.extend(tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
-                   for i, r in zip(indices, records))
-    return out
+    return [tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
+            for i, r in source_records(source, batch_size)]
 
 
 def load_qa(spec: str | os.PathLike, *, split: str = "test",

@@ -32,7 +32,6 @@ builder), so they are read from files; ``.gz`` files are read too.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
@@ -40,8 +39,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from realm_jax.data.qa import QADataError, QAExample, jsonl_records
-from realm_jax.data.readers import SkipCounter
+from realm_jax.data.qa import QADataError, QAExample, jsonl_records, load_json
+from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.evaluate import normalize_answer
 
 _log = logging.getLogger(__name__)
@@ -154,25 +153,22 @@ def _qid(record: dict, where: str, fmt: str, default: str, *keys: str) -> str:
     return default
 
 
-def _require(path: str | os.PathLike, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
-    return p
-
-
 def _read_lines(path: Path, parse: Callable[[dict, str, int], TaskExample | None], fmt: str,
-                skips: SkipCounter) -> list[TaskExample]:
-    """Examples from the JSONL objects of ``path`` (``parse(record, where, index)``: an
-    example, or None to skip the line), ids checked for repeats."""
+                skips: SkipCounter, records: Iterable[tuple[str, Any]] | None = None,
+                id_field: str = "id") -> list[TaskExample]:
+    """Examples from the JSONL objects of ``path`` (or the given ``(where, record)`` pairs;
+    ``parse(record, where, index)``: an example, or None to skip it), ids checked for
+    repeats."""
     out: list[TaskExample] = []
     seen: dict[str, str] = {}
-    for index, (where, record) in enumerate(jsonl_records(path, skips)):
+    records = jsonl_records(path, skips) if records is None else records
+    for index, (where, record) in enumerate(records):
         example = parse(_object(record, where, fmt), where, index)
         if example is None:
             continue
         if example.qid in seen:
-            raise _bad(where, "id", f"{example.qid!r} repeats the id of {seen[example.qid]}", fmt)
+            raise _bad(where, id_field, f"{example.qid!r} repeats the id of "
+                                        f"{seen[example.qid]}", fmt)
         seen[example.qid] = where
         out.append(example)
     if not out:
@@ -228,8 +224,13 @@ def _kilt_outputs(record: dict, where: str) -> tuple[list[str], list[tuple[str, 
     return list(dict.fromkeys(answers)), list(dict.fromkeys(sets))
 
 
-def _kilt_example(record: dict, where: str, index: int, labels: LabelSet | None
-                  ) -> TaskExample:
+def _kilt_example(record: dict, where: str, index: int, labels: LabelSet | None,
+                  skips: SkipCounter) -> TaskExample | None:
+    """The example of a KILT record; None (counted) when its FEVER class is not in
+    ``labels``."""
+    if labels is not None and _excluded_label(_kilt_outputs(record, where)[0], labels):
+        skips.skip("label_not_in_set", where)
+        return None
     qid = _qid(record, where, KILT_FORMAT, str(index), "id")
     text = _text(record, "input", where, KILT_FORMAT)
     answers, sets = _kilt_outputs(record, where)
@@ -258,16 +259,10 @@ def read_kilt(path: str | os.PathLike, *, labels: LabelSet | None = None,
       QADataError: a bad line (not an object; missing or empty ``input``; no ``output``
         list; no answer; a provenance item without a title; a repeated id).
     """
-    p = _require(path, "KILT")
+    p = require_file(path, "KILT")
     skips = SkipCounter() if skips is None else skips
-
-    def parse(record: dict, where: str, index: int) -> TaskExample | None:
-        if labels is not None and _excluded_label(_kilt_outputs(record, where)[0], labels):
-            skips.skip("label_not_in_set", where)
-            return None
-        return _kilt_example(record, where, index, labels)
-
-    return _read_lines(p, parse, KILT_FORMAT, skips)
+    return _read_lines(p, lambda r, w, i: _kilt_example(r, w, i, labels, skips), KILT_FORMAT,
+                       skips)
 
 
 def _excluded_label(answers: Sequence[str], labels: LabelSet) -> bool:
@@ -304,13 +299,7 @@ def _msmarco_example(record: dict, where: str, index: int, well_formed: bool,
 
 def _msmarco_columns(path: Path) -> Iterator[tuple[str, dict]]:
     """("PATH row R", the row's fields) of the official column-layout ``.json``."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise _bad(f"{path}:{e.lineno}", None, f"invalid JSON ({e.msg} at column "
-                                                  f"{e.colno})", MSMARCO_FORMAT) from None
+    data = load_json(path, f"; expected {MSMARCO_FORMAT}")
     if not isinstance(data, dict) or not isinstance(data.get("query"), dict):
         raise _bad(str(path), "query", "no column object (row number -> query)", MSMARCO_FORMAT)
     columns = {k: v for k, v in data.items() if isinstance(v, dict)}
@@ -328,29 +317,15 @@ def read_msmarco(path: str | os.PathLike, *, well_formed: bool = True,
       FileNotFoundError: no such file.
       QADataError: a bad row (missing query, answers not a list of strings, a repeated id).
     """
-    p = _require(path, "MS MARCO")
+    p = require_file(path, "MS MARCO")
     skips = SkipCounter() if skips is None else skips
     name = p.name.lower().removesuffix(".gz")
-    if name.endswith(".json"):
-        out, seen = [], {}
-        for index, (where, record) in enumerate(_msmarco_columns(p)):
-            example = _msmarco_example(record, where, index, well_formed, skips)
-            if example is None:
-                continue
-            if example.qid in seen:
-                raise _bad(where, "query_id", f"{example.qid!r} repeats the id of "
-                                              f"{seen[example.qid]}", MSMARCO_FORMAT)
-            seen[example.qid] = where
-            out.append(example)
-        if not out:
-            raise ValueError(f"no examples in {p} (skipped: {skips.as_dict() or 'nothing'})")
-        _log.info("read %d examples from %s; skipped %s", len(out), p, skips.as_dict())
-        return out
-    if not name.endswith((".jsonl", ".ndjson")):
+    if not name.endswith((".json", ".jsonl", ".ndjson")):
         raise ValueError(f"cannot tell the MS MARCO layout of {p}: name it .json (the official "
                          f"column layout) or .jsonl")
     return _read_lines(p, lambda r, w, i: _msmarco_example(r, w, i, well_formed, skips),
-                       MSMARCO_FORMAT, skips)
+                       MSMARCO_FORMAT, skips,
+                       _msmarco_columns(p) if name.endswith(".json") else None, "query_id")
 
 
 # ----------------------------------------------------------------------------- Jeopardy
@@ -371,7 +346,7 @@ def read_jeopardy(path: str | os.PathLike, *, skips: SkipCounter | None = None
       FileNotFoundError: no such file.
       QADataError: a bad line (missing or empty ``question`` or ``answer``, a repeated id).
     """
-    p = _require(path, "Jeopardy")
+    p = require_file(path, "Jeopardy")
 
     def parse(record: dict, where: str, index: int) -> TaskExample:
         clue = _unquote(_text(record, "question", where, JEOPARDY_FORMAT))
@@ -433,16 +408,13 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
       QADataError: a bad line (missing claim, unknown label, malformed evidence, a repeated
         id).
     """
-    p = _require(path, "FEVER")
+    p = require_file(path, "FEVER")
     labels = fever_labels(3) if labels is None else labels
     skips = SkipCounter() if skips is None else skips
 
     def parse(record: dict, where: str, index: int) -> TaskExample | None:
         if "claim" not in record and "input" in record:       # KILT's FEVER
-            if _excluded_label(_kilt_outputs(record, where)[0], labels):
-                skips.skip("label_not_in_set", where)
-                return None
-            return _kilt_example(record, where, index, labels)
+            return _kilt_example(record, where, index, labels, skips)
         claim = _text(record, "claim", where, FEVER_FORMAT)
         label = _text(record, "label", where, FEVER_FORMAT)
         if label not in labels.labels:
@@ -469,13 +441,10 @@ def read_task(path: str | os.PathLike, task: str, *, skips: SkipCounter | None =
     """Examples of ``task``: ``kilt`` (any KILT task as QA/generation), ``msmarco`` (NLGen),
     ``jeopardy``, ``fever`` (3-way) or ``fever2`` (the RAG paper's 2-way set), with the
     default label targets."""
-    if task == "kilt":
-        return read_kilt(path, skips=skips)
-    if task == "msmarco":
-        return read_msmarco(path, skips=skips)
-    if task == "jeopardy":
-        return read_jeopardy(path, skips=skips)
-    if task in ("fever", "fever2"):
+    if task not in TASK_FORMATS:
+        raise ValueError(f"unknown task data format {task!r}; expected one of "
+                         f"{', '.join(TASK_FORMATS)}")
+    if task.startswith("fever"):
         return read_fever(path, labels=fever_labels(3 if task == "fever" else 2), skips=skips)
-    raise ValueError(f"unknown task data format {task!r}; expected one of "
-                     f"{', '.join(TASK_FORMATS)}")
+    return {"kilt": read_kilt, "msmarco": read_msmarco, "jeopardy": read_jeopardy}[task](
+        path, skips=skips)
