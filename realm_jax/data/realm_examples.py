@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
+from realm_jax.data.rows import row
 from realm_jax.data.spans import (AnchorFilter, CapitalizedPhraseFinder, CombinedFinder,
                                   DateFinder, SalientSpan, SpanFinder, anchor_spans,
                                   resolve_overlaps, split_sentences)
@@ -38,6 +39,15 @@ class SpecialIds:
     sep: int
     mask: int
     pad: int
+
+
+def check_store_tokenizer(store: BlockStore, tokenizer: TokenizerInfo) -> TokenizerInfo:
+    """``tokenizer``, after checking that ``store`` was made with it (its vocabulary hash)."""
+    want = store.settings.get("tokenizer", {}).get("vocab_hash")
+    if want is not None and want != tokenizer.vocab_hash:
+        raise ValueError(f"tokenizer {tokenizer.name!r} is not the one block store {store.path} "
+                         f"was made with ({store.settings['tokenizer'].get('name')!r})")
+    return tokenizer
 
 
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
@@ -113,11 +123,7 @@ class QueryMaker:
         """A maker with defaults for the store's source: for a Wikipedia dump, entity-like
         anchors plus dates; otherwise the store's (pre-annotated) spans plus dates and
         capitalized phrases. Checks that the tokenizer is the store's."""
-        tok = load_tokenizer(tokenizer)
-        want = store.settings.get("tokenizer", {}).get("vocab_hash")
-        if want is not None and want != tok.vocab_hash:
-            raise ValueError(f"tokenizer {tok.name!r} is not the one block store {store.path} "
-                             f"was made with ({store.settings['tokenizer'].get('name')!r})")
+        tok = check_store_tokenizer(store, load_tokenizer(tokenizer))
         wiki = store.manifest.get("source", {}).get("format") == "wiki_xml"
         kwargs.setdefault("anchors", "entities" if wiki else "all")
         kwargs.setdefault("finder", DateFinder() if wiki else
@@ -257,22 +263,15 @@ class QueryMaker:
 
     def _build(self, ids: np.ndarray, w0: int, w1: int, a: int, b: int, block_id: int,
                doc_index: int, doc_id: str, sentence: str, span: SalientSpan) -> MaskedQuery:
-        q, m, sp = self.query_length, self.max_mask_tokens, self.special
-        input_ids = np.full(q, sp.pad, dtype=np.int32)
-        n = w1 - w0
-        input_ids[0] = sp.cls
-        input_ids[1:n + 1] = ids[w0:w1]
-        input_ids[n + 1] = sp.sep
-        attention = np.zeros(q, dtype=np.int32)
-        attention[:n + 2] = 1
+        m, sp, k = self.max_mask_tokens, self.special, b - a
+        input_ids, attention = row(ids[w0:w1], self.query_length, cls_id=sp.cls, sep_id=sp.sep,
+                                   pad_id=sp.pad)   # the window fits: no wordpiece is cut
         positions = np.zeros(m, dtype=np.int32)
         targets = np.zeros(m, dtype=np.int32)
-        valid = np.zeros(m, dtype=bool)
-        k = b - a
         positions[:k] = np.arange(k) + 1 + a - w0
         targets[:k] = ids[a:b]
-        valid[:k] = True
         input_ids[positions[:k]] = sp.mask
+        valid = np.arange(m) < k
         return MaskedQuery(input_ids, attention, positions, targets, valid, block_id, doc_index,
                            doc_id, sentence, span)
 
@@ -300,11 +299,9 @@ def collate_queries(queries: Sequence[MaskedQuery]) -> dict[str, np.ndarray]:
     ``block_id``, ``doc_index`` int64 [B]."""
     if not queries:
         raise ValueError("no queries to collate")
-    fields = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid")
-    batch = {f: np.stack([getattr(q, f) for q in queries]) for f in fields}
-    batch["block_id"] = np.array([q.block_id for q in queries], dtype=np.int64)
-    batch["doc_index"] = np.array([q.doc_index for q in queries], dtype=np.int64)
-    return batch
+    arrays, ids = QUERY_FIELDS[:-2], QUERY_FIELDS[-2:]   # ids: block_id, doc_index
+    return {**{f: np.stack([getattr(q, f) for q in queries]) for f in arrays},
+            **{f: np.array([getattr(q, f) for q in queries], np.int64) for f in ids}}
 
 
 def candidate_tokens(store: BlockStore, candidate_ids: np.ndarray, *, max_length: int = 288,
