@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,20 +273,39 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     else:
         rows = (jsonl_records(p, skips) if fmt == "jsonl"
                 else json_array_records(p, "question objects"))
-    examples: list[QAExample] = []
-    seen: dict[str, str] = {}
-    for where, row in rows:
+
+    def parse(row: Any, where: str, index: int) -> QAExample:
         qid, question, answers, gold = row if fmt == "tsv" else _record_fields(row, where)
-        qid = str(len(examples)) if qid is None else qid
-        if qid in seen:
-            raise QADataError(where, "id", f"{qid!r} repeats the id of {seen[qid]}")
-        seen[qid] = where
-        examples.append(_example(where, qid, question, answers, is_regex=is_regex, gold=gold))
-    if not examples:
-        raise ValueError(f"no questions in {p} (skipped: {skips.as_dict() or 'nothing'})")
+        return _example(where, str(index) if qid is None else qid, question, answers,
+                        is_regex=is_regex, gold=gold)
+
+    return collect_examples(rows, parse, p, skips)
+
+
+def collect_examples(rows: Iterable[tuple[str, Any]],
+                     parse: Callable[[Any, str, int], QAExample | None], path: Path,
+                     skips: SkipCounter, *, noun: str = "questions", expected: str = "",
+                     id_field: str = "id") -> list:
+    """The examples ``parse(record, where, index)`` makes of the ``(where, record)`` rows of
+    the file ``path`` (None: skipped), with no id repeated; ValueError when none is left.
+    ``expected`` (what the file should hold) ends the error messages."""
+    out: list[QAExample] = []
+    seen: dict[str, str] = {}
+    for index, (where, record) in enumerate(rows):
+        example = parse(record, where, index)
+        if example is None:
+            continue
+        if example.qid in seen:
+            raise QADataError(where, id_field, f"{example.qid!r} repeats the id of "
+                                               f"{seen[example.qid]}{expected}")
+        seen[example.qid] = where
+        out.append(example)
+    if not out:
+        raise ValueError(f"no {noun} in {path} (skipped: {skips.as_dict() or 'nothing'})"
+                         f"{expected}")
     if skips.counts:
-        _log.info("read %d questions from %s; skipped %s", len(examples), p, skips.as_dict())
-    return examples
+        _log.info("read %d %s from %s; skipped %s", len(out), noun, path, skips.as_dict())
+    return out
 
 
 # ----------------------------------------------------------------------------- TFDS

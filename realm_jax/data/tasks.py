@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from realm_jax.data.qa import QADataError, QAExample, jsonl_records, load_json
+from realm_jax.data.qa import (QADataError, QAExample, collect_examples, jsonl_records,
+                               load_json)
 from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.evaluate import normalize_answer
-
-_log = logging.getLogger(__name__)
 
 KILT_FORMAT = ('KILT JSONL: {"id", "input", "output": [{"answer", "provenance": '
                '[{"wikipedia_id", "title"}]}]}')
@@ -156,27 +154,11 @@ def _qid(record: dict, where: str, fmt: str, default: str, *keys: str) -> str:
 def _read_lines(path: Path, parse: Callable[[dict, str, int], TaskExample | None], fmt: str,
                 skips: SkipCounter, records: Iterable[tuple[str, Any]] | None = None,
                 id_field: str = "id") -> list[TaskExample]:
-    """Examples from the JSONL objects of ``path`` (or the given ``(where, record)`` pairs;
-    ``parse(record, where, index)``: an example, or None to skip it), ids checked for
-    repeats."""
-    out: list[TaskExample] = []
-    seen: dict[str, str] = {}
-    records = jsonl_records(path, skips) if records is None else records
-    for index, (where, record) in enumerate(records):
-        example = parse(_object(record, where, fmt), where, index)
-        if example is None:
-            continue
-        if example.qid in seen:
-            raise _bad(where, id_field, f"{example.qid!r} repeats the id of "
-                                        f"{seen[example.qid]}", fmt)
-        seen[example.qid] = where
-        out.append(example)
-    if not out:
-        raise ValueError(f"no examples in {path} (skipped: {skips.as_dict() or 'nothing'}); "
-                         f"expected {fmt}")
-    if skips.counts:
-        _log.info("read %d examples from %s; skipped %s", len(out), path, skips.as_dict())
-    return out
+    """The examples ``parse(record, where, index)`` makes of the JSON objects of ``path``'s
+    lines (or of the given ``(where, record)`` pairs), by :func:`collect_examples`."""
+    return collect_examples(jsonl_records(path, skips) if records is None else records,
+                            lambda r, w, i: parse(_object(r, w, fmt), w, i), path, skips,
+                            noun="examples", expected=f"; expected {fmt}", id_field=id_field)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
