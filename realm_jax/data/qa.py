@@ -255,13 +255,7 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
       skips: counts the skipped lines (blank lines, a header) by reason; they are logged.
 
     Without an id, a question's id is its position in the file (0-based, over kept rows).
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError (a ValueError): a bad row (missing or empty question, missing, empty or
-        unparsable answers, an invalid pattern, bad gold passages, a repeated id), naming the
-        file, line and field.
-    """
+    A missing file raises FileNotFoundError; a bad row (see the module docstring) QADataError."""
     p = require_file(path, "QA")
     fmt = detect_qa_format(p) if format == "auto" else format
     if fmt not in QA_FORMATS:
@@ -367,8 +361,7 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
     Never downloads. The prepared files are looked for before TFDS is even imported: a
     missing dataset, an unknown split or a non-array_record build raises at once
     (``FileNotFoundError`` / ``ValueError``) naming the dataset, the folder and the command
-    that prepares it.
-    """
+    that prepares it."""
     base, config, version = _tfds_parts(name)
     if base not in TFDS_QA_DATASETS:
         raise ValueError(f"no QA reader for TFDS dataset {name!r}; supported: "
@@ -450,8 +443,7 @@ def questions_from_store(store: Any, tokenizer: Any, *, num: int, seed: int,
     the gold passage the block's title, ``source_block`` the block id and the id
     ``store-BLOCK``. These are cloze questions, not natural ones. Deterministic given ``seed``.
 
-    Returns ``num`` questions, or fewer (with a warning) when the blocks give fewer.
-    """
+    Returns ``num`` questions, or fewer (with a warning) when the blocks give fewer."""
     from realm_jax.data.realm_examples import QueryMaker  # tokenizers, transformers
 
     if num < 1:

@@ -234,13 +234,7 @@ def read_kilt(path: str | os.PathLike, *, labels: LabelSet | None = None,
     """A KILT task's JSONL (see the module docstring). With ``labels`` (a classification
     task: FEVER), each record's answer must be one of the labels: the example's answer is the
     label's target text and ``label`` the label; records whose label is a FEVER class left
-    out of ``labels`` (the 2-way set) are skipped.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (not an object; missing or empty ``input``; no ``output``
-        list; no answer; a provenance item without a title; a repeated id).
-    """
+    out of ``labels`` (the 2-way set) are skipped."""
     p = require_file(path, "KILT")
     skips = SkipCounter() if skips is None else skips
     return _read_lines(p, lambda r, w, i: _kilt_example(r, w, i, labels, skips), KILT_FORMAT,
@@ -293,12 +287,7 @@ def read_msmarco(path: str | os.PathLike, *, well_formed: bool = True,
                  skips: SkipCounter | None = None) -> list[TaskExample]:
     """MS MARCO (see the module docstring): ``.json`` (the official column layout) or
     ``.jsonl``. The input is the query, the targets its well-formed answers (NLGen; rows
-    without are skipped and counted), or its answers with ``well_formed=False``.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad row (missing query, answers not a list of strings, a repeated id).
-    """
+    without are skipped and counted), or its answers with ``well_formed=False``."""
     p = require_file(path, "MS MARCO")
     skips = SkipCounter() if skips is None else skips
     name = p.name.lower().removesuffix(".gz")
@@ -322,12 +311,7 @@ def read_jeopardy(path: str | os.PathLike, *, skips: SkipCounter | None = None
                   ) -> list[TaskExample]:
     """Jeopardy question generation from SearchQA-style JSONL: the input is ``answer`` (the
     entity), the target ``question`` (the clue, without enclosing single quotes); the id is
-    ``id`` when given, else the line's position (0-based).
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (missing or empty ``question`` or ``answer``, a repeated id).
-    """
+    ``id`` when given, else the line's position (0-based)."""
     p = require_file(path, "Jeopardy")
 
     def parse(record: dict, where: str, index: int) -> TaskExample:
@@ -383,13 +367,7 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
     the claim, the answer the label's target text (``labels``, default the 3-way
     :func:`fever_labels`), ``label`` the label and ``provenance`` the evidence sets' pages.
     Claims whose FEVER label the set leaves out (NOT ENOUGH INFO in the 2-way set) are
-    skipped and counted.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (missing claim, unknown label, malformed evidence, a repeated
-        id).
-    """
+    skipped and counted."""
     p = require_file(path, "FEVER")
     labels = fever_labels(3) if labels is None else labels
     skips = SkipCounter() if skips is None else skips
