@@ -271,7 +271,8 @@ def _aot(args: argparse.Namespace) -> None:
             f"GiB; {advice}")
 
 
-def _cpu_devices_flag(parser: argparse.ArgumentParser) -> None:
+def _embedding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--cpu_devices", type=int, default=0,
                         help="JAX CPU devices to split the cores into, each embedding a shard "
                              "of every batch (0: one per core; 1: JAX's single CPU device); "
@@ -302,77 +303,78 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="Hugging Face folder <-> realm-jax params checkpoint; "
-                       "a trainer checkpoint's part -> Hugging Face folder")
+    def command(name: str, run, help: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("convert", _convert, "Hugging Face folder <-> realm-jax params checkpoint; "
+                "a trainer checkpoint's part -> Hugging Face folder")
     p.add_argument("--hf", help="a local HF folder (config.json + model.safetensors) to read")
     p.add_argument("--params", help="a realm-jax params checkpoint to export")
     p.add_argument("--workdir", help="a trainer's workdir: export one --part of its checkpoint")
     p.add_argument("--part", default="reader", help="with --workdir: query_tower, doc_tower or "
                    "reader (REALM), the part to export")
-    p.add_argument("--step", type=int, default=None,
+    p.add_argument("--step", type=int,
                    help="with --workdir: the checkpoint step (default: newest)")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--architecture", default=None,
-                   help="HF architecture to export as (e.g. DPRContextEncoder); default from the model")
-    p.set_defaults(run=_convert)
+    p.add_argument("--architecture", help="HF architecture to export as (e.g. "
+                   "DPRContextEncoder); default from the model")
 
-    p = sub.add_parser("demo", help="the main job on the embedded default data and weights")
+    p = command("demo", _demo, "the main job on the embedded default data and weights")
     p.add_argument("--workdir", default="workdir/demo", help="where the corpus store goes")
-    p.add_argument("--model", default=None,
-                   help="HF folder of the retriever tower (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--model", help="HF folder of the retriever tower (default: the installed "
+                   "all-MiniLM-L6-v2)")
     p.add_argument("--question", action="append", help="a question (repeatable)")
     p.add_argument("--top_k", type=int, default=3)
     p.add_argument("--max_articles", type=int, default=40,
                    help="articles of the sample to use (it has 106)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=int,
                    help="REALM pre-training steps (default: the demo config's; 0 skips it)")
-    p.set_defaults(run=_demo)
 
-    p = sub.add_parser("prepare-corpus", help="corpus (JSONL, TFDS, Wikipedia XML) -> block store")
+    p = command("prepare-corpus", _prepare_corpus,
+                "corpus (JSONL, TFDS, Wikipedia XML) -> block store")
     p.add_argument("--input", required=True,
                    help="a .jsonl[.gz] file, a Wikipedia .xml[.bz2] dump, or tfds:NAME")
     p.add_argument("--output", required=True, help="the block store folder to write")
     p.add_argument("--tokenizer", required=True, help="local HF folder of the model's tokenizer")
-    p.add_argument("--mode", choices=("realm", "dpr"), default="realm",
-                   help="realm: blocks of <= --max_tokens wordpieces; dpr: --passage_words passages")
-    p.add_argument("--format", choices=("jsonl", "tfds", "wiki_xml"), default=None,
+    p.add_argument("--mode", choices=("realm", "dpr"), default="realm", help="realm: blocks "
+                   "of <= --max_tokens wordpieces; dpr: --passage_words passages")
+    p.add_argument("--format", choices=("jsonl", "tfds", "wiki_xml"),
                    help="input format (default: guessed from --input)")
     p.add_argument("--max_tokens", type=int, default=288)
     p.add_argument("--passage_words", type=int, default=100)
     p.add_argument("--tfds_split", default="train")
-    p.add_argument("--tfds_data_dir", default=None)
+    p.add_argument("--tfds_data_dir")
     p.add_argument("--id_field", default="id", help="'' numbers documents by position")
     p.add_argument("--title_field", default="title")
     p.add_argument("--text_field", default="text")
-    p.add_argument("--max_documents", type=int, default=None)
+    p.add_argument("--max_documents", type=int)
     p.add_argument("--batch_documents", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no_progress", action="store_true")
-    p.set_defaults(run=_prepare_corpus)
 
-    p = sub.add_parser("corpus", help="block store maintenance")
-    corpus_sub = p.add_subparsers(dest="corpus_command", required=True)
-    p = corpus_sub.add_parser("update", help="add, replace and remove documents as a new "
-                              "store version (block ids of unchanged documents stay)")
+    p = command("corpus", None, "block store maintenance")
+    p = command("update", _corpus_update, "add, replace and remove documents as a new store "
+                "version (block ids of unchanged documents stay)",
+                p.add_subparsers(dest="corpus_command", required=True))
     p.add_argument("--store", required=True, help="the block store folder")
-    p.add_argument("--add", default=None, help="JSONL of documents (id, title, text); an "
-                   "existing id is replaced")
-    p.add_argument("--remove", default=None, help="file of document ids to remove, one per line")
-    p.add_argument("--replace_all", "--replace-all", default=None, metavar="NEW_CORPUS",
+    p.add_argument("--add", help="JSONL of documents (id, title, text); an existing id is "
+                   "replaced")
+    p.add_argument("--remove", help="file of document ids to remove, one per line")
+    p.add_argument("--replace_all", "--replace-all", metavar="NEW_CORPUS",
                    help="a whole new corpus (as for prepare-corpus: JSONL, Wikipedia XML): "
                    "the stored documents it lacks are removed, the others added, replaced or "
                    "kept with their block ids")
-    p.add_argument("--tokenizer", default=None, help="HF folder the store was prepared with "
+    p.add_argument("--tokenizer", help="HF folder the store was prepared with "
                    "(default: the one its manifest records)")
-    p.set_defaults(run=_corpus_update)
 
-    p = sub.add_parser("embed-corpus", help="embed a block store with a document tower, "
-                       "in shards (one slice per worker), and merge them")
+    p = command("embed-corpus", _embed_corpus, "embed a block store with a document tower, in "
+                "shards (one slice per worker), and merge them")
     p.add_argument("--corpus", required=True, help="block store folder")
     p.add_argument("--out", required=True, help="folder of the embedding shards")
     p.add_argument("--model", help="a realm-jax params checkpoint or HF folder of the tower")
-    p.add_argument("--tokenizer", default=None,
-                   help="HF folder of the corpus tokenizer (default: --model)")
+    p.add_argument("--tokenizer", help="HF folder of the corpus tokenizer (default: --model)")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--shard_size", type=int, default=0, help="blocks per shard (0: one per worker)")
@@ -381,105 +383,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--title", choices=("auto", "yes", "no"), default="auto",
                    help="prepend titles ([CLS] title [SEP] text [SEP]); auto: for DPR passages")
-    p.add_argument("--merge_to", default=None,
+    p.add_argument("--merge_to",
                    help="then merge all shards into this .npy (all ids must be covered)")
-    p.add_argument("--no_progress", action="store_true")
-    _cpu_devices_flag(p)
-    p.set_defaults(run=_embed_corpus)
+    _embedding_flags(p)
 
-    p = sub.add_parser("refresh", help="keep WORKDIR/index up to date with the trainer's "
-                       "document tower (the refresher process)")
+    p = command("refresh", _refresh, "keep WORKDIR/index up to date with the trainer's "
+                "document tower (the refresher process)")
     _config_flag(p, fields="refresh.FIELD")
     p.add_argument("--workdir", required=True, help="the trainer's working folder")
     p.add_argument("--once", action="store_true", help="one refresh, then exit")
-    p.add_argument("--from_hf", default=None,
-                   help="HF folder of a pretrained document tower: the first index (step 0) "
-                        "while no checkpoint exists")
-    p.add_argument("--corpus", default=None, help="block store (default: config.data.corpus)")
-    p.add_argument("--worker", type=int, default=None,
+    p.add_argument("--from_hf", help="HF folder of a pretrained document tower: the first "
+                   "index (step 0) while no checkpoint exists")
+    p.add_argument("--corpus", help="block store (default: config.data.corpus)")
+    p.add_argument("--worker", type=int,
                    help="this worker (0: the chief; default: the process index, else 0)")
-    p.add_argument("--num_workers", type=int, default=None,
+    p.add_argument("--num_workers", type=int,
                    help="workers embedding slices (default: the process count, else 1)")
-    p.add_argument("--no_progress", action="store_true")
-    _cpu_devices_flag(p)
+    _embedding_flags(p)
     distributed.add_flags(p)
-    p.set_defaults(run=_refresh)
 
-    p = sub.add_parser("train", help="the trainer (config.task: REALM pre-training, ORQA or "
-                       "RAG fine-tuning, ICT or DPR retriever training); index snapshots "
-                       "from WORKDIR/index")
+    p = command("train", _train, "the trainer (config.task: REALM pre-training, ORQA or RAG "
+                "fine-tuning, ICT or DPR retriever training); index snapshots from "
+                "WORKDIR/index")
     _config_flag(p)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics, index snapshots")
-    p.add_argument("--stop_after", type=int, default=None,
+    p.add_argument("--stop_after", type=int,
                    help="stop (with a checkpoint) once this step is reached; rerun to resume")
     distributed.add_flags(p)
-    p.set_defaults(run=_train)
 
-    def run_flags(p):
+    def run_command(name: str, run, help: str) -> argparse.ArgumentParser:
+        p = command(name, run, help)
         p.add_argument("--workdir", required=True, help="the fine-tuning run's working folder")
         _config_flag(p, _SAVED_CONFIG)
-        p.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
+        p.add_argument("--step", type=int, help="checkpoint (default: newest)")
+        return p
 
-    p = sub.add_parser("eval", help="evaluation of a run: exact match, recall@k and the "
-                       "task's eval.metrics on data.eval (ORQA, RAG), recall@k of a retriever "
-                       "(ICT, DPR); figures in WORKDIR/eval/metrics.json, predictions as JSONL")
-    run_flags(p)
-    p.add_argument("--out", default=None,
-                   help="predictions file (default WORKDIR/eval/predictions.jsonl)")
-    p.set_defaults(run=_eval)
+    p = run_command("eval", _eval, "evaluation of a run: exact match, recall@k and the task's "
+                    "eval.metrics on data.eval (ORQA, RAG), recall@k of a retriever (ICT, "
+                    "DPR); figures in WORKDIR/eval/metrics.json, predictions as JSONL")
+    p.add_argument("--out", help="predictions file (default WORKDIR/eval/predictions.jsonl)")
 
-    p = sub.add_parser("mine", help="hard negatives for DPR training data: each question's "
-                       "top passages (a retriever run's towers, or BM25 over data.corpus) "
-                       "without an answer, as hard_negative_ctxs")
-    run_flags(p)
+    p = run_command("mine", _mine, "hard negatives for DPR training data: each question's top "
+                    "passages (a retriever run's towers, or BM25 over data.corpus) without an "
+                    "answer, as hard_negative_ctxs")
     p.add_argument("--input", required=True, help="DPR training data (.json / .jsonl)")
     p.add_argument("--output", required=True, help="where the mined records go")
     p.add_argument("--num_negatives", type=int, default=30, help="negatives per question")
     p.add_argument("--depth", type=int, default=100, help="passages searched per question")
     p.add_argument("--bm25", action="store_true", help="rank by BM25 (bm25s), not the run")
-    p.set_defaults(run=_mine)
 
-    p = sub.add_parser("answer", help="answer questions (arguments, else one per line on "
-                       "stdin) with a fine-tuning run (ORQA, RAG)")
-    run_flags(p)
+    p = run_command("answer", _answer, "answer questions (arguments, else one per line on "
+                    "stdin) with a fine-tuning run (ORQA, RAG)")
     p.add_argument("question", nargs="*", help="questions")
-    p.set_defaults(run=_answer)
 
-    p = sub.add_parser("score", help="metrics of a predictions JSONL (question, prediction or "
-                       "answer, answers or gold_answers; as `realm-jax eval` writes) as JSON")
+    p = command("score", _score, "metrics of a predictions JSONL (question, prediction or "
+                "answer, answers or gold_answers; as `realm-jax eval` writes) as JSON")
     p.add_argument("--predictions", required=True, help="the JSONL file to score")
     p.add_argument("--metrics", default="em,f1",
                    help="comma-separated: em, f1, bleu1, rougeL, qbleu1, accuracy, distinct3 "
                         "(distinctN), rprec, recall@K (KILT provenance; needs gold_passages or "
                         "provenance)")
-    p.set_defaults(run=_score)
 
-    p = sub.add_parser("search", help="retrieve corpus documents for questions (arguments, "
-                       "else one per line on stdin) from WORKDIR's newest index snapshot")
+    p = command("search", _search, "retrieve corpus documents for questions (arguments, else "
+                "one per line on stdin) from WORKDIR's newest index snapshot")
     p.add_argument("--workdir", required=True, help="a workdir with an index (retrieval, "
                    "REALM, ORQA or RAG)")
     _config_flag(p, _SAVED_CONFIG)
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per question")
     p.add_argument("question", nargs="*", help="questions")
-    p.set_defaults(run=_search)
 
-    p = sub.add_parser("aot", help="compile the REALM train step ahead of time for a device "
-                       "topology (e.g. a TPU slice this host does not have): memory per "
-                       "device and FLOPs per step; exits 1 when it does not fit")
+    p = command("aot", _aot, "compile the REALM train step ahead of time for a device topology "
+                "(e.g. a TPU slice this host does not have): memory per device and FLOPs per "
+                "step; exits 1 when it does not fit")
     _config_flag(p)
     p.add_argument("--topology", required=True,
                    help="a TPU topology CHIP:SHAPE (v5e:2x2, v5p:2x2x2, v4:4x4x4; needs "
                         "libtpu: pip install 'realm-jax[aot]'), or local (this host's devices)")
-    p.add_argument("--mesh", default=None,
-                   help="DATA,FSDP,TENSOR over the topology's devices (default: config.mesh.shape)")
-    p.add_argument("--corpus_rows", type=int, default=None,
+    p.add_argument("--mesh", help="DATA,FSDP,TENSOR over the topology's devices (default: "
+                   "config.mesh.shape)")
+    p.add_argument("--corpus_rows", type=int,
                    help="retrieval.mode=device: corpus blocks held on the devices (default: "
                         "config.data.corpus's count, else 13,353,718 as REALM's Wikipedia)")
-    p.add_argument("--device_memory_gib", type=float, default=None,
+    p.add_argument("--device_memory_gib", type=float,
                    help="memory of one device (default: the runtime's, else by device kind)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
-    p.set_defaults(run=_aot)
     return parser
 
 
