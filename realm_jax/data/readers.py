@@ -57,7 +57,7 @@ class SkipCounter:
 
 
 def detect_format(source: str | os.PathLike) -> str:
-    """Guesses the reader from the source: ``tfds:NAME``, ``*.jsonl[.gz]``, ``*.xml[.bz2]``/``*.bz2``."""
+    """The reader for ``source``: ``tfds:NAME``, ``*.jsonl[.gz]``, ``*.xml[.bz2]`` / ``*.bz2``."""
     s = os.fspath(source)
     if s.startswith("tfds:"):
         return "tfds"
