@@ -42,7 +42,8 @@ import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import check_batch_split, host_share
-from realm_jax.data.qa import QADataError, json_array_records, jsonl_records
+from realm_jax.data.qa import (QADataError, json_array_records, json_object, jsonl_records,
+                               required_text)
 from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
@@ -145,13 +146,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
 
 def parse_dpr_record(record: Any, where: str) -> DprRecord:
     """Validates one DPR record (a parsed JSON object)."""
-    if not isinstance(record, dict):
-        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
-    question = record.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise QADataError(where, "question", "missing" if question is None else
-                          "empty" if isinstance(question, str) else
-                          f"expected a string, got {type(question).__name__}")
+    question = required_text(json_object(record, where).get("question"), where, "question")
     answers = record.get("answers", [])
     if isinstance(answers, str):
         answers = [answers]
@@ -160,7 +155,7 @@ def parse_dpr_record(record: Any, where: str) -> DprRecord:
     ctxs = {name: _passages(record.get(name), where, name) for name in CTX_FIELDS}
     extra = {k: v for k, v in record.items()
              if k not in ("question", "answers") + CTX_FIELDS}
-    return DprRecord(question.strip(), tuple(answers), **ctxs, where=where, extra=extra)
+    return DprRecord(question, tuple(answers), **ctxs, where=where, extra=extra)
 
 
 def read_dpr(path: str | os.PathLike, *, format: str = "auto",

@@ -97,15 +97,28 @@ def _strings(value: Any, where: str, field: str) -> list[str]:
     return [str(item) for item in value]
 
 
+def json_object(record: Any, where: str, expected: str = "") -> dict:
+    """``record`` if it is a JSON object, else QADataError (``expected`` ends the message)."""
+    if not isinstance(record, dict):
+        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}"
+                                       f"{expected}")
+    return record
+
+
+def required_text(value: Any, where: str, field: str, expected: str = "") -> str:
+    """A required non-blank string field's ``value``, stripped; else QADataError naming the
+    field (``expected`` ends the message)."""
+    if value is None or not isinstance(value, str) or not value.strip():
+        problem = ("missing" if value is None else "empty" if isinstance(value, str)
+                   else f"expected a string, got {type(value).__name__}")
+        raise QADataError(where, field, problem + expected)
+    return value.strip()
+
+
 def _example(where: str, qid: str, question: Any, answers: list[str], *, is_regex: bool,
              gold: Sequence[str] = (), hint: str = "") -> QAExample:
     """Validates one row's fields into an example."""
-    if question is None:
-        raise QADataError(where, "question", "missing")
-    if not isinstance(question, str):
-        raise QADataError(where, "question", f"expected a string, got {type(question).__name__}")
-    if not question.strip():
-        raise QADataError(where, "question", "empty")
+    question = required_text(question, where, "question")
     if not answers:
         raise QADataError(where, "answers", "empty (no answer)" + hint)
     for i, answer in enumerate(answers):
@@ -116,7 +129,7 @@ def _example(where: str, qid: str, question: Any, answers: list[str], *, is_rege
                 compile_regex(answer)
             except ValueError as e:
                 raise QADataError(where, "answers", str(e)) from None
-    return QAExample(qid, question.strip(), tuple(answers), is_regex, tuple(gold))
+    return QAExample(qid, question, tuple(answers), is_regex, tuple(gold))
 
 
 # ----------------------------------------------------------------------------- files
@@ -147,8 +160,7 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str], list[str]]:
     """(qid or None, question, answers, gold passages) of a JSON object."""
-    if not isinstance(record, dict):
-        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
+    json_object(record, where)
     key = "answers" if "answers" in record else "answer"
     if key not in record:
         raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")

@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from realm_jax.data.qa import (QADataError, QAExample, collect_examples, jsonl_records,
-                               load_json)
+from realm_jax.data.qa import (QADataError, QAExample, collect_examples, json_object,
+                               jsonl_records, load_json, required_text)
 from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.evaluate import normalize_answer
 
@@ -124,20 +124,7 @@ def _bad(where: str, field: str | None, problem: str, fmt: str) -> QADataError:
 
 def _text(record: dict, field: str, where: str, fmt: str) -> str:
     """A required non-blank string field, stripped."""
-    value = record.get(field)
-    if value is None:
-        raise _bad(where, field, "missing", fmt)
-    if not isinstance(value, str):
-        raise _bad(where, field, f"expected a string, got {type(value).__name__}", fmt)
-    if not value.strip():
-        raise _bad(where, field, "empty", fmt)
-    return value.strip()
-
-
-def _object(record: Any, where: str, fmt: str) -> dict:
-    if not isinstance(record, dict):
-        raise _bad(where, None, f"expected a JSON object, got {type(record).__name__}", fmt)
-    return record
+    return required_text(record.get(field), where, field, f"; expected {fmt}")
 
 
 def _qid(record: dict, where: str, fmt: str, default: str, *keys: str) -> str:
@@ -156,9 +143,10 @@ def _read_lines(path: Path, parse: Callable[[dict, str, int], TaskExample | None
                 id_field: str = "id") -> list[TaskExample]:
     """The examples ``parse(record, where, index)`` makes of the JSON objects of ``path``'s
     lines (or of the given ``(where, record)`` pairs), by :func:`collect_examples`."""
+    expected = f"; expected {fmt}"
     return collect_examples(jsonl_records(path, skips) if records is None else records,
-                            lambda r, w, i: parse(_object(r, w, fmt), w, i), path, skips,
-                            noun="examples", expected=f"; expected {fmt}", id_field=id_field)
+                            lambda r, w, i: parse(json_object(r, w, expected), w, i), path, skips,
+                            noun="examples", expected=expected, id_field=id_field)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
