@@ -97,18 +97,13 @@ def _load(spec: str) -> ml_collections.ConfigDict:
         warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
         try:
             holder(argv)
-        except flags.Error as e:   # get_config raised ValueError / TypeError: its message
-            raise ValueError(f"--config={spec}: {_last_line(e)}") from e
+        except flags.Error as e:   # get_config raised: its error line, not the traceback
+            raise ValueError(f"--config={spec}: {str(e).strip().splitlines()[-1]}") from e
         except AttributeError as e:
             if e.name != "get_config":
                 raise
             raise ValueError(f"--config: {path} defines no get_config()") from e
     return holder.config
-
-
-def _last_line(error: Exception) -> str:
-    """config_flags wraps a config file's error with its traceback; keep the error line."""
-    return str(error).strip().splitlines()[-1]
 
 
 def _check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
@@ -186,9 +181,8 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
 def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict:
     """Load `configs/NAME.py` (or a path; either optionally `:arg`) with `field=value`
     overrides."""
-    config, _ = parse_config_flags([f"--config={name_or_path}"]
-                                   + [f"--config.{o}" for o in overrides])
-    return config
+    return parse_config_flags([f"--config={name_or_path}"]
+                              + [f"--config.{o}" for o in overrides])[0]
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
