@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -150,23 +151,12 @@ class QueryMaker:
                    batch_blocks: int = 64) -> Iterator[MaskedQuery]:
         """Queries of the given blocks (all by default), in order; tokenizes in batches."""
         skipped = collections.Counter() if skipped is None else skipped
-        ids = range(len(store)) if block_ids is None else block_ids
-        batch: list[int] = []
-
-        def flush() -> Iterator[MaskedQuery]:
-            records = [store.record(i) for i in batch]
-            encodings = self.tokenizer.encode_batch([r.text for r in records])
-            for r, enc in zip(records, encodings):
+        ids = iter(range(len(store)) if block_ids is None else block_ids)
+        while batch := [store.record(int(i)) for i in itertools.islice(ids, batch_blocks)]:
+            encodings = self.tokenizer.encode_batch([r.text for r in batch])
+            for r, enc in zip(batch, encodings):
                 yield from self._queries(r.text, enc, r.spans, r.block_id, r.doc_index,
                                          r.doc_id, seed, skipped)
-
-        for i in ids:
-            batch.append(int(i))
-            if len(batch) >= batch_blocks:
-                yield from flush()
-                batch = []
-        if batch:
-            yield from flush()
 
     def require_queries(self, store: BlockStore, block_ids: Sequence[int] | None = None,
                         seed: int = 0, sample: int = 512) -> None:
