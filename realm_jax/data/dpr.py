@@ -64,12 +64,8 @@ class Passage:
     block_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"title": self.title, "text": self.text}
-        if self.passage_id is not None:
-            out["passage_id"] = self.passage_id
-        if self.block_id is not None:
-            out["block_id"] = self.block_id
-        return out
+        """DPR's context object; the ids only when known."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
