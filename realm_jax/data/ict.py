@@ -166,15 +166,11 @@ def ict_dataset(maker: IctExampleMaker, batch_size: int, seed: int, *,
     Fails at once when no block has two sentences (the endless pipeline would otherwise
     search forever)."""
     check_batch_split(batch_size, process_count)
-    if block_ids is None:
-        ds = grain.MapDataset.range(len(maker.store))
-        maker.first_usable_block(np.arange(len(maker.store)))
-    else:
-        block_ids = np.asarray(block_ids, np.int64)
-        if not len(block_ids):
-            raise ValueError("ict_dataset: no blocks to draw examples from")
-        maker.first_usable_block(block_ids)
-        ds = grain.MapDataset.source(block_ids)
+    if block_ids is not None and not len(block_ids):
+        raise ValueError("ict_dataset: no blocks to draw examples from")
+    ids = np.arange(len(maker.store)) if block_ids is None else np.asarray(block_ids, np.int64)
+    maker.first_usable_block(ids)
+    ds = grain.MapDataset.range(len(ids)) if block_ids is None else grain.MapDataset.source(ids)
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda b, rng: maker.example(int(b), rng), seed=seed)
     ds = ds.to_iter_dataset().batch(batch_size, batch_fn=collate_ict)
