@@ -146,16 +146,21 @@ def detect_qa_format(path: str | os.PathLike) -> str:
                      f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
 
 
-def text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) per line, decoded one by one so a bad byte names its line."""
+def text_lines(path: Path, skips: SkipCounter) -> Iterator[tuple[int, str, str]]:
+    """(line number, "PATH:LINE", text) per non-blank line (blank ones counted in ``skips``),
+    decoded one by one so a bad byte names its line."""
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise QADataError(f"{path}:{lineno}", None,
-                                  f"not UTF-8 (byte {e.start}: {e.reason})") from None
-            yield lineno, line.rstrip("\r\n")
+                raise QADataError(where, None, f"not UTF-8 (byte {e.start}: {e.reason})"
+                                  ) from None
+            if line.strip():
+                yield lineno, where, line
+            else:
+                skips.skip("blank_line", where)
 
 
 def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str], list[str]]:
@@ -182,11 +187,7 @@ def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str],
 
 def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
     """``("PATH:LINE", parsed JSON)`` per line; blank lines are counted in ``skips``."""
-    for lineno, line in text_lines(path):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            skips.skip("blank_line", where)
-            continue
+    for _, where, line in text_lines(path, skips):
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
@@ -237,11 +238,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
 
 def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
               ) -> Iterator[tuple[str, tuple[None, str, list[str], list[str]]]]:
-    for lineno, line in text_lines(path):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            skips.skip("blank_line", where)
-            continue
+    for lineno, where, line in text_lines(path, skips):
         fields = line.split("\t")
         if len(fields) == 1:
             raise QADataError(where, "answers", "missing (no tab after the question)")
