@@ -16,11 +16,8 @@ Files (:func:`read_qa`):
 A bad row raises :class:`QADataError` naming the file, the line (or record) and the field;
 blank lines and a ``question<TAB>answer(s)`` header line are skipped, counted and logged.
 
-TFDS (:func:`load_tfds_qa`): ``natural_questions_open`` (``question``, ``answer``),
-``web_questions`` (``question``, ``answers``), ``trivia_qa/unfiltered.nocontext`` or
-``trivia_qa/rc.nocontext`` (``question``, ``question_id``, ``answer.value`` and
-``answer.aliases``), read through ``tfds.data_source`` (array_record, no TensorFlow). They are
-never downloaded: an unprepared dataset fails at once, naming the command that prepares it.
+TFDS (:func:`load_tfds_qa`): ``natural_questions_open``, ``web_questions`` and ``trivia_qa``,
+read through ``tfds.data_source`` (array_record, no TensorFlow), never downloaded.
 
 :func:`questions_from_store` makes cloze questions from a block store, for demos and tests.
 """

@@ -127,26 +127,26 @@ def _text(record: dict, field: str, where: str, fmt: str) -> str:
     return required_text(record.get(field), where, field, f"; expected {fmt}")
 
 
-def _qid(record: dict, where: str, fmt: str, default: str, *keys: str) -> str:
-    for key in keys:
-        if key in record:
-            value = record[key]
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise _bad(where, key, f"expected a string or an integer id, got "
-                                       f"{type(value).__name__}", fmt)
-            return str(value)
-    return default
+def _qid(record: dict, key: str, index: int, where: str, fmt: str) -> str:
+    """``record[key]`` (a string or an integer) as the id, else the record's position."""
+    value = record.get(key, index)
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise _bad(where, key, f"expected a string or an integer id, got "
+                               f"{type(value).__name__}", fmt)
+    return str(value)
 
 
-def _read_lines(path: Path, parse: Callable[[dict, str, int], TaskExample | None], fmt: str,
-                skips: SkipCounter, records: Iterable[tuple[str, Any]] | None = None,
+def _read_lines(path: str | os.PathLike, what: str, fmt: str, skips: SkipCounter | None,
+                parse: Callable[[dict, str, int, SkipCounter], TaskExample | None],
+                records: Callable[[Path], Iterable[tuple[str, Any]]] | None = None,
                 id_field: str = "id") -> list[TaskExample]:
-    """The examples ``parse(record, where, index)`` makes of the JSON objects of ``path``'s
-    lines (or of the given ``(where, record)`` pairs), by :func:`collect_examples`."""
+    """The examples ``parse(record, where, index, skips)`` makes of the JSON objects of the
+    ``what`` file's lines (or of its ``records(path)``), by :func:`collect_examples`."""
+    path, skips = require_file(path, what), SkipCounter() if skips is None else skips
     expected = f"; expected {fmt}"
-    return collect_examples(jsonl_records(path, skips) if records is None else records,
-                            lambda r, w, i: parse(json_object(r, w, expected), w, i), path, skips,
-                            noun="examples", expected=expected, id_field=id_field)
+    return collect_examples(jsonl_records(path, skips) if records is None else records(path),
+                            lambda r, w, i: parse(json_object(r, w, expected), w, i, skips),
+                            path, skips, noun="examples", expected=expected, id_field=id_field)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -201,7 +201,7 @@ def _kilt_example(record: dict, where: str, index: int, labels: LabelSet | None,
     if labels is not None and _excluded_label(_kilt_outputs(record, where)[0], labels):
         skips.skip("label_not_in_set", where)
         return None
-    qid = _qid(record, where, KILT_FORMAT, str(index), "id")
+    qid = _qid(record, "id", index, where, KILT_FORMAT)
     text = _text(record, "input", where, KILT_FORMAT)
     answers, sets = _kilt_outputs(record, where)
     if not answers:
@@ -223,10 +223,8 @@ def read_kilt(path: str | os.PathLike, *, labels: LabelSet | None = None,
     task: FEVER), each record's answer must be one of the labels: the example's answer is the
     label's target text and ``label`` the label; records whose label is a FEVER class left
     out of ``labels`` (the 2-way set) are skipped."""
-    p = require_file(path, "KILT")
-    skips = SkipCounter() if skips is None else skips
-    return _read_lines(p, lambda r, w, i: _kilt_example(r, w, i, labels, skips), KILT_FORMAT,
-                       skips)
+    return _read_lines(path, "KILT", KILT_FORMAT, skips,
+                       lambda r, w, i, s: _kilt_example(r, w, i, labels, s))
 
 
 def _excluded_label(answers: Sequence[str], labels: LabelSet) -> bool:
@@ -250,7 +248,7 @@ def _msmarco_answers(value: Any, where: str, field: str) -> list[str]:
 def _msmarco_example(record: dict, where: str, index: int, well_formed: bool,
                      skips: SkipCounter) -> TaskExample | None:
     query = _text(record, "query", where, MSMARCO_FORMAT)
-    qid = _qid(record, where, MSMARCO_FORMAT, str(index), "query_id")
+    qid = _qid(record, "query_id", index, where, MSMARCO_FORMAT)
     field = "wellFormedAnswers" if well_formed else "answers"
     if not well_formed and field not in record:
         raise _bad(where, field, "missing", MSMARCO_FORMAT)
@@ -276,15 +274,13 @@ def read_msmarco(path: str | os.PathLike, *, well_formed: bool = True,
     """MS MARCO (see the module docstring): ``.json`` (the official column layout) or
     ``.jsonl``. The input is the query, the targets its well-formed answers (NLGen; rows
     without are skipped and counted), or its answers with ``well_formed=False``."""
-    p = require_file(path, "MS MARCO")
-    skips = SkipCounter() if skips is None else skips
-    name = p.name.lower().removesuffix(".gz")
+    name = require_file(path, "MS MARCO").name.lower().removesuffix(".gz")
     if not name.endswith((".json", ".jsonl", ".ndjson")):
-        raise ValueError(f"cannot tell the MS MARCO layout of {p}: name it .json (the official "
-                         f"column layout) or .jsonl")
-    return _read_lines(p, lambda r, w, i: _msmarco_example(r, w, i, well_formed, skips),
-                       MSMARCO_FORMAT, skips,
-                       _msmarco_columns(p) if name.endswith(".json") else None, "query_id")
+        raise ValueError(f"cannot tell the MS MARCO layout of {path}: name it .json (the "
+                         f"official column layout) or .jsonl")
+    return _read_lines(path, "MS MARCO", MSMARCO_FORMAT, skips,
+                       lambda r, w, i, s: _msmarco_example(r, w, i, well_formed, s),
+                       _msmarco_columns if name.endswith(".json") else None, "query_id")
 
 
 # ----------------------------------------------------------------------------- Jeopardy
@@ -300,15 +296,12 @@ def read_jeopardy(path: str | os.PathLike, *, skips: SkipCounter | None = None
     """Jeopardy question generation from SearchQA-style JSONL: the input is ``answer`` (the
     entity), the target ``question`` (the clue, without enclosing single quotes); the id is
     ``id`` when given, else the line's position (0-based)."""
-    p = require_file(path, "Jeopardy")
-
-    def parse(record: dict, where: str, index: int) -> TaskExample:
+    def parse(record: dict, where: str, index: int, skips: SkipCounter) -> TaskExample:
         clue = _unquote(_text(record, "question", where, JEOPARDY_FORMAT))
         entity = _text(record, "answer", where, JEOPARDY_FORMAT)
-        return TaskExample(_qid(record, where, JEOPARDY_FORMAT, str(index), "id"), entity,
-                           (clue,))
+        return TaskExample(_qid(record, "id", index, where, JEOPARDY_FORMAT), entity, (clue,))
 
-    return _read_lines(p, parse, JEOPARDY_FORMAT, SkipCounter() if skips is None else skips)
+    return _read_lines(path, "Jeopardy", JEOPARDY_FORMAT, skips, parse)
 
 
 # ----------------------------------------------------------------------------- FEVER
@@ -356,11 +349,9 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
     :func:`fever_labels`), ``label`` the label and ``provenance`` the evidence sets' pages.
     Claims whose FEVER label the set leaves out (NOT ENOUGH INFO in the 2-way set) are
     skipped and counted."""
-    p = require_file(path, "FEVER")
     labels = fever_labels(3) if labels is None else labels
-    skips = SkipCounter() if skips is None else skips
 
-    def parse(record: dict, where: str, index: int) -> TaskExample | None:
+    def parse(record: dict, where: str, index: int, skips: SkipCounter) -> TaskExample | None:
         if "claim" not in record and "input" in record:       # KILT's FEVER
             return _kilt_example(record, where, index, labels, skips)
         claim = _text(record, "claim", where, FEVER_FORMAT)
@@ -371,11 +362,11 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
                 return None
             raise _bad(where, "label", f"{label!r} is not one of {labels.labels}", FEVER_FORMAT)
         sets = _fever_evidence(record.get("evidence"), where)
-        return _with_evidence(TaskExample(_qid(record, where, FEVER_FORMAT, str(index), "id"),
+        return _with_evidence(TaskExample(_qid(record, "id", index, where, FEVER_FORMAT),
                                           claim, (labels.target(label),),
                                           provenance=tuple(sets), label=label))
 
-    return _read_lines(p, parse, FEVER_FORMAT, skips)
+    return _read_lines(path, "FEVER", FEVER_FORMAT, skips, parse)
 
 
 # ----------------------------------------------------------------------------- by name
