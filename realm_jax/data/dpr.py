@@ -124,10 +124,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
         if not isinstance(title, str):
             raise QADataError(where, f"{field}[{i}].title",
                               f"expected a string, got {type(title).__name__}")
-        if not isinstance(text, str) or not text.strip():
-            raise QADataError(where, f"{field}[{i}].text",
-                              "missing or empty" if not isinstance(text, str) or not text
-                              else "blank")
+        required_text(text, where, f"{field}[{i}].text")   # kept as written, not stripped
         pid = ctx.get("passage_id", ctx.get("psg_id"))
         if pid is not None and not isinstance(pid, (str, int)):
             raise QADataError(where, f"{field}[{i}].passage_id",
