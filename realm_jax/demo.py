@@ -147,22 +147,20 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
     overrides = [f"data.corpus={workdir / 'corpus'}", f"data.tokenizer={model}",
                  f"model.init_from_hf={model}"] + ([f"train.steps={steps}"] if steps else [])
     config = config_lib.load_config("realm:demo", *overrides)
-    log = open(workdir / "refresher.log", "w")
     command = [sys.executable, "-m", "realm_jax.cli", "refresh", "--workdir", str(workdir),
                "--config", f"{config_lib.CONFIG_DIR / 'realm.py'}:demo",
                "--from_hf", model, "--no_progress"] + [f"--config.{o}" for o in overrides]
-    refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {workdir / 'refresher.log'});"
-          f" training {config.train.steps} steps, checkpoints every "
-          f"{config.train.checkpoint_every}")
-    try:
-        result = trainer.train(config, workdir)
-        refresher.wait(timeout=600)   # its last refresh, after the FINISHED marker
-    finally:
-        if refresher.poll() is None:
-            refresher.terminate()
-            refresher.wait(timeout=60)
-        log.close()
+    with open(workdir / "refresher.log", "w") as log:
+        refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {log.name}); training "
+              f"{config.train.steps} steps, checkpoints every {config.train.checkpoint_every}")
+        try:
+            result = trainer.train(config, workdir)
+            refresher.wait(timeout=600)   # its last refresh, after the FINISHED marker
+        finally:
+            if refresher.poll() is None:
+                refresher.terminate()
+                refresher.wait(timeout=60)
     from realm_jax.train.metrics import read_metrics
     rows = [r for r in read_metrics(workdir) if "loss" in r]   # train rows, not eval rows
     n = max(1, min(5, len(rows) // 2))   # single small batches are noisy: average a few
