@@ -194,8 +194,8 @@ def read_tfds(name: str, skips: SkipCounter, *, split: str = "train",
             f"(for example `tfds build {name.split('/')[0]} --data_dir DIR "
             f"--file_format array_record` on a machine with network access).") from e
     features = getattr(getattr(source, "dataset_info", None), "features", None)
-    keys = set(features.keys()) if features is not None else None
-    if keys is not None:
+    if features is not None:
+        keys = set(features.keys())
         for key in (title_field, text_field):
             if key not in keys:
                 raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} "
