@@ -152,25 +152,19 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
     """Pull `--config PATH` / `--config=PATH` and `--config.a.b=value` (or `--config.a.b
     value`) out of argv. Returns the config and the remaining arguments."""
     spec, overrides, rest = default, [], []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" and i + 1 < len(argv):
-            spec, i = argv[i + 1], i + 2
-            continue
+    args = iter(argv)
+    for a in args:
         if a.startswith("--config="):
             spec = a.split("=", 1)[1]
         elif a.startswith("--config."):
             dotted, eq, raw = a[len("--config."):].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{a}: needs a value")
-                raw, i = argv[i + 1], i + 1
+            if not eq and (raw := next(args, None)) is None:
+                raise ValueError(f"{a}: needs a value")
             overrides.append((dotted, raw))
+        elif a == "--config" and (value := next(args, None)) is not None:
+            spec = value
         else:
             rest.append(a)
-        i += 1
     if spec is None:
         raise ValueError("no config given: pass --config configs/NAME.py")
     config = _load(spec)
