@@ -78,7 +78,9 @@ class Report:
             self.peak_bytes <= self.device_memory_bytes)
 
     def lines(self) -> list[str]:
-        gib = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        def gib(n: int) -> str:
+            return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
         memory = (f"{gib(self.peak_bytes)} of {gib(self.device_memory_bytes)} "
                   f"({100 * self.peak_bytes / self.device_memory_bytes:.0f}%)"
                   if self.device_memory_bytes else f"{gib(self.peak_bytes)} (device memory "
@@ -151,14 +153,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in realm.batch_shapes(tc.batch_size, rc).items()}
-    corpus = None
-    if rc.mode == "device":
-        corpus_rows = corpus_rows or _store_rows(config) or DEFAULT_CORPUS_ROWS
-        corpus = realm.device_corpus_shapes(
-            corpus_rows, configs["doc_tower"].output_dim, config.refresh.dtype,
-            rc.block_length, mesh, rc.search_block_size)
-    else:
-        corpus_rows = None
+    corpus_rows = ((corpus_rows or _store_rows(config) or DEFAULT_CORPUS_ROWS)
+                   if rc.mode == "device" else None)
+    corpus = None if corpus_rows is None else realm.device_corpus_shapes(
+        corpus_rows, configs["doc_tower"].output_dim, config.refresh.dtype, rc.block_length,
+        mesh, rc.search_block_size)
     # The special ids are constants of the step: BERT's unless the tokenizer is at hand.
     special = SpecialIds(cls=101, sep=102, mask=103, pad=0)
     loss_fn = task.loss_fn(configs, special, num_valid=corpus_rows or 0)

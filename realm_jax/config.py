@@ -97,18 +97,13 @@ def _load(spec: str) -> ml_collections.ConfigDict:
         warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
         try:
             holder(argv)
-        except flags.Error as e:   # get_config raised ValueError / TypeError: its message
-            raise ValueError(f"--config={spec}: {_last_line(e)}") from e
+        except flags.Error as e:   # get_config raised: its error line, not the traceback
+            raise ValueError(f"--config={spec}: {str(e).strip().splitlines()[-1]}") from e
         except AttributeError as e:
             if e.name != "get_config":
                 raise
             raise ValueError(f"--config: {path} defines no get_config()") from e
     return holder.config
-
-
-def _last_line(error: Exception) -> str:
-    """config_flags wraps a config file's error with its traceback; keep the error line."""
-    return str(error).strip().splitlines()[-1]
 
 
 def _check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
@@ -157,25 +152,19 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
     """Pull `--config PATH` / `--config=PATH` and `--config.a.b=value` (or `--config.a.b
     value`) out of argv. Returns the config and the remaining arguments."""
     spec, overrides, rest = default, [], []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" and i + 1 < len(argv):
-            spec, i = argv[i + 1], i + 2
-            continue
+    args = iter(argv)
+    for a in args:
         if a.startswith("--config="):
             spec = a.split("=", 1)[1]
         elif a.startswith("--config."):
             dotted, eq, raw = a[len("--config."):].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{a}: needs a value")
-                raw, i = argv[i + 1], i + 1
+            if not eq and (raw := next(args, None)) is None:
+                raise ValueError(f"{a}: needs a value")
             overrides.append((dotted, raw))
+        elif a == "--config" and (value := next(args, None)) is not None:
+            spec = value
         else:
             rest.append(a)
-        i += 1
     if spec is None:
         raise ValueError("no config given: pass --config configs/NAME.py")
     config = _load(spec)
@@ -186,9 +175,8 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
 def load_config(name_or_path: str, *overrides: str) -> ml_collections.ConfigDict:
     """Load `configs/NAME.py` (or a path; either optionally `:arg`) with `field=value`
     overrides."""
-    config, _ = parse_config_flags([f"--config={name_or_path}"]
-                                   + [f"--config.{o}" for o in overrides])
-    return config
+    return parse_config_flags([f"--config={name_or_path}"]
+                              + [f"--config.{o}" for o in overrides])[0]
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:

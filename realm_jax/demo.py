@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -121,8 +122,8 @@ def retrieve(workdir: str | os.PathLike, model: str, questions=None, top_k: int 
             print(f"  {rank}. [{s:.3f}] {store.title(int(i))}: {snippet}")
         answers[q] = [int(i) for i in row_ids]
     print(f"\nretrieval done in {time.perf_counter() - started:.0f}s")
-    return {"questions": answers, "titles": {q: [store.title(i) for i in v] for q, v in answers.items()},
-            "embeddings": np.asarray(vectors)}
+    titles = {q: [store.title(i) for i in v] for q, v in answers.items()}
+    return {"questions": answers, "titles": titles, "embeddings": np.asarray(vectors)}
 
 
 def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = PRETRAIN_ARTICLES,
@@ -136,10 +137,7 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
     from realm_jax.tasks import realm
     from realm_jax.train import trainer
 
-    workdir = Path(workdir)
-    if workdir.exists():  # a fresh run each time
-        import shutil
-        shutil.rmtree(workdir)
+    workdir = _fresh(workdir)
     workdir.mkdir(parents=True)
     block_length = config_lib.load_config("realm:demo").retrieval.block_length
     print(f"\n[REALM 1/3] corpus: {max_articles} articles of the Wikipedia sample -> blocks of "
@@ -149,22 +147,20 @@ def pretrain(workdir: str | os.PathLike, model: str, max_articles: int | None = 
     overrides = [f"data.corpus={workdir / 'corpus'}", f"data.tokenizer={model}",
                  f"model.init_from_hf={model}"] + ([f"train.steps={steps}"] if steps else [])
     config = config_lib.load_config("realm:demo", *overrides)
-    log = open(workdir / "refresher.log", "w")
     command = [sys.executable, "-m", "realm_jax.cli", "refresh", "--workdir", str(workdir),
                "--config", f"{config_lib.CONFIG_DIR / 'realm.py'}:demo",
                "--from_hf", model, "--no_progress"] + [f"--config.{o}" for o in overrides]
-    refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {workdir / 'refresher.log'});"
-          f" training {config.train.steps} steps, checkpoints every "
-          f"{config.train.checkpoint_every}")
-    try:
-        result = trainer.train(config, workdir)
-        refresher.wait(timeout=600)   # its last refresh, after the FINISHED marker
-    finally:
-        if refresher.poll() is None:
-            refresher.terminate()
-            refresher.wait(timeout=60)
-        log.close()
+    with open(workdir / "refresher.log", "w") as log:
+        refresher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        print(f"[REALM 2/3] refresher started (pid {refresher.pid}, log {log.name}); training "
+              f"{config.train.steps} steps, checkpoints every {config.train.checkpoint_every}")
+        try:
+            result = trainer.train(config, workdir)
+            refresher.wait(timeout=600)   # its last refresh, after the FINISHED marker
+        finally:
+            if refresher.poll() is None:
+                refresher.terminate()
+                refresher.wait(timeout=60)
     from realm_jax.train.metrics import read_metrics
     rows = [r for r in read_metrics(workdir) if "loss" in r]   # train rows, not eval rows
     n = max(1, min(5, len(rows) // 2))   # single small batches are noisy: average a few
@@ -212,10 +208,7 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     from realm_jax.tasks import orqa
     from realm_jax.train import trainer
 
-    realm_workdir, workdir = Path(realm_workdir), Path(workdir)
-    if workdir.exists():
-        import shutil
-        shutil.rmtree(workdir)
+    realm_workdir, workdir = Path(realm_workdir), _fresh(workdir)
     lengths = config_lib.load_config("realm:demo").retrieval  # the pre-training's
     config = config_lib.load_config(
         "orqa:tiny", f"data.corpus={realm_workdir / 'corpus'}", f"data.tokenizer={model}",
@@ -235,6 +228,14 @@ def finetune_qa(realm_workdir: str | os.PathLike, workdir: str | os.PathLike, mo
     print(f"\n[QA 2/2] on {config.train.eval_questions} cloze questions of the eval split: "
           f"{changes}")
     return {"before": before, "after": after}
+
+
+def _fresh(workdir: str | os.PathLike) -> Path:
+    """``workdir``, deleted if it exists: each demo run starts anew."""
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    return workdir
 
 
 def _mean(rows: list[dict]) -> dict:

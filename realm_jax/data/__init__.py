@@ -1,4 +1,4 @@
-"""Corpus block store: readers (JSONL, TFDS, Wikipedia XML), block splitting, random-access store."""
+"""Corpus block store: readers (JSONL, TFDS, Wikipedia XML), block splitting, the store."""
 
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.corpus import PrepareResult, prepare_corpus

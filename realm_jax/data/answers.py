@@ -20,9 +20,7 @@ the evaluation's ``regex_match`` accepts its text (every span with content ends 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 import unicodedata
 from typing import Sequence
 
@@ -30,6 +28,7 @@ import numpy as np
 
 from realm_jax import evaluate as ev
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
+from realm_jax.data.pipeline import LruCache
 from realm_jax.data.store import BlockStore
 
 
@@ -104,26 +103,18 @@ class AnswerMatcher:
     def __init__(self, store: BlockStore, tokenizer, cache_size: int = 4096):
         self.store = store
         self.tokenizer = load_tokenizer(tokenizer)
-        self.cache_size = cache_size
-        self._cache: collections.OrderedDict[int, PassageTokens] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = LruCache(cache_size)
 
     def passage(self, block_id: int) -> PassageTokens:
-        block_id = int(block_id)
-        with self._lock:
-            if block_id in self._cache:
-                self._cache.move_to_end(block_id)
-                return self._cache[block_id]
+        return self._cache.get(int(block_id), self._tokenize)
+
+    def _tokenize(self, block_id: int) -> PassageTokens:
         passage = PassageTokens.from_text(self.store.text(block_id), self.tokenizer)
         if len(passage) != int(self.store.lengths[block_id]):
             raise ValueError(
                 f"block {block_id} of {self.store.path}: the tokenizer gives {len(passage)} "
                 f"wordpieces, the store holds {int(self.store.lengths[block_id])}; set "
                 "data.tokenizer to the folder the store was prepared with")
-        with self._lock:
-            self._cache[block_id] = passage
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
         return passage
 
     def contains(self, block_ids: Sequence[int], answers: Sequence[str], *,

@@ -33,7 +33,7 @@ import dataclasses
 import gzip
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import check_batch_split, host_share
-from realm_jax.data.qa import QADataError, jsonl_records
-from realm_jax.data.readers import SkipCounter
+from realm_jax.data.qa import (QADataError, json_array_records, json_object, jsonl_records,
+                               required_text)
+from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
 from realm_jax.durable import atomic_write
@@ -63,12 +64,8 @@ class Passage:
     block_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"title": self.title, "text": self.text}
-        if self.passage_id is not None:
-            out["passage_id"] = self.passage_id
-        if self.block_id is not None:
-            out["block_id"] = self.block_id
-        return out
+        """DPR's context object; the ids only when known."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,27 +103,11 @@ def detect_dpr_format(path: str | os.PathLike) -> str:
                      "records) or .jsonl (one record per line), or pass format=")
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(
-        path, encoding="utf-8-sig")
-
-
-def _raw_records(path: Path, fmt: str, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
-    """(where, parsed JSON value) per record."""
-    if fmt != "json":
-        yield from jsonl_records(path, skips)
-        return
-    with _open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise QADataError(f"{path}:{e.lineno}", None,
-                              f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        raise QADataError(str(path), None, "expected a JSON array of DPR records, got "
-                                           f"{type(data).__name__}")
-    for i, record in enumerate(data):
-        yield f"{path} record {i}", record
+def _format(path: Path, format: str) -> str:
+    fmt = detect_dpr_format(path) if format == "auto" else format
+    if fmt not in DPR_FORMATS:
+        raise ValueError(f"DPR format must be one of {DPR_FORMATS} or 'auto', got {format!r}")
+    return fmt
 
 
 def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
@@ -143,10 +124,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
         if not isinstance(title, str):
             raise QADataError(where, f"{field}[{i}].title",
                               f"expected a string, got {type(title).__name__}")
-        if not isinstance(text, str) or not text.strip():
-            raise QADataError(where, f"{field}[{i}].text",
-                              "missing or empty" if not isinstance(text, str) or not text
-                              else "blank")
+        required_text(text, where, f"{field}[{i}].text")   # kept as written, not stripped
         pid = ctx.get("passage_id", ctx.get("psg_id"))
         if pid is not None and not isinstance(pid, (str, int)):
             raise QADataError(where, f"{field}[{i}].passage_id",
@@ -161,13 +139,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
 
 def parse_dpr_record(record: Any, where: str) -> DprRecord:
     """Validates one DPR record (a parsed JSON object)."""
-    if not isinstance(record, dict):
-        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
-    question = record.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise QADataError(where, "question", "missing" if question is None else
-                          "empty" if isinstance(question, str) else
-                          f"expected a string, got {type(question).__name__}")
+    question = required_text(json_object(record, where).get("question"), where, "question")
     answers = record.get("answers", [])
     if isinstance(answers, str):
         answers = [answers]
@@ -176,22 +148,19 @@ def parse_dpr_record(record: Any, where: str) -> DprRecord:
     ctxs = {name: _passages(record.get(name), where, name) for name in CTX_FIELDS}
     extra = {k: v for k, v in record.items()
              if k not in ("question", "answers") + CTX_FIELDS}
-    return DprRecord(question.strip(), tuple(answers), **ctxs, where=where, extra=extra)
+    return DprRecord(question, tuple(answers), **ctxs, where=where, extra=extra)
 
 
 def read_dpr(path: str | os.PathLike, *, format: str = "auto",
              skips: SkipCounter | None = None) -> list[DprRecord]:
     """The records of a DPR JSON / JSONL file; records without a positive are skipped and
     counted in ``skips`` (``no_positive_ctx``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DPR data file not found: {path}")
-    fmt = detect_dpr_format(path) if format == "auto" else format
-    if fmt not in DPR_FORMATS:
-        raise ValueError(f"DPR format must be one of {DPR_FORMATS} or 'auto', got {format!r}")
+    path = require_file(path, "DPR data")
     skips = SkipCounter() if skips is None else skips
+    records = (json_array_records(path, "DPR records") if _format(path, format) == "json"
+               else jsonl_records(path, skips))
     out = []
-    for where, raw in _raw_records(path, fmt, skips):
+    for where, raw in records:
         record = parse_dpr_record(raw, where)
         if not record.positive_ctxs:
             skips.skip("no_positive_ctx", where)
@@ -207,11 +176,8 @@ def write_dpr(path: str | os.PathLike, records: Sequence[DprRecord], *,
     """Writes records in DPR's format (a JSON array, or JSONL; gzipped for a .gz name),
     atomically: a reader sees the old file or the whole new one."""
     path = Path(path)
-    fmt = detect_dpr_format(path) if format == "auto" else format
-    if fmt not in DPR_FORMATS:
-        raise ValueError(f"DPR format must be one of {DPR_FORMATS} or 'auto', got {format!r}")
     dicts = [r.to_json() for r in records]
-    if fmt == "json":
+    if _format(path, format) == "json":
         text = "[\n" + ",\n".join(json.dumps(d, ensure_ascii=False) for d in dicts) + "\n]\n"
     else:
         text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dicts)
@@ -266,28 +232,25 @@ class DprExampleMaker:
         self.shuffle = shuffle
         self.shuffle_positives = shuffle_positives
 
-    def _row(self, ids, length, title_ids=None):
+    def _rows(self, texts: list, length: int, titles: list | None = None
+              ) -> dict[str, np.ndarray]:
+        """Rows of encoded texts (and titles): ``input_ids``, ``attention_mask`` [N, length]."""
         sp = self.special
-        return row(ids, length, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad, title_ids=title_ids)
+        rows = [row(t.ids, length, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad,
+                    title_ids=None if titles is None else titles[i].ids)
+                for i, t in enumerate(texts)]
+        return {"input_ids": np.stack([r[0] for r in rows]).reshape(-1, length),
+                "attention_mask": np.stack([r[1] for r in rows]).reshape(-1, length)}
 
     def question_rows(self, questions: Sequence[str]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask`` int32 [len(questions), question_length]."""
-        rows = [self._row(e.ids, self.question_length)
-                for e in self.tokenizer.encode_batch(list(questions))]
-        return {"input_ids": np.stack([r[0] for r in rows]).reshape(-1, self.question_length),
-                "attention_mask": np.stack([r[1] for r in rows]).reshape(-1,
-                                                                         self.question_length)}
+        return self._rows(self.tokenizer.encode_batch(list(questions)), self.question_length)
 
     def passage_rows(self, passages: Sequence[Passage]) -> dict[str, np.ndarray]:
         """``input_ids``, ``attention_mask`` int32 [len(passages), passage_length]."""
-        texts = self.tokenizer.encode_batch([p.text for p in passages])
-        titles = (self.tokenizer.encode_batch([p.title for p in passages]) if self.title
-                  else [None] * len(passages))
-        rows = [self._row(t.ids, self.passage_length, None if h is None else h.ids)
-                for t, h in zip(texts, titles)]
-        shape = (-1, self.passage_length)
-        return {"input_ids": np.stack([r[0] for r in rows]).reshape(shape),
-                "attention_mask": np.stack([r[1] for r in rows]).reshape(shape)}
+        encode = self.tokenizer.encode_batch
+        return self._rows(encode([p.text for p in passages]), self.passage_length,
+                          encode([p.title for p in passages]) if self.title else None)
 
     def example(self, record: DprRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One question's rows: ``question_input_ids`` / ``_attention_mask`` [Q];

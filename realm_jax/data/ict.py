@@ -20,9 +20,7 @@ a stored span); a block needs at least two sentences to give an example.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +28,8 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
-from realm_jax.data.pipeline import check_batch_split, host_share
-from realm_jax.data.realm_examples import special_ids
+from realm_jax.data.pipeline import LruCache, check_batch_split, host_share
+from realm_jax.data.realm_examples import check_store_tokenizer, special_ids
 from realm_jax.data.rows import row
 from realm_jax.data.spans import split_sentences
 from realm_jax.data.store import BlockStore
@@ -83,12 +81,7 @@ class IctExampleMaker:
         if query_length < 3:
             raise ValueError(f"query_length must be >= 3, got {query_length}")
         self.store = store
-        self.tokenizer = load_tokenizer(tokenizer)
-        want = store.settings.get("tokenizer", {}).get("vocab_hash")
-        if want is not None and want != self.tokenizer.vocab_hash:
-            raise ValueError(f"tokenizer {self.tokenizer.name!r} is not the one block store "
-                             f"{store.path} was made with "
-                             f"({store.settings['tokenizer'].get('name')!r})")
+        self.tokenizer = check_store_tokenizer(store, load_tokenizer(tokenizer))
         self.special = special_ids(self.tokenizer)
         self.query_length = int(query_length)
         self.context_length = int(context_length)
@@ -96,17 +89,13 @@ class IctExampleMaker:
         self.title = store.settings.get("mode") == "dpr" if title is None else bool(title)
         row(np.zeros(1), self.context_length, cls_id=0, sep_id=0,
             title_ids=[] if self.title else None)  # validates the length
-        self.cache_size = cache_size
-        self._cache: collections.OrderedDict[int, BlockSentences] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = LruCache(cache_size)
 
     def sentences(self, block_id: int) -> BlockSentences:
         """Block ``block_id``'s wordpieces and sentences (cached)."""
-        block_id = int(block_id)
-        with self._lock:
-            if block_id in self._cache:
-                self._cache.move_to_end(block_id)
-                return self._cache[block_id]
+        return self._cache.get(int(block_id), self._split)
+
+    def _split(self, block_id: int) -> BlockSentences:
         record = self.store.record(block_id)
         encoding = self.tokenizer.encode_batch([record.text])[0]
         ids = np.asarray(encoding.ids, np.int32)
@@ -124,12 +113,7 @@ class IctExampleMaker:
         title_ids = None
         if self.title:
             title_ids = np.asarray(self.tokenizer.encode_batch([record.title])[0].ids, np.int32)
-        out = BlockSentences(ids, tuple(ranges), title_ids)
-        with self._lock:
-            self._cache[block_id] = out
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
+        return BlockSentences(ids, tuple(ranges), title_ids)
 
     def example(self, block_id: int, rng: np.random.Generator) -> IctExample | None:
         """An example of block ``block_id`` drawn with ``rng`` (a sentence, then whether it is
@@ -182,15 +166,11 @@ def ict_dataset(maker: IctExampleMaker, batch_size: int, seed: int, *,
     Fails at once when no block has two sentences (the endless pipeline would otherwise
     search forever)."""
     check_batch_split(batch_size, process_count)
-    if block_ids is None:
-        ds = grain.MapDataset.range(len(maker.store))
-        maker.first_usable_block(np.arange(len(maker.store)))
-    else:
-        block_ids = np.asarray(block_ids, np.int64)
-        if not len(block_ids):
-            raise ValueError("ict_dataset: no blocks to draw examples from")
-        maker.first_usable_block(block_ids)
-        ds = grain.MapDataset.source(block_ids)
+    if block_ids is not None and not len(block_ids):
+        raise ValueError("ict_dataset: no blocks to draw examples from")
+    ids = np.arange(len(maker.store)) if block_ids is None else np.asarray(block_ids, np.int64)
+    maker.first_usable_block(ids)
+    ds = grain.MapDataset.range(len(ids)) if block_ids is None else grain.MapDataset.source(ids)
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda b, rng: maker.example(int(b), rng), seed=seed)
     ds = ds.to_iter_dataset().batch(batch_size, batch_fn=collate_ict)

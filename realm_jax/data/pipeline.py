@@ -3,6 +3,10 @@ every global batch."""
 
 from __future__ import annotations
 
+import collections
+import threading
+from typing import Any, Callable, Hashable
+
 import grain
 
 
@@ -26,3 +30,25 @@ def host_share(ds: grain.IterDataset, process_index: int, process_count: int
 
     return ds.map(lambda b: {k: share(v) for k, v in b.items()} if isinstance(b, dict)
                   else share(b))
+
+
+class LruCache:
+    """``compute(key)`` results, the ``size`` most recently used kept; thread-safe (the
+    pipeline's worker threads share one)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute(key)   # outside the lock: other keys are served meanwhile
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value

@@ -16,11 +16,8 @@ Files (:func:`read_qa`):
 A bad row raises :class:`QADataError` naming the file, the line (or record) and the field;
 blank lines and a ``question<TAB>answer(s)`` header line are skipped, counted and logged.
 
-TFDS (:func:`load_tfds_qa`): ``natural_questions_open`` (``question``, ``answer``),
-``web_questions`` (``question``, ``answers``), ``trivia_qa/unfiltered.nocontext`` or
-``trivia_qa/rc.nocontext`` (``question``, ``question_id``, ``answer.value`` and
-``answer.aliases``), read through ``tfds.data_source`` (array_record, no TensorFlow). They are
-never downloaded: an unprepared dataset fails at once, naming the command that prepares it.
+TFDS (:func:`load_tfds_qa`): ``natural_questions_open``, ``web_questions`` and ``trivia_qa``,
+read through ``tfds.data_source`` (array_record, no TensorFlow), never downloaded.
 
 :func:`questions_from_store` makes cloze questions from a block store, for demos and tests.
 """
@@ -36,13 +33,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from realm_jax.data.readers import SkipCounter
+from realm_jax.data.readers import (SkipCounter, decode_text, open_binary, require_file,
+                                    source_records)
 from realm_jax.evaluate import compile_regex
 
 _log = logging.getLogger(__name__)
@@ -96,15 +94,28 @@ def _strings(value: Any, where: str, field: str) -> list[str]:
     return [str(item) for item in value]
 
 
+def json_object(record: Any, where: str, expected: str = "") -> dict:
+    """``record`` if it is a JSON object, else QADataError (``expected`` ends the message)."""
+    if not isinstance(record, dict):
+        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}"
+                                       f"{expected}")
+    return record
+
+
+def required_text(value: Any, where: str, field: str, expected: str = "") -> str:
+    """A required non-blank string field's ``value``, stripped; else QADataError naming the
+    field (``expected`` ends the message)."""
+    if value is None or not isinstance(value, str) or not value.strip():
+        problem = ("missing" if value is None else "empty" if isinstance(value, str)
+                   else f"expected a string, got {type(value).__name__}")
+        raise QADataError(where, field, problem + expected)
+    return value.strip()
+
+
 def _example(where: str, qid: str, question: Any, answers: list[str], *, is_regex: bool,
              gold: Sequence[str] = (), hint: str = "") -> QAExample:
     """Validates one row's fields into an example."""
-    if question is None:
-        raise QADataError(where, "question", "missing")
-    if not isinstance(question, str):
-        raise QADataError(where, "question", f"expected a string, got {type(question).__name__}")
-    if not question.strip():
-        raise QADataError(where, "question", "empty")
+    question = required_text(question, where, "question")
     if not answers:
         raise QADataError(where, "answers", "empty (no answer)" + hint)
     for i, answer in enumerate(answers):
@@ -115,7 +126,7 @@ def _example(where: str, qid: str, question: Any, answers: list[str], *, is_rege
                 compile_regex(answer)
             except ValueError as e:
                 raise QADataError(where, "answers", str(e)) from None
-    return QAExample(qid, question.strip(), tuple(answers), is_regex, tuple(gold))
+    return QAExample(qid, question, tuple(answers), is_regex, tuple(gold))
 
 
 # ----------------------------------------------------------------------------- files
@@ -132,22 +143,26 @@ def detect_qa_format(path: str | os.PathLike) -> str:
                      f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
 
 
-def text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) per line, decoded one by one so a bad byte names its line."""
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+def text_lines(path: Path, skips: SkipCounter) -> Iterator[tuple[int, str, str]]:
+    """(line number, "PATH:LINE", text) per non-blank line (blank ones counted in ``skips``),
+    decoded one by one so a bad byte names its line."""
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise QADataError(f"{path}:{lineno}", None,
-                                  f"not UTF-8 (byte {e.start}: {e.reason})") from None
-            yield lineno, line.rstrip("\r\n")
+                raise QADataError(where, None, f"not UTF-8 (byte {e.start}: {e.reason})"
+                                  ) from None
+            if line.strip():
+                yield lineno, where, line
+            else:
+                skips.skip("blank_line", where)
 
 
 def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str], list[str]]:
     """(qid or None, question, answers, gold passages) of a JSON object."""
-    if not isinstance(record, dict):
-        raise QADataError(where, None, f"expected a JSON object, got {type(record).__name__}")
+    json_object(record, where)
     key = "answers" if "answers" in record else "answer"
     if key not in record:
         raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")
@@ -169,11 +184,7 @@ def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str],
 
 def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
     """``("PATH:LINE", parsed JSON)`` per line; blank lines are counted in ``skips``."""
-    for lineno, line in text_lines(path):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            skips.skip("blank_line", where)
-            continue
+    for _, where, line in text_lines(path, skips):
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
@@ -181,17 +192,24 @@ def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
                               ) from None
 
 
-def _json_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
+def load_json(path: Path, expected: str = "") -> Any:
+    """A whole JSON file (``.gz`` too); invalid JSON raises QADataError naming the line,
+    followed by ``expected`` (what the file should hold)."""
+    with (gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz"
+          else open(path, encoding="utf-8-sig")) as f:
         try:
-            data = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column "
-                             f"{e.colno})") from None
+            raise QADataError(f"{path}:{e.lineno}", None, f"invalid JSON ({e.msg} at column "
+                                                          f"{e.colno}){expected}") from None
+
+
+def json_array_records(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    """``("PATH record I", value)`` per item of a file holding a JSON array of ``what``."""
+    data = load_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of question objects, got "
-                         f"{type(data).__name__}")
+        raise QADataError(str(path), None, f"expected a JSON array of {what}, got "
+                                           f"{type(data).__name__}")
     for i, record in enumerate(data):
         yield f"{path} record {i}", record
 
@@ -217,11 +235,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
 
 def _tsv_rows(path: Path, skips: SkipCounter, is_regex: bool
               ) -> Iterator[tuple[str, tuple[None, str, list[str], list[str]]]]:
-    for lineno, line in text_lines(path):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            skips.skip("blank_line", where)
-            continue
+    for lineno, where, line in text_lines(path, skips):
         fields = line.split("\t")
         if len(fields) == 1:
             raise QADataError(where, "answers", "missing (no tab after the question)")
@@ -247,16 +261,8 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
       skips: counts the skipped lines (blank lines, a header) by reason; they are logged.
 
     Without an id, a question's id is its position in the file (0-based, over kept rows).
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError (a ValueError): a bad row (missing or empty question, missing, empty or
-        unparsable answers, an invalid pattern, bad gold passages, a repeated id), naming the
-        file, line and field.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"QA file not found: {p}")
+    A missing file raises FileNotFoundError; a bad row (see the module docstring) QADataError."""
+    p = require_file(path, "QA")
     fmt = detect_qa_format(p) if format == "auto" else format
     if fmt not in QA_FORMATS:
         raise ValueError(f"unknown QA format {fmt!r}; expected one of {', '.join(QA_FORMATS)}")
@@ -265,36 +271,48 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     if fmt == "tsv":
         rows: Iterable[tuple[str, Any]] = _tsv_rows(p, skips, is_regex)
     else:
-        rows = jsonl_records(p, skips) if fmt == "jsonl" else _json_rows(p, skips)
-    examples: list[QAExample] = []
-    seen: dict[str, str] = {}
-    for where, row in rows:
+        rows = (jsonl_records(p, skips) if fmt == "jsonl"
+                else json_array_records(p, "question objects"))
+
+    def parse(row: Any, where: str, index: int) -> QAExample:
         qid, question, answers, gold = row if fmt == "tsv" else _record_fields(row, where)
-        qid = str(len(examples)) if qid is None else qid
-        if qid in seen:
-            raise QADataError(where, "id", f"{qid!r} repeats the id of {seen[qid]}")
-        seen[qid] = where
-        examples.append(_example(where, qid, question, answers, is_regex=is_regex, gold=gold))
-    if not examples:
-        raise ValueError(f"no questions in {p} (skipped: {skips.as_dict() or 'nothing'})")
+        return _example(where, str(index) if qid is None else qid, question, answers,
+                        is_regex=is_regex, gold=gold)
+
+    return collect_examples(rows, parse, p, skips)
+
+
+def collect_examples(rows: Iterable[tuple[str, Any]],
+                     parse: Callable[[Any, str, int], QAExample | None], path: Path,
+                     skips: SkipCounter, *, noun: str = "questions", expected: str = "",
+                     id_field: str = "id") -> list:
+    """The examples ``parse(record, where, index)`` makes of the ``(where, record)`` rows of
+    the file ``path`` (None: skipped), with no id repeated; ValueError when none is left.
+    ``expected`` (what the file should hold) ends the error messages."""
+    out: list[QAExample] = []
+    seen: dict[str, str] = {}
+    for index, (where, record) in enumerate(rows):
+        example = parse(record, where, index)
+        if example is None:
+            continue
+        if example.qid in seen:
+            raise QADataError(where, id_field, f"{example.qid!r} repeats the id of "
+                                               f"{seen[example.qid]}{expected}")
+        seen[example.qid] = where
+        out.append(example)
+    if not out:
+        raise ValueError(f"no {noun} in {path} (skipped: {skips.as_dict() or 'nothing'})"
+                         f"{expected}")
     if skips.counts:
-        _log.info("read %d questions from %s; skipped %s", len(examples), p, skips.as_dict())
-    return examples
+        _log.info("read %d %s from %s; skipped %s", len(out), noun, path, skips.as_dict())
+    return out
 
 
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _tfds_text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalar
-        return _tfds_text(value.item())
-    return str(value)
-
-
-def _tfds_texts(value: Any) -> list[str]:
-    return [_tfds_text(v) for v in value]
+def _texts(value: Any) -> list[str]:
+    return [decode_text(v) for v in value]
 
 
 def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
@@ -306,19 +324,19 @@ def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
     where = where or f"tfds:{dataset} record {index}"
     hint = ""
     if base == "natural_questions_open":
-        qid, answers = str(index), _tfds_texts(record["answer"])
+        qid, answers = str(index), _texts(record["answer"])
     elif base == "web_questions":
-        qid, answers = str(index), _tfds_texts(record["answers"])
+        qid, answers = str(index), _texts(record["answers"])
     elif base == "trivia_qa":
         answer = record["answer"]
-        qid = _tfds_text(record["question_id"])
+        qid = decode_text(record["question_id"])
         answers = list(dict.fromkeys(
-            a for a in [_tfds_text(answer["value"])] + _tfds_texts(answer["aliases"]) if a))
+            a for a in [decode_text(answer["value"])] + _texts(answer["aliases"]) if a))
         hint = " (TriviaQA's test answers are not public: evaluate on 'validation')"
     else:
         raise ValueError(f"no QA reader for TFDS dataset {dataset!r}; supported: "
                          f"{', '.join(TFDS_QA_DATASETS)}")
-    return _example(where, qid, _tfds_text(record["question"]), answers, is_regex=False,
+    return _example(where, qid, decode_text(record["question"]), answers, is_regex=False,
                     hint=hint)
 
 
@@ -349,8 +367,7 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
     Never downloads. The prepared files are looked for before TFDS is even imported: a
     missing dataset, an unknown split or a non-array_record build raises at once
     (``FileNotFoundError`` / ``ValueError``) naming the dataset, the folder and the command
-    that prepares it.
-    """
+    that prepares it."""
     base, config, version = _tfds_parts(name)
     if base not in TFDS_QA_DATASETS:
         raise ValueError(f"no QA reader for TFDS dataset {name!r}; supported: "
@@ -398,14 +415,8 @@ def records_to_examples(source: Any, dataset: str, *, label: str | None = None,
     """All records of a random-access source (``len`` and ``[i]``, or ``__getitems__``) of a
     TFDS QA dataset as examples."""
     label = label or f"tfds:{dataset}"
-    get_many = getattr(source, "__getitems__", None)
-    out = []
-    for first in range(0, len(source), batch_size):
-        indices = list(range(first, min(first + batch_size, len(source))))
-        records = get_many(indices) if get_many else [source[i] for i in indices]
-        out.extend(tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
-                   for i, r in zip(indices, records))
-    return out
+    return [tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
+            for i, r in source_records(source, batch_size)]
 
 
 def load_qa(spec: str | os.PathLike, *, split: str = "test",
@@ -438,8 +449,7 @@ def questions_from_store(store: Any, tokenizer: Any, *, num: int, seed: int,
     the gold passage the block's title, ``source_block`` the block id and the id
     ``store-BLOCK``. These are cloze questions, not natural ones. Deterministic given ``seed``.
 
-    Returns ``num`` questions, or fewer (with a warning) when the blocks give fewer.
-    """
+    Returns ``num`` questions, or fewer (with a warning) when the blocks give fewer."""
     from realm_jax.data.realm_examples import QueryMaker  # tokenizers, transformers
 
     if num < 1:

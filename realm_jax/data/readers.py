@@ -57,7 +57,7 @@ class SkipCounter:
 
 
 def detect_format(source: str | os.PathLike) -> str:
-    """Guesses the reader from the source: ``tfds:NAME``, ``*.jsonl[.gz]``, ``*.xml[.bz2]``/``*.bz2``."""
+    """The reader for ``source``: ``tfds:NAME``, ``*.jsonl[.gz]``, ``*.xml[.bz2]`` / ``*.bz2``."""
     s = os.fspath(source)
     if s.startswith("tfds:"):
         return "tfds"
@@ -70,19 +70,17 @@ def detect_format(source: str | os.PathLike) -> str:
                      f"tfds:NAME, or pass the format ({', '.join(FORMATS)})")
 
 
-def _require_file(path: str | os.PathLike) -> Path:
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; FileNotFoundError ("WHAT file not found: PATH") if not a file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"corpus file not found: {p}")
+        raise FileNotFoundError(f"{what} file not found: {p}")
     return p
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rb")
-    return open(path, "rb")
+def open_binary(path: Path) -> IO[bytes]:
+    """``path`` opened for reading bytes, decompressed when it ends in .gz or .bz2."""
+    return {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)(path, "rb")
 
 
 def _field(record: dict, key: str, kind: type | tuple[type, ...], skips: SkipCounter,
@@ -111,12 +109,12 @@ def read_jsonl(path: str | os.PathLike, skips: SkipCounter, *, id_field: str | N
     or ``{"start", "end", "label"}`` items in byte offsets of the UTF-8 text (as in REALM's
     preprocessed data); a document whose spans do not fit its text is skipped and counted.
     """
-    return _iter_jsonl(_require_file(path), skips, id_field, title_field, text_field)
+    return _iter_jsonl(require_file(path, "corpus"), skips, id_field, title_field, text_field)
 
 
 def _iter_jsonl(p: Path, skips: SkipCounter, id_field: str | None, title_field: str,
                 text_field: str) -> Iterator[Document]:
-    with _open_binary(p) as f:
+    with open_binary(p) as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -137,18 +135,15 @@ def _iter_jsonl(p: Path, skips: SkipCounter, id_field: str | None, title_field: 
             if not isinstance(record, dict):
                 skips.skip("not_an_object", where)
                 continue
-            if id_field is None:
-                doc_id: Any = str(lineno)
-            else:
-                doc_id = _field(record, id_field, (str, int), skips, where)
-                if doc_id is None:
-                    continue
-            title = _field(record, title_field, str, skips, where)
-            if title is None:
+            values: list[Any] = []   # up to the first missing or bad field (the one counted)
+            for key, kind in ((id_field, (str, int)), (title_field, str), (text_field, str)):
+                values.append(str(lineno) if key is None
+                              else _field(record, key, kind, skips, where))
+                if values[-1] is None:
+                    break
+            if values[-1] is None:
                 continue
-            text = _field(record, text_field, str, skips, where)
-            if text is None:
-                continue
+            doc_id, title, text = values
             if not text.strip():
                 skips.skip("empty_text", where)
                 continue
@@ -160,12 +155,22 @@ def _iter_jsonl(p: Path, skips: SkipCounter, id_field: str | None, title_field: 
             yield Document(str(doc_id), title, text, spans)
 
 
-def _decode_tfds(value: Any) -> str:
+def decode_text(value: Any) -> str:
+    """A TFDS / grain record value as text: bytes decoded as UTF-8, numpy scalars unwrapped."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
-    if hasattr(value, "item"):  # numpy scalar / 0-d array
-        return _decode_tfds(value.item())
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalar / 0-d array
+        return decode_text(value.item())
     return str(value)
+
+
+def source_records(source: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """``(index, record)`` of a random-access source (``len`` and ``[i]``, or
+    ``__getitems__``) in index order, fetched ``batch_size`` at a time."""
+    get_many = getattr(source, "__getitems__", None)
+    for first in range(0, len(source), batch_size):
+        indices = list(range(first, min(first + batch_size, len(source))))
+        yield from zip(indices, get_many(indices) if get_many else [source[i] for i in indices])
 
 
 def read_tfds(name: str, skips: SkipCounter, *, split: str = "train",
@@ -189,8 +194,8 @@ def read_tfds(name: str, skips: SkipCounter, *, split: str = "train",
             f"(for example `tfds build {name.split('/')[0]} --data_dir DIR "
             f"--file_format array_record` on a machine with network access).") from e
     features = getattr(getattr(source, "dataset_info", None), "features", None)
-    keys = set(features.keys()) if features is not None else None
-    if keys is not None:
+    if features is not None:
+        keys = set(features.keys())
         for key in (title_field, text_field):
             if key not in keys:
                 raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} "
@@ -233,30 +238,26 @@ class _Sized:
 def _iter_data_source(source: Any, skips: SkipCounter, label: str, id_field: str | None,
                       title_field: str, text_field: str, batch_size: int
                       ) -> Iterator[Document]:
-    get_many = getattr(source, "__getitems__", None)
-    for first in range(0, len(source), batch_size):
-        indices = list(range(first, min(first + batch_size, len(source))))
-        records = get_many(indices) if get_many else [source[i] for i in indices]
-        for index, record in zip(indices, records):
-            where = f"{label} record {index}"
-            fields = {}
-            for key in (id_field, title_field, text_field):
-                if key is None:
-                    continue
-                if key not in record:
-                    skips.skip(f"missing_field:{key}", where)
-                    break
-                try:
-                    fields[key] = _decode_tfds(record[key])
-                except UnicodeDecodeError:
-                    skips.skip("bad_utf8", f"{where} field {key}")
-                    break
-            else:
-                if not fields[text_field].strip():
-                    skips.skip("empty_text", where)
-                    continue
-                doc_id = str(index) if id_field is None else fields[id_field]
-                yield Document(doc_id, fields[title_field], fields[text_field])
+    for index, record in source_records(source, batch_size):
+        where = f"{label} record {index}"
+        fields = {}
+        for key in (id_field, title_field, text_field):
+            if key is None:
+                continue
+            if key not in record:
+                skips.skip(f"missing_field:{key}", where)
+                break
+            try:
+                fields[key] = decode_text(record[key])
+            except UnicodeDecodeError:
+                skips.skip("bad_utf8", f"{where} field {key}")
+                break
+        else:
+            if not fields[text_field].strip():
+                skips.skip("empty_text", where)
+                continue
+            doc_id = str(index) if id_field is None else fields[id_field]
+            yield Document(doc_id, fields[title_field], fields[text_field])
 
 
 def _local(tag: str) -> str:
@@ -277,11 +278,11 @@ def read_wiki_xml(path: str | os.PathLike, skips: SkipCounter) -> Iterator[Docum
     ``redirect``, ``non_article_namespace``, ``missing_field:text``, ``empty_text`` (nothing left
     after removing markup). A missing file raises at once.
     """
-    return _iter_wiki_xml(_require_file(path), skips)
+    return _iter_wiki_xml(require_file(path, "corpus"), skips)
 
 
 def _iter_wiki_xml(p: Path, skips: SkipCounter) -> Iterator[Document]:
-    with _open_binary(p) as f:
+    with open_binary(p) as f:
         root = None
         try:
             for event, elem in ET.iterparse(f, events=("start", "end")):

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
+from realm_jax.data.rows import row
 from realm_jax.data.spans import (AnchorFilter, CapitalizedPhraseFinder, CombinedFinder,
                                   DateFinder, SalientSpan, SpanFinder, anchor_spans,
                                   resolve_overlaps, split_sentences)
@@ -38,6 +40,15 @@ class SpecialIds:
     sep: int
     mask: int
     pad: int
+
+
+def check_store_tokenizer(store: BlockStore, tokenizer: TokenizerInfo) -> TokenizerInfo:
+    """``tokenizer``, after checking that ``store`` was made with it (its vocabulary hash)."""
+    want = store.settings.get("tokenizer", {}).get("vocab_hash")
+    if want is not None and want != tokenizer.vocab_hash:
+        raise ValueError(f"tokenizer {tokenizer.name!r} is not the one block store {store.path} "
+                         f"was made with ({store.settings['tokenizer'].get('name')!r})")
+    return tokenizer
 
 
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
@@ -113,11 +124,7 @@ class QueryMaker:
         """A maker with defaults for the store's source: for a Wikipedia dump, entity-like
         anchors plus dates; otherwise the store's (pre-annotated) spans plus dates and
         capitalized phrases. Checks that the tokenizer is the store's."""
-        tok = load_tokenizer(tokenizer)
-        want = store.settings.get("tokenizer", {}).get("vocab_hash")
-        if want is not None and want != tok.vocab_hash:
-            raise ValueError(f"tokenizer {tok.name!r} is not the one block store {store.path} "
-                             f"was made with ({store.settings['tokenizer'].get('name')!r})")
+        tok = check_store_tokenizer(store, load_tokenizer(tokenizer))
         wiki = store.manifest.get("source", {}).get("format") == "wiki_xml"
         kwargs.setdefault("anchors", "entities" if wiki else "all")
         kwargs.setdefault("finder", DateFinder() if wiki else
@@ -144,23 +151,12 @@ class QueryMaker:
                    batch_blocks: int = 64) -> Iterator[MaskedQuery]:
         """Queries of the given blocks (all by default), in order; tokenizes in batches."""
         skipped = collections.Counter() if skipped is None else skipped
-        ids = range(len(store)) if block_ids is None else block_ids
-        batch: list[int] = []
-
-        def flush() -> Iterator[MaskedQuery]:
-            records = [store.record(i) for i in batch]
-            encodings = self.tokenizer.encode_batch([r.text for r in records])
-            for r, enc in zip(records, encodings):
+        ids = iter(range(len(store)) if block_ids is None else block_ids)
+        while batch := [store.record(int(i)) for i in itertools.islice(ids, batch_blocks)]:
+            encodings = self.tokenizer.encode_batch([r.text for r in batch])
+            for r, enc in zip(batch, encodings):
                 yield from self._queries(r.text, enc, r.spans, r.block_id, r.doc_index,
                                          r.doc_id, seed, skipped)
-
-        for i in ids:
-            batch.append(int(i))
-            if len(batch) >= batch_blocks:
-                yield from flush()
-                batch = []
-        if batch:
-            yield from flush()
 
     def require_queries(self, store: BlockStore, block_ids: Sequence[int] | None = None,
                         seed: int = 0, sample: int = 512) -> None:
@@ -257,22 +253,15 @@ class QueryMaker:
 
     def _build(self, ids: np.ndarray, w0: int, w1: int, a: int, b: int, block_id: int,
                doc_index: int, doc_id: str, sentence: str, span: SalientSpan) -> MaskedQuery:
-        q, m, sp = self.query_length, self.max_mask_tokens, self.special
-        input_ids = np.full(q, sp.pad, dtype=np.int32)
-        n = w1 - w0
-        input_ids[0] = sp.cls
-        input_ids[1:n + 1] = ids[w0:w1]
-        input_ids[n + 1] = sp.sep
-        attention = np.zeros(q, dtype=np.int32)
-        attention[:n + 2] = 1
+        m, sp, k = self.max_mask_tokens, self.special, b - a
+        input_ids, attention = row(ids[w0:w1], self.query_length, cls_id=sp.cls, sep_id=sp.sep,
+                                   pad_id=sp.pad)   # the window fits: no wordpiece is cut
         positions = np.zeros(m, dtype=np.int32)
         targets = np.zeros(m, dtype=np.int32)
-        valid = np.zeros(m, dtype=bool)
-        k = b - a
         positions[:k] = np.arange(k) + 1 + a - w0
         targets[:k] = ids[a:b]
-        valid[:k] = True
         input_ids[positions[:k]] = sp.mask
+        valid = np.arange(m) < k
         return MaskedQuery(input_ids, attention, positions, targets, valid, block_id, doc_index,
                            doc_id, sentence, span)
 
@@ -300,11 +289,9 @@ def collate_queries(queries: Sequence[MaskedQuery]) -> dict[str, np.ndarray]:
     ``block_id``, ``doc_index`` int64 [B]."""
     if not queries:
         raise ValueError("no queries to collate")
-    fields = ("input_ids", "attention_mask", "mask_positions", "mask_targets", "mask_valid")
-    batch = {f: np.stack([getattr(q, f) for q in queries]) for f in fields}
-    batch["block_id"] = np.array([q.block_id for q in queries], dtype=np.int64)
-    batch["doc_index"] = np.array([q.doc_index for q in queries], dtype=np.int64)
-    return batch
+    arrays, ids = QUERY_FIELDS[:-2], QUERY_FIELDS[-2:]   # ids: block_id, doc_index
+    return {**{f: np.stack([getattr(q, f) for q in queries]) for f in arrays},
+            **{f: np.array([getattr(q, f) for q in queries], np.int64) for f in ids}}
 
 
 def candidate_tokens(store: BlockStore, candidate_ids: np.ndarray, *, max_length: int = 288,

@@ -32,19 +32,16 @@ builder), so they are read from files; ``.gz`` files are read too.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from realm_jax.data.qa import QADataError, QAExample, jsonl_records
-from realm_jax.data.readers import SkipCounter
+from realm_jax.data.qa import (QADataError, QAExample, collect_examples, json_object,
+                               jsonl_records, load_json, required_text)
+from realm_jax.data.readers import SkipCounter, require_file
 from realm_jax.evaluate import normalize_answer
-
-_log = logging.getLogger(__name__)
 
 KILT_FORMAT = ('KILT JSONL: {"id", "input", "output": [{"answer", "provenance": '
                '[{"wikipedia_id", "title"}]}]}')
@@ -127,60 +124,29 @@ def _bad(where: str, field: str | None, problem: str, fmt: str) -> QADataError:
 
 def _text(record: dict, field: str, where: str, fmt: str) -> str:
     """A required non-blank string field, stripped."""
-    value = record.get(field)
-    if value is None:
-        raise _bad(where, field, "missing", fmt)
-    if not isinstance(value, str):
-        raise _bad(where, field, f"expected a string, got {type(value).__name__}", fmt)
-    if not value.strip():
-        raise _bad(where, field, "empty", fmt)
-    return value.strip()
+    return required_text(record.get(field), where, field, f"; expected {fmt}")
 
 
-def _object(record: Any, where: str, fmt: str) -> dict:
-    if not isinstance(record, dict):
-        raise _bad(where, None, f"expected a JSON object, got {type(record).__name__}", fmt)
-    return record
+def _qid(record: dict, key: str, index: int, where: str, fmt: str) -> str:
+    """``record[key]`` (a string or an integer) as the id, else the record's position."""
+    value = record.get(key, index)
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise _bad(where, key, f"expected a string or an integer id, got "
+                               f"{type(value).__name__}", fmt)
+    return str(value)
 
 
-def _qid(record: dict, where: str, fmt: str, default: str, *keys: str) -> str:
-    for key in keys:
-        if key in record:
-            value = record[key]
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise _bad(where, key, f"expected a string or an integer id, got "
-                                       f"{type(value).__name__}", fmt)
-            return str(value)
-    return default
-
-
-def _require(path: str | os.PathLike, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
-    return p
-
-
-def _read_lines(path: Path, parse: Callable[[dict, str, int], TaskExample | None], fmt: str,
-                skips: SkipCounter) -> list[TaskExample]:
-    """Examples from the JSONL objects of ``path`` (``parse(record, where, index)``: an
-    example, or None to skip the line), ids checked for repeats."""
-    out: list[TaskExample] = []
-    seen: dict[str, str] = {}
-    for index, (where, record) in enumerate(jsonl_records(path, skips)):
-        example = parse(_object(record, where, fmt), where, index)
-        if example is None:
-            continue
-        if example.qid in seen:
-            raise _bad(where, "id", f"{example.qid!r} repeats the id of {seen[example.qid]}", fmt)
-        seen[example.qid] = where
-        out.append(example)
-    if not out:
-        raise ValueError(f"no examples in {path} (skipped: {skips.as_dict() or 'nothing'}); "
-                         f"expected {fmt}")
-    if skips.counts:
-        _log.info("read %d examples from %s; skipped %s", len(out), path, skips.as_dict())
-    return out
+def _read_lines(path: str | os.PathLike, what: str, fmt: str, skips: SkipCounter | None,
+                parse: Callable[[dict, str, int, SkipCounter], TaskExample | None],
+                records: Callable[[Path], Iterable[tuple[str, Any]]] | None = None,
+                id_field: str = "id") -> list[TaskExample]:
+    """The examples ``parse(record, where, index, skips)`` makes of the JSON objects of the
+    ``what`` file's lines (or of its ``records(path)``), by :func:`collect_examples`."""
+    path, skips = require_file(path, what), SkipCounter() if skips is None else skips
+    expected = f"; expected {fmt}"
+    return collect_examples(jsonl_records(path, skips) if records is None else records(path),
+                            lambda r, w, i: parse(json_object(r, w, expected), w, i, skips),
+                            path, skips, noun="examples", expected=expected, id_field=id_field)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -228,9 +194,14 @@ def _kilt_outputs(record: dict, where: str) -> tuple[list[str], list[tuple[str, 
     return list(dict.fromkeys(answers)), list(dict.fromkeys(sets))
 
 
-def _kilt_example(record: dict, where: str, index: int, labels: LabelSet | None
-                  ) -> TaskExample:
-    qid = _qid(record, where, KILT_FORMAT, str(index), "id")
+def _kilt_example(record: dict, where: str, index: int, labels: LabelSet | None,
+                  skips: SkipCounter) -> TaskExample | None:
+    """The example of a KILT record; None (counted) when its FEVER class is not in
+    ``labels``."""
+    if labels is not None and _excluded_label(_kilt_outputs(record, where)[0], labels):
+        skips.skip("label_not_in_set", where)
+        return None
+    qid = _qid(record, "id", index, where, KILT_FORMAT)
     text = _text(record, "input", where, KILT_FORMAT)
     answers, sets = _kilt_outputs(record, where)
     if not answers:
@@ -251,23 +222,9 @@ def read_kilt(path: str | os.PathLike, *, labels: LabelSet | None = None,
     """A KILT task's JSONL (see the module docstring). With ``labels`` (a classification
     task: FEVER), each record's answer must be one of the labels: the example's answer is the
     label's target text and ``label`` the label; records whose label is a FEVER class left
-    out of ``labels`` (the 2-way set) are skipped.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (not an object; missing or empty ``input``; no ``output``
-        list; no answer; a provenance item without a title; a repeated id).
-    """
-    p = _require(path, "KILT")
-    skips = SkipCounter() if skips is None else skips
-
-    def parse(record: dict, where: str, index: int) -> TaskExample | None:
-        if labels is not None and _excluded_label(_kilt_outputs(record, where)[0], labels):
-            skips.skip("label_not_in_set", where)
-            return None
-        return _kilt_example(record, where, index, labels)
-
-    return _read_lines(p, parse, KILT_FORMAT, skips)
+    out of ``labels`` (the 2-way set) are skipped."""
+    return _read_lines(path, "KILT", KILT_FORMAT, skips,
+                       lambda r, w, i, s: _kilt_example(r, w, i, labels, s))
 
 
 def _excluded_label(answers: Sequence[str], labels: LabelSet) -> bool:
@@ -291,7 +248,7 @@ def _msmarco_answers(value: Any, where: str, field: str) -> list[str]:
 def _msmarco_example(record: dict, where: str, index: int, well_formed: bool,
                      skips: SkipCounter) -> TaskExample | None:
     query = _text(record, "query", where, MSMARCO_FORMAT)
-    qid = _qid(record, where, MSMARCO_FORMAT, str(index), "query_id")
+    qid = _qid(record, "query_id", index, where, MSMARCO_FORMAT)
     field = "wellFormedAnswers" if well_formed else "answers"
     if not well_formed and field not in record:
         raise _bad(where, field, "missing", MSMARCO_FORMAT)
@@ -304,13 +261,7 @@ def _msmarco_example(record: dict, where: str, index: int, well_formed: bool,
 
 def _msmarco_columns(path: Path) -> Iterator[tuple[str, dict]]:
     """("PATH row R", the row's fields) of the official column-layout ``.json``."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise _bad(f"{path}:{e.lineno}", None, f"invalid JSON ({e.msg} at column "
-                                                  f"{e.colno})", MSMARCO_FORMAT) from None
+    data = load_json(path, f"; expected {MSMARCO_FORMAT}")
     if not isinstance(data, dict) or not isinstance(data.get("query"), dict):
         raise _bad(str(path), "query", "no column object (row number -> query)", MSMARCO_FORMAT)
     columns = {k: v for k, v in data.items() if isinstance(v, dict)}
@@ -322,35 +273,14 @@ def read_msmarco(path: str | os.PathLike, *, well_formed: bool = True,
                  skips: SkipCounter | None = None) -> list[TaskExample]:
     """MS MARCO (see the module docstring): ``.json`` (the official column layout) or
     ``.jsonl``. The input is the query, the targets its well-formed answers (NLGen; rows
-    without are skipped and counted), or its answers with ``well_formed=False``.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad row (missing query, answers not a list of strings, a repeated id).
-    """
-    p = _require(path, "MS MARCO")
-    skips = SkipCounter() if skips is None else skips
-    name = p.name.lower().removesuffix(".gz")
-    if name.endswith(".json"):
-        out, seen = [], {}
-        for index, (where, record) in enumerate(_msmarco_columns(p)):
-            example = _msmarco_example(record, where, index, well_formed, skips)
-            if example is None:
-                continue
-            if example.qid in seen:
-                raise _bad(where, "query_id", f"{example.qid!r} repeats the id of "
-                                              f"{seen[example.qid]}", MSMARCO_FORMAT)
-            seen[example.qid] = where
-            out.append(example)
-        if not out:
-            raise ValueError(f"no examples in {p} (skipped: {skips.as_dict() or 'nothing'})")
-        _log.info("read %d examples from %s; skipped %s", len(out), p, skips.as_dict())
-        return out
-    if not name.endswith((".jsonl", ".ndjson")):
-        raise ValueError(f"cannot tell the MS MARCO layout of {p}: name it .json (the official "
-                         f"column layout) or .jsonl")
-    return _read_lines(p, lambda r, w, i: _msmarco_example(r, w, i, well_formed, skips),
-                       MSMARCO_FORMAT, skips)
+    without are skipped and counted), or its answers with ``well_formed=False``."""
+    name = require_file(path, "MS MARCO").name.lower().removesuffix(".gz")
+    if not name.endswith((".json", ".jsonl", ".ndjson")):
+        raise ValueError(f"cannot tell the MS MARCO layout of {path}: name it .json (the "
+                         f"official column layout) or .jsonl")
+    return _read_lines(path, "MS MARCO", MSMARCO_FORMAT, skips,
+                       lambda r, w, i, s: _msmarco_example(r, w, i, well_formed, s),
+                       _msmarco_columns if name.endswith(".json") else None, "query_id")
 
 
 # ----------------------------------------------------------------------------- Jeopardy
@@ -365,21 +295,13 @@ def read_jeopardy(path: str | os.PathLike, *, skips: SkipCounter | None = None
                   ) -> list[TaskExample]:
     """Jeopardy question generation from SearchQA-style JSONL: the input is ``answer`` (the
     entity), the target ``question`` (the clue, without enclosing single quotes); the id is
-    ``id`` when given, else the line's position (0-based).
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (missing or empty ``question`` or ``answer``, a repeated id).
-    """
-    p = _require(path, "Jeopardy")
-
-    def parse(record: dict, where: str, index: int) -> TaskExample:
+    ``id`` when given, else the line's position (0-based)."""
+    def parse(record: dict, where: str, index: int, skips: SkipCounter) -> TaskExample:
         clue = _unquote(_text(record, "question", where, JEOPARDY_FORMAT))
         entity = _text(record, "answer", where, JEOPARDY_FORMAT)
-        return TaskExample(_qid(record, where, JEOPARDY_FORMAT, str(index), "id"), entity,
-                           (clue,))
+        return TaskExample(_qid(record, "id", index, where, JEOPARDY_FORMAT), entity, (clue,))
 
-    return _read_lines(p, parse, JEOPARDY_FORMAT, SkipCounter() if skips is None else skips)
+    return _read_lines(path, "Jeopardy", JEOPARDY_FORMAT, skips, parse)
 
 
 # ----------------------------------------------------------------------------- FEVER
@@ -426,23 +348,12 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
     the claim, the answer the label's target text (``labels``, default the 3-way
     :func:`fever_labels`), ``label`` the label and ``provenance`` the evidence sets' pages.
     Claims whose FEVER label the set leaves out (NOT ENOUGH INFO in the 2-way set) are
-    skipped and counted.
-
-    Raises:
-      FileNotFoundError: no such file.
-      QADataError: a bad line (missing claim, unknown label, malformed evidence, a repeated
-        id).
-    """
-    p = _require(path, "FEVER")
+    skipped and counted."""
     labels = fever_labels(3) if labels is None else labels
-    skips = SkipCounter() if skips is None else skips
 
-    def parse(record: dict, where: str, index: int) -> TaskExample | None:
+    def parse(record: dict, where: str, index: int, skips: SkipCounter) -> TaskExample | None:
         if "claim" not in record and "input" in record:       # KILT's FEVER
-            if _excluded_label(_kilt_outputs(record, where)[0], labels):
-                skips.skip("label_not_in_set", where)
-                return None
-            return _kilt_example(record, where, index, labels)
+            return _kilt_example(record, where, index, labels, skips)
         claim = _text(record, "claim", where, FEVER_FORMAT)
         label = _text(record, "label", where, FEVER_FORMAT)
         if label not in labels.labels:
@@ -451,11 +362,11 @@ def read_fever(path: str | os.PathLike, *, labels: LabelSet | None = None,
                 return None
             raise _bad(where, "label", f"{label!r} is not one of {labels.labels}", FEVER_FORMAT)
         sets = _fever_evidence(record.get("evidence"), where)
-        return _with_evidence(TaskExample(_qid(record, where, FEVER_FORMAT, str(index), "id"),
+        return _with_evidence(TaskExample(_qid(record, "id", index, where, FEVER_FORMAT),
                                           claim, (labels.target(label),),
                                           provenance=tuple(sets), label=label))
 
-    return _read_lines(p, parse, FEVER_FORMAT, skips)
+    return _read_lines(path, "FEVER", FEVER_FORMAT, skips, parse)
 
 
 # ----------------------------------------------------------------------------- by name
@@ -469,13 +380,10 @@ def read_task(path: str | os.PathLike, task: str, *, skips: SkipCounter | None =
     """Examples of ``task``: ``kilt`` (any KILT task as QA/generation), ``msmarco`` (NLGen),
     ``jeopardy``, ``fever`` (3-way) or ``fever2`` (the RAG paper's 2-way set), with the
     default label targets."""
-    if task == "kilt":
-        return read_kilt(path, skips=skips)
-    if task == "msmarco":
-        return read_msmarco(path, skips=skips)
-    if task == "jeopardy":
-        return read_jeopardy(path, skips=skips)
-    if task in ("fever", "fever2"):
+    if task not in TASK_FORMATS:
+        raise ValueError(f"unknown task data format {task!r}; expected one of "
+                         f"{', '.join(TASK_FORMATS)}")
+    if task.startswith("fever"):
         return read_fever(path, labels=fever_labels(3 if task == "fever" else 2), skips=skips)
-    raise ValueError(f"unknown task data format {task!r}; expected one of "
-                     f"{', '.join(TASK_FORMATS)}")
+    return {"kilt": read_kilt, "msmarco": read_msmarco, "jeopardy": read_jeopardy}[task](
+        path, skips=skips)

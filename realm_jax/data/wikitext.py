@@ -186,13 +186,8 @@ def _apply_deletions(text: str, spans: list[Span], deletions: list[tuple[int, in
     k = np.searchsorted(starts, pos, side="left")  # deletions starting before each position
     inside = np.maximum(0, ends[np.maximum(k - 1, 0)] - pos) * (k > 0)
     moved = (pos - removed[k] + inside).tolist()
-    pieces, last = [], 0
-    for start, end in deletions:
-        pieces.append(text[last:start])
-        last = end
-    pieces.append(text[last:])
     new_spans = [Span(moved[2 * j], moved[2 * j + 1], t) for j, (_, _, t) in enumerate(spans)]
-    return "".join(pieces), [s for s in new_spans if s.end > s.start]
+    return _remove_ranges(text, deletions), [s for s in new_spans if s.end > s.start]
 
 
 _BLANKS_RE = re.compile(r"^ +| +$| +(?=[,.;:!?)\]])|(?<=[(\[]) +|(?<= ) +", re.M)
