@@ -12,9 +12,9 @@ documents, N beams, M = max_length, V vocabulary entries.
   temperature, top-k, top-p), from a jax.random key.
 - RAG-Sequence (`rag_sequence_generate`): beam search per (question, document); the
   K * N hypotheses of a question are pooled (duplicates dropped) and scored by
-  log sum_z p(z|x) p(y|x, z). Thorough decoding rescores every hypothesis under every
-  document with a teacher-forced pass; fast decoding (fast=True) runs no extra pass and
-  counts p(y|x, z) as 0 for a document whose beam did not produce y.
+  log sum_z p(z|x) p(y|x, z). Thorough decoding (transformers') rescores every hypothesis
+  under every document with a teacher-forced pass; fast decoding (fast=True) runs no extra
+  pass and counts p(y|x, z) as 0 for a document whose beam did not produce y.
 
 The search follows transformers' `generate` with the same settings (`GenerationConfig`):
 decoding starts from `decoder_start_token_id`; logits processors for `min_length` (eos
@@ -481,24 +481,17 @@ def _rescore(bart: Bart, params: Any, states: Array, mask: Array, candidates: Ar
 def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array | None,
                           doc_scores: Array, *, config: RagConfig, gen: GenerationConfig,
                           fast: bool = False, deduplicate: bool = True) -> Generated:
-    """RAG-Sequence decoding. Per (question, document): beam search with gen.num_beams
-    beams (greedy for 1), keeping every beam's hypothesis; the K * N hypotheses of a
-    question are pooled (`deduplicate`: identical ones counted once) and the
-    gen.num_return_sequences best by log p(y|x) = logsumexp_z(log p(z|x) + log p(y|x, z))
-    returned.
+    """RAG-Sequence decoding (see the module docstring): the K * N hypotheses of a question
+    pooled (`deduplicate`: identical ones counted once), the gen.num_return_sequences best
+    by log p(y|x) = logsumexp_z(log p(z|x) + log p(y|x, z)) returned.
 
-    Thorough (fast=False), as transformers' RagSequenceForGeneration.generate: log p(y|x, z)
-    from a teacher-forced pass of every hypothesis under every document. Fast: no extra
-    pass; log p(y|x, z) from document z's own beam, and p(y|x, z) = 0 where that beam did
-    not produce y. Both the per-document beam search and the rescoring pass see the
-    contexts through `context_mask`: a hypothesis never attends to a context's padding.
-
-    This differs from transformers on purpose: RagSequenceForGeneration.generate runs its
-    per-document beam search with attention_mask=None, and `generate` infers no mask for an
-    encoder-decoder, so its candidates attend to the padding of padded contexts (its
-    rescoring pass does use context_attention_mask). With padded contexts the pooled
-    candidates, and so the answers, can differ from transformers'; without padding, or
-    where the padding changes no beam, they are the same.
+    Both the per-document beam search and the rescoring pass see the contexts through
+    `context_mask`: a hypothesis never attends to a context's padding. This differs from
+    transformers on purpose: RagSequenceForGeneration.generate runs its beam search with
+    attention_mask=None, and `generate` infers no mask for an encoder-decoder, so its
+    candidates attend to the padding of padded contexts (its rescoring pass uses the mask). With
+    padded contexts the pooled candidates, and so the answers, can differ from transformers';
+    without padding, or where the padding changes no beam, they are the same.
 
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""

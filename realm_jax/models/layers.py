@@ -55,14 +55,11 @@ def zeros_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def ones_init(axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
 def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-        scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)), name=name)
+        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=zeros_init(("embed",)))
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Any,
