@@ -614,6 +614,7 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
 def _apply_overrides(cfg, overrides: dict):
     if not overrides:
         return cfg
+
     def names(*configs) -> set[str]:
         return {f.name for c in configs for f in dataclasses.fields(c)}
 
