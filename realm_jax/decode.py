@@ -12,9 +12,9 @@ documents, N beams, M = max_length, V vocabulary entries.
   temperature, top-k, top-p), from a jax.random key.
 - RAG-Sequence (`rag_sequence_generate`): beam search per (question, document); the
   K * N hypotheses of a question are pooled (duplicates dropped) and scored by
-  log sum_z p(z|x) p(y|x, z). Thorough decoding rescores every hypothesis under every
-  document with a teacher-forced pass; fast decoding (fast=True) runs no extra pass and
-  counts p(y|x, z) as 0 for a document whose beam did not produce y.
+  log sum_z p(z|x) p(y|x, z). Thorough decoding (transformers') rescores every hypothesis
+  under every document with a teacher-forced pass; fast decoding (fast=True) runs no extra
+  pass and counts p(y|x, z) as 0 for a document whose beam did not produce y.
 
 The search follows transformers' `generate` with the same settings (`GenerationConfig`):
 decoding starts from `decoder_start_token_id`; logits processors for `min_length` (eos
@@ -44,8 +44,8 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from realm_jax.models.bart import Bart, init_cache
-from realm_jax.models.rag import RagConfig
+from realm_jax.models.bart import Bart, init_cache, reorder_cache
+from realm_jax.models.rag import RagConfig, check_contexts
 from realm_jax.objectives.rag import doc_log_probs, marginalize_token_logprobs
 
 Array = jax.Array
@@ -271,9 +271,9 @@ def beam_search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
     penalty = jnp.asarray(np.array([max(t, 1) ** lp_exp for t in range(m + 1)], np.float64),
                           jnp.float32)
     early = gen.early_stopping
-    fill = gen.fill_token_id
 
-    running = jnp.full((b, n, m), fill, jnp.int32).at[:, :, 0].set(gen.decoder_start_token_id)
+    running = jnp.full((b, n, m), gen.fill_token_id, jnp.int32)
+    running = running.at[:, :, 0].set(gen.decoder_start_token_id)
     init = dict(
         cur_len=jnp.int32(1), running=running,
         running_scores=jnp.zeros((b, n), jnp.float32).at[:, 1:].set(NEG),
@@ -326,10 +326,7 @@ def beam_search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
         cur_len = cur_len + 1
 
         # can the running beams still beat the worst finished hypothesis?
-        if early == "never" and lp_exp > 0.0:
-            best_len = jnp.int32(m - 1)
-        else:
-            best_len = cur_len - 1
+        best_len = jnp.int32(m - 1) if early == "never" and lp_exp > 0.0 else cur_len - 1
         best_possible = running_scores[:, :1] / penalty[best_len]
         worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
         unsatisfied = c["unsatisfied"] & jnp.any(best_possible > worst, axis=-1, keepdims=True)
@@ -345,6 +342,14 @@ def beam_search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
     return Hypotheses(c["seqs"], c["scores"], c["lengths"], c["tlp"])
 
 
+def _search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
+            gen: GenerationConfig) -> Hypotheses:
+    """Greedy decoding for one beam (as transformers' `generate`), else beam search."""
+    if gen.num_beams == 1:
+        return greedy_search(step, state, batch_size, gen)
+    return beam_search(step, state, reorder, batch_size, gen)
+
+
 # ---------------------------------------------------------------------------------------
 # The BART generator inside the loops
 
@@ -354,20 +359,6 @@ def _expand(x: Array, b: int, n: int, k: int) -> Array:
     x = x.reshape((b, 1, k) + x.shape[1:])
     x = jnp.broadcast_to(x, (b, n, k) + x.shape[3:])
     return x.reshape((b * n * k,) + x.shape[3:])
-
-
-def _check_inputs(config: RagConfig, context_ids: Array, context_mask: Array | None,
-                  doc_scores: Array) -> Array:
-    if context_ids.ndim != 3:
-        raise ValueError(f"context_ids must be [B, K, L], got shape {context_ids.shape}")
-    if doc_scores.shape != context_ids.shape[:2]:
-        raise ValueError(f"doc_scores {doc_scores.shape} do not match context_ids "
-                         f"{context_ids.shape} (want [B, K])")
-    if context_mask is None:
-        return jnp.ones_like(context_ids)
-    if context_mask.shape != context_ids.shape:
-        raise ValueError(f"context_mask {context_mask.shape} != context_ids {context_ids.shape}")
-    return context_mask
 
 
 def _encode_contexts(bart: Bart, params: Any, context_ids: Array, context_mask: Array
@@ -413,13 +404,6 @@ def _decoder(bart: Bart, params: Any, states: Array, mask: Array, copies: int,
     return step, state
 
 
-def _reorder_rows(state: dict, rows: Array) -> dict:
-    """The loop state (flattened cache, cross-attention left out) gathered by rows: the
-    keys/values [..., rows, length, heads, head_dim] move; indices and positions stay."""
-    return {k: (jnp.take(x, rows, axis=x.ndim - 4) if x.ndim >= 4 else x)
-            for k, x in state.items()}
-
-
 @functools.partial(jax.jit, static_argnames=("config", "gen"))
 def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | None,
                        doc_scores: Array, *, config: RagConfig, gen: GenerationConfig,
@@ -433,7 +417,7 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     doc_scores: [B, K] (e.g. `Rag.doc_scores`). Returns `Generated` with R =
     gen.num_return_sequences sequences per question (best first for beam search;
     independent samples, in no order, when sampling)."""
-    context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
+    context_mask = check_contexts(context_ids, context_mask, doc_scores)
     b, k = context_ids.shape[:2]
     r = gen.num_return_sequences
     n = r if gen.do_sample else gen.num_beams        # decoder rows per question
@@ -452,16 +436,13 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
         return marginalize_token_logprobs(logits.reshape(b * n, k, -1), scores), cache
 
     def reorder(cache, rows):
-        return _reorder_rows(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
+        return reorder_cache(cache, (rows[:, None] * k + jnp.arange(k)).reshape(-1))
 
     if gen.do_sample:
         hyps = sample_search(step, cache, b * n, gen, rng)
         return Generated(hyps.sequences.reshape(b, n, -1), hyps.scores.reshape(b, n),
                          hyps.lengths.reshape(b, n))
-    if n == 1:
-        hyps = greedy_search(step, cache, b, gen)
-    else:
-        hyps = beam_search(step, cache, reorder, b, gen)
+    hyps = _search(step, cache, reorder, b, gen)
     return Generated(hyps.sequences[:, :r], hyps.scores[:, :r], hyps.lengths[:, :r])
 
 
@@ -500,28 +481,21 @@ def _rescore(bart: Bart, params: Any, states: Array, mask: Array, candidates: Ar
 def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array | None,
                           doc_scores: Array, *, config: RagConfig, gen: GenerationConfig,
                           fast: bool = False, deduplicate: bool = True) -> Generated:
-    """RAG-Sequence decoding. Per (question, document): beam search with gen.num_beams
-    beams (greedy for 1), keeping every beam's hypothesis; the K * N hypotheses of a
-    question are pooled (`deduplicate`: identical ones counted once) and the
-    gen.num_return_sequences best by log p(y|x) = logsumexp_z(log p(z|x) + log p(y|x, z))
-    returned.
+    """RAG-Sequence decoding (see the module docstring): the K * N hypotheses of a question
+    pooled (`deduplicate`: identical ones counted once), the gen.num_return_sequences best
+    by log p(y|x) = logsumexp_z(log p(z|x) + log p(y|x, z)) returned.
 
-    Thorough (fast=False), as transformers' RagSequenceForGeneration.generate: log p(y|x, z)
-    from a teacher-forced pass of every hypothesis under every document. Fast: no extra
-    pass; log p(y|x, z) from document z's own beam, and p(y|x, z) = 0 where that beam did
-    not produce y. Both the per-document beam search and the rescoring pass see the
-    contexts through `context_mask`: a hypothesis never attends to a context's padding.
-
-    This differs from transformers on purpose: RagSequenceForGeneration.generate runs its
-    per-document beam search with attention_mask=None, and `generate` infers no mask for an
-    encoder-decoder, so its candidates attend to the padding of padded contexts (its
-    rescoring pass does use context_attention_mask). With padded contexts the pooled
-    candidates, and so the answers, can differ from transformers'; without padding, or
-    where the padding changes no beam, they are the same.
+    Both the per-document beam search and the rescoring pass see the contexts through
+    `context_mask`: a hypothesis never attends to a context's padding. This differs from
+    transformers on purpose: RagSequenceForGeneration.generate runs its beam search with
+    attention_mask=None, and `generate` infers no mask for an encoder-decoder, so its
+    candidates attend to the padding of padded contexts (its rescoring pass uses the mask). With
+    padded contexts the pooled candidates, and so the answers, can differ from transformers';
+    without padding, or where the padding changes no beam, they are the same.
 
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""
-    context_mask = _check_inputs(config, context_ids, context_mask, doc_scores)
+    context_mask = check_contexts(context_ids, context_mask, doc_scores)
     if gen.do_sample:
         raise ValueError("do_sample: sampling is implemented for RAG-Token decoding "
                          "(rag_token_generate), not RAG-Sequence")
@@ -535,10 +509,7 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
     beam_mask = jnp.repeat(flat_mask, n, axis=0)
     step, cache = _decoder(bart, gp, beam_states, beam_mask, 1, m - 1)
-    if n == 1:
-        hyps = greedy_search(step, cache, b * k, gen)
-    else:
-        hyps = beam_search(step, cache, _reorder_rows, b * k, gen)
+    hyps = _search(step, cache, reorder_cache, b * k, gen)
 
     candidates = hyps.sequences.reshape(b, c, m)                               # doc-major
     lengths = hyps.lengths.reshape(b, c)

@@ -52,6 +52,7 @@ import json
 import os
 import re
 import string
+import types
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -109,8 +110,7 @@ def regex_match(prediction: str, patterns: str | Iterable[str]) -> bool:
 
 
 class AnswerKey(Protocol):
-    """What scoring reads of an example (`realm_jax.data.qa.QAExample` has it): this module
-    imports nothing from `realm_jax.data`, which imports it."""
+    """What scoring reads of an example (`realm_jax.data.qa.QAExample` has it)."""
 
     @property
     def qid(self) -> str: ...
@@ -299,19 +299,12 @@ def bleu1(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
                                              streams).score / 100
 
 
-class _RougeTokens:
-    """rouge-score's tokenizer interface over :func:`generation_tokens` (its own drops every
-    character outside a-z0-9, non-Latin letters included)."""
-
-    @staticmethod
-    def tokenize(text: str) -> list[str]:
-        return generation_tokens(text)
-
-
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score import rouge_scorer  # imported on first use (it loads nltk)
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokens())
+    # its own tokenizer drops every character outside a-z0-9, non-Latin letters included
+    return rouge_scorer.RougeScorer(["rougeL"],
+                                    tokenizer=types.SimpleNamespace(tokenize=generation_tokens))
 
 
 def rouge_l(prediction: str, references: str | Iterable[str], *, beta: float = 1.2) -> float:
@@ -398,22 +391,19 @@ def _qbleu1_one(prediction: str, reference: str, weights: dict[str, float],
 def qbleu1(prediction: str, references: str | Iterable[str], *,
            weights: dict[str, float] | None = None, delta: float = QBLEU_DELTA) -> float:
     """Sentence-level Q-BLEU-1 (Nema & Khapra 2018), the best over the references:
-    delta * answerability + (1 - delta) * BLEU-1, averaged over questions for a corpus figure
-    (as the reference implementation does).
+    delta * answerability + (1 - delta) * BLEU-1 (a corpus figure is the mean over
+    questions, as in the reference implementation).
 
     Answerability compares the words of each type (:func:`question_word_types`): per type i,
     with m_i the words in common (repeats clipped), P_i = m_i / |prediction's| and
     R_i = m_i / |reference's|; P = sum_i w_i P_i, R = sum_i w_i R_i and answerability =
-    2 P R / (P + R), the paper's formula. Weights :data:`QBLEU_WEIGHTS` (entities 0.6,
-    question words 0.2, content words 0.1, function words 0.1) and delta 0.7: the reference
-    implementation's example setting, which weights entities most, as RAG's Q-BLEU-1 does.
+    2 P R / (P + R), the paper's formula (defaults: :data:`QBLEU_WEIGHTS`, :data:`QBLEU_DELTA`).
     A type neither question has (a clue with no question word, as most Jeopardy clues) is
-    left out and the other weights rescaled to sum to 1 (with no weighted type left,
-    answerability is 1); the reference implementation scores
-    it 0 instead (coco BLEU of two empty strings), which keeps a perfect answer below 1 and
-    makes the score depend on how many types the reference happens to use. BLEU-1 is
-    sacrebleu's sentence BLEU-1 on the same lower-cased words (punctuation dropped, as
-    coco-caption's PTB tokenizer does). A prediction with no word scores 0."""
+    left out and the other weights rescaled to sum to 1 (with none left, answerability is 1);
+    the reference implementation scores it 0 (coco BLEU of two empty strings), which keeps a
+    perfect answer below 1 and makes the score depend on how many types the reference uses.
+    BLEU-1 is sacrebleu's sentence BLEU-1 on the same lower-cased words (punctuation dropped,
+    as coco-caption's PTB tokenizer does). A prediction with no word scores 0."""
     weights = QBLEU_WEIGHTS if weights is None else weights
     if set(weights) != set(QBLEU_WEIGHTS) or abs(sum(weights.values()) - 1) > 1e-6:
         raise ValueError(f"Q-BLEU weights must give {sorted(QBLEU_WEIGHTS)} summing to 1, got "
@@ -693,38 +683,33 @@ def score(examples: Sequence[ScoredExample], metrics: str | Iterable[str] = DEFA
     def mean(fn, group=examples) -> float:
         return sum(float(fn(e)) for e in group) / len(group)
 
+    per_example = {"em": lambda e: answer_matches(e.prediction, e),
+                   "f1": lambda e: token_f1(e.prediction, e.answers),
+                   "rougeL": lambda e: rouge_l(e.prediction, e.answers),
+                   "qbleu1": lambda e: qbleu1(e.prediction, e.answers)}
+    predictions, references = [e.prediction for e in examples], [e.answers for e in examples]
     out: dict[str, Any] = {"count": len(examples)}
     with_evidence = [e for e in examples if e.evidence]
     for name in names:
-        if name == "em":
-            out[name] = mean(lambda e: (regex_match if e.is_regex else exact_match)(
-                e.prediction, e.answers))
-        elif name == "f1":
-            out[name] = mean(lambda e: token_f1(e.prediction, e.answers))
+        if name in per_example:
+            out[name] = mean(per_example[name])
         elif name == "bleu1":
-            out[name] = bleu1([e.prediction for e in examples], [e.answers for e in examples])
-        elif name == "rougeL":
-            out[name] = mean(lambda e: rouge_l(e.prediction, e.answers))
-        elif name == "qbleu1":
-            out[name] = mean(lambda e: qbleu1(e.prediction, e.answers))
+            out[name] = bleu1(predictions, references)
         elif name == "accuracy":
-            out[name] = label_accuracy([e.prediction for e in examples],
-                                       [e.answers for e in examples])
+            out[name] = label_accuracy(predictions, references)
         elif name.startswith("distinct"):
-            out[name] = distinct_ngrams((e.prediction for e in examples),
-                                        int(name[len("distinct"):]))
-        else:
-            if not with_evidence:
-                raise ValueError(f"metric {name} needs gold provenance ('provenance' or "
-                                 "'gold_passages'); no example has any")
+            out[name] = distinct_ngrams(predictions, int(name[len("distinct"):]))
+        elif not with_evidence:
+            raise ValueError(f"metric {name} needs gold provenance ('provenance' or "
+                             "'gold_passages'); no example has any")
+        elif name == "rprec":
             out["provenance_count"] = len(with_evidence)
-            if name == "rprec":
-                out[name] = mean(lambda e: kilt_r_precision(e.retrieved, e.evidence),
-                                 with_evidence)
-            else:
-                k = int(name.partition("@")[2])
-                out[name] = mean(lambda e: kilt_recall_at_k(e.retrieved, e.evidence, k),
-                                 with_evidence)
+            out[name] = mean(lambda e: kilt_r_precision(e.retrieved, e.evidence), with_evidence)
+        else:
+            out["provenance_count"] = len(with_evidence)
+            k = int(name.partition("@")[2])
+            out[name] = mean(lambda e: kilt_recall_at_k(e.retrieved, e.evidence, k),
+                             with_evidence)
     return out
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -102,15 +103,11 @@ def _layer_norm(path, key):
 
 
 def bert_body_entries(cfg: EncoderConfig, prefix: str, path: tuple[str, ...] = ()) -> list[Entry]:
-    p = prefix
-    out = [
-        Entry(path + ("word_embeddings", "embedding"), p + "embeddings.word_embeddings.weight", "matrix"),
-        Entry(path + ("position_embeddings", "embedding"), p + "embeddings.position_embeddings.weight", "matrix"),
-        Entry(path + ("token_type_embeddings", "embedding"), p + "embeddings.token_type_embeddings.weight", "matrix"),
-        *_layer_norm(path + ("embeddings_ln",), p + "embeddings.LayerNorm"),
-    ]
+    out = [Entry(path + (table, "embedding"), f"{prefix}embeddings.{table}.weight", "matrix")
+           for table in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    out += _layer_norm(path + ("embeddings_ln",), prefix + "embeddings.LayerNorm")
     for i in range(cfg.num_layers):
-        lp, lk = path + ("layers", f"layers_{i}"), f"{p}encoder.layer.{i}."
+        lp, lk = path + ("layers", f"layers_{i}"), f"{prefix}encoder.layer.{i}."
         for name in ("query", "key", "value"):
             out += _linear(lp + ("attention", name), lk + f"attention.self.{name}")
         out += _linear(lp + ("attention", "out"), lk + "attention.output.dense", "kernel2")
@@ -119,11 +116,12 @@ def bert_body_entries(cfg: EncoderConfig, prefix: str, path: tuple[str, ...] = (
         out += _linear(lp + ("mlp", "wo"), lk + "output.dense")
         out += _layer_norm(lp + ("mlp_ln",), lk + "output.LayerNorm")
     if cfg.add_pooler:
-        out += _linear(path + ("pooler",), p + "pooler.dense")
+        out += _linear(path + ("pooler",), prefix + "pooler.dense")
     return out
 
 
-def _mlm_entries(cfg: MaskedLMConfig, prefix: str, head: str) -> list[Entry]:
+def _mlm_entries(cfg: MaskedLMConfig, prefix: str) -> list[Entry]:
+    head = "cls.predictions."
     return (bert_body_entries(cfg.encoder.replace(add_pooler=False), prefix, ("encoder",))
             + _linear(("transform",), head + "transform.dense")
             + _layer_norm(("transform_ln",), head + "transform.LayerNorm")
@@ -145,7 +143,7 @@ def _bert_to_hf(cfg, arch: str) -> dict:
 
 def _bert_entries(cfg, arch: str, prefix: str) -> list[Entry]:
     if isinstance(cfg, MaskedLMConfig):
-        return _mlm_entries(cfg, "bert.", "cls.predictions.")
+        return _mlm_entries(cfg, "bert.")
     return bert_body_entries(cfg, prefix)
 
 
@@ -160,11 +158,9 @@ _DPR_PREFIX = {"DPRQuestionEncoder": "question_encoder.bert_model.",
 
 
 def _dpr_from_hf(hf: dict, arch: str) -> EmbedderConfig:
-    if hf.get("projection_dim", 0):
-        # DPR's optional encode_proj is a plain Linear on the CLS state.
-        return EmbedderConfig(encoder_config_from_hf(hf, add_pooler=False), pooling="cls",
-                              projection_dim=hf["projection_dim"])
-    return EmbedderConfig(encoder_config_from_hf(hf, add_pooler=False), pooling="cls")
+    # DPR's optional encode_proj (projection_dim > 0) is a plain Linear on the CLS state.
+    return EmbedderConfig(encoder_config_from_hf(hf, add_pooler=False), pooling="cls",
+                          projection_dim=hf.get("projection_dim") or None)
 
 
 def _dpr_to_hf(cfg: EmbedderConfig, arch: str) -> dict:
@@ -189,8 +185,8 @@ DPR = Layout(tuple(_DPR_PREFIX), "dpr", _dpr_from_hf, _dpr_to_hf, _dpr_entries)
 def _realm_from_hf(hf: dict, arch: str):
     enc = encoder_config_from_hf(hf, add_pooler=arch == "RealmEmbedder")
     if arch == "RealmEmbedder":
-        return EmbedderConfig(enc, pooling="pooler", projection_dim=hf.get("retriever_proj_size", 128),
-                              projection_layer_norm=True)
+        return EmbedderConfig(enc, pooling="pooler", projection_layer_norm=True,
+                              projection_dim=hf.get("retriever_proj_size", 128))
     if arch == "RealmKnowledgeAugEncoder":
         return MaskedLMConfig(enc)
     return SpanReaderConfig(enc, span_hidden_size=hf.get("span_hidden_size", 256),
@@ -210,7 +206,7 @@ def _realm_to_hf(cfg, arch: str) -> dict:
 
 def _realm_entries(cfg, arch: str, prefix: str) -> list[Entry]:
     if isinstance(cfg, MaskedLMConfig):
-        return _mlm_entries(cfg, "realm.", "cls.predictions.")
+        return _mlm_entries(cfg, "realm.")
     body = bert_body_entries(cfg.encoder, "realm.", ("encoder",))
     if isinstance(cfg, EmbedderConfig):
         return (body + _linear(("projection",), "cls.dense")
@@ -261,7 +257,9 @@ def _bart_to_hf(cfg: BartConfig, arch: str) -> dict:
 
 def _bart_layer_entries(path, key, cross: bool) -> list[Entry]:
     out = []
-    attentions = [("attention", "self_attn")] + ([("cross_attention", "encoder_attn")] if cross else [])
+    attentions = [("attention", "self_attn")]
+    if cross:
+        attentions.append(("cross_attention", "encoder_attn"))
     for ours, theirs in attentions:
         for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
             out += _linear(path + (ours, name), f"{key}{theirs}.{proj}")
@@ -370,11 +368,6 @@ RAG = Layout(RAG_ARCHITECTURES, "rag", _rag_from_hf, _rag_to_hf, _rag_entries)
 LAYOUTS: list[Layout] = [BERT, DPR, REALM, BART, RAG]
 
 
-def register(layout: Layout) -> None:
-    """Add an architecture (e.g. BART, from realm_jax.models.bart)."""
-    LAYOUTS.append(layout)
-
-
 def _layout_for(hf: dict, where: Path) -> tuple[Layout, str]:
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
@@ -396,12 +389,13 @@ def _layout_for_config(cfg, architecture: str | None) -> tuple[Layout, str]:
             if architecture in layout.architectures:
                 return layout, architecture
         raise CheckpointError(f"unknown architecture {architecture!r}")
-    defaults = {EncoderConfig: "BertModel", MaskedLMConfig: "BertForMaskedLM",
-                SpanReaderConfig: "RealmReader"}
     if isinstance(cfg, EmbedderConfig):
-        arch = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder", "mean": "BertModel"}[cfg.pooling]
+        arch = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder",
+                "mean": "BertModel"}[cfg.pooling]
     else:
-        arch = defaults.get(type(cfg)) or getattr(cfg, "hf_architecture", None)
+        defaults = {EncoderConfig: "BertModel", MaskedLMConfig: "BertForMaskedLM",
+                    SpanReaderConfig: "RealmReader"}
+        arch = defaults.get(type(cfg), getattr(cfg, "hf_architecture", None))
     if arch is None:
         raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
     return _layout_for_config(cfg, arch)
@@ -410,17 +404,14 @@ def _layout_for_config(cfg, architecture: str | None) -> tuple[Layout, str]:
 # ---------------------------------------------------------------------------------------
 # Array conversions
 
-def _to_ours(arr: np.ndarray, kind: str, shape: tuple[int, ...], key: str, file: Path) -> np.ndarray:
-    if kind.startswith("kernel"):
-        n_in = int(kind[-1])
-        expected = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-        if arr.shape != expected:
-            raise CheckpointError(f"{file}: tensor {key} has shape {arr.shape}, expected {expected}")
-        return np.ascontiguousarray(arr.T).reshape(shape)
-    expected = {"vector": (math.prod(shape),), "matrix": shape, "row": (1,) + shape}[kind]
+def _to_ours(arr: np.ndarray, kind: str, shape: tuple[int, ...], key: str, file: Path
+             ) -> np.ndarray:
+    n_in = int(kind[-1]) if kind.startswith("kernel") else 0
+    expected = ((math.prod(shape[n_in:]), math.prod(shape[:n_in])) if n_in else
+                {"vector": (math.prod(shape),), "matrix": shape, "row": (1,) + shape}[kind])
     if arr.shape != expected:
         raise CheckpointError(f"{file}: tensor {key} has shape {arr.shape}, expected {expected}")
-    return arr.reshape(shape)
+    return (np.ascontiguousarray(arr.T) if n_in else arr).reshape(shape)
 
 
 def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
@@ -486,7 +477,8 @@ def _encoder_of(cfg) -> EncoderConfig | None:
 def _scan_layers(cfg) -> bool:
     if isinstance(cfg, RagConfig):
         return _scan_layers(cfg.question_encoder) or _scan_layers(cfg.generator)
-    return bool(getattr(cfg, "scan_layers", False) or getattr(_encoder_of(cfg), "scan_layers", False))
+    return bool(getattr(cfg, "scan_layers", False)
+                or getattr(_encoder_of(cfg), "scan_layers", False))
 
 
 def unrolled(cfg):
@@ -605,16 +597,15 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
             shape = tuple(_get(shapes, e.path).shape)
         except KeyError as err:
             raise CheckpointError(f"internal: no parameter {'/'.join(e.path)} in {arch}") from err
-        if e.hf_key not in files:  # an optional tensor the folder does not hold
+        if e.hf_key in files:
+            _set(params, e.path, _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
+                                          e.hf_key, files[e.hf_key]))
+        else:  # an optional tensor the folder does not hold
             _set(params, e.path, np.zeros(shape, np.float32))
-            continue
-        file = files[e.hf_key]
-        _set(params, e.path, _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
-                                      e.hf_key, file))
-    expected = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if expected != got:
-        raise CheckpointError(f"internal: {arch} table leaves {sorted(expected - got)} unset")
+    unset = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)}
+    unset -= {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    if unset:
+        raise CheckpointError(f"internal: {arch} table leaves {sorted(unset)} unset")
     if _scan_layers(cfg):
         params = stack_layers(params)
     return cfg, params
@@ -623,31 +614,27 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
 def _apply_overrides(cfg, overrides: dict):
     if not overrides:
         return cfg
-    if isinstance(cfg, RagConfig):   # a field goes to the RAG config, else to every part having it
-        def names(c) -> set[str]:
-            return {f.name for f in dataclasses.fields(c)}
 
+    def names(*configs) -> set[str]:
+        return {f.name for c in configs for f in dataclasses.fields(c)}
+
+    def pick(fields: set[str], inside: bool = True) -> dict:
+        return {k: v for k, v in overrides.items() if (k in fields) == inside}
+
+    if isinstance(cfg, RagConfig):   # a field goes to the RAG config, else to every part having it
         own_fields = names(cfg) - {"question_encoder", "generator"}
-        q_fields = names(cfg.question_encoder) | names(cfg.question_encoder.encoder)
-        g_fields = names(cfg.generator)
+        q_fields = names(cfg.question_encoder, cfg.question_encoder.encoder) - own_fields
+        g_fields = names(cfg.generator) - own_fields
         unknown = sorted(set(overrides) - own_fields - q_fields - g_fields)
         if unknown:
             raise CheckpointError(f"unknown RAG config override(s): {', '.join(unknown)}")
-        own = {k: v for k, v in overrides.items() if k in own_fields}
-        rest = {k: v for k, v in overrides.items() if k not in own_fields}
-        return cfg.replace(
-            question_encoder=_apply_overrides(cfg.question_encoder,
-                                              {k: v for k, v in rest.items() if k in q_fields}),
-            generator=_apply_overrides(cfg.generator,
-                                       {k: v for k, v in rest.items() if k in g_fields}),
-            **own)
+        return cfg.replace(question_encoder=_apply_overrides(cfg.question_encoder, pick(q_fields)),
+                           generator=_apply_overrides(cfg.generator, pick(g_fields)),
+                           **pick(own_fields))
     enc = _encoder_of(cfg)
     if enc is not None and enc is not cfg:
-        enc_fields = {f.name for f in dataclasses.fields(enc)}
-        enc_changes = {k: v for k, v in overrides.items() if k in enc_fields}
-        rest = {k: v for k, v in overrides.items() if k not in enc_fields}
-        cfg = dataclasses.replace(cfg, encoder=enc.replace(**enc_changes), **rest)
-        return cfg
+        return dataclasses.replace(cfg, encoder=enc.replace(**pick(names(enc))),
+                                   **pick(names(enc), inside=False))
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -685,22 +672,22 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
 
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if generation is not None:
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    for name, data in (("config.json", hf_config), (GENERATION_CONFIG, generation)):
+        if data is not None:
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():
-            _rmtree(old)
+            shutil.rmtree(old)
         folder.rename(old)
         tmp.rename(folder)
-        _rmtree(old)
+        shutil.rmtree(old)
     else:
         tmp.rename(folder)
     return folder
@@ -717,11 +704,6 @@ def _tied_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-    shutil.rmtree(path)
-
-
 # ---------------------------------------------------------------------------------------
 # Tokenizers and sentence-transformers pooling
 
@@ -731,7 +713,8 @@ def load_tokenizer(folder: str | os.PathLike):
 
     folder = Path(folder)
     if not any((folder / n).exists() for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
-        raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json)")
+        raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json, vocab.txt or "
+                              "vocab.json)")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

@@ -70,7 +70,7 @@ def random_params(cfg, seed: int) -> dict:
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 
-__all__ = ["Bart", "BartConfig", "Rag", "RagConfig", "BertEncoder", "EncoderConfig", "Embedder", "EmbedderConfig", "MaskedLM",
-           "MaskedLMConfig", "SpanReader", "SpanReaderConfig", "relevance_scores",
-           "config_to_dict", "config_from_dict", "register_config", "abstract_params",
-           "random_params"]
+__all__ = ["Bart", "BartConfig", "Rag", "RagConfig", "BertEncoder", "EncoderConfig", "Embedder",
+           "EmbedderConfig", "MaskedLM", "MaskedLMConfig", "SpanReader", "SpanReaderConfig",
+           "relevance_scores", "config_to_dict", "config_from_dict", "register_config",
+           "abstract_params", "random_params"]

@@ -225,8 +225,6 @@ class Bart(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Array | None,
                  decoder_input_ids: Array, decoder_attention_mask: Array | None = None, *,
                  deterministic: bool = True) -> Array:
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         states = self.encode(input_ids, attention_mask, deterministic=deterministic)
         return self.decode(decoder_input_ids, states, attention_mask, decoder_attention_mask,
                            deterministic=deterministic)
@@ -256,8 +254,5 @@ def reorder_cache(cache: Any, indices: Array) -> Any:
     for every new row, the row it continues). The self- and cross-attention keys/values are
     [..., B, length, heads, head_dim] (a leading layer axis under nn.scan) and are gathered;
     the indices, positions and flags are shared by the batch and kept."""
-    def take(x):
-        if x.ndim < 4:
-            return x
-        return jnp.take(x, indices, axis=x.ndim - 4)
-    return jax.tree.map(take, cache)
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=x.ndim - 4) if x.ndim >= 4 else x,
+                        cache)

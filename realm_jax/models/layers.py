@@ -55,14 +55,11 @@ def zeros_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def ones_init(axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
 def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-        scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)), name=name)
+        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=zeros_init(("embed",)))
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Any,
@@ -89,7 +86,8 @@ class Projection(nn.Module):
         bias = self.param("bias", zeros_init(self.out_axes), self.out_shape, jnp.float32)
         n_in = len(self.in_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())))
         return y + bias.astype(self.dtype)
 
 
@@ -259,7 +257,8 @@ class Attention(nn.Module):
         max_length = cached_key.value.shape[1]
         start = index.value
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                                          (0, start, 0, 0))
         index.value = start + steps
         # Query position start+t sees cached positions <= start+t.
         query_pos = start + jnp.arange(steps)
@@ -346,5 +345,5 @@ class LayerStack(nn.Module):
             split_rngs={"params": True, "dropout": True}, length=self.num_layers,
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(block(self.config, self.causal, name="layers"), x, mask, context, context_mask)
-        return x
+        return scanned(block(self.config, self.causal, name="layers"), x, mask, context,
+                       context_mask)[0]

@@ -88,9 +88,15 @@ class RagOutput(NamedTuple):
     doc_scores: Array   # [B, K] float32: question . document, from the live question encoder
 
 
-def _check_contexts(context_ids: Array, context_mask: Array | None) -> Array:
+def check_contexts(context_ids: Array, context_mask: Array | None,
+                   doc_scores: Array | None = None) -> Array:
+    """The context mask (all ones for None) after checking the shapes: context_ids [B, K, L],
+    a mask alike and doc_scores [B, K]."""
     if context_ids.ndim != 3:
         raise ValueError(f"context_ids must be [B, K, L], got shape {context_ids.shape}")
+    if doc_scores is not None and doc_scores.shape != context_ids.shape[:2]:
+        raise ValueError(f"doc_scores {doc_scores.shape} do not match context_ids "
+                         f"{context_ids.shape} (want [B, K])")
     if context_mask is None:
         return jnp.ones_like(context_ids)
     if context_mask.shape != context_ids.shape:
@@ -133,7 +139,7 @@ class Rag(nn.Module):
                         deterministic: bool = True) -> Array:
         """Generator encoder states [B * K, L, D] of the contexts [B, K, L] (the documents
         of a question contiguous, as Hugging Face lays them out)."""
-        context_mask = _check_contexts(context_ids, context_mask)
+        context_mask = check_contexts(context_ids, context_mask)
         b, k, length = context_ids.shape
         return self.generator.encode(context_ids.reshape(b * k, length),
                                      context_mask.reshape(b * k, length),
@@ -144,7 +150,7 @@ class Rag(nn.Module):
                          *, deterministic: bool = True) -> Array:
         """Teacher-forced generator logits [B, K, T, V] (float32): decoder inputs [B, T]
         (the same for every document) against each of the K contexts [B, K, L]."""
-        context_mask = _check_contexts(context_ids, context_mask)
+        context_mask = check_contexts(context_ids, context_mask)
         b, k, length = context_ids.shape
         if decoder_input_ids.ndim != 2 or decoder_input_ids.shape[0] != b:
             raise ValueError(f"decoder_input_ids must be [B={b}, T], got "

@@ -3,25 +3,18 @@ EMDR², perplexity distillation (PDist) and leave-one-out perplexity distillatio
 
 Shapes: B questions, K retrieved documents.
 
-    retriever_scores        [B, K]  the live retriever's relevance scores S(x, z_k); the
-                                    retriever's distribution is
-                                    p_retr(z_k|x) = softmax_k(S(x, z_k) / retriever_temperature)
-    reader_log_likelihoods  [B, K]  log p_reader(y | x, z_k): the reader's log-likelihood of the
-                                    target given the question and document k alone
-    loo_log_likelihoods     [B, K]  log p_reader(y | x, Z \\ {z_k}): the reader's log-likelihood
-                                    of the target given all retrieved documents but z_k (LOOP)
-    valid                   [B, K]  bool, False for empty slots: they get no probability mass
-                                    on either side and no gradient
+    retriever_scores        [B, K]  S(x, z_k); p_retr(z_k|x) = softmax_k(S / retriever_temperature)
+    reader_log_likelihoods  [B, K]  log p_reader(y | x, z_k), document k alone
+    loo_log_likelihoods     [B, K]  log p_reader(y | x, Z \\ {z_k}), all documents but z_k (LOOP)
+    valid                   [B, K]  bool, False for empty slots: no mass on either side, no
+                                    gradient
 
-Whether a log-likelihood is the sum over target tokens (the papers' log p(y|...)) or the mean
-per token (Atlas' code, for PDist and LOOP) is the caller's choice; it changes the sharpness
-of the target, as the temperature does.
+A log-likelihood may be the sum over target tokens (the papers) or the mean per token (Atlas'
+code for PDist and LOOP): the caller's choice, which sharpens the target as temperature does.
 
-Every loss is one number per question; ``reduce`` turns them into the batch loss: "mean" over
-the questions with at least one valid document (a question with none adds 0 and is not
-counted), "sum", or "none" (the [B] values). All computation is in float32; the reader side
-of EMDR², PDist and LOOP passes through ``stop_gradient``, so those losses train the
-retriever only (the reader is trained by its own loss, e.g. :func:`rag_sequence_nll`).
+``reduce``: "mean" over the questions with a valid document (one with none adds 0 and is not
+counted), "sum", or "none" ([B]). Computed in float32; the reader side of EMDR², PDist and LOOP
+is under ``stop_gradient``, so they train the retriever only.
 """
 
 from __future__ import annotations
@@ -55,11 +48,15 @@ class RetrieverLoss(NamedTuple):
     metrics: dict               # scalars: examples, target_entropy, top1_agreement
 
 
-def _inputs(scores: Array, reader: Array, valid: Array | None, name: str
+def _inputs(scores: Array, reader: Array, valid: Array | None, name: str, **temperatures
             ) -> tuple[Array, Array, Array, Array, Array]:
     """(scores, reader, valid [B, K], kept [B]: rows with a valid document, softmax set
     [B, K]: valid, or every entry of a row with none, so that such a row stays finite and is
-    dropped). Whatever an invalid slot holds (nan too) is replaced by 0."""
+    dropped). Whatever an invalid slot holds (nan too) is replaced by 0. Each of
+    `temperatures` must be > 0."""
+    for field, value in temperatures.items():
+        if isinstance(value, Real) and value <= 0:
+            raise ValueError(f"{field} must be > 0, got {value}")
     scores = jnp.asarray(scores, jnp.float32)
     reader = jnp.asarray(reader, jnp.float32)
     if scores.ndim != 2 or reader.shape != scores.shape:
@@ -71,11 +68,6 @@ def _inputs(scores: Array, reader: Array, valid: Array | None, name: str
     kept = valid.any(-1)
     return (jnp.where(valid, scores, 0.0), jnp.where(valid, reader, 0.0), valid, kept,
             jnp.where(kept[:, None], valid, True))
-
-
-def _temperature(value: float | Array, name: str) -> None:
-    if isinstance(value, Real) and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _reduce(per_example: Array, kept: Array, reduce: str) -> Array:
@@ -115,28 +107,23 @@ def marginal_loss(retriever_scores: Array, reader_log_likelihoods: Array,
                   reduce: str = "mean", stop_reader_gradient: bool = False) -> RetrieverLoss:
     """The marginal likelihood, what REALM and RAG-Sequence train with:
 
-        per_example = -log sum_k p_retr(z_k|x) p_reader(y|x, z_k)
-                    = -logsumexp_k(log p_retr(z_k|x) + log p_reader(y|x, z_k)).
+        per_example = -logsumexp_k(log p_retr(z_k|x) + log p_reader(y|x, z_k)).
 
-    Gradients reach both the retriever scores and the reader's log-likelihoods (unless
-    ``stop_reader_gradient``). This is :func:`realm_loss` with one target per question, and
-    :func:`rag_sequence_nll` (without label smoothing) when the reader log-likelihoods are the
-    generator's summed target log-probabilities; use those when the logits are at hand.
-    ORQA's retrieval term is the case p_reader(y|x, z) = 1 for a candidate containing an
-    answer and 0 otherwise (:func:`marginal_nll` of :mod:`realm_jax.objectives.orqa`).
-    ``target_probs`` is the posterior p(z_k|x, y), proportional to p_retr(z_k|x)
-    p_reader(y|x, z_k): the gradient with respect to the scores is
+    Gradients reach both sides (the reader's unless ``stop_reader_gradient``). This is
+    :func:`realm_loss` with one target per question, and :func:`rag_sequence_nll` (without
+    label smoothing) on summed target log-probabilities; ORQA's retrieval term is the case
+    p_reader = 1 for a candidate holding an answer, else 0 (:func:`marginal_nll`).
+    ``target_probs`` is the posterior p(z_k|x, y): the gradient with respect to the scores is
     (p_retr - posterior) / retriever_temperature.
     """
     scores, reader, valid, kept, softmax_set = _inputs(
-        retriever_scores, reader_log_likelihoods, valid, "reader_log_likelihoods")
-    _temperature(retriever_temperature, "retriever_temperature")
+        retriever_scores, reader_log_likelihoods, valid, "reader_log_likelihoods",
+        retriever_temperature=retriever_temperature)
     if stop_reader_gradient:
         reader = jax.lax.stop_gradient(reader)
     out = realm_loss(scores / retriever_temperature, reader[:, :, None], kept[:, None],
                      softmax_set)
-    joint = out.retrieval_log_probs + reader
-    posterior = _masked_log_softmax(joint, softmax_set)
+    posterior = _masked_log_softmax(out.retrieval_log_probs + reader, softmax_set)
     return _finish(-out.marginal_log_probs[:, 0], kept, valid, out.retrieval_log_probs,
                    posterior, reduce)
 
@@ -144,17 +131,11 @@ def marginal_loss(retriever_scores: Array, reader_log_likelihoods: Array,
 def emdr2_loss(retriever_scores: Array, reader_log_likelihoods: Array,
                valid: Array | None = None, *, retriever_temperature: float | Array = 1.0,
                reduce: str = "mean") -> RetrieverLoss:
-    """EMDR² (Sachan et al., 2021, "End-to-End Training of Multi-Document Reader and Retriever
-    for Open-Domain Question Answering"), the retriever's term:
-
-        per_example = -logsumexp_k(log p_retr(z_k|x) + stop_gradient(log p_reader(y|x, z_k)))
-
-    summed over the K documents inside the logsumexp. The reader's likelihood of the target
-    under each document alone is a fixed target: the retriever is pulled towards the
-    posterior p(z_k|x, y) (``target_probs``), and nothing reaches the reader. The paper's
-    reader term (the reader's likelihood given all K documents) is the task's own loss.
-    Atlas (Izacard et al., 2022) compares the same term; its code marginalizes per target
-    token instead, which is :func:`realm_loss` over stop-gradient token log-probabilities.
+    """EMDR² (Sachan et al., 2021), the retriever's term: :func:`marginal_loss` with the
+    reader's per-document likelihoods a fixed target (``stop_gradient``), so the retriever is
+    pulled towards the posterior p(z_k|x, y) and nothing reaches the reader. The paper's
+    reader term (given all K documents) is the task's own loss. Atlas' code marginalizes per
+    target token instead: :func:`realm_loss` over stop-gradient token log-probabilities.
     """
     return marginal_loss(retriever_scores, reader_log_likelihoods, valid,
                          retriever_temperature=retriever_temperature, reduce=reduce,
@@ -166,13 +147,13 @@ def _distill(retriever_scores: Array, target_logits: Array, valid: Array | None,
              name: str) -> RetrieverLoss:
     """KL(softmax_k(stop_gradient(target_logits) / temperature) || p_retr), summed over the
     valid documents."""
-    _temperature(temperature, "temperature")
-    _temperature(retriever_temperature, "retriever_temperature")
     retriever_scores, target_logits, valid, kept, softmax_set = _inputs(
-        retriever_scores, target_logits, valid, name)
+        retriever_scores, target_logits, valid, name, temperature=temperature,
+        retriever_temperature=retriever_temperature)
     target_lp = _masked_log_softmax(jax.lax.stop_gradient(target_logits) / temperature,
                                     softmax_set)
     retriever_lp = _masked_log_softmax(retriever_scores / retriever_temperature, softmax_set)
+    # zeroed outside the set first: exp(-inf) * (-inf + inf) would make nan gradients
     target_lp_safe = jnp.where(softmax_set, target_lp, 0.0)
     retriever_lp_safe = jnp.where(softmax_set, retriever_lp, 0.0)
     kl = jnp.sum(jnp.exp(target_lp_safe) * (target_lp_safe - retriever_lp_safe)
@@ -184,19 +165,15 @@ def pdist_loss(retriever_scores: Array, reader_log_likelihoods: Array,
                valid: Array | None = None, *, temperature: float | Array = 1.0,
                retriever_temperature: float | Array = 1.0, reduce: str = "mean"
                ) -> RetrieverLoss:
-    """Perplexity distillation (Izacard et al., 2022, "Atlas: Few-shot Learning with Retrieval
-    Augmented Language Models"):
+    """Perplexity distillation (Izacard et al., 2022, Atlas):
 
         target      = softmax_k(stop_gradient(log p_reader(y|x, z_k)) / temperature)
-        per_example = KL(target || p_retr) = sum_k target_k (log target_k - log p_retr(z_k|x))
+        per_example = KL(target || p_retr)
 
-    The target is the posterior over documents under the reader with a uniform prior:
-    documents under which the reader finds the target likely get the mass. As temperature
-    goes to 0 the target becomes one-hot on the reader's best document (the loss tends to
-    -log p_retr of it); as it grows, the target becomes uniform over the valid documents.
-    The KL is summed over documents and reduced over questions (Atlas' code averages it over
-    the B * K entries instead, which scales it by 1 / K, and divides the retriever scores by
-    sqrt(P) and a temperature: pass ``retriever_temperature`` for that).
+    the reader's posterior over documents with a uniform prior: one-hot on the reader's best
+    document as temperature goes to 0, uniform over the valid documents as it grows. The KL
+    is summed over documents (Atlas' code averages it over the B * K entries, a factor 1 / K,
+    and divides the scores by sqrt(P) and a temperature: pass ``retriever_temperature``).
     """
     return _distill(retriever_scores, reader_log_likelihoods, valid, temperature,
                     retriever_temperature, reduce, "reader_log_likelihoods")
@@ -206,18 +183,11 @@ def loop_loss(retriever_scores: Array, loo_log_likelihoods: Array,
               valid: Array | None = None, *, temperature: float | Array = 1.0,
               retriever_temperature: float | Array = 1.0, reduce: str = "mean"
               ) -> RetrieverLoss:
-    """Leave-one-out perplexity distillation (Izacard et al., 2022, Atlas):
-
-        target_k    = exp(-log p_reader(y|x, Z \\ {z_k}) / temperature)
-                      / sum_i exp(-log p_reader(y|x, Z \\ {z_i}) / temperature)
-        per_example = KL(target || p_retr)
-
-    The relevance of document k is how much worse the reader predicts the target without it:
-    the negative of the leave-one-out log-likelihood, so the document whose removal hurts
-    most gets the most mass. ``loo_log_likelihoods`` come from the caller (Atlas runs the
-    reader once per left-out document; for a reader that marginalizes over documents, such as
-    RAG-Sequence, :func:`leave_one_out_marginals` computes them from the per-document ones).
-    Reduction, temperature and masks as :func:`pdist_loss`.
+    """Leave-one-out perplexity distillation (Izacard et al., 2022, Atlas): :func:`pdist_loss`
+    with target softmax_k(-log p_reader(y|x, Z \\ {z_k}) / temperature), so the document
+    whose removal hurts the reader most gets the most mass. Atlas runs the reader once per
+    left-out document; for a reader that marginalizes over documents (RAG-Sequence),
+    :func:`leave_one_out_marginals` computes them from the per-document likelihoods.
     """
     return _distill(retriever_scores, -jnp.asarray(loo_log_likelihoods, jnp.float32), valid,
                     temperature, retriever_temperature, reduce, "loo_log_likelihoods")
@@ -226,20 +196,19 @@ def loop_loss(retriever_scores: Array, loo_log_likelihoods: Array,
 def leave_one_out_marginals(retriever_scores: Array, reader_log_likelihoods: Array,
                             valid: Array | None = None, *,
                             retriever_temperature: float | Array = 1.0) -> Array:
-    """LOOP's leave-one-out log-likelihoods for a reader whose likelihood given a set of
-    documents is the retriever-weighted marginal (RAG-Sequence, the REALM and EMDR² marginal):
+    """LOOP's leave-one-out log-likelihoods [B, K] for a reader whose likelihood given a set
+    of documents is the retriever-weighted marginal (RAG-Sequence, REALM, EMDR²):
 
-        out[b, k] = log sum_{j != k} p_retr(z_j | x, Z \\ {z_k}) p_reader(y | x, z_j)
-                  = logsumexp_{j != k}(s_j + ll_j) - logsumexp_{j != k}(s_j),
+        out[b, k] = logsumexp_{j != k}(s_j + ll_j) - logsumexp_{j != k}(s_j),
 
     s = retriever_scores / retriever_temperature over the valid documents, ll the reader's
-    per-document log-likelihoods. [B, K] -> [B, K]. Entries with nothing left (an invalid
-    document, or the only valid one) are 0: LOOP gives them no mass or all of it whatever
-    their value. Gradients flow as through the inputs (:func:`loop_loss` stops them).
+    per-document log-likelihoods. Entries with nothing left (an invalid document, or the
+    only valid one) are 0: LOOP gives them no mass or all of it whatever their value.
+    Gradients flow as through the inputs (:func:`loop_loss` stops them).
     """
     scores, reader, valid, _, _ = _inputs(
-        retriever_scores, reader_log_likelihoods, valid, "reader_log_likelihoods")
-    _temperature(retriever_temperature, "retriever_temperature")
+        retriever_scores, reader_log_likelihoods, valid, "reader_log_likelihoods",
+        retriever_temperature=retriever_temperature)
     k = scores.shape[1]
     others = valid[:, None, :] & ~jnp.eye(k, dtype=bool)[None]             # [B, k, j]
     has_other = others.any(-1)

@@ -3,18 +3,16 @@ Memory Limited Setup"): the gradient of a contrastive loss over a large batch, w
 encoders' activations kept for one chunk at a time.
 
 The loss depends on the parameters only through the embeddings, so by the chain rule
+dL/dtheta = sum over rows r of (dL/de_r) . (de_r/dtheta):
 
-    dL/dtheta = sum over rows r of (dL/de_r) . (de_r/dtheta).
+1. embed all queries and contexts chunk by chunk, without gradients (keeping [B, P]);
+2. take the loss and its gradient with respect to the embeddings (cheap);
+3. for each chunk, run the encoder again under ``jax.vjp`` and pull the chunk's embedding
+   gradient back to the parameters; sum over chunks.
 
-1. Embed all queries and contexts chunk by chunk, without gradients (only the [B, P]
-   embeddings are kept).
-2. Take the loss and its gradient with respect to the embeddings (cheap: [B, P] arrays).
-3. For each chunk, run the encoder again under ``jax.vjp`` and pull the chunk's cached
-   embedding gradient back to the parameters; sum over chunks.
-
-Peak activation memory is that of one chunk; the cost is one extra forward pass. The result
-equals ``jax.value_and_grad`` of the whole batch up to float rounding. Everything is
-traceable (``jax.lax.map`` / ``jax.lax.scan`` over chunks), so it runs inside ``jax.jit``.
+Peak activation memory is one chunk's, for one extra forward pass; the result equals
+``jax.value_and_grad`` of the whole batch up to float rounding, and it all traces under
+``jax.jit`` (``lax.map`` / ``lax.scan`` over chunks).
 
 Chunks are strided (chunk c holds rows c, c + n/chunk_size, ...): with the batch sharded in
 contiguous blocks along the data axis, every chunk then holds the same number of rows of
@@ -57,14 +55,20 @@ def _from_chunks(x: Array) -> Array:
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
+def _embed_chunk(embed: EmbedFn, inputs: Any, rng: Array | None, index: Array
+                 ) -> Callable[[Any], Array]:
+    """params -> the embeddings of chunk `index`, its dropout key fold_in(rng, index)."""
+    if rng is None:
+        return lambda params: embed(params, inputs)
+    return lambda params: embed(params, inputs, jax.random.fold_in(rng, index))
+
+
 def _embed_all(embed: EmbedFn, params: Any, chunks: Any, count: int, rng: Array | None
                ) -> Array:
     """Embeddings [n, P] of every chunk, without gradients."""
     def one(args):
         index, inputs = args
-        if rng is None:
-            return embed(params, inputs)
-        return embed(params, inputs, jax.random.fold_in(rng, index))
+        return _embed_chunk(embed, inputs, rng, index)(params)
 
     out = jax.lax.map(one, (jnp.arange(count), chunks))
     return jax.lax.stop_gradient(_from_chunks(out))
@@ -73,17 +77,14 @@ def _embed_all(embed: EmbedFn, params: Any, chunks: Any, count: int, rng: Array 
 def _pull_back(embed: EmbedFn, params: Any, chunks: Any, count: int, cotangents: Array,
                rng: Array | None, grads: Any) -> Any:
     """grads + sum over chunks of (d embed(chunk) / d params)^T cotangents[chunk]."""
-    cotangents = _to_chunks(cotangents, count)
-
     def step(acc, args):
         index, inputs, cotangent = args
-        call = ((lambda p: embed(p, inputs)) if rng is None
-                else (lambda p: embed(p, inputs, jax.random.fold_in(rng, index))))
-        out, vjp = jax.vjp(call, params)
+        out, vjp = jax.vjp(_embed_chunk(embed, inputs, rng, index), params)
         (g,) = vjp(cotangent.astype(out.dtype))
         return jax.tree.map(jnp.add, acc, g), None
 
-    grads, _ = jax.lax.scan(step, grads, (jnp.arange(count), chunks, cotangents))
+    grads, _ = jax.lax.scan(step, grads,
+                            (jnp.arange(count), chunks, _to_chunks(cotangents, count)))
     return grads
 
 
@@ -93,23 +94,14 @@ def grad_cache_value_and_grad(embed_q: EmbedFn, embed_c: EmbedFn,
                               has_aux: bool = False, rng: Array | None = None
                               ) -> tuple[Any, Any]:
     """``jax.value_and_grad`` of ``loss_on_embeddings(embed_q(params, queries),
-    embed_c(params, contexts))`` with respect to ``params``, computed chunk by chunk.
+    embed_c(params, contexts))`` with respect to ``params`` (``(loss, grads)``, or
+    ``((loss, aux), grads)`` with ``has_aux``), computed chunk by chunk.
 
-    Args:
-      embed_q, embed_c: ``(params, inputs) -> [n, P]`` float embeddings (``(params, inputs,
-        rng)`` when ``rng`` is given); each reads its own tower from ``params`` (the same
-        function twice for shared towers).
-      loss_on_embeddings: ``(query_embeddings [B, P], context_embeddings [N, P]) -> loss``,
-        or ``(loss, aux)`` with ``has_aux``.
-      params: the parameter pytree the gradients are taken for.
-      queries, contexts: pytrees of arrays with leading sizes B and N (e.g. dicts of
-        ``input_ids``, ``attention_mask``).
-      chunk_size: rows embedded at once; must divide B and N.
-      rng: optional key for dropout (see the module docstring).
-
-    Returns:
-      ``(loss, grads)``, or ``((loss, aux), grads)`` with ``has_aux``, as
-      ``jax.value_and_grad``.
+    embed_q, embed_c: ``(params, inputs) -> [n, P]`` float embeddings (``(params, inputs,
+    rng)`` when ``rng`` is given, for dropout); each reads its own tower from ``params`` (the
+    same function twice for shared towers). loss_on_embeddings: ``(query_embeddings [B, P],
+    context_embeddings [N, P]) -> loss`` (or ``(loss, aux)``). queries, contexts: pytrees of
+    arrays with leading sizes B and N, which ``chunk_size`` must divide.
     """
     q_chunks, q_count = _chunks(queries, chunk_size, "queries")
     c_chunks, c_count = _chunks(contexts, chunk_size, "contexts")

@@ -122,22 +122,14 @@ def _finish(nll: Array, smooth: Array | None, epsilon: float | Array, vocab: int
 def rag_sequence_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id: int,
                      epsilon: float | Array = 0.0, exclude_bos_score: bool = False,
                      bos_id: int | None = None, reduce: bool = True) -> Array:
-    """RAG-Sequence loss: -logsumexp_z(log p(z|x) + sum_t log p(y_t|x, z, y_<t)), pads masked.
+    """RAG-Sequence loss: -logsumexp_z(log p(z|x) + sum_t log p(y_t|x, z, y_<t)), pads masked
+    (`pad_id` may lie outside the vocabulary, e.g. -100).
 
-    Args:
-      logits: [B, K, T, V] generator logits per document.
-      targets: [B, T] int labels aligned with the logits; `pad_id` positions are not scored
-        (`pad_id` may lie outside the vocabulary, e.g. -100).
-      doc_scores: [B, K] unnormalized retrieval scores.
-      pad_id: the padding label.
-      epsilon: label smoothing; the smoothing term is -logsumexp_z(V log p(z|x) +
-        sum_t sum_v log p(v|x, z, y_<t)) (log p(z|x) added to every vocabulary entry).
-      exclude_bos_score: leave target position 0 out of the nll (not of the smoothing term).
-      bos_id: if given, `exclude_bos_score` applies only when every row's target 0 is
-        `bos_id` (Hugging Face's batch-wide check); if None, it always applies.
-      reduce: sum over the batch; otherwise per-question losses [B].
-    Returns:
-      A scalar (reduce) or [B] float32 losses.
+    epsilon: label smoothing; the smoothing term is -logsumexp_z(V log p(z|x) +
+    sum_t sum_v log p(v|x, z, y_<t)) (log p(z|x) added to every vocabulary entry).
+    bos_id: if given, `exclude_bos_score` applies only when every row's target 0 is `bos_id`
+    (Hugging Face's batch-wide check); if None, it always applies. reduce: the sum over the
+    batch, else the [B] per-question losses (float32).
     """
     _check(logits, targets, doc_scores)
     logits = logits.astype(jnp.float32)

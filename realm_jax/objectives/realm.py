@@ -19,7 +19,8 @@ Callers build that column themselves (``retrieval_logits[:, 0]``), or use
 the zero vector).
 
 Host (numpy) and device (jax) both work for :func:`exclude_source` and
-:func:`reader_inputs`: the result is of the kind of the inputs.
+:func:`reader_inputs`: numpy in, numpy out (the host pipeline); jax in, jax out (a jitted
+step).
 """
 
 from __future__ import annotations
@@ -73,17 +74,11 @@ def prepend_null_score(scores: Array, null_score: float | Array = 0.0) -> Array:
 
 def realm_loss(retrieval_logits: Array, token_log_probs: Array, mask_valid: Array,
                candidate_valid: Array | None = None) -> RealmLoss:
-    """The REALM marginal loss and retrieval utility.
-
-    Args:
-      retrieval_logits: [B, K] relevance scores, candidate 0 the null document.
-      token_log_probs: [B, K, M] log p(y_j | x, z_k), from :func:`target_log_probs`.
-      mask_valid: [B, M] which masked positions are real (bool or 0/1).
-      candidate_valid: [B, K] optional; invalid candidates (fewer retrieved than K) get no
-        probability mass. The null document must be valid.
-
-    Returns:
-      A :class:`RealmLoss`; with no valid token in the batch, loss and utility are 0.
+    """The REALM marginal loss and retrieval utility from retrieval_logits [B, K] (candidate
+    0 the null document), token_log_probs [B, K, M] (:func:`target_log_probs`) and mask_valid
+    [B, M] (the real masked positions). Invalid candidates (candidate_valid [B, K], fewer
+    retrieved than K) get no mass; the null document must be valid. With no valid token in
+    the batch, loss and utility are 0.
     """
     logits = jnp.asarray(retrieval_logits, jnp.float32)
     lp = jnp.asarray(token_log_probs, jnp.float32)
@@ -116,22 +111,14 @@ def realm_loss_from_logits(retrieval_logits: Array, mlm_logits: Array, mask_targ
 
 def exclude_source(retrieved_ids: Any, retrieved_docs: Any, source_docs: Any,
                    num_candidates: int, *, null_id: int = NULL_ID) -> tuple[Any, Any]:
-    """Drops the retrieved blocks whose key is the query's source key, keeps the best
-    ``num_candidates - 1`` others (in retrieval order) and puts the null document first.
-    The keys are block ids (only the block the query came from is dropped) or document
-    ordinals (every block of its document).
+    """Drops the retrieved blocks ([B, R] ids, best first, negative for empty slots) whose
+    key (retrieved_docs [B, R]) is the query's source key (source_docs [B]), keeps the best
+    ``num_candidates - 1`` others (K, the null document included: 8 in REALM) and puts the
+    null document first. The keys are block ids (only the block the query came from is
+    dropped) or document ordinals (every block of its document).
 
-    Args:
-      retrieved_ids: [B, R] block ids, best first; negative ids are empty slots.
-      retrieved_docs: [B, R] the key of each retrieved block.
-      source_docs: [B] the key of each query's source.
-      num_candidates: K, the null document included (8 in REALM).
-      null_id: the id standing for the null document.
-
-    Returns:
-      (candidate_ids [B, K], candidate_valid [B, K]): column 0 is ``null_id`` and valid;
-      slots left over when fewer than K - 1 blocks remain hold ``null_id`` and are invalid.
-      numpy in, numpy out (for the host pipeline); jax in, jax out (inside a jitted step).
+    Returns (candidate_ids [B, K], candidate_valid [B, K]): column 0 is ``null_id`` and
+    valid; slots left over when fewer than K - 1 blocks remain hold ``null_id``, invalid.
     """
     xp = array_module(retrieved_ids, retrieved_docs, source_docs)
     ids = xp.asarray(retrieved_ids)
@@ -148,10 +135,7 @@ def exclude_source(retrieved_ids: Any, retrieved_docs: Any, source_docs: Any,
         pad = ((0, 0), (0, want - ids.shape[1]))
         ids = xp.pad(ids, pad, constant_values=null_id)
         keep = xp.pad(keep, pad, constant_values=False)
-    if xp is np:
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :want]
-    else:
-        order = jnp.argsort(~keep, axis=1, stable=True)[:, :want]
+    order = xp.argsort(~keep, axis=1, stable=True)[:, :want]
     valid = xp.take_along_axis(keep, order, axis=1)
     chosen = xp.where(valid, xp.take_along_axis(ids, order, axis=1), null_id)
     batch = ids.shape[0]
@@ -170,21 +154,14 @@ class ReaderInputs(NamedTuple):
 
 def reader_inputs(query_ids: Any, query_mask: Any, candidate_ids: Any, candidate_lengths: Any,
                   *, sep_id: int, pad_id: int = 0, length: int | None = None) -> ReaderInputs:
-    """``[CLS] query [SEP] candidate [SEP]`` for every candidate, padded to ``length``.
+    """``[CLS] query [SEP] candidate [SEP]`` for every candidate, padded to ``length`` (T,
+    default Q + C; each candidate is cut to fit ``T - query length - 1`` tokens).
 
-    Args:
-      query_ids: [B, Q] ``[CLS] query [SEP]`` padded (as made by the query maker).
-      query_mask: [B, Q] its attention mask (the query is the first ``sum`` tokens).
-      candidate_ids: [B, K, C] candidate block tokens without special tokens.
-      candidate_lengths: [B, K] tokens per candidate; 0 for the null document.
-      sep_id, pad_id: the [SEP] and padding ids.
-      length: T, the reader length (default Q + C); each candidate is cut to fit
-        ``T - query length - 1`` tokens.
-
-    Returns:
-      :class:`ReaderInputs`; token types are 0 over ``[CLS] query [SEP]`` and 1 over
-      ``candidate [SEP]``. The query sits first, so the masked positions are unchanged.
-      numpy in, numpy out; jax in, jax out.
+    query_ids [B, Q]: ``[CLS] query [SEP]`` padded, query_mask [B, Q] its attention mask (the
+    query is the first ``sum`` tokens); candidate_ids [B, K, C]: block tokens without special
+    tokens, candidate_lengths [B, K] (0 for the null document). Token types are 0 over
+    ``[CLS] query [SEP]`` and 1 over ``candidate [SEP]``; the query sits first, so the masked
+    positions are unchanged.
     """
     xp = array_module(query_ids, query_mask, candidate_ids, candidate_lengths)
     q_ids = xp.asarray(query_ids).astype(xp.int32)

@@ -42,32 +42,23 @@ class RetrievalLoss(NamedTuple):
 def in_batch_softmax(queries: Array, contexts: Array, positives: Array, *, scale: float = 1.0,
                      query_valid: Array | None = None, context_valid: Array | None = None
                      ) -> RetrievalLoss:
-    """Softmax cross-entropy of each query's positive context among all contexts.
-
-    Args:
-      queries: [B, P] query embeddings.
-      contexts: [N, P] context embeddings (the whole batch's).
-      positives: int [B], the index in ``contexts`` of each query's positive.
-      scale: logits are ``scale * queries @ contexts.T`` (inverse temperature).
-      query_valid: bool [B], False for padding queries (default all valid).
-      context_valid: bool [N], False for padding contexts (default all valid).
-
-    The rank counts the valid contexts scoring strictly higher than the positive, plus one
-    (ties favour the positive).
+    """Softmax cross-entropy of each query's positive context (``positives`` [B], indices
+    into ``contexts``) among all contexts [N, P] (the whole batch's), over the logits
+    ``scale * queries @ contexts.T``. ``query_valid`` [B] / ``context_valid`` [N]: False for
+    padding. The rank counts the valid contexts scoring strictly higher than the positive,
+    plus one (ties favour the positive).
     """
     queries = jnp.asarray(queries, jnp.float32)
     contexts = jnp.asarray(contexts, jnp.float32)
     if queries.ndim != 2 or contexts.ndim != 2 or queries.shape[1] != contexts.shape[1]:
         raise ValueError(f"need queries [B, P] and contexts [N, P], got {queries.shape} and "
                          f"{contexts.shape}")
-    b, n = queries.shape[0], contexts.shape[0]
+    b = queries.shape[0]
     positives = jnp.asarray(positives, jnp.int32)
-    query_valid = (jnp.ones(b, bool) if query_valid is None
-                   else jnp.asarray(query_valid, bool))
-    context_valid = (jnp.ones(n, bool) if context_valid is None
-                     else jnp.asarray(context_valid, bool))
     logits = scale * (queries @ contexts.T)
-    logits = jnp.where(context_valid[None, :], logits, -jnp.inf)
+    query_valid = jnp.ones(b, bool) if query_valid is None else jnp.asarray(query_valid, bool)
+    if context_valid is not None:
+        logits = jnp.where(jnp.asarray(context_valid, bool)[None, :], logits, -jnp.inf)
     positive_logit = jnp.take_along_axis(logits, positives[:, None], axis=1)[:, 0]
     nll = jax.nn.logsumexp(logits, axis=1) - positive_logit
     nll = jnp.where(query_valid, nll, 0.0)
