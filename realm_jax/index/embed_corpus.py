@@ -41,6 +41,7 @@ from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
 from realm_jax.embedding import bucket_length, length_sorted_batches
+from realm_jax.index.store import from_storage, npy_header, numpy_dtype, storage_dtype
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
 
@@ -48,7 +49,6 @@ _log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "realm_jax.embedding_shard"
 SHARD_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
 TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d{10})-(\d{10})\.json$")
 
@@ -64,28 +64,6 @@ def worker_range(count: int, worker: int, num_workers: int) -> tuple[int, int]:
 
 def shard_name(start: int, end: int) -> str:
     return f"shard-{start:010d}-{end:010d}"
-
-
-def storage_dtype(dtype: str) -> np.dtype:
-    """How `dtype` is kept in a .npy file (bfloat16 as raw uint16)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"embedding dtype must be one of {DTYPES}, got {dtype!r}")
-    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
-def numpy_dtype(dtype: str) -> np.dtype:
-    """The in-memory numpy dtype of `dtype` (ml_dtypes for bfloat16)."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return storage_dtype(dtype)
-
-
-def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        import ml_dtypes
-        return array.view(ml_dtypes.bfloat16)
-    return array
 
 
 def tree_digest(tree: Any, digest=None):
@@ -361,14 +339,7 @@ def read_shard(json_path: str | os.PathLike) -> ShardInfo:
     info = ShardInfo(int(meta["start"]), int(meta["end"]), int(meta["dim"]), str(meta["dtype"]),
                      str(meta["model_fingerprint"]), str(meta["corpus_fingerprint"]), npy, meta)
     try:
-        with open(npy, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read is None:
-                raise ValueError(f"npy format version {version}")
-            shape, _, dtype = read(f)
-            header = f.tell()
+        shape, _, dtype, header = npy_header(npy)
     except (OSError, ValueError) as e:
         raise ValueError(f"{npy}: unreadable ({e})") from None
     want = (info.count, info.dim)
