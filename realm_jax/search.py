@@ -76,15 +76,13 @@ def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
             tokenizer = sub if os.path.isdir(sub) else tokenizer
             return (tower, checkpoints.restore_part(step, part), tokenizer,
                     f"checkpoint step {step}" + ("" if from_checkpoint else " (newest)"))
-    for field in ("model.query_tower_hf", "model.question_encoder_hf"):
-        folder = _config_value(config, field)
+    folders = [(_config_value(config, f), f"config {f}")
+               for f in ("model.query_tower_hf", "model.question_encoder_hf")]
+    if extra.get("source") == "hf":
+        folders.append((extra.get("source_path"), "the snapshot's document tower"))
+    for folder, what in folders:
         if folder:
-            config_, params = hf.load_embedder(folder)
-            return config_, params, folder, f"{folder} (config {field})"
-    if extra.get("source") == "hf" and extra.get("source_path"):
-        folder = extra["source_path"]
-        config_, params = hf.load_embedder(folder)
-        return config_, params, folder, f"{folder} (the snapshot's document tower)"
+            return (*hf.load_embedder(folder), folder, f"{folder} ({what})")
     raise ValueError(f"{snapshot.path}: no query tower for this snapshot: its checkpoint has "
                      "no query_tower and the config names no model.query_tower_hf")
 

@@ -488,11 +488,7 @@ def _store_tokenizer(store: BlockStore, tokenizer: Any) -> Any:
         raise ValueError(f"{store.path / 'manifest.json'} records no tokenizer folder: pass "
                          "--tokenizer (the HF folder the store was prepared with)")
     tok = load_tokenizer(tokenizer)
-    want = store.settings.get("tokenizer", {}).get("vocab_hash")
-    if want and tok.vocab_hash != want:
-        raise ValueError(f"tokenizer {tokenizer} is not the one block store {store.root} was "
-                         f"made with ({store.settings['tokenizer'].get('name')!r}): "
-                         "vocab differs")
+    store.check_tokenizer(tokenizer, tok.vocab_hash)
     return tok
 
 

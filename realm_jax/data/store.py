@@ -105,10 +105,13 @@ def version_fingerprint(root: str | os.PathLike, version: int) -> str:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"block store {root}: version {version} is not there (pruned, or never made); it "
-            f"has versions {store_versions(root)}") from None
+        raise _version_gone(root, version) from None
     return str(manifest["fingerprint"])
+
+
+def _version_gone(root: str | os.PathLike, version: int) -> FileNotFoundError:
+    return FileNotFoundError(f"block store {root}: version {version} is not there (pruned, or "
+                             f"never made); it has versions {store_versions(root)}")
 
 
 def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ()) -> list[int]:
@@ -384,9 +387,7 @@ class BlockStore:
         if version is None:  # (a version folder given itself has no versions/: opened as is)
             return cls(version_folder(path, versions[-1]))
         if int(version) not in versions:
-            raise FileNotFoundError(
-                f"block store {path}: version {version} is not there (pruned, or never made); "
-                f"it has versions {versions}")
+            raise _version_gone(path, version)
         store = cls(version_folder(path, int(version)))
         if store.version != int(version):
             store.close()
@@ -421,6 +422,14 @@ class BlockStore:
     def settings(self) -> dict[str, Any]:
         """How the store was made (mode, limits, tokenizer)."""
         return self.manifest["settings"]
+
+    def check_tokenizer(self, tokenizer: Any, vocab_hash: str) -> None:
+        """ValueError unless `vocab_hash` is the one of the tokenizer the store was made
+        with (`tokenizer`: what the message calls it); a store recording none takes any."""
+        want = self.settings.get("tokenizer", {})
+        if want.get("vocab_hash") and want["vocab_hash"] != vocab_hash:
+            raise ValueError(f"tokenizer {tokenizer} is not the one block store {self.root} "
+                             f"was made with ({want.get('name')!r}): vocab differs")
 
     @property
     def token_dtype(self) -> np.dtype:

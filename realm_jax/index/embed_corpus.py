@@ -20,7 +20,6 @@ shards (same model and corpus), so a killed run resumes. `merge_shards` assemble
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -40,7 +39,7 @@ from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
-from realm_jax.embedding import bucket_length, length_sorted_batches
+from realm_jax.embedding import embed_rows
 from realm_jax.index.store import from_storage, npy_header, numpy_dtype, storage_dtype
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
@@ -133,10 +132,7 @@ class RowBuilder:
         with; checked against the store). `title=None`: titles for DPR passages, not for
         REALM blocks."""
         info = _load_tokenizer(tokenizer)
-        want = store.settings.get("tokenizer", {})
-        if want.get("vocab_hash") and want["vocab_hash"] != info.vocab_hash:
-            raise ValueError(f"tokenizer {tokenizer} is not the one the block store "
-                             f"{store.path} was made with ({want.get('name')!r}): vocab differs")
+        store.check_tokenizer(tokenizer, info.vocab_hash)
         ids = []
         for name in ("[CLS]", "[SEP]"):
             token_id = info.backend.token_to_id(name)
@@ -253,33 +249,13 @@ class CorpusEmbedder:
         if len(ids) == 0:
             return out
         lengths, titles = rows.lengths_and_titles(ids)
-        pad_id = self.config.encoder.pad_token_id
-        pending: collections.deque = collections.deque()
         with sharding.activate(self.mesh, self.rules):
-            for idx in length_sorted_batches(lengths, self.batch_size):
-                width = bucket_length(int(lengths[idx].max()), rows.max_length)
-                size = self.batch_rows(len(idx))
-                tokens = np.full((size, width), pad_id, np.int32)
-                mask = np.zeros((size, width), np.int32)
-                for r, i in enumerate(idx.tolist()):
-                    row = rows.row(int(ids[i]), titles)
-                    tokens[r, :len(row)] = row
-                    mask[r, :len(row)] = 1
-                mask[len(idx):, 0] = 1  # filler rows: one visible token keeps them finite
-                pending.append((idx, self._forward(self._module, self.dtype, params, tokens,
-                                                   mask)))
-                if len(pending) > 2:  # the devices work while the host builds the next batch
-                    self._collect(pending.popleft(), out, progress)
-            while pending:
-                self._collect(pending.popleft(), out, progress)
-        return out
-
-    @staticmethod
-    def _collect(item, out: np.ndarray, progress) -> None:
-        idx, result = item
-        out[idx] = np.asarray(result)[:len(idx)]
-        if progress is not None:
-            progress(len(idx))
+            return embed_rows(
+                lambda tokens, mask: self._forward(self._module, self.dtype, params, tokens, mask),
+                lambda i: rows.row(int(ids[i]), titles), lengths, out,
+                batch_size=self.batch_size, batch_rows=self.batch_rows,
+                max_length=rows.max_length, pad_id=self.config.encoder.pad_token_id,
+                progress=progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,11 +381,11 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
     size = int(shard_size) if shard_size else max(1, end - start)
     pieces = [(a, min(a + size, end)) for a in range(start, end, size)]
     tag = f"w{worker}"
-    for path in out_dir.iterdir():  # our own temporary files of a killed run
-        if path.name.startswith(f"{TMP_PREFIX}{tag}-"):
-            path.unlink(missing_ok=True)
     reuse: dict[tuple[int, int], ShardInfo] = {}
     for path in sorted(out_dir.iterdir()):
+        if path.name.startswith(f"{TMP_PREFIX}{tag}-"):  # ours, of a killed run
+            path.unlink(missing_ok=True)
+            continue
         match = _SHARD_RE.match(path.name)
         if not match:
             continue
@@ -434,20 +410,17 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
         _log.info("worker %d: reusing %d complete shard(s), %d blocks", worker, len(reuse),
                   reused)
 
+    from tqdm.auto import tqdm
+
     placed = embedder.place(params)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=end - start, initial=reused, unit="doc", smoothing=0.1,
-                   desc=f"embedding [{start}, {end})")
     shards, embedded = [], 0
-    try:
+    with tqdm(total=end - start, initial=reused, unit="doc", smoothing=0.1,
+              desc=f"embedding [{start}, {end})", disable=not progress) as bar:
         for a, b in pieces:
             if (a, b) in reuse:
                 shards.append(reuse[(a, b)])
                 continue
-            array = embedder.embed_blocks(placed, rows, np.arange(a, b),
-                                          progress=bar.update if bar is not None else None)
+            array = embedder.embed_blocks(placed, rows, np.arange(a, b), progress=bar.update)
             info = write_shard(out_dir, a, array, dtype=embedder.dtype,
                                model_fingerprint=model_fingerprint,
                                corpus_fingerprint=store.fingerprint,
@@ -457,9 +430,6 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
             shards.append(info)
             if on_shard is not None:
                 on_shard(info)
-    finally:
-        if bar is not None:
-            bar.close()
     result = EmbedResult(shards, embedded, reused, time.perf_counter() - started)
     _log.info("worker %d/%d: embedded %d blocks [%d, %d) in %.1fs (%.1f docs/s), reused %d",
               worker, num_workers, embedded, start, end, result.seconds,

@@ -678,29 +678,25 @@ class SnapshotWatcher:
     def poll(self) -> Snapshot | None:
         if self.current is None:
             snapshot = self.store.latest_valid(self.expected_corpus_fingerprint, log=self.log)
-            if snapshot is not None:
-                self.current = snapshot
-                self.log.info("serving index snapshot %s (step %d)", snapshot.path,
-                              snapshot.step)
-            return snapshot
-        try:
-            version = self.store.latest_version()
-        except SnapshotError as e:
-            self._reject(LATEST, e)
-            return None
-        if version is None or version == self.current.version or version in self.rejected:
-            return None
-        try:
-            snapshot = self.store.load(
-                version, expected_corpus_fingerprint=self.expected_corpus_fingerprint)
-        except SnapshotError as e:
-            self._reject(version, e)
-            return None
-        self.current = snapshot
-        self.log.info("serving index snapshot %s (step %d)", snapshot.path, snapshot.step)
+        else:
+            try:
+                version = self.store.latest_version()
+            except SnapshotError as e:
+                return self._reject(LATEST, e)
+            if version is None or version == self.current.version or version in self.rejected:
+                return None
+            try:
+                snapshot = self.store.load(
+                    version, expected_corpus_fingerprint=self.expected_corpus_fingerprint)
+            except SnapshotError as e:
+                return self._reject(version, e)
+        if snapshot is not None:
+            self.current = snapshot
+            self.log.info("serving index snapshot %s (step %d)", snapshot.path, snapshot.step)
         return snapshot
 
     def _reject(self, version: str, error: SnapshotError) -> None:
+        """Log a refused snapshot (once per version and error); poll then returns None."""
         if self.rejected.get(version) != str(error):
             self.log.warning("refusing index snapshot (still serving %s): %s",
                              self.current.path if self.current else None, error)
