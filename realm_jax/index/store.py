@@ -192,6 +192,11 @@ def _tmp_name(kind: str) -> str:
     return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
 
 
+def _manifest_field(name: str, kind: type) -> property:
+    """A read-only property: manifest[name] as `kind`."""
+    return property(lambda self: kind(self.manifest[name]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """A validated, published snapshot (read-only view of its folder)."""
@@ -207,30 +212,13 @@ class Snapshot:
     def number(self) -> int:
         return version_number(self.version) or 0
 
-    @property
-    def step(self) -> int:
-        """The checkpoint step the embeddings were computed from."""
-        return int(self.manifest["step"])
-
-    @property
-    def count(self) -> int:
-        return int(self.manifest["count"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.manifest["dtype"])
-
-    @property
-    def model_fingerprint(self) -> str:
-        return str(self.manifest["model_fingerprint"])
-
-    @property
-    def corpus_fingerprint(self) -> str:
-        return str(self.manifest["corpus_fingerprint"])
+    # Manifest fields; `step`: the checkpoint step the embeddings were computed from.
+    step = _manifest_field("step", int)
+    count = _manifest_field("count", int)
+    dim = _manifest_field("dim", int)
+    dtype = _manifest_field("dtype", str)
+    model_fingerprint = _manifest_field("model_fingerprint", str)
+    corpus_fingerprint = _manifest_field("corpus_fingerprint", str)
 
     @property
     def store_version(self) -> int:
