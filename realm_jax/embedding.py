@@ -107,7 +107,8 @@ class TextEmbedder:
         config, params = hf.load_embedder(folder, pooling=pooling, normalize=normalize, **overrides)
         if max_length is None:
             st = Path(folder) / "sentence_bert_config.json"
-            max_length = json.loads(st.read_text()).get("max_seq_length", 512) if st.exists() else 512
+            max_length = (json.loads(st.read_text()).get("max_seq_length", 512) if st.exists()
+                          else 512)
         return cls(config, params, hf.load_tokenizer(folder), max_length=max_length, mesh=mesh)
 
     @property

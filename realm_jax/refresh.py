@@ -119,7 +119,8 @@ class RefreshSettings:
         values["scann"] = None if scann is None else ScannSettings(**scann)
         settings = cls(**values)
         if settings.title not in TITLE_CHOICES:
-            raise ValueError(f"config.refresh.title must be auto, yes or no, got {settings.title!r}")
+            raise ValueError(f"config.refresh.title must be auto, yes or no, got "
+                             f"{settings.title!r}")
         return settings
 
     @property
