@@ -292,7 +292,9 @@ class Refresher:
                     config, batch_size=self.settings.batch_size, dtype=self.settings.dtype)
         return self._embedders[config]
 
-    def rows(self, max_length: int):
+    def rows(self, embedder):
+        """The RowBuilder of `embedder`'s rows (refresh.max_length, else the tower's limit)."""
+        max_length = self.settings.max_length or embedder.max_length
         if max_length not in self._rows:
             from realm_jax.index.embed_corpus import RowBuilder
             tokenizer = self._tokenizer or self.settings.tokenizer or self.from_hf
@@ -438,10 +440,7 @@ class Refresher:
             from realm_jax.index.embed_corpus import numpy_dtype
             return np.zeros((0, config.output_dim), numpy_dtype(self.settings.dtype))
         embedder = self.embedder(config)
-        return embedder.embed_blocks(embedder.place(params), self._rows_for(embedder), ids)
-
-    def _rows_for(self, embedder):
-        return self.rows(self.settings.max_length or embedder.max_length)
+        return embedder.embed_blocks(embedder.place(params), self.rows(embedder), ids)
 
     def _embed_slice(self, config, params, shard_dir: Path, model_fingerprint: str, step: int,
                      on_shard: Callable[[Any], None]):
@@ -450,7 +449,7 @@ class Refresher:
 
         embedder = self.embedder(config)
         return embed_corpus(self.store, embedder, params, shard_dir,
-                            rows=self._rows_for(embedder), model_fingerprint=model_fingerprint,
+                            rows=self.rows(embedder), model_fingerprint=model_fingerprint,
                             step=step, worker=self.worker, num_workers=self.num_workers,
                             shard_size=self.settings.shard_size or None,
                             progress=self.progress, on_shard=on_shard)

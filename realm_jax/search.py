@@ -133,14 +133,10 @@ class Searcher:
         """The `top_k` best blocks of each question."""
         queries = self.embedder.embed(list(questions))
         scores, ids = self.searcher.search(queries, min(int(top_k), self.snapshot.count))
-        out = []
-        for row_scores, row_ids in zip(np.asarray(scores), np.asarray(ids)):
-            hits = []
-            for score, block in zip(row_scores.tolist(), row_ids.tolist()):
-                if block < 0:
-                    continue
-                record = self.store.record(block)
-                hits.append(Hit(record.doc_id, record.title, record.text, float(score),
-                                int(block)))
-            out.append(hits)
-        return out
+        return [[self._hit(score, block) for score, block in zip(row_scores, row_ids) if block >= 0]
+                for row_scores, row_ids in zip(np.asarray(scores).tolist(),
+                                               np.asarray(ids).tolist())]
+
+    def _hit(self, score: float, block: int) -> Hit:
+        record = self.store.record(block)
+        return Hit(record.doc_id, record.title, record.text, float(score), int(block))

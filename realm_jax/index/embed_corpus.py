@@ -202,9 +202,8 @@ class CorpusEmbedder:
         self.rules = rules
         self.dtype = dtype
         storage_dtype(dtype)  # validates
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.shards = shards
-        self.batch_size = -(-max(1, int(batch_size)) // shards) * shards
+        self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = -(-max(1, int(batch_size)) // self.shards) * self.shards
         self._module = config.module()
         self.param_shardings = sharding.param_shardings(
             lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
