@@ -66,8 +66,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.distributed.is_initialized():
         return True
     given = {}
-    for name, value in (("coordinator_address", coordinator_address),
-                        ("num_processes", num_processes), ("process_id", process_id)):
+    for name, value in zip(FLAGS, (coordinator_address, num_processes, process_id)):
         env, kind = FLAGS[name]
         if value is None and os.environ.get(env, "") != "":
             try:

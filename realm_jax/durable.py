@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Callable
+
+TRASH_PREFIX = ".trash-"
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -53,6 +56,37 @@ def fsync_dir(path: str | os.PathLike) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def discard(folder: str | os.PathLike) -> bool:
+    """Delete a folder so that a crash never leaves half of it under its name: renamed to
+    `.trash-RANDOM-NAME` beside it (atomic), then removed (a `.trash-*` left by a crash is
+    for the owner's cleanup). False when the rename fails (e.g. it is gone already)."""
+    from etils import epath
+
+    folder = epath.Path(folder)
+    trash = folder.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}-{folder.name}"
+    try:
+        folder.rename(trash)
+    except OSError:
+        return False
+    fsync_dir(folder.parent)
+    if is_local(trash):
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.rmtree(missing_ok=True)
+    return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *,
@@ -199,12 +233,4 @@ def _stale(holder: Any) -> bool:
     if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return isinstance(pid, int) and pid > 0 and not process_alive(pid)

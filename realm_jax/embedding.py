@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -38,6 +39,39 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
     then shows the slowest part first)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def embed_rows(forward: Callable[[np.ndarray, np.ndarray], Any], row: Callable[[int], Any],
+               lengths: np.ndarray, out: np.ndarray, *, batch_size: int,
+               batch_rows: Callable[[int], int], max_length: int, pad_id: int,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """`out[i]` = the embedding of row i (`row(i)`: its token ids, `lengths[i]` of them after
+    truncation) for every row, in length-sorted batches padded to `batch_rows(rows in the
+    batch)` rows of a bucketed width: `forward(ids, mask)` on int32 [rows, width] arrays."""
+    pending: collections.deque = collections.deque()
+    for idx in length_sorted_batches(lengths, batch_size):
+        width = bucket_length(int(lengths[idx].max()), max_length)
+        size = batch_rows(len(idx))
+        ids = np.full((size, width), pad_id, np.int32)
+        mask = np.zeros((size, width), np.int32)
+        for r, i in enumerate(idx.tolist()):
+            tokens = row(i)[:width]
+            ids[r, :len(tokens)] = tokens
+            mask[r, :len(tokens)] = 1
+        mask[len(idx):, 0] = 1  # filler rows: one visible token keeps them finite
+        pending.append((idx, forward(ids, mask)))
+        if len(pending) > 2:  # the devices work while the host builds the next batch
+            _collect(pending.popleft(), out, progress)
+    for item in pending:
+        _collect(item, out, progress)
+    return out
+
+
+def _collect(item, out: np.ndarray, progress) -> None:
+    idx, result = item
+    out[idx] = np.asarray(result)[:len(idx)]
+    if progress is not None:
+        progress(len(idx))
 
 
 class TextEmbedder:
@@ -73,7 +107,8 @@ class TextEmbedder:
         config, params = hf.load_embedder(folder, pooling=pooling, normalize=normalize, **overrides)
         if max_length is None:
             st = Path(folder) / "sentence_bert_config.json"
-            max_length = json.loads(st.read_text()).get("max_seq_length", 512) if st.exists() else 512
+            max_length = (json.loads(st.read_text()).get("max_seq_length", 512) if st.exists()
+                          else 512)
         return cls(config, params, hf.load_tokenizer(folder), max_length=max_length, mesh=mesh)
 
     @property
@@ -93,6 +128,8 @@ class TextEmbedder:
     def embed_token_ids(self, rows: Sequence[Sequence[int]], batch_size: int = 32,
                         progress: bool = False, pad_id: int | None = None) -> np.ndarray:
         """Embeddings [len(rows), dim] float32, in the order of `rows`."""
+        from tqdm.auto import tqdm
+
         n = len(rows)
         out = np.zeros((n, self.dim), np.float32)
         if n == 0:
@@ -101,37 +138,9 @@ class TextEmbedder:
         batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
         pad_id = self.config.encoder.pad_token_id if pad_id is None else pad_id
         lengths = np.fromiter((min(len(r), self.max_length) for r in rows), np.int64, n)
-        bar = _progress(n, progress)
-        pending = []
-        for idx in length_sorted_batches(lengths, batch_size):
-            width = bucket_length(int(lengths[idx].max()), self.max_length)
-            ids = np.full((batch_size, width), pad_id, np.int32)
-            mask = np.zeros((batch_size, width), np.int32)
-            for row, i in enumerate(idx):
-                tokens = rows[i][:width]
-                ids[row, :len(tokens)] = tokens
-                mask[row, :len(tokens)] = 1
-            mask[len(idx):, 0] = 1  # filler rows: one visible token keeps them finite
-            with sharding.activate(self.mesh, self.rules):
-                pending.append((idx, self._forward(self.params, ids, mask)))
-            if len(pending) > 2:  # keep the device busy while the host prepares the next batch
-                self._collect(pending.pop(0), out, bar)
-        for item in pending:
-            self._collect(item, out, bar)
-        if bar is not None:
-            bar.close()
-        return out
-
-    @staticmethod
-    def _collect(item, out, bar):
-        idx, result = item
-        out[idx] = np.asarray(result)[:len(idx)]
-        if bar is not None:
-            bar.update(len(idx))
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="doc", desc="embedding", smoothing=0.1)
+        with sharding.activate(self.mesh, self.rules), tqdm(
+                total=n, unit="doc", desc="embedding", smoothing=0.1, disable=not progress) as bar:
+            return embed_rows(lambda ids, mask: self._forward(self.params, ids, mask),
+                              lambda i: rows[i], lengths, out, batch_size=batch_size,
+                              batch_rows=lambda _: batch_size, max_length=self.max_length,
+                              pad_id=pad_id, progress=bar.update)

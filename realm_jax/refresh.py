@@ -53,7 +53,7 @@ import numpy as np
 
 from realm_jax.checkpoints import CheckpointUnreadable, TrainCheckpoints
 from realm_jax.data.store import BlockStore, prune_versions, store_versions
-from realm_jax.durable import ProcessLock
+from realm_jax.durable import TRASH_PREFIX, ProcessLock, atomic_write_text, discard
 from realm_jax.index.drift import refresh_due
 from realm_jax.index.embed_corpus import TITLE_CHOICES
 from realm_jax.index.scann_searcher import ScannSearcher, ScannSettings
@@ -66,7 +66,6 @@ _stages = logging.getLogger(__name__ + ".stages")  # DEBUG lines: where a refres
 JOB_FILE = "job.json"
 LOCK_FILE = "lock"  # the chief's ProcessLock: one refresher per workdir
 DOC_TOWER = "doc_tower"
-_TRASH = ".trash-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +119,8 @@ class RefreshSettings:
         values["scann"] = None if scann is None else ScannSettings(**scann)
         settings = cls(**values)
         if settings.title not in TITLE_CHOICES:
-            raise ValueError(f"config.refresh.title must be auto, yes or no, got {settings.title!r}")
+            raise ValueError(f"config.refresh.title must be auto, yes or no, got "
+                             f"{settings.title!r}")
         return settings
 
     @property
@@ -215,12 +215,9 @@ class Refresher:
         """The newest checkpoint step (when the run trains the document tower), else the
         --from_hf weights as step 0, else None."""
         steps = [s for s in self.checkpoints.all_steps() if s not in self._unreadable]
-        step = steps[-1] if steps and self._trains_doc_tower() else None
-        if step is not None:
-            return Source(step, "checkpoint", self.checkpoints.step_path(step))
-        if self.from_hf is not None:
-            return Source(0, "hf", self.from_hf)
-        return None
+        if steps and self._trains_doc_tower():
+            return Source(steps[-1], "checkpoint", self.checkpoints.step_path(steps[-1]))
+        return None if self.from_hf is None else Source(0, "hf", self.from_hf)
 
     def _trains_doc_tower(self) -> bool:
         """Whether the run's model (WORKDIR/model.json) has a document tower; checkpoints
@@ -263,9 +260,9 @@ class Refresher:
             _log.warning("not reusing damaged embeddings (%s); embedding anew", e)
             return None
         ids = previous.ids()
-        keep = self.store.live[ids] if len(self.store) >= ids.max(initial=-1) + 1 else None
-        if keep is None:
+        if ids.max(initial=-1) >= len(self.store):
             return None  # ids past this store's end: not a version of it
+        keep = self.store.live[ids]
         return ids[keep], embeddings[keep]
 
     def load_tower(self, source: Source):
@@ -295,7 +292,9 @@ class Refresher:
                     config, batch_size=self.settings.batch_size, dtype=self.settings.dtype)
         return self._embedders[config]
 
-    def rows(self, max_length: int):
+    def rows(self, embedder):
+        """The RowBuilder of `embedder`'s rows (refresh.max_length, else the tower's limit)."""
+        max_length = self.settings.max_length or embedder.max_length
         if max_length not in self._rows:
             from realm_jax.index.embed_corpus import RowBuilder
             tokenizer = self._tokenizer or self.settings.tokenizer or self.from_hf
@@ -311,24 +310,15 @@ class Refresher:
     def _shard_dir(self, step: int, model_fingerprint: str) -> Path:
         return self.scratch / f"emb-{step:010d}-{model_fingerprint[:16]}-{self.num_workers}w"
 
-    def _trash(self, path: Path) -> None:
-        """Remove a folder: renamed first (atomic), so a kill never leaves half of it."""
-        trash = self.scratch / f"{_TRASH}{uuid.uuid4().hex[:12]}"
-        try:
-            path.rename(trash)
-        except OSError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
-
     def _cleanup_scratch(self, keep: Path | None = None, shards: bool = True) -> None:
         """Remove half-deleted folders, and (with `shards`) every shard folder but `keep`."""
         if not self.scratch.is_dir():
             return
         for path in self.scratch.iterdir():
-            if path.name.startswith(_TRASH):
+            if path.name.startswith(TRASH_PREFIX):
                 shutil.rmtree(path, ignore_errors=True)
             elif shards and path.name.startswith("emb-") and path != keep:
-                self._trash(path)
+                discard(path)
 
     def _read_job(self) -> dict | None:
         try:
@@ -338,7 +328,6 @@ class Refresher:
 
     def _write_job(self, job: dict) -> None:
         """Announce a job (or {"stop": True}); the id makes every announcement distinct."""
-        from realm_jax.durable import atomic_write_text
         job = dict(job, id=uuid.uuid4().hex)
         atomic_write_text(self.scratch / JOB_FILE, json.dumps(job, indent=1) + "\n")
 
@@ -346,8 +335,7 @@ class Refresher:
 
     def refresh(self, source: Source, previous: Snapshot | None = None) -> RefreshResult:
         """Embed the corpus with `source`'s document tower and publish a snapshot."""
-        from realm_jax.index.embed_corpus import (
-            EmbedResult, embed_corpus, merge_shards, params_fingerprint)
+        from realm_jax.index.embed_corpus import EmbedResult, merge_shards, params_fingerprint
 
         started = time.perf_counter()
         self.on_stage("restore")
@@ -392,15 +380,8 @@ class Refresher:
             result = EmbedResult([], embedded, reused, time.perf_counter() - t0)
         else:
             self.on_stage("embed")
-            embedder = self.embedder(config)
-            rows = self.rows(self.settings.max_length or embedder.max_length)
-            result = embed_corpus(self.store, embedder, params, shard_dir, rows=rows,
-                                  model_fingerprint=model_fingerprint, step=source.step,
-                                  worker=self.worker,
-                                  num_workers=self.num_workers,
-                                  shard_size=self.settings.shard_size or None,
-                                  progress=self.progress,
-                                  on_shard=lambda info: self.on_stage("shard"))
+            result = self._embed_slice(config, params, shard_dir, model_fingerprint,
+                                       source.step, on_shard=lambda info: self.on_stage("shard"))
             if self.num_workers > 1:
                 self.on_stage("wait_workers")
                 self._wait_for_shards(shard_dir)
@@ -459,8 +440,19 @@ class Refresher:
             from realm_jax.index.embed_corpus import numpy_dtype
             return np.zeros((0, config.output_dim), numpy_dtype(self.settings.dtype))
         embedder = self.embedder(config)
-        rows = self.rows(self.settings.max_length or embedder.max_length)
-        return embedder.embed_blocks(embedder.place(params), rows, ids)
+        return embedder.embed_blocks(embedder.place(params), self.rows(embedder), ids)
+
+    def _embed_slice(self, config, params, shard_dir: Path, model_fingerprint: str, step: int,
+                     on_shard: Callable[[Any], None]):
+        """This worker's slice of the corpus embedded into shards of `shard_dir`."""
+        from realm_jax.index.embed_corpus import embed_corpus
+
+        embedder = self.embedder(config)
+        return embed_corpus(self.store, embedder, params, shard_dir,
+                            rows=self.rows(embedder), model_fingerprint=model_fingerprint,
+                            step=step, worker=self.worker, num_workers=self.num_workers,
+                            shard_size=self.settings.shard_size or None,
+                            progress=self.progress, on_shard=on_shard)
 
     def _prune_store_versions(self) -> None:
         """Delete the corpus versions no snapshot of WORKDIR/index names any more (never
@@ -488,8 +480,7 @@ class Refresher:
             self.sleep(min(self.settings.poll_seconds, 1.0))
 
     def _log_result(self, result: RefreshResult) -> None:
-        self._append_log(dict(dataclasses.asdict(result),
-                              time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        self._append_log(dataclasses.asdict(result))
         skipped = f"; skipped steps {result.skipped_steps}" if result.skipped_steps else ""
         _log.info("published %s (step %d, %d blocks) in %.1fs: restore %.1fs, embed %.1fs "
                   "(%.1f docs/s, %d reused), build %.1fs, publish %.1fs%s", result.version,
@@ -511,24 +502,20 @@ class Refresher:
             return None
         try:
             return self.refresh(source, previous)
-        except CheckpointUnreadable as e:
+        except (FileNotFoundError, KeyError, ValueError) as e:  # (CheckpointUnreadable too)
             steps = self.checkpoints.all_steps()
-            if source.step in steps:  # damaged, not pruned
-                self._unreadable.add(source.step)
-                if self._unreadable.issuperset(steps):  # not the files: e.g. another model
-                    raise
-                _log.warning("%s: refreshing from the previous checkpoint", e)
-                return self.refresh_once()
-            _log.warning("checkpoint step %d disappeared while refreshing (%s); moving on",
-                         source.step, e)
-            return None
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            # The trainer may delete a checkpoint (max_to_keep) while it is being restored.
-            if source.kind == "checkpoint" and source.step not in self.checkpoints.all_steps():
+            if source.kind == "checkpoint" and source.step not in steps:
+                # the trainer deleted it (max_to_keep) while it was being restored
                 _log.warning("checkpoint step %d disappeared while refreshing (%s); moving on",
                              source.step, e)
                 return None
-            raise
+            if not isinstance(e, CheckpointUnreadable):
+                raise
+            self._unreadable.add(source.step)  # damaged, not pruned
+            if self._unreadable.issuperset(steps):  # not the files: e.g. another model
+                raise
+            _log.warning("%s: refreshing from the previous checkpoint", e)
+            return self.refresh_once()
 
     def _drift_holds(self, source: Source, previous: Snapshot | None) -> bool:
         """refresh.min_overlap: whether to leave `previous` served although `source` is
@@ -540,10 +527,8 @@ class Refresher:
                 or self.checkpoints.is_finished()):
             return False
         drift = self.layout.read_drift()
-        if drift is None:
-            return False
-        if drift["index"] == previous.version and refresh_due(drift["overlap"],
-                                                              self.settings.min_overlap):
+        if drift is None or (drift["index"] == previous.version
+                             and refresh_due(drift["overlap"], self.settings.min_overlap)):
             return False
         if source.step not in self._held:
             self._held.add(source.step)
@@ -551,8 +536,7 @@ class Refresher:
             line = {"held_step": source.step, "index": previous.version,
                     "measured_index": drift["index"], "overlap": drift["overlap"],
                     "min_overlap": self.settings.min_overlap, "blocks_saved": len(self.store),
-                    "blocks_saved_total": self.blocks_saved,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "blocks_saved_total": self.blocks_saved}
             self._append_log(line)
             _log.info("checkpoint %d not embedded: overlap %.3f of index %s >= "
                       "refresh.min_overlap %.3f (%d blocks saved so far)", source.step,
@@ -561,6 +545,8 @@ class Refresher:
         return True
 
     def _append_log(self, line: dict) -> None:
+        """One line of WORKDIR/refresh_log.jsonl, stamped with the time (UTC)."""
+        line = dict(line, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         data = (json.dumps(line, sort_keys=True) + "\n").encode()
         fd = os.open(self.workdir / REFRESH_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -617,7 +603,7 @@ class Refresher:
         checkpoint and (unless `once`) the trainer has finished. An announcement found at
         start is a previous run's: its job is done unless already published, its stop
         ignored."""
-        from realm_jax.index.embed_corpus import embed_corpus, params_fingerprint
+        from realm_jax.index.embed_corpus import params_fingerprint
 
         stale = self._read_job()
         done_job, jobs = None, 0
@@ -639,19 +625,14 @@ class Refresher:
                         raise ValueError(f"{source.path}: document tower fingerprint "
                                          f"{fingerprint[:16]} != the chief's "
                                          f"{job['model_fingerprint'][:16]}")
-                    embedder = self.embedder(config)
 
                     def check(_info, job=job):
                         if self._read_job() != job:
                             raise _Superseded()
 
                     self.on_stage("embed")
-                    embed_corpus(self.store, embedder, params, self.scratch / job["shard_dir"],
-                                 rows=self.rows(self.settings.max_length or embedder.max_length),
-                                 model_fingerprint=fingerprint, step=source.step,
-                                 worker=self.worker, num_workers=self.num_workers,
-                                 shard_size=self.settings.shard_size or None,
-                                 progress=self.progress, on_shard=check)
+                    self._embed_slice(config, params, self.scratch / job["shard_dir"],
+                                      fingerprint, source.step, on_shard=check)
                     jobs += 1
                     if once:
                         return jobs

@@ -76,15 +76,13 @@ def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
             tokenizer = sub if os.path.isdir(sub) else tokenizer
             return (tower, checkpoints.restore_part(step, part), tokenizer,
                     f"checkpoint step {step}" + ("" if from_checkpoint else " (newest)"))
-    for field in ("model.query_tower_hf", "model.question_encoder_hf"):
-        folder = _config_value(config, field)
+    folders = [(_config_value(config, f), f"config {f}")
+               for f in ("model.query_tower_hf", "model.question_encoder_hf")]
+    if extra.get("source") == "hf":
+        folders.append((extra.get("source_path"), "the snapshot's document tower"))
+    for folder, what in folders:
         if folder:
-            config_, params = hf.load_embedder(folder)
-            return config_, params, folder, f"{folder} (config {field})"
-    if extra.get("source") == "hf" and extra.get("source_path"):
-        folder = extra["source_path"]
-        config_, params = hf.load_embedder(folder)
-        return config_, params, folder, f"{folder} (the snapshot's document tower)"
+            return (*hf.load_embedder(folder), folder, f"{folder} ({what})")
     raise ValueError(f"{snapshot.path}: no query tower for this snapshot: its checkpoint has "
                      "no query_tower and the config names no model.query_tower_hf")
 
@@ -135,14 +133,10 @@ class Searcher:
         """The `top_k` best blocks of each question."""
         queries = self.embedder.embed(list(questions))
         scores, ids = self.searcher.search(queries, min(int(top_k), self.snapshot.count))
-        out = []
-        for row_scores, row_ids in zip(np.asarray(scores), np.asarray(ids)):
-            hits = []
-            for score, block in zip(row_scores.tolist(), row_ids.tolist()):
-                if block < 0:
-                    continue
-                record = self.store.record(block)
-                hits.append(Hit(record.doc_id, record.title, record.text, float(score),
-                                int(block)))
-            out.append(hits)
-        return out
+        return [[self._hit(score, block) for score, block in zip(row_scores, row_ids) if block >= 0]
+                for row_scores, row_ids in zip(np.asarray(scores).tolist(),
+                                               np.asarray(ids).tolist())]
+
+    def _hit(self, score: float, block: int) -> Hit:
+        record = self.store.record(block)
+        return Hit(record.doc_id, record.title, record.text, float(score), int(block))

@@ -107,11 +107,6 @@ def activate(mesh: Mesh, rules=DEFAULT_RULES):
         yield
 
 
-def logical_specs(boxed_tree) -> Any:
-    """Logical PartitionSpecs of a tree of nn.Partitioned boxes (e.g. from eval_shape(init))."""
-    return nn.get_partition_spec(boxed_tree)
-
-
 def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Drop the mesh axes of any dimension they do not divide (e.g. BERT's 30522-word
     vocabulary over 4 tensor shards): that dimension is replicated instead."""
@@ -123,21 +118,17 @@ def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> 
     return PartitionSpec(*fixed)
 
 
-def mesh_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-    """NamedShardings for a tree of boxed abstract values (e.g. eval_shape(init))."""
-    shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
-    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
+def param_shardings(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=DEFAULT_RULES
+                    ) -> Any:
+    """NamedShardings of the (unboxed) params `init_fn(*args)` would produce: the logical
+    specs of its nn.Partitioned boxes mapped onto `mesh` by `rules`."""
+    with activate(mesh, rules):
+        abstract = jax.eval_shape(init_fn, *args)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract))
     return jax.tree.map(
         lambda sh, shape: NamedSharding(mesh, _divisible_spec(sh.spec, shape, mesh)),
         shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
-def param_shardings(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=DEFAULT_RULES
-                    ) -> Any:
-    """NamedShardings of the (unboxed) params `init_fn(*args)` would produce."""
-    with activate(mesh, rules):
-        abstract = jax.eval_shape(init_fn, *args)
-    return mesh_shardings(abstract, mesh, rules)
 
 
 def init_sharded(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=DEFAULT_RULES):

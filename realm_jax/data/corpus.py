@@ -104,10 +104,10 @@ class _Block:
     spans_cut: int
 
 
-def _document_blocks(docs: list[Document], tok: Any, settings: dict[str, Any]
-                     ) -> list[list[_Block]]:
-    """Each document's blocks (none when it has no tokens), split as `settings` say (the
-    store's settings: mode, max_tokens or passage_words)."""
+def _document_blocks(docs: list[Document], tok: Any, settings: dict[str, Any],
+                     skips: SkipCounter, label: str) -> list[tuple[Document, list[_Block]]]:
+    """(document, its blocks) of the documents that have tokens (the others are counted in
+    `skips`), split as `settings` say (the store's: mode, max_tokens or passage_words)."""
     out = []
     for doc, enc in zip(docs, tok.encode_batch([d.text for d in docs])):
         pieces = [p for p in split_document(doc.text, enc, mode=settings["mode"],
@@ -115,13 +115,16 @@ def _document_blocks(docs: list[Document], tok: Any, settings: dict[str, Any]
                                             passage_words=settings.get("passage_words", 100),
                                             spans=doc.spans)
                   if p.tok_end > p.tok_start]
+        if not pieces:
+            skips.skip("no_tokens", f"{label} document {doc.doc_id!r}")
+            continue
         ids = np.asarray(enc.ids, dtype=np.int64)
         blocks = []
         for piece in pieces:
             spans, cut = spans_in(doc.spans, piece)
             blocks.append(_Block(ids[piece.tok_start:piece.tok_end],
                                  doc.text[piece.char_start:piece.char_end], spans, cut))
-        out.append(blocks)
+        out.append((doc, blocks))
     return out
 
 
@@ -222,10 +225,7 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
                  total=total, disable=not progress) as bar:
 
         def flush(batch: list[Document]) -> None:
-            for doc, blocks in zip(batch, _document_blocks(batch, tok, settings)):
-                if not blocks:
-                    skips.skip("no_tokens", f"{source_info['path']} document {doc.doc_id!r}")
-                    continue
+            for doc, blocks in _document_blocks(batch, tok, settings, skips, label):
                 for block in blocks:
                     counts["spans_cut"] += block.spans_cut
                     writer.add(block.tokens, doc_id=doc.doc_id, title=doc.title,
@@ -448,10 +448,7 @@ def _update(base: BlockStore, root: Path, add, remove, tokenizer, batch_document
         batch = list(adds.values())
         for start in range(0, len(batch), batch_documents):
             chunk = batch[start:start + batch_documents]
-            for doc, doc_blocks in zip(chunk, _document_blocks(chunk, tok, base.settings)):
-                if not doc_blocks:
-                    skips.skip("no_tokens", f"{label} document {doc.doc_id!r}")
-                    continue
+            for doc, doc_blocks in _document_blocks(chunk, tok, base.settings, skips, label):
                 old = docs.get(doc.doc_id)
                 if old is None:
                     appended.append((doc, doc_blocks, next_ordinal))
@@ -488,11 +485,7 @@ def _store_tokenizer(store: BlockStore, tokenizer: Any) -> Any:
         raise ValueError(f"{store.path / 'manifest.json'} records no tokenizer folder: pass "
                          "--tokenizer (the HF folder the store was prepared with)")
     tok = load_tokenizer(tokenizer)
-    want = store.settings.get("tokenizer", {}).get("vocab_hash")
-    if want and tok.vocab_hash != want:
-        raise ValueError(f"tokenizer {tokenizer} is not the one block store {store.root} was "
-                         f"made with ({store.settings['tokenizer'].get('name')!r}): "
-                         "vocab differs")
+    store.check_tokenizer(tokenizer, tok.vocab_hash)
     return tok
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.data.wikitext import Span
-from realm_jax.durable import fsync_dir, fsync_file, naming_disk_full
+from realm_jax.durable import discard, fsync_dir, fsync_file, naming_disk_full
 
 _log = logging.getLogger(__name__)
 
@@ -70,10 +70,20 @@ _VERSION_RE = re.compile(r"^v(\d{6,})$")
 REMOVED_RECORD = {"doc_id": "", "title": "", "text": "", "spans": [], "removed": True}
 
 
+def version_name(number: int) -> str:
+    """The folder name of a version, `vNNNNNN` (index snapshots are named the same way)."""
+    return f"v{int(number):06d}"
+
+
+def version_number(name: str) -> int | None:
+    match = _VERSION_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
 def version_folder(root: str | os.PathLike, version: int) -> Path:
     """Where version `version` of the store at `root` lives (0: `root` itself)."""
     root = Path(root)
-    return root if version == 0 else root / VERSIONS_DIR / f"v{int(version):06d}"
+    return root if version == 0 else root / VERSIONS_DIR / version_name(version)
 
 
 def store_versions(root: str | os.PathLike) -> list[int]:
@@ -82,9 +92,9 @@ def store_versions(root: str | os.PathLike) -> list[int]:
     out = [0]
     if folder.is_dir():
         for child in folder.iterdir():
-            match = _VERSION_RE.match(child.name)
-            if match and (child / MANIFEST).is_file():
-                out.append(int(match.group(1)))
+            number = version_number(child.name)
+            if number is not None and (child / MANIFEST).is_file():
+                out.append(number)
     return sorted(out)
 
 
@@ -95,10 +105,13 @@ def version_fingerprint(root: str | os.PathLike, version: int) -> str:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"block store {root}: version {version} is not there (pruned, or never made); it "
-            f"has versions {store_versions(root)}") from None
+        raise _version_gone(root, version) from None
     return str(manifest["fingerprint"])
+
+
+def _version_gone(root: str | os.PathLike, version: int) -> FileNotFoundError:
+    return FileNotFoundError(f"block store {root}: version {version} is not there (pruned, or "
+                             f"never made); it has versions {store_versions(root)}")
 
 
 def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ()) -> list[int]:
@@ -107,19 +120,7 @@ def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ())
     folder is renamed first (atomic), then deleted."""
     versions = store_versions(root)
     keep = set(int(v) for v in keep) | {0, versions[-1]}
-    removed = []
-    for version in versions:
-        if version in keep:
-            continue
-        folder = version_folder(root, version)
-        trash = folder.parent / f".trash-{uuid.uuid4().hex[:12]}-{folder.name}"
-        try:
-            os.rename(folder, trash)
-        except OSError:
-            continue
-        fsync_dir(folder.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-        removed.append(version)
+    removed = [v for v in versions if v not in keep and discard(version_folder(root, v))]
     if removed:
         _log.info("pruned version(s) %s of block store %s", removed, root)
     return removed
@@ -386,9 +387,7 @@ class BlockStore:
         if version is None:  # (a version folder given itself has no versions/: opened as is)
             return cls(version_folder(path, versions[-1]))
         if int(version) not in versions:
-            raise FileNotFoundError(
-                f"block store {path}: version {version} is not there (pruned, or never made); "
-                f"it has versions {versions}")
+            raise _version_gone(path, version)
         store = cls(version_folder(path, int(version)))
         if store.version != int(version):
             store.close()
@@ -423,6 +422,14 @@ class BlockStore:
     def settings(self) -> dict[str, Any]:
         """How the store was made (mode, limits, tokenizer)."""
         return self.manifest["settings"]
+
+    def check_tokenizer(self, tokenizer: Any, vocab_hash: str) -> None:
+        """ValueError unless `vocab_hash` is the one of the tokenizer the store was made
+        with (`tokenizer`: what the message calls it); a store recording none takes any."""
+        want = self.settings.get("tokenizer", {})
+        if want.get("vocab_hash") and want["vocab_hash"] != vocab_hash:
+            raise ValueError(f"tokenizer {tokenizer} is not the one block store {self.root} "
+                             f"was made with ({want.get('name')!r}): vocab differs")
 
     @property
     def token_dtype(self) -> np.dtype:

@@ -68,8 +68,7 @@ def padded_rows(n: int, mesh: Mesh | jax.sharding.AbstractMesh, block_size: int,
                 rules=rsharding.DEFAULT_RULES) -> tuple[int, int]:
     """(rows, block size) of an n-row corpus laid out on `mesh`: the same whole number of
     blocks on every corpus shard, a block no larger than a shard's share of the rows."""
-    axes = corpus_mesh_axes(mesh, rules)
-    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    shards = math.prod(mesh.shape[a] for a in corpus_mesh_axes(mesh, rules))
     per_shard = -(-n // shards)
     block_size = min(int(block_size), per_shard)
     return -(-per_shard // block_size) * block_size * shards, block_size
@@ -150,13 +149,6 @@ def _linear_axis_index(axes: Sequence[str], mesh) -> jax.Array:
     return index
 
 
-def _current_mesh(mesh):
-    if mesh is not None:
-        return mesh
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
-
-
 def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
                 block_size: int = DEFAULT_BLOCK_SIZE, num_valid: jax.Array | int | None = None,
                 row_valid: jax.Array | None = None,
@@ -184,9 +176,11 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     if k < 1:
         raise ValueError(f"device_topk: k must be >= 1, got {k}")
     local = functools.partial(local_topk, k=k, block_size=block_size, precision=precision)
-    mesh = _current_mesh(mesh)
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        mesh = None if mesh.empty else mesh
     axes = corpus_mesh_axes(mesh, rules) if mesh is not None else ()
-    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    shards = math.prod(mesh.shape[a] for a in axes)
     if shards == 1:
         return local(queries, embeddings, num_valid=num_valid, row_valid=row_valid)
     n = embeddings.shape[0]
@@ -194,7 +188,6 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
         raise ValueError(f"device_topk: N={n} rows do not divide over {shards} corpus shards "
                          f"(mesh axes {axes}); pad the matrix and pass num_valid")
     per_shard = n // shards
-    valid = None if num_valid is None else jnp.asarray(num_valid, jnp.int32)
 
     def shard_fn(qs, emb, valid, *ok):
         offset = _linear_axis_index(axes, mesh) * per_shard
@@ -206,7 +199,7 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
         s, pos = lax.top_k(s, k)
         return s, jnp.take_along_axis(r, pos, axis=1)
 
-    valid_arg = jnp.asarray(n if valid is None else valid, jnp.int32)
+    valid_arg = jnp.asarray(n if num_valid is None else num_valid, jnp.int32)
     masks = () if row_valid is None else (row_valid,)
     return jax.shard_map(shard_fn, mesh=mesh,
                          in_specs=(PartitionSpec(), PartitionSpec(axes, None), PartitionSpec(),

@@ -20,7 +20,6 @@ shards (same model and corpus), so a killed run resumes. `merge_shards` assemble
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -40,7 +39,8 @@ from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
-from realm_jax.embedding import bucket_length, length_sorted_batches
+from realm_jax.embedding import embed_rows
+from realm_jax.index.store import from_storage, npy_header, numpy_dtype, storage_dtype
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
 
@@ -48,7 +48,6 @@ _log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "realm_jax.embedding_shard"
 SHARD_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
 TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d{10})-(\d{10})\.json$")
 
@@ -64,28 +63,6 @@ def worker_range(count: int, worker: int, num_workers: int) -> tuple[int, int]:
 
 def shard_name(start: int, end: int) -> str:
     return f"shard-{start:010d}-{end:010d}"
-
-
-def storage_dtype(dtype: str) -> np.dtype:
-    """How `dtype` is kept in a .npy file (bfloat16 as raw uint16)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"embedding dtype must be one of {DTYPES}, got {dtype!r}")
-    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
-def numpy_dtype(dtype: str) -> np.dtype:
-    """The in-memory numpy dtype of `dtype` (ml_dtypes for bfloat16)."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return storage_dtype(dtype)
-
-
-def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        import ml_dtypes
-        return array.view(ml_dtypes.bfloat16)
-    return array
 
 
 def tree_digest(tree: Any, digest=None):
@@ -155,10 +132,7 @@ class RowBuilder:
         with; checked against the store). `title=None`: titles for DPR passages, not for
         REALM blocks."""
         info = _load_tokenizer(tokenizer)
-        want = store.settings.get("tokenizer", {})
-        if want.get("vocab_hash") and want["vocab_hash"] != info.vocab_hash:
-            raise ValueError(f"tokenizer {tokenizer} is not the one the block store "
-                             f"{store.path} was made with ({want.get('name')!r}): vocab differs")
+        store.check_tokenizer(tokenizer, info.vocab_hash)
         ids = []
         for name in ("[CLS]", "[SEP]"):
             token_id = info.backend.token_to_id(name)
@@ -228,9 +202,8 @@ class CorpusEmbedder:
         self.rules = rules
         self.dtype = dtype
         storage_dtype(dtype)  # validates
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.shards = shards
-        self.batch_size = -(-max(1, int(batch_size)) // shards) * shards
+        self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = -(-max(1, int(batch_size)) // self.shards) * self.shards
         self._module = config.module()
         self.param_shardings = sharding.param_shardings(
             lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
@@ -275,33 +248,13 @@ class CorpusEmbedder:
         if len(ids) == 0:
             return out
         lengths, titles = rows.lengths_and_titles(ids)
-        pad_id = self.config.encoder.pad_token_id
-        pending: collections.deque = collections.deque()
         with sharding.activate(self.mesh, self.rules):
-            for idx in length_sorted_batches(lengths, self.batch_size):
-                width = bucket_length(int(lengths[idx].max()), rows.max_length)
-                size = self.batch_rows(len(idx))
-                tokens = np.full((size, width), pad_id, np.int32)
-                mask = np.zeros((size, width), np.int32)
-                for r, i in enumerate(idx.tolist()):
-                    row = rows.row(int(ids[i]), titles)
-                    tokens[r, :len(row)] = row
-                    mask[r, :len(row)] = 1
-                mask[len(idx):, 0] = 1  # filler rows: one visible token keeps them finite
-                pending.append((idx, self._forward(self._module, self.dtype, params, tokens,
-                                                   mask)))
-                if len(pending) > 2:  # the devices work while the host builds the next batch
-                    self._collect(pending.popleft(), out, progress)
-            while pending:
-                self._collect(pending.popleft(), out, progress)
-        return out
-
-    @staticmethod
-    def _collect(item, out: np.ndarray, progress) -> None:
-        idx, result = item
-        out[idx] = np.asarray(result)[:len(idx)]
-        if progress is not None:
-            progress(len(idx))
+            return embed_rows(
+                lambda tokens, mask: self._forward(self._module, self.dtype, params, tokens, mask),
+                lambda i: rows.row(int(ids[i]), titles), lengths, out,
+                batch_size=self.batch_size, batch_rows=self.batch_rows,
+                max_length=rows.max_length, pad_id=self.config.encoder.pad_token_id,
+                progress=progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,14 +314,7 @@ def read_shard(json_path: str | os.PathLike) -> ShardInfo:
     info = ShardInfo(int(meta["start"]), int(meta["end"]), int(meta["dim"]), str(meta["dtype"]),
                      str(meta["model_fingerprint"]), str(meta["corpus_fingerprint"]), npy, meta)
     try:
-        with open(npy, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read is None:
-                raise ValueError(f"npy format version {version}")
-            shape, _, dtype = read(f)
-            header = f.tell()
+        shape, _, dtype, header = npy_header(npy)
     except (OSError, ValueError) as e:
         raise ValueError(f"{npy}: unreadable ({e})") from None
     want = (info.count, info.dim)
@@ -434,11 +380,11 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
     size = int(shard_size) if shard_size else max(1, end - start)
     pieces = [(a, min(a + size, end)) for a in range(start, end, size)]
     tag = f"w{worker}"
-    for path in out_dir.iterdir():  # our own temporary files of a killed run
-        if path.name.startswith(f"{TMP_PREFIX}{tag}-"):
-            path.unlink(missing_ok=True)
     reuse: dict[tuple[int, int], ShardInfo] = {}
     for path in sorted(out_dir.iterdir()):
+        if path.name.startswith(f"{TMP_PREFIX}{tag}-"):  # ours, of a killed run
+            path.unlink(missing_ok=True)
+            continue
         match = _SHARD_RE.match(path.name)
         if not match:
             continue
@@ -463,20 +409,17 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
         _log.info("worker %d: reusing %d complete shard(s), %d blocks", worker, len(reuse),
                   reused)
 
+    from tqdm.auto import tqdm
+
     placed = embedder.place(params)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=end - start, initial=reused, unit="doc", smoothing=0.1,
-                   desc=f"embedding [{start}, {end})")
     shards, embedded = [], 0
-    try:
+    with tqdm(total=end - start, initial=reused, unit="doc", smoothing=0.1,
+              desc=f"embedding [{start}, {end})", disable=not progress) as bar:
         for a, b in pieces:
             if (a, b) in reuse:
                 shards.append(reuse[(a, b)])
                 continue
-            array = embedder.embed_blocks(placed, rows, np.arange(a, b),
-                                          progress=bar.update if bar is not None else None)
+            array = embedder.embed_blocks(placed, rows, np.arange(a, b), progress=bar.update)
             info = write_shard(out_dir, a, array, dtype=embedder.dtype,
                                model_fingerprint=model_fingerprint,
                                corpus_fingerprint=store.fingerprint,
@@ -486,9 +429,6 @@ def embed_corpus(store: BlockStore, embedder: CorpusEmbedder, params: Any,
             shards.append(info)
             if on_shard is not None:
                 on_shard(info)
-    finally:
-        if bar is not None:
-            bar.close()
     result = EmbedResult(shards, embedded, reused, time.perf_counter() - started)
     _log.info("worker %d/%d: embedded %d blocks [%d, %d) in %.1fs (%.1f docs/s), reused %d",
               worker, num_workers, embedded, start, end, result.seconds,

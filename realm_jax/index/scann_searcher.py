@@ -65,15 +65,15 @@ class ScannSettings:
 
     def resolve(self, n: int, dim: int) -> dict[str, Any]:
         """The settings actually used for a corpus of n vectors of size dim."""
+        common = {"num_neighbors": self.num_neighbors, "num_threads": self.num_threads,
+                  "count": n, "dim": dim}
         if n < self.brute_force_below:
-            return {"mode": "brute_force", "num_neighbors": self.num_neighbors,
-                    "num_threads": self.num_threads, "count": n, "dim": dim}
+            return {"mode": "brute_force", **common}
         leaves = self.num_leaves or max(2, int(round(self.leaves_per_sqrt * math.sqrt(n))))
         search = self.leaves_to_search or min(
             leaves, max(self.min_leaves_to_search, int(math.ceil(leaves * self.leaves_fraction))))
         return {
-            "mode": "tree_ah_reorder",
-            "num_neighbors": self.num_neighbors,
+            "mode": "tree_ah_reorder", **common,
             "num_leaves": leaves,
             "leaves_to_search": search,
             "soar_lambda": self.soar_lambda,
@@ -83,9 +83,6 @@ class ScannSettings:
             "pca_variance": self.pca_variance,
             "pca_max_fraction": self.pca_max_fraction,
             "reorder": max(self.reorder, self.num_neighbors),
-            "num_threads": self.num_threads,
-            "count": n,
-            "dim": dim,
         }
 
     def projected_dims(self, vectors: np.ndarray) -> int:

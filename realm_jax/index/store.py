@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -49,7 +48,9 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
-from realm_jax.durable import atomic_write, fsync_dir, fsync_file, is_local, naming_disk_full
+from realm_jax.data.store import version_name, version_number
+from realm_jax.durable import (TRASH_PREFIX, atomic_write, discard, fsync_dir, fsync_file,
+                               is_local, naming_disk_full, process_alive)
 from realm_jax.index import base
 
 LATEST = "LATEST"
@@ -60,9 +61,7 @@ SCANN_DIR = "scann"
 FORMAT = "realm-jax-index-snapshot"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-_VERSION_RE = re.compile(r"^v(\d{6,})$")
-_DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float32")
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str, "format_version": int, "step": int, "model_fingerprint": str,
     "corpus_fingerprint": str, "count": int, "dim": int, "dtype": str, "searcher": dict,
@@ -81,15 +80,6 @@ class SnapshotError(Exception):
     def __init__(self, path: PathLike, what: str, message: str):
         self.path, self.what = os.fspath(path), what
         super().__init__(f"index snapshot {self.path}: {what}: {message}")
-
-
-def version_name(number: int) -> str:
-    return f"v{number:06d}"
-
-
-def version_number(name: str) -> int | None:
-    match = _VERSION_RE.match(name)
-    return int(match.group(1)) if match else None
 
 
 def _size(path: epath.Path) -> int:
@@ -116,37 +106,53 @@ def _walk_files(folder: epath.Path, prefix: str = "") -> list[tuple[str, epath.P
     return out
 
 
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Copy every file under `src` to the same relative path under `dst`."""
+    for rel, path in _walk_files(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        path.copy(dst / rel)
+
+
 def _write_npy(path: epath.Path, array: np.ndarray) -> None:
     with path.open("wb") as f:
         np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _npy_header(path: epath.Path) -> tuple[tuple[int, ...], np.dtype]:
+def _read_npy(path: epath.Path) -> np.ndarray:
     with path.open("rb") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def npy_header(path: PathLike) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, header bytes) of a .npy file; ValueError when it is not
+    one of npy format 1.0 or 2.0."""
+    with epath.Path(path).open("rb") as f:
         version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read is None:
+        if version not in ((1, 0), (2, 0)):
             raise ValueError(f"npy format version {version}")
+        read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
         shape, fortran, dtype = read(f)
-    if fortran:
-        raise ValueError("Fortran-ordered array")
-    return tuple(shape), np.dtype(dtype)
+        return tuple(shape), fortran, np.dtype(dtype), f.tell()
 
 
-def _storage_dtype(dtype_name: str) -> np.dtype:
-    return np.dtype(np.uint16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+def storage_dtype(dtype: str) -> np.dtype:
+    """How embeddings of `dtype` are kept in a .npy file (bfloat16 as raw uint16)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"embedding dtype must be one of {DTYPES}, got {dtype!r}")
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
-def _embeddings_to_store(embeddings: Any, dtype: str | None) -> tuple[np.ndarray, str]:
-    array = np.asarray(embeddings)
-    name = dtype or array.dtype.name
-    if name not in _DTYPES:
-        raise ValueError(f"embeddings dtype must be one of {_DTYPES}, got {name!r}")
-    if name == "bfloat16":
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The in-memory numpy dtype of `dtype` (ml_dtypes for bfloat16)."""
+    if dtype == "bfloat16":
         import ml_dtypes
-        return array.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16), name
-    return array.astype(name, copy=False), name
+        return np.dtype(ml_dtypes.bfloat16)
+    return storage_dtype(dtype)
+
+
+def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array viewed in its in-memory dtype (bfloat16 from raw uint16)."""
+    return array.view(numpy_dtype(dtype)) if dtype == "bfloat16" else array
 
 
 def _file_state(path: epath.Path) -> tuple:
@@ -161,9 +167,7 @@ def _file_state(path: epath.Path) -> tuple:
 def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
     """Indices of the rows of `array` (stored as `dtype_name`) holding a NaN or infinity,
     checked a slice of rows at a time."""
-    if dtype_name == "bfloat16":
-        import ml_dtypes
-        array = array.view(ml_dtypes.bfloat16)
+    array = from_storage(array, dtype_name)
     bad = []
     for start in range(0, len(array), _FINITE_CHUNK_ROWS):
         chunk = np.asarray(array[start:start + _FINITE_CHUNK_ROWS], dtype=np.float32)
@@ -171,19 +175,26 @@ def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
-def _process_alive(pid: int) -> bool:
+def _checked_header(folder: epath.Path, rel: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header bytes) of the snapshot's .npy file `rel`; SnapshotError when
+    the header is unreadable or the array Fortran-ordered."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        shape, fortran, dtype, size = npy_header(folder / rel)
+    except ValueError as e:
+        raise SnapshotError(folder, rel, f"unreadable npy header ({e})") from None
+    if fortran:
+        raise SnapshotError(folder, rel, "unreadable npy header (Fortran-ordered array)")
+    return shape, dtype, size
 
 
 def _tmp_name(kind: str) -> str:
     """`.tmp-KIND-RANDOM-PID-HOST`: cleanup can tell whether its writer is still alive."""
     return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
+
+
+def _manifest_field(name: str, kind: type) -> property:
+    """A read-only property: manifest[name] as `kind`."""
+    return property(lambda self: kind(self.manifest[name]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,30 +212,13 @@ class Snapshot:
     def number(self) -> int:
         return version_number(self.version) or 0
 
-    @property
-    def step(self) -> int:
-        """The checkpoint step the embeddings were computed from."""
-        return int(self.manifest["step"])
-
-    @property
-    def count(self) -> int:
-        return int(self.manifest["count"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.manifest["dtype"])
-
-    @property
-    def model_fingerprint(self) -> str:
-        return str(self.manifest["model_fingerprint"])
-
-    @property
-    def corpus_fingerprint(self) -> str:
-        return str(self.manifest["corpus_fingerprint"])
+    # Manifest fields; `step`: the checkpoint step the embeddings were computed from.
+    step = _manifest_field("step", int)
+    count = _manifest_field("count", int)
+    dim = _manifest_field("dim", int)
+    dtype = _manifest_field("dtype", str)
+    model_fingerprint = _manifest_field("model_fingerprint", str)
+    corpus_fingerprint = _manifest_field("corpus_fingerprint", str)
 
     @property
     def store_version(self) -> int:
@@ -246,16 +240,11 @@ class Snapshot:
         if mmap and is_local(path):
             array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
         else:
-            with path.open("rb") as f:
-                array = np.lib.format.read_array(f, allow_pickle=False)
-        if self.dtype == "bfloat16":
-            import ml_dtypes
-            array = array.view(ml_dtypes.bfloat16)
-        return array
+            array = _read_npy(path)
+        return from_storage(array, self.dtype)
 
     def ids(self) -> np.ndarray:
-        with (self.path / IDS).open("rb") as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+        return _read_npy(self.path / IDS)
 
     def block_embeddings(self, rows: int | None = None) -> np.ndarray:
         """The embeddings indexed by block id: [rows (default: max id + 1), dim], zero rows
@@ -285,10 +274,7 @@ class Snapshot:
         if is_local(folder):
             return ScannSearcher.load(os.fspath(folder), self.ids(), num_threads)
         with tempfile.TemporaryDirectory() as local:
-            for rel, src in _walk_files(folder):
-                dst = epath.Path(local) / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                src.copy(dst)
+            _copy_tree(folder, epath.Path(local))
             return ScannSearcher.load(local, self.ids(), num_threads)
 
     def device_searcher(self, mesh=None, **kwargs):
@@ -368,8 +354,8 @@ class IndexStore:
         count, dim, dtype = manifest["count"], manifest["dim"], manifest["dtype"]
         if count < 1 or dim < 1:
             raise SnapshotError(folder, f"{MANIFEST}:count/dim", f"{count} x {dim}")
-        if dtype not in _DTYPES:
-            raise SnapshotError(folder, f"{MANIFEST}:dtype", f"{dtype!r} not in {_DTYPES}")
+        if dtype not in DTYPES:
+            raise SnapshotError(folder, f"{MANIFEST}:dtype", f"{dtype!r} not in {DTYPES}")
         if callable(expected_corpus_fingerprint):
             try:
                 expected_corpus_fingerprint = expected_corpus_fingerprint(manifest)
@@ -405,12 +391,9 @@ class IndexStore:
             for rel, sha256, _ in states[:-1]:
                 if _sha256(folder / rel) != sha256:
                     raise SnapshotError(folder, rel, "sha256 does not match the manifest")
-        for rel, shape, want in ((EMBEDDINGS, (count, dim), _storage_dtype(dtype)),
+        for rel, shape, want in ((EMBEDDINGS, (count, dim), storage_dtype(dtype)),
                                  (IDS, (count,), np.dtype(np.int64))):
-            try:
-                got_shape, got_dtype = _npy_header(folder / rel)
-            except ValueError as e:
-                raise SnapshotError(folder, rel, f"unreadable npy header ({e})") from None
+            got_shape, got_dtype, _ = _checked_header(folder, rel)
             if got_shape != shape or got_dtype != want:
                 raise SnapshotError(folder, rel, f"holds {got_dtype}{list(got_shape)}, manifest "
                                     f"says {want}{list(shape)}")
@@ -422,10 +405,7 @@ class IndexStore:
         manifest's sha256 as they are read (what a refresher reuses must be what was
         published, however long ago it was validated); SnapshotError when they are not."""
         path = snapshot.path / EMBEDDINGS
-        try:
-            shape, dtype = _npy_header(path)
-        except ValueError as e:
-            raise SnapshotError(snapshot.path, EMBEDDINGS, f"unreadable npy header ({e})") from None
+        shape, dtype, _ = _checked_header(snapshot.path, EMBEDDINGS)
         array = np.empty(shape, dtype)
         out = memoryview(array.reshape(-1).view(np.uint8))
         header = _size(path) - out.nbytes
@@ -443,10 +423,7 @@ class IndexStore:
         if filled != out.nbytes or digest.hexdigest() != want:
             self._verified.pop(snapshot.version, None)
             raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
-        if snapshot.dtype == "bfloat16":
-            import ml_dtypes
-            array = array.view(ml_dtypes.bfloat16)
-        return array
+        return from_storage(array, snapshot.dtype)
 
     def load(self, version: str, *, validate: bool = True, checksums: bool = True,
              expected_corpus_fingerprint: CorpusCheck = None) -> Snapshot:
@@ -508,7 +485,9 @@ class IndexStore:
         on_stage(name) is called between steps (tests use it to see progress).
         """
         stage = on_stage or (lambda _: None)
-        array, dtype_name = _embeddings_to_store(embeddings, dtype)
+        array = np.asarray(embeddings)
+        dtype_name = dtype or array.dtype.name
+        array = array.astype(numpy_dtype(dtype_name), copy=False).view(storage_dtype(dtype_name))
         if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
             raise ValueError(f"embeddings must be a non-empty [N, P] matrix, got {array.shape}")
         count, dim = array.shape
@@ -528,57 +507,45 @@ class IndexStore:
         tmp.mkdir()
         try:
             with naming_disk_full(tmp):
-                return self._publish_from(tmp, array, ids_array, searcher, dtype_name, step,
-                                          model_fingerprint, corpus_fingerprint, extra, keep,
-                                          stage)
+                stage("tmp_created")
+                _write_npy(tmp / EMBEDDINGS, array)
+                _write_npy(tmp / IDS, ids_array)
+                stage("arrays_written")
+                if searcher is not None:
+                    self._write_scann(searcher, tmp / SCANN_DIR)
+                    stage("scann_written")
+                files = {}
+                for rel, path in _walk_files(tmp):
+                    fsync_file(path)
+                    files[rel] = {"bytes": _size(path), "sha256": _sha256(path)}
+                now = time.time()
+                manifest = {
+                    "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
+                    "model_fingerprint": str(model_fingerprint),
+                    "corpus_fingerprint": str(corpus_fingerprint),
+                    "count": int(count), "dim": int(dim), "dtype": dtype_name,
+                    "searcher": {"scann": None if searcher is None else searcher.settings},
+                    "created": datetime.datetime.fromtimestamp(
+                        now, datetime.timezone.utc).isoformat(),
+                    "created_unix": now, "extra": dict(extra or {}), "files": files,
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                fsync_file(tmp / MANIFEST)
+                if searcher is not None:
+                    fsync_dir(tmp / SCANN_DIR)
+                fsync_dir(tmp)
+                stage("manifest_written")
+                version = self._claim(tmp)
+                stage("renamed")
+                atomic_write(self.root / LATEST, lambda f: f.write(version + "\n"),
+                             tmp_name=_tmp_name("latest"))
+                fsync_dir(self.root)
+                stage("latest_updated")
+                self.prune(keep)
+                return Snapshot(self.root / version, manifest)
         finally:
             if tmp.exists():  # not renamed into place: a failure
                 tmp.rmtree(missing_ok=True)
-
-    def _publish_from(self, tmp: epath.Path, array: np.ndarray, ids_array: np.ndarray,
-                      searcher: Any, dtype_name: str, step: int, model_fingerprint: str,
-                      corpus_fingerprint: str, extra: dict[str, Any] | None, keep: int | None,
-                      stage: Callable[[str], None]) -> Snapshot:
-        count, dim = array.shape
-        stage("tmp_created")
-        _write_npy(tmp / EMBEDDINGS, array)
-        _write_npy(tmp / IDS, ids_array)
-        stage("arrays_written")
-        if searcher is not None:
-            self._write_scann(searcher, tmp / SCANN_DIR)
-            stage("scann_written")
-        files = {}
-        for rel, path in _walk_files(tmp):
-            fsync_file(path)
-            files[rel] = {"bytes": _size(path), "sha256": _sha256(path)}
-        now = time.time()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "model_fingerprint": str(model_fingerprint),
-            "corpus_fingerprint": str(corpus_fingerprint),
-            "count": int(count),
-            "dim": int(dim),
-            "dtype": dtype_name,
-            "searcher": {"scann": None if searcher is None else searcher.settings},
-            "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
-            "created_unix": now,
-            "extra": dict(extra or {}),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        fsync_file(tmp / MANIFEST)
-        if searcher is not None:
-            fsync_dir(tmp / SCANN_DIR)
-        fsync_dir(tmp)
-        stage("manifest_written")
-        version = self._claim(tmp)
-        stage("renamed")
-        self._point_latest(version)
-        stage("latest_updated")
-        self.prune(keep)
-        return Snapshot(self.root / version, manifest)
 
     def _scann_for(self, scann: Any, embeddings: Any, ids: np.ndarray):
         if scann is None or scann is False:
@@ -602,11 +569,7 @@ class IndexStore:
             return
         with tempfile.TemporaryDirectory() as local:
             searcher.serialize(local)
-            folder.mkdir(parents=True, exist_ok=True)
-            for rel, src in _walk_files(epath.Path(local)):
-                dst = folder / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                src.copy(dst)
+            _copy_tree(epath.Path(local), folder)
 
     def _claim(self, tmp: epath.Path) -> str:
         """Rename tmp to the next free version folder (a rename never replaces a non-empty
@@ -632,11 +595,6 @@ class IndexStore:
             number += 1
         raise RuntimeError(f"could not claim a version folder under {self.root}")
 
-    def _point_latest(self, version: str) -> None:
-        pointer = self.root / LATEST
-        atomic_write(pointer, lambda f: f.write(version + "\n"), tmp_name=_tmp_name("latest"))
-        fsync_dir(self.root)
-
     def prune(self, keep: int | None = None) -> list[str]:
         """Delete all but the newest `keep` versions (default self.keep), never the one
         LATEST names. A folder is first renamed to `.trash-*` (atomic), then deleted."""
@@ -648,19 +606,8 @@ class IndexStore:
         except SnapshotError:
             return []  # do not delete anything while the pointer is unreadable
         versions = self.versions()
-        removed = []
-        for version in versions[:max(0, len(versions) - keep)]:
-            if version == current:
-                continue
-            trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}-{version}"
-            try:
-                (self.root / version).rename(trash)
-            except OSError:
-                continue
-            fsync_dir(self.root)
-            trash.rmtree(missing_ok=True)
-            removed.append(version)
-        return removed
+        return [v for v in versions[:max(0, len(versions) - keep)]
+                if v != current and discard(self.root / v)]
 
     def cleanup(self) -> list[str]:
         """Remove leftovers of crashed publishers: `.trash-*` folders, and `.tmp-*` entries
@@ -678,7 +625,7 @@ class IndexStore:
                 except (IndexError, ValueError):
                     pid, owner = -1, ""
                 if owner == host and pid > 0:
-                    if pid == os.getpid() or _process_alive(pid):
+                    if pid == os.getpid() or process_alive(pid):
                         continue
                 else:
                     try:
@@ -719,29 +666,25 @@ class SnapshotWatcher:
     def poll(self) -> Snapshot | None:
         if self.current is None:
             snapshot = self.store.latest_valid(self.expected_corpus_fingerprint, log=self.log)
-            if snapshot is not None:
-                self.current = snapshot
-                self.log.info("serving index snapshot %s (step %d)", snapshot.path,
-                              snapshot.step)
-            return snapshot
-        try:
-            version = self.store.latest_version()
-        except SnapshotError as e:
-            self._reject(LATEST, e)
-            return None
-        if version is None or version == self.current.version or version in self.rejected:
-            return None
-        try:
-            snapshot = self.store.load(
-                version, expected_corpus_fingerprint=self.expected_corpus_fingerprint)
-        except SnapshotError as e:
-            self._reject(version, e)
-            return None
-        self.current = snapshot
-        self.log.info("serving index snapshot %s (step %d)", snapshot.path, snapshot.step)
+        else:
+            try:
+                version = self.store.latest_version()
+            except SnapshotError as e:
+                return self._reject(LATEST, e)
+            if version is None or version == self.current.version or version in self.rejected:
+                return None
+            try:
+                snapshot = self.store.load(
+                    version, expected_corpus_fingerprint=self.expected_corpus_fingerprint)
+            except SnapshotError as e:
+                return self._reject(version, e)
+        if snapshot is not None:
+            self.current = snapshot
+            self.log.info("serving index snapshot %s (step %d)", snapshot.path, snapshot.step)
         return snapshot
 
     def _reject(self, version: str, error: SnapshotError) -> None:
+        """Log a refused snapshot (once per version and error); poll then returns None."""
         if self.rejected.get(version) != str(error):
             self.log.warning("refusing index snapshot (still serving %s): %s",
                              self.current.path if self.current else None, error)
