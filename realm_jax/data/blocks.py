@@ -72,14 +72,19 @@ def load_tokenizer(tokenizer: str | os.PathLike | Any) -> TokenizerInfo:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; block splitting "
                          "needs character offsets (load a folder with tokenizer.json)")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name
+    return tokenizer_info(tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), name)
+
+
+def tokenizer_info(backend: Any, name: str) -> TokenizerInfo:
+    """Wraps a `tokenizers.Tokenizer` (truncation and padding turned off). The vocab hash covers
+    what decides the ids: normalizer, pre-tokenizer, model and added tokens."""
     backend.no_truncation()
     backend.no_padding()
+    spec = json.loads(backend.to_str())
     identity = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
     vocab_hash = hashlib.sha256(
         json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name
     return TokenizerInfo(backend, name, backend.get_vocab_size(with_added_tokens=True),
                          vocab_hash)
 

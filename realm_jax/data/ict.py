@@ -29,7 +29,7 @@ import numpy as np
 
 from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import LruCache, check_batch_split, host_share
-from realm_jax.data.realm_examples import check_store_tokenizer, special_ids
+from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
 from realm_jax.data.spans import split_sentences
 from realm_jax.data.store import BlockStore
@@ -81,7 +81,8 @@ class IctExampleMaker:
         if query_length < 3:
             raise ValueError(f"query_length must be >= 3, got {query_length}")
         self.store = store
-        self.tokenizer = check_store_tokenizer(store, load_tokenizer(tokenizer))
+        self.tokenizer = load_tokenizer(tokenizer)
+        store.check_tokenizer(repr(self.tokenizer.name), self.tokenizer.vocab_hash)
         self.special = special_ids(self.tokenizer)
         self.query_length = int(query_length)
         self.context_length = int(context_length)

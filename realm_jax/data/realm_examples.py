@@ -42,15 +42,6 @@ class SpecialIds:
     pad: int
 
 
-def check_store_tokenizer(store: BlockStore, tokenizer: TokenizerInfo) -> TokenizerInfo:
-    """``tokenizer``, after checking that ``store`` was made with it (its vocabulary hash)."""
-    want = store.settings.get("tokenizer", {}).get("vocab_hash")
-    if want is not None and want != tokenizer.vocab_hash:
-        raise ValueError(f"tokenizer {tokenizer.name!r} is not the one block store {store.path} "
-                         f"was made with ({store.settings['tokenizer'].get('name')!r})")
-    return tokenizer
-
-
 def special_ids(tokenizer: TokenizerInfo) -> SpecialIds:
     """[CLS], [SEP], [MASK], [PAD] ids (or <s>, </s>, <mask>, <pad>); a clear error if absent."""
     def find(*names: str) -> int:
@@ -124,7 +115,8 @@ class QueryMaker:
         """A maker with defaults for the store's source: for a Wikipedia dump, entity-like
         anchors plus dates; otherwise the store's (pre-annotated) spans plus dates and
         capitalized phrases. Checks that the tokenizer is the store's."""
-        tok = check_store_tokenizer(store, load_tokenizer(tokenizer))
+        tok = load_tokenizer(tokenizer)
+        store.check_tokenizer(repr(tok.name), tok.vocab_hash)
         wiki = store.manifest.get("source", {}).get("format") == "wiki_xml"
         kwargs.setdefault("anchors", "entities" if wiki else "all")
         kwargs.setdefault("finder", DateFinder() if wiki else

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from realm_jax import sharding
-from realm_jax.data.blocks import TokenizerInfo, load_tokenizer
+from realm_jax.data.blocks import TokenizerInfo, load_tokenizer, tokenizer_info
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
 from realm_jax.embedding import embed_rows
@@ -97,15 +97,7 @@ def _load_tokenizer(tokenizer: str | os.PathLike | TokenizerInfo) -> TokenizerIn
         return load_tokenizer(tokenizer)
     import tokenizers
 
-    backend = tokenizers.Tokenizer.from_file(os.fspath(path))
-    backend.no_truncation()
-    backend.no_padding()
-    spec = json.loads(backend.to_str())
-    identity = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
-    vocab_hash = hashlib.sha256(
-        json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return TokenizerInfo(backend, Path(tokenizer).name,
-                         backend.get_vocab_size(with_added_tokens=True), vocab_hash)
+    return tokenizer_info(tokenizers.Tokenizer.from_file(os.fspath(path)), Path(tokenizer).name)
 
 
 # `refresh.title`'s values: titles joined to the text or not ("auto": for DPR passages).
