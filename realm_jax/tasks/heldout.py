@@ -46,6 +46,8 @@ from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, Maske
                                           QueryMaker, collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import tree_digest
+from realm_jax.tasks.common import batch_multiple
+from realm_jax.tasks.end_to_end import question_batch
 
 PREFIX = "heldout_"
 
@@ -145,8 +147,7 @@ class HeldoutEval:
                            else np.array([finder(q) for q in queries], bool))
         self.mesh = mesh
         self.batch_sharding = sharding.batch_sharding(mesh)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.chunk = -(-min(max(int(batch_size), 1), len(queries)) // shards) * shards
+        self.chunk = batch_multiple(min(max(int(batch_size), 1), len(queries)), mesh)
         batch = collate_queries(queries)
         self.queries_fingerprint = tree_digest(
             {k: batch[k] for k in QUERY_FIELDS}).hexdigest()[:16]
@@ -175,11 +176,6 @@ class HeldoutEval:
             param_shardings, self.batch_sharding, corpus_shardings),
             out_shardings=sharding.replicated(mesh))
 
-    def _global(self, array: np.ndarray) -> jax.Array:
-        array = np.asarray(array)
-        return jax.make_array_from_callback(array.shape, self.batch_sharding,
-                                            lambda index: array[index])
-
     def __call__(self, params, corpus_arrays=None, retriever=None, *, step: int = 0
                  ) -> dict[str, float]:
         """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats, of
@@ -191,7 +187,8 @@ class HeldoutEval:
             batch = {k: v[start:start + self.chunk] for k, v in self.batch.items()}
             if self.scann:
                 batch = retriever(batch)
-            batch = {k: self._global(batch[k]) for k in self.fields}
+            batch = question_batch({k: np.asarray(batch[k]) for k in self.fields},
+                                   self.batch_sharding)
             chunks.append(jax.device_get(self._metrics(params, batch, corpus_arrays)))
         values = {k: np.concatenate([np.asarray(c[k]) for c in chunks])[:self.num_queries]
                   for k in chunks[0]}

@@ -61,7 +61,7 @@ from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token
 from realm_jax.tasks import end_to_end
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
 from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
-                                    question_batches)
+                                    jit_apply, question_batches)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.workdir import Workdir
@@ -180,7 +180,8 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
         base, params = load(m.question_encoder_hf, m.question_encoder)
         q_cfg, q_params = base.question_encoder, params["question_encoder"]
     else:
-        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf, **config_lib.model_knobs(m.question_encoder))
+        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf,
+                                           **config_lib.model_knobs(m.question_encoder))
     if not m.generator_hf:
         section = dict(m.generator.to_dict(), **_generator_token_ids(tokenizers.generator))
         section["vocab_size"] = section["vocab_size"] or len(tokenizers.generator)
@@ -289,7 +290,7 @@ class Retriever:
 
     def embed(self, params, question_ids: jax.Array, question_mask: jax.Array) -> np.ndarray:
         """[B, P] question embeddings of the global batch, on every host."""
-        q = _embed_questions(self.cfg.question_encoder, params, question_ids, question_mask)
+        q = jit_apply(self.cfg.question_encoder, params, question_ids, question_mask)
         return np.asarray(multihost_utils.process_allgather(q, tiled=True), np.float32)
 
     def search(self, question_embeddings: np.ndarray, depth: int) -> Retrieved:
@@ -298,11 +299,6 @@ class Retriever:
     def contexts(self, doc_ids: np.ndarray, questions: Sequence[str]
                  ) -> tuple[np.ndarray, np.ndarray]:
         return build_contexts(self.store, doc_ids, questions, self.tokenizer, self.cfg)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_questions(cfg: EmbedderConfig, params, ids, mask):
-    return cfg.module().apply({"params": params}, ids, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,19 +454,11 @@ def _store(config) -> BlockStore:
     return BlockStore.open(config.data.corpus)
 
 
-def _retriever(config, workdir: Workdir, store: BlockStore, cfg: RagConfig, tokenizers,
-               wait_seconds: float = 0.0, watcher=None) -> "Retriever":
-    """The retriever over the newest snapshot of WORKDIR/index (waiting up to
-    `wait_seconds` for the refresher to publish one; `watcher`: the index watcher to ask)."""
-    watcher = watcher or workdir.index_watcher(store)
-    return _serve(config, workdir.wait_for_snapshot(watcher, wait_seconds), store, cfg,
-                  tokenizers)
-
-
 def _serve(config, snapshot, store: BlockStore, cfg: RagConfig, tokenizers) -> "Retriever":
     """The retriever over `snapshot` (its own version of the corpus store)."""
-    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg, tokenizers.generator,
-                     config.retrieval.backend, config.retrieval.scann_threads)
+    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg,
+                     tokenizers.generator, config.retrieval.backend,
+                     config.retrieval.scann_threads)
 
 
 @register
@@ -528,8 +516,8 @@ class RagTask(Task):
         c, cfg = self.config, self.loss_fn.config
         self.run = run
         watcher = run.workdir.index_watcher(self.store)
-        self.retriever = _retriever(c, run.workdir, self.store, cfg, self.tokenizers,
-                                    c.train.index_wait_seconds, watcher)
+        self.retriever = _serve(c, run.workdir.wait_for_snapshot(
+            watcher, c.train.index_wait_seconds), self.store, cfg, self.tokenizers)
         self.index = SnapshotSwaps(watcher, self.retriever.snapshot,
                                    c.train.max_index_staleness,
                                    c.train.index_wait_seconds)
@@ -659,9 +647,7 @@ class RagAnswerer:
         if MODEL_KEY not in configs:
             raise ValueError(f"{self.workdir.path('model.json')}: no RAG model (parts: "
                              f"{sorted(configs)})")
-        self.step = checkpoints.latest_step() if step is None else int(step)
-        if self.step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+        self.step = checkpoints.step_or_latest(step)
         ec, rc = config.eval, config.rag
         self.cfg = configs[MODEL_KEY]
         self.n_docs = ec.n_docs or self.cfg.n_docs
@@ -675,7 +661,8 @@ class RagAnswerer:
                        for part in p_shardings}
         self.store = _store(config)
         self.tokenizers = load_tokenizers(config)
-        self.retriever = _retriever(config, self.workdir, self.store, self.cfg, self.tokenizers)
+        self.retriever = _serve(config, self.workdir.wait_for_snapshot(
+            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg, self.tokenizers)
         # A trained document tower scores (and with "rerank" chooses) the passages live.
         self.how = Strategy.from_config(config)
         self.live = (LiveDocs.create(config, configs[DOC_TOWER], self.retriever.store)
