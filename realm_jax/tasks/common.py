@@ -20,6 +20,7 @@ import numpy as np
 from realm_jax import config as config_lib
 from realm_jax import distributed, evaluate
 from realm_jax.data.pipeline import check_batch_split, host_share
+from realm_jax.data.store import BlockStore
 from realm_jax.models import EmbedderConfig
 from realm_jax.tasks.base import Answer
 
@@ -45,6 +46,16 @@ def tower_config(m: ml_collections.ConfigDict) -> EmbedderConfig:
     proj = m.retriever_proj_size or None
     return EmbedderConfig(config_lib.encoder_config(m.encoder), pooling=m.pooling,
                           projection_dim=proj, projection_layer_norm=bool(proj))
+
+
+def open_corpus(config: ml_collections.ConfigDict, tokenizer: bool = False,
+                what: str = "a block store from `realm-jax prepare-corpus`") -> BlockStore:
+    """The block store `data.corpus` (`what` it must be named when unset); with `tokenizer`
+    `data.tokenizer` must be set too."""
+    if not config.data.corpus or tokenizer and not config.data.tokenizer:
+        raise ValueError(f"set --config.data.corpus ({what})" + (
+            " and --config.data.tokenizer (its HF tokenizer folder)" if tokenizer else ""))
+    return BlockStore.open(config.data.corpus)
 
 
 def question_batches(num_examples: int, batch_size: int, seed: int, *, process_index: int = 0,

@@ -123,14 +123,11 @@ class HeldoutEval:
     corpus arrays (searched inside the jitted function).
 
     `baseline_file`: where the first evaluation's per-query terms are written (process 0)
-    and, with `resume=True`, read back from: a resumed run pairs its evaluations with the
-    run's first one. A file of other queries (another seed, corpus or eval_queries) is
-    ignored with a warning, and the resumed run's first evaluation becomes the baseline.
+    and, with `resume=True`, read back from. A file of other queries (another seed, corpus
+    or eval_queries) is ignored with a warning: this run's first evaluation is the baseline.
 
-    `finder`: a `realm.AnswerFinder` of the corpus; when given, the utility and its change
-    are also reported over the answerable queries alone (`heldout_answerable_...`) and over
-    the others (`heldout_unanswerable_...`), and `heldout_answer_recall` is the share of the
-    answerable queries whose answer one of their retrieved candidates holds.
+    `finder`: a `realm.AnswerFinder` of the corpus, for the answerable / unanswerable
+    figures and `heldout_answer_recall` (module docstring).
 
     `batch_size`: queries scored per call of the jitted function (rounded up to a multiple of
     the batch shards), so that memory does not grow with the number of held-out queries."""
@@ -145,7 +142,6 @@ class HeldoutEval:
         self.finder = finder
         self.answerable = (None if finder is None
                            else np.array([finder(q) for q in queries], bool))
-        self.mesh = mesh
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.chunk = batch_multiple(min(max(int(batch_size), 1), len(queries)), mesh)
         batch = collate_queries(queries)
@@ -195,7 +191,6 @@ class HeldoutEval:
         log_prob, utility, tokens = (values[k].astype(np.float64)
                                      for k in ("log_prob", "utility", "tokens"))
         per_query = (utility, tokens)
-        candidates = values["cand_ids"]
         total = tokens.sum()
         out = {PREFIX + "loss": float(-log_prob.sum() / max(total, 1.0)),
                PREFIX + "retrieval_utility": float(utility.sum() / max(total, 1.0)),
@@ -216,7 +211,7 @@ class HeldoutEval:
                 utility, tokens = (x[rows] for x in per_query)
                 out[PREFIX + name + "retrieval_utility"] = (
                     float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
-            found = [self.finder.in_blocks(q, ids) for q, ids in zip(self.queries, candidates)]
+            found = [self.finder.in_blocks(q, ids) for q, ids in zip(self.queries, values["cand_ids"])]
             out[PREFIX + "answer_recall"] = (float(np.sum(found) / self.answerable.sum())
                                              if self.answerable.any() else float("nan"))
         if not first:
@@ -227,10 +222,6 @@ class HeldoutEval:
                 out[PREFIX + name + "retrieval_utility_change_se"] = se
         out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
-
-    def reset_baseline(self) -> None:
-        """The next evaluation becomes the one the later changes are measured from."""
-        self.baseline = None
 
     def _write_baseline(self) -> None:
         from realm_jax.durable import atomic_write_text

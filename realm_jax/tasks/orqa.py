@@ -6,18 +6,11 @@ embeddings of an IndexStore snapshot (from REALM pre-training, or built from pre
 weights with `realm-jax refresh --once --from_hf`), sharded along the corpus axis on the
 devices with the blocks' tokens.
 
-End to end (`model.train_doc_tower`, `retrieval.strategy`): a third part, `doc_tower`,
-initialised from the tower that built the index, is trained too. The beam's blocks are
-re-embedded by the live document tower inside the step (as REALM's candidates are), so the
-retrieval loss reaches both towers; the stale index only proposes the beam. "refresh": the
-refresher re-embeds the corpus from the run's checkpoints (model.json names the doc_tower)
-and newer snapshots are swapped in at step boundaries, as in REALM pre-training; "rerank":
-`retrieval.over_retrieve` blocks are proposed by the stale index, re-embedded live, and the
-best `beam_size` by live score form the beam (Atlas). Drift (`retrieval.drift_every`): the
-overlap@k of the served index's top k with the live towers' exact top k over the
-over-retrieved pool of probe questions, logged beside staleness and written to
-WORKDIR/drift.json, where `refresh.min_overlap` reads it. The strategies, the drift hook and
-their checks are shared with RAG (tasks/end_to_end.py).
+End to end (`model.train_doc_tower`, `retrieval.strategy` "refresh" or "rerank"): a third
+part, `doc_tower`, initialised from the tower that built the index, is trained too: the
+beam's blocks are re-embedded by it inside the step (as REALM's candidates are), so the
+retrieval loss reaches both towers. The strategies, the drift hook and their checks are
+shared with RAG and described in tasks/end_to_end.py.
 
 One training step:
 

@@ -35,7 +35,8 @@ from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs
                                         realm_loss_from_logits)
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Hook, Task, register
-from realm_jax.tasks.common import SnapshotSwaps, apply_model, jit_apply, tower_config
+from realm_jax.tasks.common import (SnapshotSwaps, apply_model, jit_apply, open_corpus,
+                                    tower_config)
 from realm_jax.workdir import HELDOUT_BASELINE, Workdir
 
 _log = logging.getLogger(__name__)
@@ -520,11 +521,7 @@ class RealmTask(Task):
 
     def dataset(self, run):
         c, rc = self.config, self.config.retrieval
-        if not c.data.corpus or not c.data.tokenizer:
-            raise ValueError("set --config.data.corpus (a block store from `realm-jax "
-                             "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer "
-                             "folder)")
-        self.store = store = BlockStore.open(c.data.corpus)
+        self.store = store = open_corpus(c, tokenizer=True)
         self.maker = QueryMaker.for_store(store, c.data.tokenizer, query_length=rc.query_length,
                                           max_mask_tokens=rc.max_mask_tokens)
         self.train_blocks, self.heldout_blocks = heldout.split_blocks(
@@ -646,12 +643,7 @@ class RealmTask(Task):
 
     @staticmethod
     def summary(result: dict) -> str | None:
-        first, last = result.get("first"), result.get("last")
-        if first and last:
-            return (f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
-                    f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
-                    f"(steps {first['step']} -> {last['step']})")
-        return None
+        return Task.summary(result, ("loss", "retrieval_utility"))
 
 
 def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: int = 4,

@@ -49,7 +49,7 @@ from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Answer, Passage, Task, register
-from realm_jax.tasks.common import apply_model, jit_apply, tower_config
+from realm_jax.tasks.common import apply_model, jit_apply, open_corpus, tower_config
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -227,18 +227,11 @@ class DprTask(RetrieverTask):
                     doc_valid=batch["passage_valid"])
 
 
-def _store(config) -> BlockStore:
-    if not config.data.corpus:
-        raise ValueError("set --config.data.corpus (a block store from `realm-jax "
-                         "prepare-corpus`)")
-    return BlockStore.open(config.data.corpus)
-
-
 def ict_maker(config: ml_collections.ConfigDict, store: BlockStore | None = None):
     from realm_jax.data.ict import IctExampleMaker
 
     ic = config.ict
-    return IctExampleMaker(store or _store(config), tokenizer_folder(config),
+    return IctExampleMaker(store or open_corpus(config), tokenizer_folder(config),
                            query_length=ic.query_length, context_length=ic.context_length,
                            remove_probability=ic.remove_probability)
 
@@ -298,7 +291,7 @@ class RetrieverAnswerer:
                  step: int | None = None):
         self.config, self.workdir = config, Workdir(workdir)
         self.configs, self.params, self.step = load_towers(workdir, step)
-        self.store = _store(config)
+        self.store = open_corpus(config)
         self.kind = config.task
         from realm_jax.index.base import NumpySearcher
 
