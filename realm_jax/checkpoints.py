@@ -68,8 +68,8 @@ def load_params(folder: str | os.PathLike, shardings=None):
 # ---------------------------------------------------------------------------------------
 # The trainer's checkpoints: the contract between the trainer and the refresher.
 #
-#     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...}, "reader": {...}}
-#                                          (config_to_dict of each part's model config)
+#     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...},
+#                                           "reader": {...}}: each part's config_to_dict
 #     WORKDIR/checkpoints/                 an orbax CheckpointManager directory
 #         <step>/params/                   the params pytree {"query_tower", "doc_tower", "reader"}
 #         <step>/train_state/, <step>/meta/   optional: the rest of the train state, JSON facts

@@ -211,7 +211,8 @@ class HeldoutEval:
                 utility, tokens = (x[rows] for x in per_query)
                 out[PREFIX + name + "retrieval_utility"] = (
                     float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
-            found = [self.finder.in_blocks(q, ids) for q, ids in zip(self.queries, values["cand_ids"])]
+            found = [self.finder.in_blocks(q, ids)
+                     for q, ids in zip(self.queries, values["cand_ids"])]
             out[PREFIX + "answer_recall"] = (float(np.sum(found) / self.answerable.sum())
                                              if self.answerable.any() else float("nan"))
         if not first:

@@ -541,8 +541,6 @@ class RagTask(Task):
         return ids, put(self.live.tokens(ids))
 
     def make_batch(self, item, params):
-        """The documents retrieved with the live question encoder, their contexts and the
-        targets."""
         chosen, (question_ids, question_mask) = item
         put = functools.partial(sharding.global_batch, sharding=self.run.batch_sharding)
         batch = put(dict(question_ids=question_ids, question_mask=question_mask))
@@ -703,11 +701,9 @@ class RagAnswerer:
         return self.live.choose(self.params[DOC_TOWER], q, pool, self.depth, put)
 
     def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
-        """Exact match of the generated answers (normalized), recall@k (`eval.recall_at`)
-        of the retrieved passages and the task's `eval.metrics` (FEVER's generations mapped to
-        labels) on `examples` (default: data.eval, its first eval.num_questions); the
-        predictions as JSONL (default WORKDIR/eval/predictions.jsonl). The figures include
-        the checkpoint "step"."""
+        """`evaluate_answers` on `examples` (default: the first eval.num_questions of
+        data.eval) with `eval.recall_at` and `eval.metrics`, FEVER's generations mapped to
+        labels; predictions to `out` (default WORKDIR/eval/predictions.jsonl)."""
         if examples is None:
             examples = load_examples(self.config, "eval")
             if self.config.eval.num_questions:

@@ -70,7 +70,8 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             configs[part], params[part] = tower_cfg, tower_params
         reader_cfg = MaskedLMConfig(tower_cfg.encoder.replace(add_pooler=False))
         reader_params = random_params(reader_cfg, seed + 2)
-        reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items() if k != "pooler"}
+        reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items()
+                                    if k != "pooler"}
         configs["reader"], params["reader"] = reader_cfg, reader_params
     else:
         configs = _sized_configs(m)
