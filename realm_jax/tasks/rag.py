@@ -703,7 +703,8 @@ class RagAnswerer:
     def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
         """`evaluate_answers` on `examples` (default: the first eval.num_questions of
         data.eval) with `eval.recall_at` and `eval.metrics`, FEVER's generations mapped to
-        labels; predictions to `out` (default WORKDIR/eval/predictions.jsonl)."""
+        labels, plus the checkpoint "step"; predictions to `out` (default
+        WORKDIR/eval/predictions.jsonl)."""
         if examples is None:
             examples = load_examples(self.config, "eval")
             if self.config.eval.num_questions:
