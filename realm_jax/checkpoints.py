@@ -41,6 +41,12 @@ def save_params(folder: str | os.PathLike, cfg, params) -> Path:
     return folder
 
 
+def placed_shapes(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` on `shardings` (matching trees): a sharded restore's target."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 def load_params(folder: str | os.PathLike, shardings=None):
     """(model config, params). With `shardings` (a tree of NamedShardings) the params are
     restored directly onto their shards; otherwise as host numpy arrays."""
@@ -54,18 +60,16 @@ def load_params(folder: str | os.PathLike, shardings=None):
             restored = ckptr.restore(folder / PARAMS_DIR)
             params = jax.tree.map(np.asarray, restored)
         else:
-            shapes = abstract_params(cfg)
-            target = jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-            params = ckptr.restore(folder / PARAMS_DIR, target)
+            params = ckptr.restore(folder / PARAMS_DIR,
+                                   placed_shapes(abstract_params(cfg), shardings))
     return cfg, params
 
 
 # ---------------------------------------------------------------------------------------
 # The trainer's checkpoints: the contract between the trainer and the refresher.
 #
-#     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...}, "reader": {...}}
-#                                          (config_to_dict of each part's model config)
+#     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...},
+#                                           "reader": {...}}: each part's config_to_dict
 #     WORKDIR/checkpoints/                 an orbax CheckpointManager directory
 #         <step>/params/                   the params pytree {"query_tower", "doc_tower", "reader"}
 #         <step>/train_state/, <step>/meta/   optional: the rest of the train state, JSON facts
@@ -212,11 +216,23 @@ class TrainCheckpoints:
         """The top-level names of the params saved at `step`."""
         return sorted(self._params_metadata(step))
 
-    def _params_metadata(self, step: int) -> dict:
+    def _manager_of(self, step: int) -> ocp.CheckpointManager:
+        """The read manager, which must hold `step` (else FileNotFoundError)."""
         manager = self._read_manager()
         if manager is None or int(step) not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
-        tree = manager.item_metadata(int(step))[PARAMS_ITEM]
+        return manager
+
+    def step_or_latest(self, step: int | None = None, hint: str = "") -> int:
+        """`step`, or the newest one (FileNotFoundError naming the folder, then `hint`, when
+        there is none)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}{hint}")
+        return step
+
+    def _params_metadata(self, step: int) -> dict:
+        tree = self._manager_of(step).item_metadata(int(step))[PARAMS_ITEM]
         tree = getattr(tree, "tree", tree)
         if not isinstance(tree, dict):
             raise ValueError(f"{self.step_path(step)}/{PARAMS_ITEM}: not a params dict")
@@ -241,16 +257,13 @@ class TrainCheckpoints:
         """Only the `part` subtree of step's params (an orbax partial restore: the other
         parts are not read). Host numpy arrays, or arrays placed on `shardings` (a tree of
         NamedShardings matching the part)."""
-        manager = self._read_manager()
-        if manager is None or int(step) not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        manager = self._manager_of(step)
         shapes = self._part_shapes(step, part)
         if shardings is None:
             item = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
         else:
-            item = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                shapes, shardings)
+            item = placed_shapes(shapes, shardings)
             restore_args = jax.tree.map(
                 lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape,
                                                    dtype=s.dtype), shapes, shardings)
@@ -282,10 +295,7 @@ class TrainCheckpoints:
         ShapeDtypeStructs with shardings; its `params` come from the params item and its
         other fields from the train_state item, each restored onto its sharding. Without a
         target: ({"params": ..., "train_state": ... or None}, meta) as host numpy arrays."""
-        manager = self._read_manager()
-        step = int(step)
-        if manager is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        manager, step = self._manager_of(step), int(step)
         present = {p.name for p in (self.directory / str(step)).iterdir()}
         if target is None:
             host = lambda tree: jax.tree.map(  # noqa: E731
@@ -363,10 +373,7 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
         if part not in configs:
             raise ValueError(f"--part {part}: {checkpoints.workdir / MODEL_JSON} describes "
                              f"{sorted(configs)}")
-        steps = checkpoints.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
-        step = steps[-1] if step is None else int(step)
+        step, steps = checkpoints.step_or_latest(step), checkpoints.all_steps()
         if step not in steps:
             raise FileNotFoundError(f"--step {step}: no such checkpoint in "
                                     f"{checkpoints.directory} (it holds {steps})")

@@ -193,9 +193,7 @@ class Workdir:
         its versions still on disk, each snapshot checked against the version it names; read
         its tokens through `snapshot_store`), or a corpus fingerprint (that corpus only)."""
         from realm_jax.data.store import BlockStore
-        check = corpus
-        if isinstance(corpus, BlockStore):
-            check = corpus_check(corpus.root)
+        check = corpus_check(corpus.root) if isinstance(corpus, BlockStore) else corpus
         return distributed.shared_watcher(SnapshotWatcher(
             self.index(root), expected_corpus_fingerprint=check, log=_log))
 

@@ -179,12 +179,13 @@ class Task(abc.ABC):
         return {}
 
     @staticmethod
-    def summary(result: dict) -> str | None:
-        """One line on a finished run, for `realm-jax train`."""
+    def summary(result: dict, keys: Sequence[str] = ("loss",)) -> str | None:
+        """One line on a finished run, for `realm-jax train`: `keys` at its first and last
+        logged steps."""
         first, last = result.get("first"), result.get("last")
         if first and last:
-            return (f"loss {first['loss']:.4f} -> {last['loss']:.4f} "
-                    f"(steps {first['step']} -> {last['step']})")
+            return (", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in keys)
+                    + f" (steps {first['step']} -> {last['step']})")
         return None
 
     # ---- answering

@@ -1,8 +1,8 @@
-"""Host-side pieces the tasks share: batches of question indices, answering in fixed-size
-padded batches, evaluation of answers against the references (the figures of `realm-jax
-eval`, with the metrics `realm-jax score` computes), and swapping in the newest index
-snapshot at step boundaries (REALM pre-training, fine-tuning with a trainable document
-tower)."""
+"""Pieces the tasks share: a part's module applied with or without dropout, the retriever
+tower of a config's sizes, batches of question indices, answering in fixed-size padded
+batches, evaluation of answers against the references (the figures of `realm-jax eval`,
+with the metrics `realm-jax score` computes), and swapping in the newest index snapshot at
+step boundaries (REALM pre-training, fine-tuning with a trainable document tower)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,48 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
+from realm_jax import config as config_lib
 from realm_jax import distributed, evaluate
 from realm_jax.data.pipeline import check_batch_split, host_share
+from realm_jax.data.store import BlockStore
+from realm_jax.models import EmbedderConfig
 from realm_jax.tasks.base import Answer
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def apply_model(cfg, params, *args, rng: jax.Array | None = None):
+    """The module of model config `cfg` with `params` over `args`; dropout on when `rng`."""
+    kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
+    return cfg.module().apply({"params": params}, *args, **kwargs)
+
+
+# `apply_model` jitted (the config static), e.g. a tower's embeddings of ids and masks.
+jit_apply = jax.jit(apply_model, static_argnums=0)
+
+
+def tower_config(m: ml_collections.ConfigDict) -> EmbedderConfig:
+    """A retriever tower of `model.encoder`'s sizes, `model.pooling` and a
+    `model.retriever_proj_size` projection (0: none)."""
+    proj = m.retriever_proj_size or None
+    return EmbedderConfig(config_lib.encoder_config(m.encoder), pooling=m.pooling,
+                          projection_dim=proj, projection_layer_norm=bool(proj))
+
+
+def open_corpus(config: ml_collections.ConfigDict, tokenizer: bool = False,
+                what: str = "a block store from `realm-jax prepare-corpus`") -> BlockStore:
+    """The block store `data.corpus` (`what` it must be named when unset); with `tokenizer`
+    `data.tokenizer` must be set too."""
+    if not config.data.corpus or tokenizer and not config.data.tokenizer:
+        raise ValueError(f"set --config.data.corpus ({what})" + (
+            " and --config.data.tokenizer (its HF tokenizer folder)" if tokenizer else ""))
+    return BlockStore.open(config.data.corpus)
 
 
 def question_batches(num_examples: int, batch_size: int, seed: int, *, process_index: int = 0,
@@ -34,6 +66,12 @@ def question_batches(num_examples: int, batch_size: int, seed: int, *, process_i
     ds = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
     return host_share(ds.batch(batch_size, batch_fn=lambda xs: np.asarray(xs, np.int64)),
                       process_index, process_count)
+
+
+def batch_multiple(n: int, mesh) -> int:
+    """`n` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-n // shards) * shards
 
 
 def in_padded_batches(items: Sequence[T], batch_size: int,

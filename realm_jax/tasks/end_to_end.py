@@ -32,7 +32,7 @@ import numpy as np
 from realm_jax.index.drift import measure_drift
 from realm_jax.index.rerank import rerank
 from realm_jax.models import EmbedderConfig
-from realm_jax.tasks.common import SnapshotSwaps, in_padded_batches
+from realm_jax.tasks.common import SnapshotSwaps, apply_model, in_padded_batches
 
 DOC_TOWER = "doc_tower"    # the trainable document tower's part (model.train_doc_tower)
 STRATEGIES = ("query_side", "refresh", "rerank")
@@ -101,10 +101,9 @@ def live_top(pool: jax.Array, docs: jax.Array, questions: jax.Array, k: int):
 def embed_docs(config: EmbedderConfig, params, ids: jax.Array, mask: jax.Array,
                rng: jax.Array | None = None) -> jax.Array:
     """[B, R, P] the document tower over rows `ids`, `mask` [B, R, L] (dropout with `rng`)."""
-    kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
     b, r, length = ids.shape
-    out = config.module().apply({"params": params}, ids.reshape(b * r, length),
-                                mask.reshape(b * r, length), **kwargs)
+    out = apply_model(config, params, ids.reshape(b * r, length), mask.reshape(b * r, length),
+                      rng=rng)
     return out.reshape(b, r, -1)
 
 

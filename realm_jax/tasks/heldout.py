@@ -46,6 +46,8 @@ from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, Maske
                                           QueryMaker, collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import tree_digest
+from realm_jax.tasks.common import batch_multiple
+from realm_jax.tasks.end_to_end import question_batch
 
 PREFIX = "heldout_"
 
@@ -121,14 +123,11 @@ class HeldoutEval:
     corpus arrays (searched inside the jitted function).
 
     `baseline_file`: where the first evaluation's per-query terms are written (process 0)
-    and, with `resume=True`, read back from: a resumed run pairs its evaluations with the
-    run's first one. A file of other queries (another seed, corpus or eval_queries) is
-    ignored with a warning, and the resumed run's first evaluation becomes the baseline.
+    and, with `resume=True`, read back from. A file of other queries (another seed, corpus
+    or eval_queries) is ignored with a warning: this run's first evaluation is the baseline.
 
-    `finder`: a `realm.AnswerFinder` of the corpus; when given, the utility and its change
-    are also reported over the answerable queries alone (`heldout_answerable_...`) and over
-    the others (`heldout_unanswerable_...`), and `heldout_answer_recall` is the share of the
-    answerable queries whose answer one of their retrieved candidates holds.
+    `finder`: a `realm.AnswerFinder` of the corpus, for the answerable / unanswerable
+    figures and `heldout_answer_recall` (module docstring).
 
     `batch_size`: queries scored per call of the jitted function (rounded up to a multiple of
     the batch shards), so that memory does not grow with the number of held-out queries."""
@@ -143,10 +142,8 @@ class HeldoutEval:
         self.finder = finder
         self.answerable = (None if finder is None
                            else np.array([finder(q) for q in queries], bool))
-        self.mesh = mesh
         self.batch_sharding = sharding.batch_sharding(mesh)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.chunk = -(-min(max(int(batch_size), 1), len(queries)) // shards) * shards
+        self.chunk = batch_multiple(min(max(int(batch_size), 1), len(queries)), mesh)
         batch = collate_queries(queries)
         self.queries_fingerprint = tree_digest(
             {k: batch[k] for k in QUERY_FIELDS}).hexdigest()[:16]
@@ -175,11 +172,6 @@ class HeldoutEval:
             param_shardings, self.batch_sharding, corpus_shardings),
             out_shardings=sharding.replicated(mesh))
 
-    def _global(self, array: np.ndarray) -> jax.Array:
-        array = np.asarray(array)
-        return jax.make_array_from_callback(array.shape, self.batch_sharding,
-                                            lambda index: array[index])
-
     def __call__(self, params, corpus_arrays=None, retriever=None, *, step: int = 0
                  ) -> dict[str, float]:
         """heldout_loss, heldout_retrieval_utility, heldout_masked_tokens, ... as floats, of
@@ -191,14 +183,14 @@ class HeldoutEval:
             batch = {k: v[start:start + self.chunk] for k, v in self.batch.items()}
             if self.scann:
                 batch = retriever(batch)
-            batch = {k: self._global(batch[k]) for k in self.fields}
+            batch = question_batch({k: np.asarray(batch[k]) for k in self.fields},
+                                   self.batch_sharding)
             chunks.append(jax.device_get(self._metrics(params, batch, corpus_arrays)))
         values = {k: np.concatenate([np.asarray(c[k]) for c in chunks])[:self.num_queries]
                   for k in chunks[0]}
         log_prob, utility, tokens = (values[k].astype(np.float64)
                                      for k in ("log_prob", "utility", "tokens"))
         per_query = (utility, tokens)
-        candidates = values["cand_ids"]
         total = tokens.sum()
         out = {PREFIX + "loss": float(-log_prob.sum() / max(total, 1.0)),
                PREFIX + "retrieval_utility": float(utility.sum() / max(total, 1.0)),
@@ -219,7 +211,8 @@ class HeldoutEval:
                 utility, tokens = (x[rows] for x in per_query)
                 out[PREFIX + name + "retrieval_utility"] = (
                     float(utility.sum() / tokens.sum()) if tokens.sum() else float("nan"))
-            found = [self.finder.in_blocks(q, ids) for q, ids in zip(self.queries, candidates)]
+            found = [self.finder.in_blocks(q, ids)
+                     for q, ids in zip(self.queries, values["cand_ids"])]
             out[PREFIX + "answer_recall"] = (float(np.sum(found) / self.answerable.sum())
                                              if self.answerable.any() else float("nan"))
         if not first:
@@ -230,10 +223,6 @@ class HeldoutEval:
                 out[PREFIX + name + "retrieval_utility_change_se"] = se
         out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
-
-    def reset_baseline(self) -> None:
-        """The next evaluation becomes the one the later changes are measured from."""
-        self.baseline = None
 
     def _write_baseline(self) -> None:
         from realm_jax.durable import atomic_write_text

@@ -6,18 +6,11 @@ embeddings of an IndexStore snapshot (from REALM pre-training, or built from pre
 weights with `realm-jax refresh --once --from_hf`), sharded along the corpus axis on the
 devices with the blocks' tokens.
 
-End to end (`model.train_doc_tower`, `retrieval.strategy`): a third part, `doc_tower`,
-initialised from the tower that built the index, is trained too. The beam's blocks are
-re-embedded by the live document tower inside the step (as REALM's candidates are), so the
-retrieval loss reaches both towers; the stale index only proposes the beam. "refresh": the
-refresher re-embeds the corpus from the run's checkpoints (model.json names the doc_tower)
-and newer snapshots are swapped in at step boundaries, as in REALM pre-training; "rerank":
-`retrieval.over_retrieve` blocks are proposed by the stale index, re-embedded live, and the
-best `beam_size` by live score form the beam (Atlas). Drift (`retrieval.drift_every`): the
-overlap@k of the served index's top k with the live towers' exact top k over the
-over-retrieved pool of probe questions, logged beside staleness and written to
-WORKDIR/drift.json, where `refresh.min_overlap` reads it. The strategies, the drift hook and
-their checks are shared with RAG (tasks/end_to_end.py).
+End to end (`model.train_doc_tower`, `retrieval.strategy` "refresh" or "rerank"): a third
+part, `doc_tower`, initialised from the tower that built the index, is trained too: the
+beam's blocks are re-embedded by it inside the step (as REALM's candidates are), so the
+retrieval loss reaches both towers. The strategies, the drift hook and their checks are
+shared with RAG and described in tasks/end_to_end.py.
 
 One training step:
 
@@ -58,15 +51,15 @@ from realm_jax.data.qa import QAExample, load_qa, questions_from_store
 from realm_jax.data.realm_examples import SpecialIds, special_ids
 from realm_jax.data.store import BlockStore
 from realm_jax.index.device import device_topk
-from realm_jax.models import EmbedderConfig, EncoderConfig, SpanReaderConfig, random_params
+from realm_jax.models import EncoderConfig, SpanReaderConfig, random_params
 from realm_jax.objectives.orqa import (best_span, evidence_mask, joint_span_logits, orqa_loss,
                                        span_labels, span_valid_mask)
 from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
-                                    question_batches)
+from realm_jax.tasks.common import (SnapshotSwaps, apply_model, batch_multiple, evaluate_answers,
+                                    in_padded_batches, question_batches, tower_config)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.tasks import end_to_end
@@ -82,11 +75,6 @@ EVAL_PREFIX = "eval_"
 # ---------------------------------------------------------------------------------------
 # Models
 
-def _span_reader(encoder: EncoderConfig, m: ml_collections.ConfigDict) -> SpanReaderConfig:
-    return SpanReaderConfig(encoder.replace(add_pooler=False),
-                            span_hidden_size=m.span_hidden_size, max_span_width=m.max_span_width)
-
-
 def _reader_encoder(cfg, params, where: str) -> tuple[EncoderConfig, dict]:
     """The BERT encoder of any model that has one (a REALM reader or knowledge-augmented
     encoder, a tower, a BERT folder)."""
@@ -95,6 +83,15 @@ def _reader_encoder(cfg, params, where: str) -> tuple[EncoderConfig, dict]:
     if hasattr(cfg, "encoder") and "encoder" in params:
         return cfg.encoder, params["encoder"]
     raise ValueError(f"{where}: a {type(cfg).__name__} has no BERT encoder for the reader")
+
+
+def _realm_run(m: ml_collections.ConfigDict) -> tuple[TrainCheckpoints, int, dict]:
+    """(checkpoints, step `model.realm_step` (-1: the newest), parts' model configs) of the
+    `model.init_from_realm` workdir."""
+    ckpts = TrainCheckpoints(m.init_from_realm)
+    step = ckpts.step_or_latest(None if m.realm_step < 0 else m.realm_step,
+                                f" (model.init_from_realm={m.init_from_realm})")
+    return ckpts, step, ckpts.model_configs()
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
@@ -117,12 +114,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     knobs = config_lib.model_knobs(m.encoder)
     realm_query = encoder = None
     if m.init_from_realm:
-        ckpts = TrainCheckpoints(m.init_from_realm)
-        step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
-        if step is None:
-            raise FileNotFoundError(f"model.init_from_realm={m.init_from_realm}: no checkpoint "
-                                    f"in {ckpts.directory}")
-        saved = ckpts.model_configs()
+        ckpts, step, saved = _realm_run(m)
         tower = "query_tower" if "query_tower" in saved else "doc_tower"
         if tower not in saved:
             raise ValueError(f"model.init_from_realm={m.init_from_realm}: no query_tower or "
@@ -135,12 +127,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         query = hf.load_embedder(m.init_from_hf, **knobs)
         encoder = encoder or (query[0].encoder, query[1]["encoder"])
     else:
-        enc = config_lib.encoder_config(m.encoder)
-        proj = m.retriever_proj_size or None
-        tower = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
-                               projection_layer_norm=bool(proj))
+        tower = tower_config(m)
         query = realm_query or (tower, random_params(tower, config.seed))
-        encoder = encoder or (enc, None)
+        encoder = encoder or (tower.encoder, None)
     query = realm_query or query
     if m.query_tower_hf:
         query = hf.load_embedder(m.query_tower_hf, **knobs)
@@ -152,7 +141,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         else:
             encoder = _reader_encoder(cfg, params, f"model.reader_hf={m.reader_hf}")
     if reader is None:
-        cfg = _span_reader(encoder[0], m)
+        cfg = SpanReaderConfig(encoder[0].replace(add_pooler=False),
+                               span_hidden_size=m.span_hidden_size,
+                               max_span_width=m.max_span_width)
         params = random_params(cfg, config.seed + 1)
         if encoder[1] is not None:
             params["encoder"] = {k: v for k, v in encoder[1].items() if k != "pooler"}
@@ -168,12 +159,10 @@ def _doc_tower(config: ml_collections.ConfigDict, knobs: dict) -> tuple:
     """(EmbedderConfig, host params) of the document tower that built the index."""
     m = config.model
     if m.init_from_realm:
-        ckpts = TrainCheckpoints(m.init_from_realm)
-        saved = ckpts.model_configs()
+        ckpts, step, saved = _realm_run(m)
         if DOC_TOWER not in saved:
             raise ValueError(f"model.init_from_realm={m.init_from_realm}: its model.json has "
                              f"no {DOC_TOWER} (parts {sorted(saved)})")
-        step = ckpts.latest_step() if m.realm_step < 0 else m.realm_step
         return saved[DOC_TOWER], ckpts.restore_part(step, DOC_TOWER)
     folder = config.refresh.doc_tower_hf or m.init_from_hf
     if not folder:
@@ -211,14 +200,10 @@ class OrqaModel:
         """Whether the beam is scored with the live document tower (else the index's)."""
         return self.how.live_docs
 
-    def _apply(self, part: str, params, *args, rng=None):
-        kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}
-        return self.configs[part].module().apply({"params": params[part]}, *args, **kwargs)
-
     def embed(self, params, batch: dict, rng=None) -> jax.Array:
         """[B, P] the live query tower's question embeddings."""
-        return self._apply("query_tower", params, batch["input_ids"], batch["attention_mask"],
-                           rng=rng)
+        return apply_model(self.configs["query_tower"], params["query_tower"],
+                           batch["input_ids"], batch["attention_mask"], rng=rng)
 
     def top_rows(self, questions: jax.Array, corpus: dict, depth: int) -> jax.Array:
         """Rows [B, depth] of the best-scoring blocks for question embeddings, best first
@@ -232,10 +217,7 @@ class OrqaModel:
     def embed_rows(self, params, corpus: dict, rows: jax.Array, rng=None) -> jax.Array:
         """[B, R, P] the blocks `rows` [B, R] embedded by the live document tower (empty
         slots embed an empty block)."""
-        safe = jnp.maximum(rows, 0)
-        tokens = jnp.take(corpus["tokens"], safe, axis=0)
-        lengths = jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
-        ids, mask = realm.doc_tower_inputs(tokens, lengths, self.special)
+        ids, mask = realm.doc_tower_inputs(*realm.gather_blocks(corpus, rows), self.special)
         return embed_docs(self.configs[DOC_TOWER], params[DOC_TOWER], ids, mask, rng)
 
     def retrieve(self, params, questions: jax.Array, corpus: dict, depth: int) -> jax.Array:
@@ -274,17 +256,14 @@ class OrqaModel:
         """The reader over `[CLS] question [SEP] block [SEP]` of `rows` [B, k]: span logits
         [B, k, S], the spans' starts and ends [S] (reader positions) and their validity
         [B, k, S] (inside the block's tokens; empty slots have none)."""
-        safe = jnp.maximum(rows, 0)
-        tokens = jnp.take(corpus["tokens"], safe, axis=0)
-        lengths = jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
-        r = reader_inputs(batch["input_ids"], batch["attention_mask"], tokens, lengths,
-                          sep_id=self.special.sep, pad_id=self.special.pad,
-                          length=self.reader_length)
+        r = reader_inputs(batch["input_ids"], batch["attention_mask"],
+                          *realm.gather_blocks(corpus, rows), sep_id=self.special.sep,
+                          pad_id=self.special.pad, length=self.reader_length)
         b, k, t = r.input_ids.shape
         evidence = evidence_mask(r.token_type_ids)
-        logits, starts, ends = self._apply(
-            "reader", params, r.input_ids.reshape(b * k, t), r.attention_mask.reshape(b * k, t),
-            r.token_type_ids.reshape(b * k, t), evidence.reshape(b * k, t), rng=rng)
+        logits, starts, ends = apply_model(
+            self.configs["reader"], params["reader"], *(x.reshape(b * k, t) for x in (
+                r.input_ids, r.attention_mask, r.token_type_ids, evidence)), rng=rng)
         return logits.reshape(b, k, -1), starts, ends, span_valid_mask(evidence, starts, ends)
 
     def loss(self, params, batch: dict, corpus: dict, rng: jax.Array | None):
@@ -433,6 +412,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------------
 # What the trainer and `realm-jax eval` / `answer` share
 
+def _device_corpus(config: ml_collections.ConfigDict, snapshot, store: BlockStore, mesh, rules
+                   ) -> tuple[BlockStore, realm.DeviceCorpus]:
+    """(the version of `store` that `snapshot` was built from, the two on the devices)."""
+    rc = config.retrieval
+    store = Workdir.snapshot_store(snapshot, store)
+    with sharding.activate(mesh, rules):
+        return store, realm.device_corpus(snapshot, store, rc.block_length, mesh,
+                                          rc.search_block_size)
+
+
 @dataclasses.dataclass
 class Setup:
     """The mesh, the corpus and its tokenizer, the frozen index on the devices, the model."""
@@ -458,18 +447,14 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        strategy = config.retrieval.strategy
-        wait = config.train.index_wait_seconds if strategy == "refresh" else 0.0
+        wait = config.train.index_wait_seconds if rc.strategy == "refresh" else 0.0
         watcher, snapshot = frozen_index(config, workdir, store, wait)
-        store = Workdir.snapshot_store(snapshot, store)
-        with sharding.activate(mesh, rules):
-            corpus = realm.device_corpus(snapshot, store, rc.block_length, mesh,
-                                         rc.search_block_size)
+        store, corpus = _device_corpus(config, snapshot, store, mesh, rules)
         # every row of the device corpus is searched: padding and removed blocks are masked
         # by their doc_index, so the compiled search serves later store versions too
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, int(corpus.embeddings.shape[0]), corpus.block_size,
-                          rc.reader_length or None, strategy, rc.over_retrieve)
+                          rc.reader_length or None, rc.strategy, rc.over_retrieve)
         return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
@@ -477,15 +462,25 @@ class Setup:
         """Serve `snapshot` (a newer index of the same corpus, perhaps of a newer store
         version): its embeddings and its store version's blocks on the devices, sharded as
         before; answers are matched in that version's blocks."""
-        rc = self.config.retrieval
-        store = Workdir.snapshot_store(snapshot, self.store)
-        with sharding.activate(self.mesh, self.rules):
-            self.corpus = realm.device_corpus(snapshot, store, rc.block_length, self.mesh,
-                                              rc.search_block_size)
+        store, self.corpus = _device_corpus(self.config, snapshot, self.store, self.mesh,
+                                            self.rules)
         # (the matcher's cached blocks stay valid: a block id names the same tokens in every
         # version where it is live)
         self.store = self.matcher.store = store
         self.snapshot = snapshot
+
+    def encode(self, questions: Sequence[str]) -> dict:
+        """`input_ids`, `attention_mask` [N, retrieval.query_length] of the questions."""
+        ids, mask = encode_questions(self.tokenizer, self.model.special, questions,
+                                     self.config.retrieval.query_length)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def jit(self, fn, param_shardings, batch_sharding):
+        """`fn(params, batch, corpus arrays)` jitted on the mesh, its outputs replicated."""
+        corpus = jax.tree.map(lambda x: x.sharding, self.corpus.arrays())
+        return jax.jit(fn, in_shardings=(param_shardings, batch_sharding, corpus),
+                       out_shardings=sharding.replicated(batch_sharding.mesh),
+                       compiler_options=config_lib.compiler_options(self.config))
 
 
 class Predictor:
@@ -495,19 +490,9 @@ class Predictor:
 
     def __init__(self, setup: Setup, param_shardings, params=None):
         self.setup, self.params = setup, params
-        shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
-        self.batch_size = -(-setup.config.eval.batch_size // shards) * shards
+        self.batch_size = batch_multiple(setup.config.eval.batch_size, setup.mesh)
         self.batch_sharding = sharding.batch_sharding(setup.mesh)
-        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
-        self._predict = jax.jit(setup.model.predict, in_shardings=(
-            param_shardings, self.batch_sharding, corpus_shardings),
-            out_shardings=sharding.replicated(setup.mesh),
-            compiler_options=config_lib.compiler_options(setup.config))
-
-    def _global(self, array: np.ndarray) -> jax.Array:
-        """A global batch from the whole array, which every process holds."""
-        return jax.make_array_from_callback(array.shape, self.batch_sharding,
-                                            lambda index: array[index])
+        self._predict = setup.jit(setup.model.predict, param_shardings, self.batch_sharding)
 
     def __call__(self, questions: Sequence[str], params=None) -> list[Answer]:
         params = self.params if params is None else params
@@ -516,9 +501,8 @@ class Predictor:
 
     def _answer(self, questions: list[str], params) -> list[Answer]:
         s = self.setup
-        ids, mask = encode_questions(s.tokenizer, s.model.special, questions,
-                                     s.config.retrieval.query_length)
-        batch = {"input_ids": self._global(ids), "attention_mask": self._global(mask)}
+        local = s.encode(questions)
+        batch = question_batch(local, self.batch_sharding)
         with sharding.activate(s.mesh, s.rules):
             pred = self._predict(params, batch, s.corpus.arrays())
         pred = {k: np.asarray(v.addressable_data(0)) for k, v in pred.items()}
@@ -527,7 +511,8 @@ class Predictor:
             rows, c = pred["rows"][i], int(pred["candidate"][i])
             found = bool(np.isfinite(pred["score"][i]) and rows[c] >= 0)
             # reader positions -> the block's wordpieces (it follows [CLS] question [SEP])
-            start, end = (int(pred[k][i] - mask[i].sum()) for k in ("start", "end"))
+            start, end = (int(pred[k][i] - local["attention_mask"][i].sum())
+                          for k in ("start", "end"))
             passages = tuple(Passage(int(r), s.store.title(int(r)), s.store.text(int(r)),
                                      float(score))
                              for r, score in zip(rows, pred["scores"][i]) if r >= 0)
@@ -551,10 +536,8 @@ def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
     """(a Predictor with the parameters of an ORQA run's checkpoint `step` (default the
     newest) in `workdir`, the step)."""
     ckpts = TrainCheckpoints(workdir)
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
-                                "(realm-jax train --config ... --workdir ...)")
+    step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... --workdir "
+                                      "...)")
     configs = ckpts.model_configs()
     if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
         raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
@@ -593,17 +576,12 @@ class OrqaTask(Task):
                                 process_count=jax.process_count())
 
     def start(self, run) -> None:
-        setup, rc = self.setup, self.config.retrieval
+        setup, tc = self.setup, self.config.train
         self.run = run
         _log.info("%d training questions, index %s (checkpoint step %d)", len(self.examples),
                   setup.snapshot.version, setup.snapshot.step)
-        corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
-        self.search = jax.jit(setup.model.search, in_shardings=(
-            run.param_shardings, run.batch_sharding, corpus_shardings),
-            out_shardings=sharding.replicated(run.mesh),
-            compiler_options=config_lib.compiler_options(self.config))
-        self.targets = Targets(setup.matcher, setup.model, rc.block_length)
-        tc = self.config.train
+        self.search = setup.jit(setup.model.search, run.param_shardings, run.batch_sharding)
+        self.targets = Targets(setup.matcher, setup.model, self.config.retrieval.block_length)
         self.index = SnapshotSwaps(setup.watcher, setup.snapshot, tc.max_index_staleness,
                                    tc.index_wait_seconds)
 
@@ -615,12 +593,10 @@ class OrqaTask(Task):
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step)
+
     def load(self, indices):
         chosen = [self.examples[int(i)] for i in indices]
-        ids, mask = encode_questions(self.setup.tokenizer, self.setup.model.special,
-                                     [ex.question for ex in chosen],
-                                     self.config.retrieval.query_length)
-        return chosen, {"input_ids": ids, "attention_mask": mask}
+        return chosen, self.setup.encode([ex.question for ex in chosen])
 
     def make_batch(self, item, params):
         chosen, local = item
@@ -641,9 +617,8 @@ class OrqaTask(Task):
         tc, rc = self.config.train, self.config.retrieval
         hooks = []
         if rc.drift_every > 0:
-            shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
             probes = [ex.question for ex in self.examples[:rc.drift_probes]]
-            probe = DriftProbe(probes, -(-len(probes) // shards) * shards,
+            probe = DriftProbe(probes, batch_multiple(len(probes), run.mesh),
                                drift_rows(self, run), self.index, run.workdir)
             hooks.append(Hook("drift", probe, every=rc.drift_every,
                               shown=("drift/overlap", "staleness")))
@@ -680,23 +655,15 @@ class OrqaTask(Task):
 
 
 def drift_rows(task: OrqaTask, run):
-    """The drift hook's `rows` for ORQA: the probe questions' top `num_read` from the served
-    index against the live towers' exact top `num_read` over the index's best
-    max(over_retrieve, beam_size) blocks freshly embedded (`OrqaModel.drift_rows`, jitted on
-    the run's mesh)."""
+    """The drift hook's `rows` for ORQA: `OrqaModel.drift_rows` of the probe questions,
+    jitted on the run's mesh."""
     setup = task.setup
-    corpus_shardings = jax.tree.map(lambda x: x.sharding, setup.corpus.arrays())
-    rows = jax.jit(setup.model.drift_rows, in_shardings=(
-        run.param_shardings, run.batch_sharding, corpus_shardings),
-        out_shardings=sharding.replicated(run.mesh),
-        compiler_options=config_lib.compiler_options(task.config))
+    rows = setup.jit(setup.model.drift_rows, run.param_shardings, run.batch_sharding)
 
     def fn(questions: list[str], params) -> list:
-        ids, mask = encode_questions(setup.tokenizer, setup.model.special, questions,
-                                     task.config.retrieval.query_length)
-        batch = question_batch({"input_ids": ids, "attention_mask": mask}, run.batch_sharding)
+        batch = question_batch(setup.encode(questions), run.batch_sharding)
         with sharding.activate(run.mesh, run.rules):
-            served, exact = rows(params, batch, task.setup.corpus.arrays())
+            served, exact = rows(params, batch, setup.corpus.arrays())
         return list(zip(*(np.asarray(x.addressable_data(0)) for x in (served, exact))))
 
     return fn
@@ -722,5 +689,5 @@ class OrqaAnswerer:
             examples = examples[:self.config.eval.num_questions]
         summary, path = self.predictor.evaluate(
             examples, ks=self.config.eval.recall_at,
-            out=out or self.predictor.setup.workdir.eval_dir / "predictions.jsonl")
+            out=out or setup.workdir.eval_dir / "predictions.jsonl")
         return dict(summary, step=self.step), path

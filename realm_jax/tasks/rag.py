@@ -13,15 +13,11 @@ the generator. In the jitted step the live question encoder scores those documen
 (so the loss trains it), BART reads the contexts, and the RAG-Token or RAG-Sequence loss
 (`rag.loss`) is taken; the question encoder and BART are trained.
 
-End to end (`model.train_doc_tower`, `retrieval.strategy` "refresh" or "rerank";
+End to end (`model.train_doc_tower`, `retrieval.strategy` "refresh" or "rerank", drift;
 tasks/end_to_end.py): a `doc_tower` part, the context encoder, is trained too. The batch
 carries the kept passages' rows as the refresher builds them (`[CLS] title [SEP] text
 [SEP]`, index.embed_corpus.RowBuilder), the step embeds them with the live document tower,
-so the loss reaches it. "refresh": the refresher embeds the corpus from the run's
-checkpoints (model.json names the doc_tower) and newer snapshots are swapped in at step
-boundaries; "rerank": `retrieval.over_retrieve` passages proposed by the stale index are
-embedded live (a jitted call before the step) and the best `rag.n_docs` kept. Drift
-(`retrieval.drift_every`) as in ORQA.
+so the loss reaches it; "rerank" embeds the proposed passages in a jitted call before it.
 
 Checkpoints hold the params of `models.rag.Rag` ({"question_encoder", "generator"}, plus
 "doc_tower" when it trains); WORKDIR/model.json its RagConfig under "rag" (and the
@@ -61,7 +57,7 @@ from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token
 from realm_jax.tasks import end_to_end
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
 from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
-                                    question_batches)
+                                    jit_apply, open_corpus, question_batches)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.workdir import Workdir
@@ -74,6 +70,7 @@ RETRIEVER_LOSSES = ("marginal", "emdr2", "pdist", "loop")
 BACKENDS = ("scann", "exact")
 DECODINGS = ("thorough", "fast")
 RAG_PARTS = ("question_encoder", "generator")   # the params of models.rag.Rag
+PASSAGES = "a passage block store from `realm-jax prepare-corpus --mode dpr`"   # data.corpus
 # Where a Hugging Face RAG folder keeps its two tokenizers.
 _TOKENIZER_SUBFOLDERS = {"question": "question_encoder_tokenizer",
                          "generator": "generator_tokenizer"}
@@ -180,7 +177,8 @@ def build_model(config: ml_collections.ConfigDict, tokenizers: Tokenizers
         base, params = load(m.question_encoder_hf, m.question_encoder)
         q_cfg, q_params = base.question_encoder, params["question_encoder"]
     else:
-        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf, **config_lib.model_knobs(m.question_encoder))
+        q_cfg, q_params = hf.load_embedder(m.question_encoder_hf,
+                                           **config_lib.model_knobs(m.question_encoder))
     if not m.generator_hf:
         section = dict(m.generator.to_dict(), **_generator_token_ids(tokenizers.generator))
         section["vocab_size"] = section["vocab_size"] or len(tokenizers.generator)
@@ -289,7 +287,7 @@ class Retriever:
 
     def embed(self, params, question_ids: jax.Array, question_mask: jax.Array) -> np.ndarray:
         """[B, P] question embeddings of the global batch, on every host."""
-        q = _embed_questions(self.cfg.question_encoder, params, question_ids, question_mask)
+        q = jit_apply(self.cfg.question_encoder, params, question_ids, question_mask)
         return np.asarray(multihost_utils.process_allgather(q, tiled=True), np.float32)
 
     def search(self, question_embeddings: np.ndarray, depth: int) -> Retrieved:
@@ -298,11 +296,6 @@ class Retriever:
     def contexts(self, doc_ids: np.ndarray, questions: Sequence[str]
                  ) -> tuple[np.ndarray, np.ndarray]:
         return build_contexts(self.store, doc_ids, questions, self.tokenizer, self.cfg)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_questions(cfg: EmbedderConfig, params, ids, mask):
-    return cfg.module().apply({"params": params}, ids, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,17 +380,14 @@ class RagLossFn:
     def outputs(self, params, batch: dict, rng: jax.Array | None) -> RagOutput:
         """The generator's logits and the document scores, by the live question encoder
         against the index's embeddings (no gradient to them) or the live document tower's."""
-        rag_params = {"params": {part: params[part] for part in RAG_PARTS}}
-        module = self.config.module()
+        rng, rng_docs = (rng, None) if rng is None or self.doc_tower is None else (
+            jax.random.split(rng))
+        apply = functools.partial(
+            self.config.module().apply, {"params": {part: params[part] for part in RAG_PARTS}},
+            deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
         if self.doc_tower is None:
-            return module.apply(
-                rag_params, batch["question_ids"], batch["question_mask"],
-                batch["doc_embeddings"], batch["context_ids"], batch["context_mask"],
-                batch["decoder_input_ids"], deterministic=rng is None,
-                rngs=None if rng is None else {"dropout": rng})
-        rng, rng_docs = (None, None) if rng is None else jax.random.split(rng)
-        apply = functools.partial(module.apply, rag_params, deterministic=rng is None,
-                                  rngs=None if rng is None else {"dropout": rng})
+            return apply(batch["question_ids"], batch["question_mask"], batch["doc_embeddings"],
+                         batch["context_ids"], batch["context_mask"], batch["decoder_input_ids"])
         questions = apply(batch["question_ids"], batch["question_mask"],
                           method=Rag.embed_questions)
         docs = embed_docs(self.doc_tower, params[DOC_TOWER], batch["doc_tokens"],
@@ -451,36 +441,17 @@ class RagLossFn:
 # ---------------------------------------------------------------------------------------
 # The task
 
-def _store(config) -> BlockStore:
-    if not config.data.corpus:
-        raise ValueError("set --config.data.corpus (a passage block store from `realm-jax "
-                         "prepare-corpus --mode dpr`)")
-    return BlockStore.open(config.data.corpus)
-
-
-def _retriever(config, workdir: Workdir, store: BlockStore, cfg: RagConfig, tokenizers,
-               wait_seconds: float = 0.0, watcher=None) -> "Retriever":
-    """The retriever over the newest snapshot of WORKDIR/index (waiting up to
-    `wait_seconds` for the refresher to publish one; `watcher`: the index watcher to ask)."""
-    watcher = watcher or workdir.index_watcher(store)
-    return _serve(config, workdir.wait_for_snapshot(watcher, wait_seconds), store, cfg,
-                  tokenizers)
-
-
 def _serve(config, snapshot, store: BlockStore, cfg: RagConfig, tokenizers) -> "Retriever":
     """The retriever over `snapshot` (its own version of the corpus store)."""
-    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg, tokenizers.generator,
-                     config.retrieval.backend, config.retrieval.scann_threads)
+    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg,
+                     tokenizers.generator, config.retrieval.backend,
+                     config.retrieval.scann_threads)
 
 
 @register
 class RagTask(Task):
-    """RAG fine-tuning: question batches; on the host the live question encoder's top
-    `rag.n_docs` passages from the index (with `retrieval.strategy` "rerank" the best of
-    `over_retrieve` by the live towers) and their contexts; in the step the RAG-Token or
-    RAG-Sequence loss (`rag.loss`). model.json holds the RagConfig under "rag" (and the
-    trained context encoder under "doc_tower"); the params are its parts
-    {"question_encoder", "generator"} (and "doc_tower")."""
+    """RAG fine-tuning (see the module docstring): retrieval with the live question encoder
+    on the host, the RAG-Token or RAG-Sequence loss in the step."""
 
     name = "rag"
     progress_keys = ("loss", "top_doc_prob", "answer_in_docs", "step_time")
@@ -513,7 +484,7 @@ class RagTask(Task):
                 **({DOC_TOWER: factor} if self.config.model.train_doc_tower else {})}
 
     def dataset(self, run):
-        self.store = _store(self.config)
+        self.store = open_corpus(self.config, what=PASSAGES)
         self.examples = load_examples(self.config, "train")
         regex = [ex.qid for ex in self.examples if ex.is_regex]
         if regex:
@@ -528,24 +499,24 @@ class RagTask(Task):
         c, cfg = self.config, self.loss_fn.config
         self.run = run
         watcher = run.workdir.index_watcher(self.store)
-        self.retriever = _retriever(c, run.workdir, self.store, cfg, self.tokenizers,
-                                    c.train.index_wait_seconds, watcher)
+        self._use(run.workdir.wait_for_snapshot(watcher, c.train.index_wait_seconds))
         self.index = SnapshotSwaps(watcher, self.retriever.snapshot,
-                                   c.train.max_index_staleness,
-                                   c.train.index_wait_seconds)
+                                   c.train.max_index_staleness, c.train.index_wait_seconds)
         self.encoder = QAEncoder(self.tokenizers, cfg.generator, c.rag.max_source_length,
                                  c.rag.max_target_length)
-        self.live = (LiveDocs.create(c, self.loss_fn.doc_tower, self.retriever.store)
+
+    def _use(self, snapshot) -> None:
+        """Serve `snapshot`: its retriever, and the rows of its store for a live tower."""
+        self.retriever = _serve(self.config, snapshot, self.store, self.loss_fn.config,
+                                self.tokenizers)
+        self.live = (LiveDocs.create(self.config, self.loss_fn.doc_tower, self.retriever.store)
                      if self.how.live_docs else None)
 
     def before_step(self, step: int, run) -> None:
         if self.how.name == "refresh":
             new = self.index.due(step, run.saved_step)
             if new is not None:
-                self.retriever = _serve(self.config, new, self.store, self.loss_fn.config,
-                                        self.tokenizers)
-                self.live = LiveDocs.create(self.config, self.loss_fn.doc_tower,
-                                            self.retriever.store)
+                self._use(new)
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step) if self.how.live_docs else {}
@@ -570,8 +541,6 @@ class RagTask(Task):
         return ids, put(self.live.tokens(ids))
 
     def make_batch(self, item, params):
-        """The documents retrieved with the live question encoder, their contexts and the
-        targets."""
         chosen, (question_ids, question_mask) = item
         put = functools.partial(sharding.global_batch, sharding=self.run.batch_sharding)
         batch = put(dict(question_ids=question_ids, question_mask=question_mask))
@@ -659,23 +628,23 @@ class RagAnswerer:
         if MODEL_KEY not in configs:
             raise ValueError(f"{self.workdir.path('model.json')}: no RAG model (parts: "
                              f"{sorted(configs)})")
-        self.step = checkpoints.latest_step() if step is None else int(step)
-        if self.step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+        self.step = checkpoints.step_or_latest(step)
         ec, rc = config.eval, config.rag
         self.cfg = configs[MODEL_KEY]
         self.n_docs = ec.n_docs or self.cfg.n_docs
         # Retrieved: the documents read, and enough for recall@k and the metrics' recall@K.
         self.depth = max([self.n_docs, *ec.recall_at, *(
             int(m.partition("@")[2]) for m in config.eval.metrics if m.startswith("recall@"))])
-        self.mesh, self.rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+        self.mesh = sharding.mesh_from_config(config)
+        self.rules = sharding.rules_from_config(config)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         p_shardings = rag_param_shardings(configs, self.mesh, self.rules)
         self.params = {part: checkpoints.restore_part(self.step, part, p_shardings[part])
                        for part in p_shardings}
-        self.store = _store(config)
+        self.store = open_corpus(config, what=PASSAGES)
         self.tokenizers = load_tokenizers(config)
-        self.retriever = _retriever(config, self.workdir, self.store, self.cfg, self.tokenizers)
+        self.retriever = _serve(config, self.workdir.wait_for_snapshot(
+            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg, self.tokenizers)
         # A trained document tower scores (and with "rerank" chooses) the passages live.
         self.how = Strategy.from_config(config)
         self.live = (LiveDocs.create(config, configs[DOC_TOWER], self.retriever.store)
@@ -688,14 +657,11 @@ class RagAnswerer:
             max_length=ec.max_length or rc.max_target_length + 1,
             length_penalty=ec.length_penalty, **{
                 k: ec[k] for k in ("do_sample", "temperature", "top_k", "top_p")})
-        reader_cfg = self.cfg.replace(n_docs=self.n_docs)
         self._rng = jax.random.key(ec.seed) if gen.do_sample else None
-        if rc.loss == "sequence":
-            self._decode = functools.partial(decode.rag_sequence_generate, config=reader_cfg,
-                                             gen=gen, fast=ec.decoding == "fast")
-        else:
-            self._decode = functools.partial(decode.rag_token_generate, config=reader_cfg,
-                                             gen=gen)
+        generate = (functools.partial(decode.rag_sequence_generate, fast=ec.decoding == "fast")
+                    if rc.loss == "sequence" else decode.rag_token_generate)
+        self._decode = functools.partial(generate, config=self.cfg.replace(n_docs=self.n_docs),
+                                         gen=gen)
 
     def answer(self, questions: Sequence[str]) -> list[Answer]:
         """Answers in batches of eval.batch_size (the last one padded), with the passages
@@ -735,11 +701,10 @@ class RagAnswerer:
         return self.live.choose(self.params[DOC_TOWER], q, pool, self.depth, put)
 
     def evaluate(self, out: str | None = None, examples=None) -> tuple[dict, str]:
-        """Exact match of the generated answers (normalized), recall@k (`eval.recall_at`)
-        of the retrieved passages and the task's `eval.metrics` (FEVER's generations mapped to
-        labels) on `examples` (default: data.eval, its first eval.num_questions); the
-        predictions as JSONL (default WORKDIR/eval/predictions.jsonl). The figures include
-        the checkpoint "step"."""
+        """`evaluate_answers` on `examples` (default: the first eval.num_questions of
+        data.eval) with `eval.recall_at` and `eval.metrics`, FEVER's generations mapped to
+        labels, plus the checkpoint "step"; predictions to `out` (default
+        WORKDIR/eval/predictions.jsonl)."""
         if examples is None:
             examples = load_examples(self.config, "eval")
             if self.config.eval.num_questions:

@@ -35,7 +35,8 @@ from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs
                                         realm_loss_from_logits)
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Hook, Task, register
-from realm_jax.tasks.common import SnapshotSwaps
+from realm_jax.tasks.common import (SnapshotSwaps, apply_model, jit_apply, open_corpus,
+                                    tower_config)
 from realm_jax.workdir import HELDOUT_BASELINE, Workdir
 
 _log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             configs[part], params[part] = tower_cfg, tower_params
         reader_cfg = MaskedLMConfig(tower_cfg.encoder.replace(add_pooler=False))
         reader_params = random_params(reader_cfg, seed + 2)
-        reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items() if k != "pooler"}
+        reader_params["encoder"] = {k: v for k, v in tower_params["encoder"].items()
+                                    if k != "pooler"}
         configs["reader"], params["reader"] = reader_cfg, reader_params
     else:
         configs = _sized_configs(m)
@@ -85,12 +87,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
 
 def _sized_configs(m: ml_collections.ConfigDict) -> dict:
     """The parts' configs of the sizes in `model.encoder` (no HF folder)."""
-    enc = config_lib.encoder_config(m.encoder)
-    proj = m.retriever_proj_size or None
-    tower_cfg = EmbedderConfig(enc, pooling=m.pooling, projection_dim=proj,
-                               projection_layer_norm=bool(proj))
-    return {"query_tower": tower_cfg, "doc_tower": tower_cfg,
-            "reader": MaskedLMConfig(enc.replace(add_pooler=False))}
+    tower = tower_config(m)
+    return {"query_tower": tower, "doc_tower": tower,
+            "reader": MaskedLMConfig(tower.encoder.replace(add_pooler=False))}
 
 
 def model_configs(config: ml_collections.ConfigDict) -> dict:
@@ -241,6 +240,13 @@ def device_corpus_shapes(num_rows: int, dim: int, dtype: str, block_length: int,
             "doc_index": jax.ShapeDtypeStruct((padded,), i32, sharding=spec(1))}
 
 
+def gather_blocks(corpus: dict, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens [..., C] and lengths [...] of the device corpus's `rows` (< 0: empty, length 0)."""
+    safe = jnp.maximum(rows, 0)
+    return (jnp.take(corpus["tokens"], safe, axis=0),
+            jnp.where(rows >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0))
+
+
 def check_exclude(exclude: str) -> str:
     """`exclude` if it is one of EXCLUDE_MODES, else a ValueError naming the config field."""
     if exclude not in EXCLUDE_MODES:
@@ -329,8 +335,7 @@ class HostRetriever:
         self.snapshot = snapshot
         self.searcher = snapshot.scann_searcher(num_threads)
         self.params = jax.device_put(query_params)
-        module = query_cfg.module()
-        self._embed = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
+        self.query_cfg = query_cfg
         self.store = store
         self.k = num_candidates
         self.depth = num_candidates - 1 + exclude_slack
@@ -346,7 +351,8 @@ class HostRetriever:
                    rc.exclude_slack, rc.block_length, rc.scann_threads, rc.exclude)
 
     def __call__(self, batch: dict) -> dict:
-        queries = np.asarray(self._embed(self.params, batch["input_ids"], batch["attention_mask"]))
+        queries = np.asarray(jit_apply(self.query_cfg, self.params, batch["input_ids"],
+                                       batch["attention_mask"]))
         _, ids = self.searcher.search(queries, min(self.depth, self.searcher.size))
         cand, valid = exclude_source(
             ids, *exclusion_keys(self.exclude, ids, self.doc_index, batch), self.k)
@@ -407,8 +413,8 @@ class RealmLossFn:
     def device_candidates(self, params, batch, corpus) -> dict:
         """Embed the queries with the live tower, search the sharded corpus, drop the
         query's source (`exclude`), gather the candidates' tokens."""
-        q = self.configs["query_tower"].module().apply(
-            {"params": params["query_tower"]}, batch["input_ids"], batch["attention_mask"])
+        q = apply_model(self.configs["query_tower"], params["query_tower"], batch["input_ids"],
+                        batch["attention_mask"])
         depth = min(self.num_candidates - 1 + self.exclude_slack,
                     self.num_valid or corpus["embeddings"].shape[0])
         _, rows = device_topk(jax.lax.stop_gradient(q), corpus["embeddings"], depth,
@@ -417,9 +423,7 @@ class RealmLossFn:
         cand, valid = exclude_source(
             rows, *exclusion_keys(self.exclude, rows, corpus["doc_index"], batch),
             self.num_candidates)
-        safe = jnp.maximum(cand, 0)
-        tokens = jnp.take(corpus["tokens"], safe, axis=0)
-        lengths = jnp.where(cand >= 0, jnp.take(corpus["lengths"], safe, axis=0), 0)
+        tokens, lengths = gather_blocks(corpus, cand)
         return dict(cand_ids=cand, cand_valid=valid, cand_tokens=tokens, cand_lengths=lengths)
 
     def forward(self, params, batch: dict, rng: jax.Array | None):
@@ -428,9 +432,7 @@ class RealmLossFn:
         rngs = dict(zip(PARTS, jax.random.split(rng, 3))) if rng is not None else {}
 
         def apply(part, *args):
-            kwargs = ({"rngs": {"dropout": rngs[part]}, "deterministic": False}
-                      if rng is not None else {})
-            return self.configs[part].module().apply({"params": params[part]}, *args, **kwargs)
+            return apply_model(self.configs[part], params[part], *args, rng=rngs.get(part))
 
         q = apply("query_tower", batch["input_ids"], batch["attention_mask"])      # [B, P]
         tokens, lengths = batch["cand_tokens"], batch["cand_lengths"]              # [B, K, C]
@@ -520,11 +522,7 @@ class RealmTask(Task):
 
     def dataset(self, run):
         c, rc = self.config, self.config.retrieval
-        if not c.data.corpus or not c.data.tokenizer:
-            raise ValueError("set --config.data.corpus (a block store from `realm-jax "
-                             "prepare-corpus`) and --config.data.tokenizer (its HF tokenizer "
-                             "folder)")
-        self.store = store = BlockStore.open(c.data.corpus)
+        self.store = store = open_corpus(c, tokenizer=True)
         self.maker = QueryMaker.for_store(store, c.data.tokenizer, query_length=rc.query_length,
                                           max_mask_tokens=rc.max_mask_tokens)
         self.train_blocks, self.heldout_blocks = heldout.split_blocks(
@@ -646,12 +644,7 @@ class RealmTask(Task):
 
     @staticmethod
     def summary(result: dict) -> str | None:
-        first, last = result.get("first"), result.get("last")
-        if first and last:
-            return (f"loss {first['loss']:.4f} -> {last['loss']:.4f}, retrieval_utility "
-                    f"{first['retrieval_utility']:.4f} -> {last['retrieval_utility']:.4f} "
-                    f"(steps {first['step']} -> {last['step']})")
-        return None
+        return Task.summary(result, ("loss", "retrieval_utility"))
 
 
 def predict_examples(config: ml_collections.ConfigDict, workdir, params, num: int = 4,

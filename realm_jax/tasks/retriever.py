@@ -30,7 +30,6 @@ held-out blocks' pseudo-queries, a hit being their own block).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from pathlib import Path
@@ -50,6 +49,7 @@ from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Answer, Passage, Task, register
+from realm_jax.tasks.common import apply_model, jit_apply, open_corpus, tower_config
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def build_towers(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
         tower = hf.load_embedder(m.init_from_hf, **config_lib.model_knobs(m.encoder))
         towers = {"query_tower": tower, "doc_tower": tower}
     else:
-        proj = m.retriever_proj_size or None
-        cfg = EmbedderConfig(config_lib.encoder_config(m.encoder), pooling=m.pooling,
-                             projection_dim=proj, projection_layer_norm=bool(proj))
+        cfg = tower_config(m)
         towers = {part: (cfg, random_params(cfg, config.seed + i))
                   for i, part in enumerate(PARTS)}
     if m.shared_towers:
@@ -97,11 +95,6 @@ def build_towers(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
 def query_part(configs: dict) -> str:
     """The part that embeds queries: `query_tower`, or `doc_tower` for shared towers."""
     return "query_tower" if "query_tower" in configs else "doc_tower"
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(cfg: EmbedderConfig, params, ids, mask):
-    return cfg.module().apply({"params": params}, ids, mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,8 +111,7 @@ class TowerLoss:
     chunk_size: int = 0
 
     def embed(self, part: str, params, ids, mask, rng=None):
-        kw = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-        return self.configs[part].module().apply({"params": params[part]}, ids, mask, **kw)
+        return apply_model(self.configs[part], params[part], ids, mask, rng=rng)
 
     def on_embeddings(self, queries, docs, batch: dict):
         if self.kind == "ict":
@@ -235,18 +227,11 @@ class DprTask(RetrieverTask):
                     doc_valid=batch["passage_valid"])
 
 
-def _store(config) -> BlockStore:
-    if not config.data.corpus:
-        raise ValueError("set --config.data.corpus (a block store from `realm-jax "
-                         "prepare-corpus`)")
-    return BlockStore.open(config.data.corpus)
-
-
 def ict_maker(config: ml_collections.ConfigDict, store: BlockStore | None = None):
     from realm_jax.data.ict import IctExampleMaker
 
     ic = config.ict
-    return IctExampleMaker(store or _store(config), tokenizer_folder(config),
+    return IctExampleMaker(store or open_corpus(config), tokenizer_folder(config),
                            query_length=ic.query_length, context_length=ic.context_length,
                            remove_probability=ic.remove_probability)
 
@@ -271,9 +256,7 @@ def load_towers(workdir: str | Path, step: int | None = None) -> tuple[dict, dic
     if "doc_tower" not in configs:
         raise ValueError(f"{Workdir(workdir).path('model.json')}: no doc_tower (parts: "
                          f"{sorted(configs)})")
-    step = checkpoints.latest_step() if step is None else int(step)
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    step = checkpoints.step_or_latest(step)
     configs = {p: configs[p] for p in PARTS if p in configs}
     return configs, {p: checkpoints.restore_part(step, p) for p in configs}, step
 
@@ -308,7 +291,7 @@ class RetrieverAnswerer:
                  step: int | None = None):
         self.config, self.workdir = config, Workdir(workdir)
         self.configs, self.params, self.step = load_towers(workdir, step)
-        self.store = _store(config)
+        self.store = open_corpus(config)
         self.kind = config.task
         from realm_jax.index.base import NumpySearcher
 
@@ -324,7 +307,7 @@ class RetrieverAnswerer:
         for s in range(0, len(ids), size):
             n = len(ids[s:s + size])
             pad = lambda x: np.pad(x[s:s + size], ((0, size - n), (0, 0)))  # noqa: E731
-            out.append(np.asarray(_embed(self.configs[part], self.params[part], pad(ids),
+            out.append(np.asarray(jit_apply(self.configs[part], self.params[part], pad(ids),
                                          pad(mask)))[:n])
         return np.concatenate(out) if out else np.zeros((0, self.searcher.dim), np.float32)
 

@@ -60,10 +60,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 
 def progress_line(step: int, total: int, values: Mapping[str, float]) -> str:
-    parts = [f"step {step}/{total}"]
-    for k, v in values.items():
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    return " | ".join(parts)
+    return " | ".join([f"step {step}/{total}", *(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())])
 
 
 def matmul_flops(fn: Callable, *args) -> float:

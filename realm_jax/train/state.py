@@ -10,12 +10,20 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realm_jax.checkpoints import placed_shapes
+
 
 @struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+def _initial(optimizer: optax.GradientTransformation):
+    """params -> the state at step 0."""
+    return lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                opt_state=optimizer.init(p))
 
 
 def state_shardings(optimizer: optax.GradientTransformation, params_abstract, param_shardings,
@@ -32,18 +40,11 @@ def state_shardings(optimizer: optax.GradientTransformation, params_abstract, pa
 def create_state(optimizer: optax.GradientTransformation, params, shardings: TrainState
                  ) -> TrainState:
     """A fresh state around `params` (already placed on their shards), built on the devices."""
-    def init(p):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
-
-    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    return jax.jit(_initial(optimizer), in_shardings=(shardings.params,),
+                   out_shardings=shardings)(params)
 
 
 def abstract_state(optimizer: optax.GradientTransformation, params_abstract, shardings: TrainState
                    ) -> TrainState:
     """ShapeDtypeStructs with shardings: the target of a sharded restore."""
-    def init(p):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
-
-    shapes = jax.eval_shape(init, params_abstract)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+    return placed_shapes(jax.eval_shape(_initial(optimizer), params_abstract), shardings)
