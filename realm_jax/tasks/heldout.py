@@ -224,6 +224,10 @@ class HeldoutEval:
         out[PREFIX + "baseline_step"] = float(self.baseline[0])
         return out
 
+    def reset_baseline(self) -> None:
+        """The next evaluation becomes the one the later changes are measured from."""
+        self.baseline = None
+
     def _write_baseline(self) -> None:
         from realm_jax.durable import atomic_write_text
 
