@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from realm_jax.durable import replace_folder
 from realm_jax.models import EmbedderConfig, abstract_params, config_from_dict, config_to_dict
 from realm_jax.workdir import MODEL_JSON, Workdir
 
@@ -35,9 +36,7 @@ def save_params(folder: str | os.PathLike, cfg, params) -> Path:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, params)
     (tmp / MODEL_JSON).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    replace_folder(tmp, folder)
     return folder
 
 
