@@ -163,9 +163,9 @@ class TrainCheckpoints:
 
     # ---- reading (the refresher, or the trainer when it resumes)
 
-    def model_configs(self) -> dict:
-        """The parts' model configs from WORKDIR/model.json."""
-        return self.layout.read_model()
+    def model_configs(self, *required: str, hint: str = "") -> dict:
+        """The parts' model configs from WORKDIR/model.json (`Workdir.read_model`)."""
+        return self.layout.read_model(*required, hint=hint)
 
     def is_finished(self) -> bool:
         return self.layout.is_finished()
@@ -368,10 +368,7 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
     from realm_jax import hf
 
     with TrainCheckpoints(workdir) as checkpoints:
-        configs = checkpoints.model_configs()
-        if part not in configs:
-            raise ValueError(f"--part {part}: {checkpoints.workdir / MODEL_JSON} describes "
-                             f"{sorted(configs)}")
+        configs = checkpoints.model_configs(part, hint=f" (--part {part})")
         step, steps = checkpoints.step_or_latest(step), checkpoints.all_steps()
         if step not in steps:
             raise FileNotFoundError(f"--step {step}: no such checkpoint in "

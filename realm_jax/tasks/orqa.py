@@ -85,13 +85,14 @@ def _reader_encoder(cfg, params, where: str) -> tuple[EncoderConfig, dict]:
     raise ValueError(f"{where}: a {type(cfg).__name__} has no BERT encoder for the reader")
 
 
-def _realm_run(m: ml_collections.ConfigDict) -> tuple[TrainCheckpoints, int, dict]:
-    """(checkpoints, step `model.realm_step` (-1: the newest), parts' model configs) of the
-    `model.init_from_realm` workdir."""
+def _realm_run(m: ml_collections.ConfigDict, *required: str
+               ) -> tuple[TrainCheckpoints, int, dict]:
+    """(checkpoints, step `model.realm_step` (-1: the newest), parts' model configs, the
+    `required` ones checked) of the `model.init_from_realm` workdir."""
     ckpts = TrainCheckpoints(m.init_from_realm)
-    step = ckpts.step_or_latest(None if m.realm_step < 0 else m.realm_step,
-                                f" (model.init_from_realm={m.init_from_realm})")
-    return ckpts, step, ckpts.model_configs()
+    hint = f" (model.init_from_realm={m.init_from_realm})"
+    step = ckpts.step_or_latest(None if m.realm_step < 0 else m.realm_step, hint)
+    return ckpts, step, ckpts.model_configs(*required, hint=hint)
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
@@ -159,10 +160,7 @@ def _doc_tower(config: ml_collections.ConfigDict, knobs: dict) -> tuple:
     """(EmbedderConfig, host params) of the document tower that built the index."""
     m = config.model
     if m.init_from_realm:
-        ckpts, step, saved = _realm_run(m)
-        if DOC_TOWER not in saved:
-            raise ValueError(f"model.init_from_realm={m.init_from_realm}: its model.json has "
-                             f"no {DOC_TOWER} (parts {sorted(saved)})")
+        ckpts, step, saved = _realm_run(m, DOC_TOWER)
         return saved[DOC_TOWER], ckpts.restore_part(step, DOC_TOWER)
     folder = config.refresh.doc_tower_hf or m.init_from_hf
     if not folder:

@@ -624,10 +624,7 @@ class RagAnswerer:
                              f"process {jax.process_index()} of {jax.process_count()}")
         self.config, self.workdir = config, Workdir(workdir)
         checkpoints = TrainCheckpoints(self.workdir)
-        configs = checkpoints.model_configs()
-        if MODEL_KEY not in configs:
-            raise ValueError(f"{self.workdir.path('model.json')}: no RAG model (parts: "
-                             f"{sorted(configs)})")
+        configs = checkpoints.model_configs(MODEL_KEY)
         self.step = checkpoints.step_or_latest(step)
         ec, rc = config.eval, config.rag
         self.cfg = configs[MODEL_KEY]

@@ -252,10 +252,7 @@ def load_towers(workdir: str | Path, step: int | None = None) -> tuple[dict, dic
     """({part: EmbedderConfig}, {part: host params}, step) of a retriever run's checkpoint
     (`step`, default the newest)."""
     checkpoints = TrainCheckpoints(workdir)
-    configs = checkpoints.model_configs()
-    if "doc_tower" not in configs:
-        raise ValueError(f"{Workdir(workdir).path('model.json')}: no doc_tower (parts: "
-                         f"{sorted(configs)})")
+    configs = checkpoints.model_configs("doc_tower")
     step = checkpoints.step_or_latest(step)
     configs = {p: configs[p] for p in PARTS if p in configs}
     return configs, {p: checkpoints.restore_part(step, p) for p in configs}, step
