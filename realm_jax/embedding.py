@@ -134,8 +134,7 @@ class TextEmbedder:
         out = np.zeros((n, self.dim), np.float32)
         if n == 0:
             return out
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
+        batch_size = sharding.batch_multiple(batch_size, self.mesh)
         pad_id = self.config.encoder.pad_token_id if pad_id is None else pad_id
         lengths = np.fromiter((min(len(r), self.max_length) for r in rows), np.int64, n)
         with sharding.activate(self.mesh, self.rules), tqdm(

@@ -165,6 +165,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def batch_multiple(n: int, mesh: Mesh) -> int:
+    """`n` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-n // shards) * shards
+
+
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
     """Global arrays of `sharding` from this process's rows of each field."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

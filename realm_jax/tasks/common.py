@@ -68,12 +68,6 @@ def question_batches(num_examples: int, batch_size: int, seed: int, *, process_i
                       process_index, process_count)
 
 
-def batch_multiple(n: int, mesh) -> int:
-    """`n` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return -(-n // shards) * shards
-
-
 def in_padded_batches(items: Sequence[T], batch_size: int,
                       fn: Callable[[list[T]], list[R]]) -> list[R]:
     """`fn` over consecutive batches of exactly `batch_size` items (the last one padded with

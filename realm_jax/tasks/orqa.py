@@ -58,7 +58,7 @@ from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, apply_model, batch_multiple, evaluate_answers,
+from realm_jax.tasks.common import (SnapshotSwaps, apply_model, evaluate_answers,
                                     in_padded_batches, question_batches, tower_config)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
@@ -488,7 +488,7 @@ class Predictor:
 
     def __init__(self, setup: Setup, param_shardings, params=None):
         self.setup, self.params = setup, params
-        self.batch_size = batch_multiple(setup.config.eval.batch_size, setup.mesh)
+        self.batch_size = sharding.batch_multiple(setup.config.eval.batch_size, setup.mesh)
         self.batch_sharding = sharding.batch_sharding(setup.mesh)
         self._predict = setup.jit(setup.model.predict, param_shardings, self.batch_sharding)
 
@@ -616,7 +616,7 @@ class OrqaTask(Task):
         hooks = []
         if rc.drift_every > 0:
             probes = [ex.question for ex in self.examples[:rc.drift_probes]]
-            probe = DriftProbe(probes, batch_multiple(len(probes), run.mesh),
+            probe = DriftProbe(probes, sharding.batch_multiple(len(probes), run.mesh),
                                drift_rows(self, run), self.index, run.workdir)
             hooks.append(Hook("drift", probe, every=rc.drift_every,
                               shown=("drift/overlap", "staleness")))
