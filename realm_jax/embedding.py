@@ -86,9 +86,7 @@ class TextEmbedder:
         self.mesh = mesh or sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
         self.rules = rules
         module = config.module()
-        shardings = sharding.param_shardings(
-            lambda: module.init(jax.random.key(0), **config.example_inputs()),
-            mesh=self.mesh, rules=rules)["params"]
+        shardings = sharding.model_shardings(config, self.mesh, rules)
         self.params = sharding.place(params, shardings)
         self._batch_sharding = sharding.batch_sharding(self.mesh)
 

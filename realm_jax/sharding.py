@@ -153,11 +153,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def model_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings of the params of model config `cfg`'s module."""
+    return param_shardings(lambda: cfg.module().init(jax.random.key(0), **cfg.example_inputs()),
+                           mesh=mesh, rules=rules)["params"]
+
+
 def part_shardings(configs: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """{part: NamedShardings of its params} for {part: model config}."""
-    return {part: param_shardings(
-        lambda c=cfg: c.module().init(jax.random.key(0), **c.example_inputs()),
-        mesh=mesh, rules=rules)["params"] for part, cfg in configs.items()}
+    return {part: model_shardings(cfg, mesh, rules) for part, cfg in configs.items()}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -196,9 +196,7 @@ class CorpusEmbedder:
         storage_dtype(dtype)  # validates
         self.batch_size = sharding.batch_multiple(max(1, int(batch_size)), self.mesh)
         self._module = config.module()
-        self.param_shardings = sharding.param_shardings(
-            lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
-            mesh=self.mesh, rules=rules)["params"]
+        self.param_shardings = sharding.model_shardings(config, self.mesh, rules)
         batch = sharding.batch_sharding(self.mesh)
         # A module-level function with static (module, dtype): embedders of the same tower
         # on the same mesh share their compiled shapes.
