@@ -585,9 +585,7 @@ class OrqaTask(Task):
 
     def before_step(self, step: int, run) -> None:
         if self.config.retrieval.strategy == "refresh":
-            new = self.index.due(step, run.saved_step)
-            if new is not None:
-                self.setup.use(new)
+            self.index.swap_if_due(step, run.saved_step, self.setup.use)
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step)

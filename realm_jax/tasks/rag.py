@@ -514,9 +514,7 @@ class RagTask(Task):
 
     def before_step(self, step: int, run) -> None:
         if self.how.name == "refresh":
-            new = self.index.due(step, run.saved_step)
-            if new is not None:
-                self._use(new)
+            self.index.swap_if_due(step, run.saved_step, self._use)
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step) if self.how.live_docs else {}
