@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from realm_jax.durable import replace_folder
 from realm_jax.models import EmbedderConfig, abstract_params, config_from_dict, config_to_dict
 from realm_jax.workdir import MODEL_JSON, Workdir
 
@@ -35,9 +36,7 @@ def save_params(folder: str | os.PathLike, cfg, params) -> Path:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, params)
     (tmp / MODEL_JSON).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    replace_folder(tmp, folder)
     return folder
 
 
@@ -164,9 +163,9 @@ class TrainCheckpoints:
 
     # ---- reading (the refresher, or the trainer when it resumes)
 
-    def model_configs(self) -> dict:
-        """The parts' model configs from WORKDIR/model.json."""
-        return self.layout.read_model()
+    def model_configs(self, *required: str, hint: str = "") -> dict:
+        """The parts' model configs from WORKDIR/model.json (`Workdir.read_model`)."""
+        return self.layout.read_model(*required, hint=hint)
 
     def is_finished(self) -> bool:
         return self.layout.is_finished()
@@ -369,10 +368,7 @@ def export_part(workdir: str | os.PathLike, part: str, out: str | os.PathLike, *
     from realm_jax import hf
 
     with TrainCheckpoints(workdir) as checkpoints:
-        configs = checkpoints.model_configs()
-        if part not in configs:
-            raise ValueError(f"--part {part}: {checkpoints.workdir / MODEL_JSON} describes "
-                             f"{sorted(configs)}")
+        configs = checkpoints.model_configs(part, hint=f" (--part {part})")
         step, steps = checkpoints.step_or_latest(step), checkpoints.all_steps()
         if step not in steps:
             raise FileNotFoundError(f"--step {step}: no such checkpoint in "

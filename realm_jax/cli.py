@@ -93,10 +93,9 @@ def _embed_corpus(args: argparse.Namespace) -> None:
                        if (Path(args.model) / checkpoints.MODEL_JSON).exists()
                        else hf.load_embedder(args.model))
         embedder = ec.CorpusEmbedder(cfg, batch_size=args.batch_size, dtype=args.dtype)
-        rows = ec.RowBuilder.for_store(
-            store, args.tokenizer or args.model,
-            title={"auto": None, "yes": True, "no": False}[args.title],
-            max_length=args.max_length or embedder.max_length)
+        rows = ec.RowBuilder.for_store(store, args.tokenizer or args.model,
+                                       title=ec.TITLE_CHOICES[args.title],
+                                       max_length=args.max_length or embedder.max_length)
         result = ec.embed_corpus(store, embedder, params, args.out, rows=rows,
                                  model_fingerprint=ec.params_fingerprint(cfg, params),
                                  worker=args.worker, num_workers=args.num_workers,

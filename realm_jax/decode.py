@@ -45,7 +45,8 @@ from flax import traverse_util
 from jax import lax
 
 from realm_jax.models.bart import Bart, init_cache, reorder_cache
-from realm_jax.models.rag import RagConfig, check_contexts
+from realm_jax.models.layers import Replaceable
+from realm_jax.models.rag import Rag, RagConfig, check_contexts
 from realm_jax.objectives.rag import doc_log_probs, marginalize_token_logprobs
 
 Array = jax.Array
@@ -58,7 +59,7 @@ __all__ = ["GenerationConfig", "Generated", "Hypotheses", "beam_search", "greedy
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationConfig:
+class GenerationConfig(Replaceable):
     """Decoding settings, as in transformers' GenerationConfig (same names and defaults;
     BART's token ids). `GenerationConfig.from_rag(cfg)` takes the token ids from a RAG
     model's config."""
@@ -110,9 +111,6 @@ class GenerationConfig:
                    forced_bos_token_id=config.forced_bos_token_id,
                    forced_eos_token_id=config.forced_eos_token_id)
         return cls(**(ids | settings))
-
-    def replace(self, **changes) -> "GenerationConfig":
-        return dataclasses.replace(self, **changes)
 
     @property
     def fill_token_id(self) -> int:
@@ -361,16 +359,6 @@ def _expand(x: Array, b: int, n: int, k: int) -> Array:
     return x.reshape((b * n * k,) + x.shape[3:])
 
 
-def _encode_contexts(bart: Bart, params: Any, context_ids: Array, context_mask: Array
-                     ) -> tuple[Array, Array]:
-    """(encoder states [B * K, L, D], mask [B * K, L]) of every question's K contexts."""
-    b, k, length = context_ids.shape
-    flat_mask = context_mask.reshape(b * k, length)
-    states = bart.apply({"params": params}, context_ids.reshape(b * k, length), flat_mask,
-                        method=Bart.encode)
-    return states, flat_mask
-
-
 _CONTEXT = ("context_key", "context_value")
 
 
@@ -426,7 +414,9 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     if r > n:
         raise ValueError(f"num_return_sequences {r} > num_beams {n}")
     bart, gp = config.generator.module(), params["generator"]
-    states, flat_mask = _encode_contexts(bart, gp, context_ids, context_mask)
+    states = config.module().apply({"params": params}, context_ids, context_mask,
+                                   method=Rag.encode_contexts)
+    flat_mask = context_mask.reshape(b * k, -1)
     states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
     scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
     decoder, cache = _decoder(bart, gp, states, flat_mask, k, gen.max_length - 1)
@@ -505,7 +495,9 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     if r > c:
         raise ValueError(f"num_return_sequences {r} > documents x beams {c}")
     bart, gp = config.generator.module(), params["generator"]
-    states, flat_mask = _encode_contexts(bart, gp, context_ids, context_mask)
+    states = config.module().apply({"params": params}, context_ids, context_mask,
+                                   method=Rag.encode_contexts)
+    flat_mask = context_mask.reshape(b * k, -1)
     beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
     beam_mask = jnp.repeat(flat_mask, n, axis=0)
     step, cache = _decoder(bart, gp, beam_states, beam_mask, 1, m - 1)

@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, Callable
 
 TRASH_PREFIX = ".trash-"
@@ -76,6 +77,19 @@ def discard(folder: str | os.PathLike) -> bool:
     else:
         trash.rmtree(missing_ok=True)
     return True
+
+
+def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the finished folder `tmp` to `folder` (local disk). An existing `folder` is
+    first renamed aside (`.NAME.old-RANDOM`, removed after), so the name always holds a
+    whole folder, the old or the new one."""
+    folder = Path(folder)
+    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:12]}"
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def process_alive(pid: int) -> bool:

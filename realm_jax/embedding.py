@@ -86,9 +86,7 @@ class TextEmbedder:
         self.mesh = mesh or sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
         self.rules = rules
         module = config.module()
-        shardings = sharding.param_shardings(
-            lambda: module.init(jax.random.key(0), **config.example_inputs()),
-            mesh=self.mesh, rules=rules)["params"]
+        shardings = sharding.model_shardings(config, self.mesh, rules)
         self.params = sharding.place(params, shardings)
         self._batch_sharding = sharding.batch_sharding(self.mesh)
 
@@ -134,8 +132,7 @@ class TextEmbedder:
         out = np.zeros((n, self.dim), np.float32)
         if n == 0:
             return out
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
+        batch_size = sharding.batch_multiple(batch_size, self.mesh)
         pad_id = self.config.encoder.pad_token_id if pad_id is None else pad_id
         lengths = np.fromiter((min(len(r), self.max_length) for r in rows), np.int64, n)
         with sharding.activate(self.mesh, self.rules), tqdm(

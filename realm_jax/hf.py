@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
+from realm_jax.durable import replace_folder
 from realm_jax.models import abstract_params
 from realm_jax.models.bart import BartConfig
 from realm_jax.models.encoder import EncoderConfig
@@ -681,15 +682,7 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
     for name, text in (extra_files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    replace_folder(tmp, folder)
     return folder
 
 

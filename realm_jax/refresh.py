@@ -272,11 +272,7 @@ class Refresher:
 
         if source.kind == "hf":
             return hf.load_embedder(source.path)
-        configs = self.layout.read_model()
-        if DOC_TOWER not in configs:
-            raise ValueError(f"{self.workdir / 'model.json'}: no {DOC_TOWER!r} config "
-                             f"(parts: {sorted(configs)})")
-        config = configs[DOC_TOWER]
+        config = self.layout.read_model(DOC_TOWER)[DOC_TOWER]
         if not isinstance(config, EmbedderConfig):
             raise ValueError(f"{self.workdir / 'model.json'}: {DOC_TOWER} is a "
                              f"{type(config).__name__}, not an EmbedderConfig")

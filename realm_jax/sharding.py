@@ -153,16 +153,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def model_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings of the params of model config `cfg`'s module."""
+    return param_shardings(lambda: cfg.module().init(jax.random.key(0), **cfg.example_inputs()),
+                           mesh=mesh, rules=rules)["params"]
+
+
 def part_shardings(configs: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """{part: NamedShardings of its params} for {part: model config}."""
-    return {part: param_shardings(
-        lambda c=cfg: c.module().init(jax.random.key(0), **c.example_inputs()),
-        mesh=mesh, rules=rules)["params"] for part, cfg in configs.items()}
+    return {part: model_shardings(cfg, mesh, rules) for part, cfg in configs.items()}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """A batch's rows split over the data-parallel axes (data and fsdp)."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def batch_multiple(n: int, mesh: Mesh) -> int:
+    """`n` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-n // shards) * shards
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:

@@ -121,8 +121,9 @@ class Workdir:
                               indent=2) + "\n"
             atomic_write_text(self.root / MODEL_JSON, text)
 
-    def read_model(self) -> dict:
-        """The parts' model configs from model.json."""
+    def read_model(self, *required: str, hint: str = "") -> dict:
+        """The parts' model configs from model.json; a `required` part missing raises
+        ValueError naming the file, the parts it has, then `hint`."""
         path = self.root / MODEL_JSON
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; the trainer writes each part's model "
@@ -136,6 +137,10 @@ class Workdir:
                 out[name] = config_from_dict(value)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: part {name!r}: {e}") from None
+        missing = [part for part in required if part not in out]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} config (parts: {sorted(out)})"
+                             f"{hint}")
         return out
 
     def has_model(self) -> bool:

@@ -23,7 +23,7 @@ from realm_jax.data.blocks import MODES, Mode, load_tokenizer, spans_in, split_d
 from realm_jax.data.readers import Document, SkipCounter, detect_format, read_documents
 from realm_jax.data.store import (UPDATE_LOCK, VERSIONS_DIR, BlockStore, BlockStoreWriter,
                                   check_replaceable, version_folder)
-from realm_jax.durable import ProcessLock
+from realm_jax.durable import TRASH_PREFIX, ProcessLock
 
 _log = logging.getLogger(__name__)
 
@@ -357,8 +357,8 @@ def _remove_leftovers(folder: Path) -> None:
     """Temporary and trash folders of killed updates and prunes (the caller holds the lock)."""
     import shutil
     for child in folder.iterdir():
-        if child.name.startswith(".trash-") or (child.name.startswith(".v")
-                                                 and ".tmp-" in child.name):
+        if child.name.startswith(TRASH_PREFIX) or (child.name.startswith(".v")
+                                                   and ".tmp-" in child.name):
             shutil.rmtree(child, ignore_errors=True)
 
 

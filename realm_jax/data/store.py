@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 
 from realm_jax.data.wikitext import Span
-from realm_jax.durable import discard, fsync_dir, fsync_file, naming_disk_full
+from realm_jax.durable import (discard, fsync_dir, fsync_file, naming_disk_full,
+                               replace_folder)
 
 _log = logging.getLogger(__name__)
 
@@ -266,17 +267,11 @@ class BlockStoreWriter:
             fsync_file(self._tmp / name)
         fsync_dir(self._tmp)
         BlockStore(self._tmp).close()  # validate before publishing
-        old = None
         if self.path.exists():
             if not self._overwrite:
                 raise FileExistsError(f"block store appeared while writing: {self.path}")
             check_replaceable(self.path)
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.path, old)
-        os.rename(self._tmp, self.path)
-        fsync_dir(self.path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self._tmp, self.path)
         self._finished = True
         return manifest
 

@@ -194,12 +194,9 @@ class CorpusEmbedder:
         self.rules = rules
         self.dtype = dtype
         storage_dtype(dtype)  # validates
-        self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.batch_size = -(-max(1, int(batch_size)) // self.shards) * self.shards
+        self.batch_size = sharding.batch_multiple(max(1, int(batch_size)), self.mesh)
         self._module = config.module()
-        self.param_shardings = sharding.param_shardings(
-            lambda: self._module.init(jax.random.key(0), **config.example_inputs()),
-            mesh=self.mesh, rules=rules)["params"]
+        self.param_shardings = sharding.model_shardings(config, self.mesh, rules)
         batch = sharding.batch_sharding(self.mesh)
         # A module-level function with static (module, dtype): embedders of the same tower
         # on the same mesh share their compiled shapes.
@@ -217,7 +214,7 @@ class CorpusEmbedder:
         incremental refresh, a corpus's last batch) cost a small batch, and the compiled
         shapes stay few."""
         rows = 1 << max(0, int(count) - 1).bit_length()
-        return min(self.batch_size, -(-rows // self.shards) * self.shards)
+        return min(self.batch_size, sharding.batch_multiple(rows, self.mesh))
 
     @property
     def max_length(self) -> int:

@@ -31,8 +31,8 @@ from flax import linen as nn
 
 from realm_jax.models.encoder import Embed
 from realm_jax.models.layers import (
-    HIDDEN_AXES, BlockConfig, LayerStack, causal_mask, check_attention, layer_norm, padding_mask,
-    zeros_init)
+    HIDDEN_AXES, BlockConfig, LayerStack, Replaceable, causal_mask, check_attention, layer_norm,
+    padding_mask, zeros_init)
 
 Array = jax.Array
 
@@ -41,7 +41,7 @@ POSITION_OFFSET = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class BartConfig:
+class BartConfig(Replaceable):
     vocab_size: int
     d_model: int
     encoder_layers: int
@@ -89,9 +89,6 @@ class BartConfig:
     @property
     def embed_scale(self) -> float:
         return math.sqrt(self.d_model) if self.scale_embedding else 1.0
-
-    def replace(self, **changes) -> "BartConfig":
-        return dataclasses.replace(self, **changes)
 
     def module(self) -> "Bart":
         return Bart(self)

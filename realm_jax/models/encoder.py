@@ -10,14 +10,14 @@ import numpy as np
 from flax import linen as nn
 
 from realm_jax.models.layers import (
-    HIDDEN_AXES, BlockConfig, LayerStack, check_attention, dense, layer_norm, padding_mask,
-    param_init)
+    HIDDEN_AXES, BlockConfig, LayerStack, Replaceable, check_attention, dense, layer_norm,
+    padding_mask, param_init)
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(Replaceable):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -47,9 +47,6 @@ class EncoderConfig:
             layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
             attention=self.attention)
-
-    def replace(self, **changes) -> "EncoderConfig":
-        return dataclasses.replace(self, **changes)
 
     def module(self) -> "BertEncoder":
         return BertEncoder(self)

@@ -91,6 +91,13 @@ class Projection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+class Replaceable:
+    """`replace(**changes)`: a copy of a (frozen) dataclass config with fields changed."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """Hyper-parameters of one post-LN Transformer block."""

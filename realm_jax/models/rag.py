@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from realm_jax.models.bart import Bart, BartConfig
+from realm_jax.models.layers import Replaceable
 from realm_jax.models.towers import Embedder, EmbedderConfig, relevance_scores
 
 Array = jax.Array
@@ -37,7 +38,7 @@ RAG_ARCHITECTURES = ("RagTokenForGeneration", "RagSequenceForGeneration", "RagMo
 
 
 @dataclasses.dataclass(frozen=True)
-class RagConfig:
+class RagConfig(Replaceable):
     """A RAG model: question encoder (DPR: CLS pooling) + BART generator.
 
     n_docs: documents per question (K). title_sep / doc_sep / max_combined_length / prefix:
@@ -68,9 +69,6 @@ class RagConfig:
     def retrieval_dim(self) -> int:
         """P: the size of question and document embeddings."""
         return self.question_encoder.output_dim
-
-    def replace(self, **changes) -> "RagConfig":
-        return dataclasses.replace(self, **changes)
 
     def module(self) -> "Rag":
         return Rag(self)

@@ -68,12 +68,6 @@ def question_batches(num_examples: int, batch_size: int, seed: int, *, process_i
                       process_index, process_count)
 
 
-def batch_multiple(n: int, mesh) -> int:
-    """`n` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return -(-n // shards) * shards
-
-
 def in_padded_batches(items: Sequence[T], batch_size: int,
                       fn: Callable[[list[T]], list[R]]) -> list[R]:
     """`fn` over consecutive batches of exactly `batch_size` items (the last one padded with
@@ -138,11 +132,11 @@ def evaluate_answers(examples: Sequence, answers: Sequence[Answer], recall_at: S
 
 @dataclasses.dataclass
 class SnapshotSwaps:
-    """Which index snapshot a run serves, and when a newer one comes in: `due(step,
-    saved_step)` at each step boundary returns the newer snapshot the refresher published
-    (or None). With `max_staleness` (opt-in bounded staleness) the trainer waits, up to
-    `wait_seconds`, for an index of a newer checkpoint once the served one is that many
-    steps behind and a newer checkpoint exists. Every swap is recorded in `swaps`."""
+    """Which index snapshot a run serves, and when a newer one comes in: `swap_if_due(step,
+    saved_step, use)` at each step boundary calls `use` with the newer snapshot the
+    refresher published, if any. With `max_staleness` (opt-in bounded staleness) the trainer
+    waits, up to `wait_seconds`, for an index of a newer checkpoint once the served one is
+    that many steps behind and a newer checkpoint exists. Every swap is recorded in `swaps`."""
 
     watcher: object          # index.store.SnapshotWatcher
     snapshot: object         # the served index.store.Snapshot
@@ -150,7 +144,7 @@ class SnapshotSwaps:
     wait_seconds: float = 0.0
     swaps: list = dataclasses.field(default_factory=list)
 
-    def due(self, step: int, saved_step: int):
+    def swap_if_due(self, step: int, saved_step: int, use: Callable[[object], None]) -> None:
         new = self.watcher.poll()
         limit = self.max_staleness
         if (new is None and limit and self.snapshot.staleness(step) >= limit
@@ -164,7 +158,7 @@ class SnapshotSwaps:
             self.swaps.append({"step": step, "index": new.version, "checkpoint_step": new.step})
             _log.info("swapped in index %s (checkpoint step %d) at step %d", new.version,
                       new.step, step)
-        return new
+            use(new)
 
     def step_metrics(self, step: int) -> dict:
         return {"staleness": float(self.snapshot.staleness(step)),

@@ -46,7 +46,6 @@ from realm_jax.data.realm_examples import (CANDIDATE_FIELDS, QUERY_FIELDS, Maske
                                           QueryMaker, collate_queries)
 from realm_jax.data.store import BlockStore
 from realm_jax.index.embed_corpus import tree_digest
-from realm_jax.tasks.common import batch_multiple
 from realm_jax.tasks.end_to_end import question_batch
 
 PREFIX = "heldout_"
@@ -143,7 +142,7 @@ class HeldoutEval:
         self.answerable = (None if finder is None
                            else np.array([finder(q) for q in queries], bool))
         self.batch_sharding = sharding.batch_sharding(mesh)
-        self.chunk = batch_multiple(min(max(int(batch_size), 1), len(queries)), mesh)
+        self.chunk = sharding.batch_multiple(min(max(int(batch_size), 1), len(queries)), mesh)
         batch = collate_queries(queries)
         self.queries_fingerprint = tree_digest(
             {k: batch[k] for k in QUERY_FIELDS}).hexdigest()[:16]

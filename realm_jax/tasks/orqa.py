@@ -58,7 +58,7 @@ from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, apply_model, batch_multiple, evaluate_answers,
+from realm_jax.tasks.common import (SnapshotSwaps, apply_model, evaluate_answers,
                                     in_padded_batches, question_batches, tower_config)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
@@ -85,13 +85,14 @@ def _reader_encoder(cfg, params, where: str) -> tuple[EncoderConfig, dict]:
     raise ValueError(f"{where}: a {type(cfg).__name__} has no BERT encoder for the reader")
 
 
-def _realm_run(m: ml_collections.ConfigDict) -> tuple[TrainCheckpoints, int, dict]:
-    """(checkpoints, step `model.realm_step` (-1: the newest), parts' model configs) of the
-    `model.init_from_realm` workdir."""
+def _realm_run(m: ml_collections.ConfigDict, *required: str
+               ) -> tuple[TrainCheckpoints, int, dict]:
+    """(checkpoints, step `model.realm_step` (-1: the newest), parts' model configs, the
+    `required` ones checked) of the `model.init_from_realm` workdir."""
     ckpts = TrainCheckpoints(m.init_from_realm)
-    step = ckpts.step_or_latest(None if m.realm_step < 0 else m.realm_step,
-                                f" (model.init_from_realm={m.init_from_realm})")
-    return ckpts, step, ckpts.model_configs()
+    hint = f" (model.init_from_realm={m.init_from_realm})"
+    step = ckpts.step_or_latest(None if m.realm_step < 0 else m.realm_step, hint)
+    return ckpts, step, ckpts.model_configs(*required, hint=hint)
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
@@ -159,10 +160,7 @@ def _doc_tower(config: ml_collections.ConfigDict, knobs: dict) -> tuple:
     """(EmbedderConfig, host params) of the document tower that built the index."""
     m = config.model
     if m.init_from_realm:
-        ckpts, step, saved = _realm_run(m)
-        if DOC_TOWER not in saved:
-            raise ValueError(f"model.init_from_realm={m.init_from_realm}: its model.json has "
-                             f"no {DOC_TOWER} (parts {sorted(saved)})")
+        ckpts, step, saved = _realm_run(m, DOC_TOWER)
         return saved[DOC_TOWER], ckpts.restore_part(step, DOC_TOWER)
     folder = config.refresh.doc_tower_hf or m.init_from_hf
     if not folder:
@@ -490,7 +488,7 @@ class Predictor:
 
     def __init__(self, setup: Setup, param_shardings, params=None):
         self.setup, self.params = setup, params
-        self.batch_size = batch_multiple(setup.config.eval.batch_size, setup.mesh)
+        self.batch_size = sharding.batch_multiple(setup.config.eval.batch_size, setup.mesh)
         self.batch_sharding = sharding.batch_sharding(setup.mesh)
         self._predict = setup.jit(setup.model.predict, param_shardings, self.batch_sharding)
 
@@ -587,9 +585,7 @@ class OrqaTask(Task):
 
     def before_step(self, step: int, run) -> None:
         if self.config.retrieval.strategy == "refresh":
-            new = self.index.due(step, run.saved_step)
-            if new is not None:
-                self.setup.use(new)
+            self.index.swap_if_due(step, run.saved_step, self.setup.use)
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step)
@@ -618,7 +614,7 @@ class OrqaTask(Task):
         hooks = []
         if rc.drift_every > 0:
             probes = [ex.question for ex in self.examples[:rc.drift_probes]]
-            probe = DriftProbe(probes, batch_multiple(len(probes), run.mesh),
+            probe = DriftProbe(probes, sharding.batch_multiple(len(probes), run.mesh),
                                drift_rows(self, run), self.index, run.workdir)
             hooks.append(Hook("drift", probe, every=rc.drift_every,
                               shown=("drift/overlap", "staleness")))

@@ -514,9 +514,7 @@ class RagTask(Task):
 
     def before_step(self, step: int, run) -> None:
         if self.how.name == "refresh":
-            new = self.index.due(step, run.saved_step)
-            if new is not None:
-                self._use(new)
+            self.index.swap_if_due(step, run.saved_step, self._use)
 
     def step_metrics(self, step: int) -> dict:
         return self.index.step_metrics(step) if self.how.live_docs else {}
@@ -624,10 +622,7 @@ class RagAnswerer:
                              f"process {jax.process_index()} of {jax.process_count()}")
         self.config, self.workdir = config, Workdir(workdir)
         checkpoints = TrainCheckpoints(self.workdir)
-        configs = checkpoints.model_configs()
-        if MODEL_KEY not in configs:
-            raise ValueError(f"{self.workdir.path('model.json')}: no RAG model (parts: "
-                             f"{sorted(configs)})")
+        configs = checkpoints.model_configs(MODEL_KEY)
         self.step = checkpoints.step_or_latest(step)
         ec, rc = config.eval, config.rag
         self.cfg = configs[MODEL_KEY]

@@ -580,9 +580,7 @@ class RealmTask(Task):
                                                    query_params, self.store)
 
     def before_step(self, step: int, run) -> None:
-        new = self.index.due(step, run.saved_step)
-        if new is not None:
-            self._use(new)
+        self.index.swap_if_due(step, run.saved_step, self._use)
 
     def make_batch(self, item, params):
         if self.retriever is not None:

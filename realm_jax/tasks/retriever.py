@@ -252,10 +252,7 @@ def load_towers(workdir: str | Path, step: int | None = None) -> tuple[dict, dic
     """({part: EmbedderConfig}, {part: host params}, step) of a retriever run's checkpoint
     (`step`, default the newest)."""
     checkpoints = TrainCheckpoints(workdir)
-    configs = checkpoints.model_configs()
-    if "doc_tower" not in configs:
-        raise ValueError(f"{Workdir(workdir).path('model.json')}: no doc_tower (parts: "
-                         f"{sorted(configs)})")
+    configs = checkpoints.model_configs("doc_tower")
     step = checkpoints.step_or_latest(step)
     configs = {p: configs[p] for p in PARTS if p in configs}
     return configs, {p: checkpoints.restore_part(step, p) for p in configs}, step
@@ -265,12 +262,12 @@ def embed_corpus(config: ml_collections.ConfigDict, store: BlockStore, cfg: Embe
                  params) -> np.ndarray:
     """[len(store), P] float32: every block embedded as the refresher embeds it
     (CorpusEmbedder, RowBuilder and config.refresh's title, length, batch size, dtype)."""
-    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder
+    from realm_jax.index.embed_corpus import TITLE_CHOICES, CorpusEmbedder, RowBuilder
 
     rc = config.refresh
     embedder = CorpusEmbedder(cfg, batch_size=rc.batch_size, dtype=rc.dtype)
     rows = RowBuilder.for_store(store, tokenizer_folder(config),
-                                title={"auto": None, "yes": True, "no": False}[rc.title],
+                                title=TITLE_CHOICES[rc.title],
                                 max_length=rc.max_length or embedder.max_length)
     out = embedder.embed_blocks(embedder.place(params), rows, np.arange(len(store)))
     return np.asarray(out, np.float32)
