@@ -87,7 +87,12 @@ def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:12]}"
     if folder.exists():
         os.rename(folder, old)
-    os.rename(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if old.exists():
+            os.rename(old, folder)  # the old folder back under its name
+        raise
     fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 

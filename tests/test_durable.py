@@ -26,3 +26,22 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     durable.fsync_file(target)
     durable.fsync_dir(target.parent)
     assert not durable.is_local("gs://bucket/x") and durable.is_local(target)
+
+
+def test_replace_folder_and_discard_keep_a_whole_folder_under_the_name(tmp_path):
+    folder, tmp = tmp_path / "params", tmp_path / ".params.tmp"
+    for version in ("old", "new"):
+        tmp.mkdir()
+        (tmp / "model.json").write_text(version)
+        durable.replace_folder(tmp, folder)
+        assert (folder / "model.json").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params"]  # the old one is gone
+
+    with pytest.raises(FileNotFoundError):  # a failed rename: the old folder stays in place
+        durable.replace_folder(tmp_path / "missing", folder)
+    assert (folder / "model.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params"]
+
+    assert durable.discard(folder)
+    assert list(tmp_path.iterdir()) == []  # renamed aside, then removed
+    assert not durable.discard(folder)  # gone already
