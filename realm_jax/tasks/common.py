@@ -52,7 +52,7 @@ def open_corpus(config: ml_collections.ConfigDict, tokenizer: bool = False,
                 what: str = "a block store from `realm-jax prepare-corpus`") -> BlockStore:
     """The block store `data.corpus` (`what` it must be named when unset); with `tokenizer`
     `data.tokenizer` must be set too."""
-    if not config.data.corpus or tokenizer and not config.data.tokenizer:
+    if not config.data.corpus or (tokenizer and not config.data.tokenizer):
         raise ValueError(f"set --config.data.corpus ({what})" + (
             " and --config.data.tokenizer (its HF tokenizer folder)" if tokenizer else ""))
     return BlockStore.open(config.data.corpus)
