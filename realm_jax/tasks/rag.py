@@ -380,8 +380,9 @@ class RagLossFn:
     def outputs(self, params, batch: dict, rng: jax.Array | None) -> RagOutput:
         """The generator's logits and the document scores, by the live question encoder
         against the index's embeddings (no gradient to them) or the live document tower's."""
-        rng, rng_docs = (rng, None) if rng is None or self.doc_tower is None else (
-            jax.random.split(rng))
+        rng_docs = None
+        if rng is not None and self.doc_tower is not None:
+            rng, rng_docs = jax.random.split(rng)
         apply = functools.partial(
             self.config.module().apply, {"params": {part: params[part] for part in RAG_PARTS}},
             deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
