@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from realm_jax.durable import replace_folder
+from realm_jax.sharding import placed_shapes
 from realm_jax.models import EmbedderConfig, abstract_params, config_from_dict, config_to_dict
 from realm_jax.workdir import MODEL_JSON, Workdir
 
@@ -38,12 +39,6 @@ def save_params(folder: str | os.PathLike, cfg, params) -> Path:
     (tmp / MODEL_JSON).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     replace_folder(tmp, folder)
     return folder
-
-
-def placed_shapes(shapes, shardings):
-    """ShapeDtypeStructs of `shapes` on `shardings` (matching trees): a sharded restore's target."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
 
 
 def load_params(folder: str | os.PathLike, shardings=None):

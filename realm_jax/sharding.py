@@ -164,6 +164,12 @@ def part_shardings(configs: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     return {part: model_shardings(cfg, mesh, rules) for part, cfg in configs.items()}
 
 
+def placed_shapes(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` on `shardings` (matching trees): a sharded restore's target."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """A batch's rows split over the data-parallel axes (data and fsdp)."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

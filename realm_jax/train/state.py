@@ -10,7 +10,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from realm_jax.checkpoints import placed_shapes
+from realm_jax.sharding import placed_shapes
 
 
 @struct.dataclass
