@@ -495,13 +495,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     which orbax/tensorstore restore failures and JSON errors are too), every OSError (file
     missing or existing, permission, disk full), a damaged index snapshot, a safetensors file
     that cannot be read."""
+    from safetensors import SafetensorError
+
     from realm_jax.index.store import SnapshotError
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError, SnapshotError)
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return errors
-    return errors + (SafetensorError,)
+    return ValueError, OSError, SnapshotError, SafetensorError
 
 
 def _one_line(error: BaseException) -> str:

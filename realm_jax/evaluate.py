@@ -713,14 +713,11 @@ def score(examples: Sequence[ScoredExample], metrics: str | Iterable[str] = DEFA
     return out
 
 
-def _field(record: dict, names: tuple[str, ...], where: str, expected: str,
-           optional: bool = False) -> Any:
-    """The value of the first of ``names`` in ``record``; missing: None when optional."""
+def _field(record: dict, names: tuple[str, ...], where: str, expected: str) -> Any:
+    """The value of the first of ``names`` in ``record``."""
     for name in names:
         if name in record:
             return record[name]
-    if optional:
-        return None
     alternatives = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
     raise ValueError(f"{where}: field {names[0]!r}{alternatives}: missing; expected {expected}")
 

@@ -44,13 +44,13 @@ from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.qa import (QADataError, json_array_records, json_object, jsonl_records,
                                required_text)
-from realm_jax.data.readers import SkipCounter, require_file
+from realm_jax.data.readers import SkipCounter, file_format, require_file
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
 from realm_jax.durable import atomic_write
 
 CTX_FIELDS = ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs")
-DPR_FORMATS = ("json", "jsonl")
+DPR_FORMATS = {"json": (".json",), "jsonl": (".jsonl", ".ndjson")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +90,6 @@ class DprRecord:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def detect_dpr_format(path: str | os.PathLike) -> str:
-    """``json`` (.json) or ``jsonl`` (.jsonl, .ndjson), with or without .gz."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    raise ValueError(f"cannot tell the DPR file format of {path}: name it .json (an array of "
-                     "records) or .jsonl (one record per line), or pass format=")
-
-
-def _format(path: Path, format: str) -> str:
-    fmt = detect_dpr_format(path) if format == "auto" else format
-    if fmt not in DPR_FORMATS:
-        raise ValueError(f"DPR format must be one of {DPR_FORMATS} or 'auto', got {format!r}")
-    return fmt
 
 
 def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
@@ -157,7 +139,8 @@ def read_dpr(path: str | os.PathLike, *, format: str = "auto",
     counted in ``skips`` (``no_positive_ctx``)."""
     path = require_file(path, "DPR data")
     skips = SkipCounter() if skips is None else skips
-    records = (json_array_records(path, "DPR records") if _format(path, format) == "json"
+    json_array = file_format(path, format, DPR_FORMATS, "DPR") == "json"
+    records = (json_array_records(path, "DPR records") if json_array
                else jsonl_records(path, skips))
     out = []
     for where, raw in records:
@@ -177,7 +160,7 @@ def write_dpr(path: str | os.PathLike, records: Sequence[DprRecord], *,
     atomically: a reader sees the old file or the whole new one."""
     path = Path(path)
     dicts = [r.to_json() for r in records]
-    if _format(path, format) == "json":
+    if file_format(path, format, DPR_FORMATS, "DPR") == "json":
         text = "[\n" + ",\n".join(json.dumps(d, ensure_ascii=False) for d in dicts) + "\n]\n"
     else:
         text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dicts)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
-import gzip
 import itertools
 import json
 import logging
@@ -39,13 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.data.readers import (SkipCounter, decode_text, open_binary, require_file,
-                                    source_records)
+from realm_jax.data.readers import (SkipCounter, decode_text, file_format, open_binary,
+                                    require_file, source_records)
 from realm_jax.evaluate import compile_regex
 
 _log = logging.getLogger(__name__)
 
-QA_FORMATS = ("jsonl", "json", "tsv")
+QA_FORMATS = {"jsonl": (".jsonl", ".ndjson"), "json": (".json",),
+              "tsv": (".tsv", ".txt", ".csv")}
 TFDS_QA_DATASETS = ("natural_questions_open", "web_questions", "trivia_qa")
 TRIVIA_QA_DEFAULT_CONFIG = "unfiltered.nocontext"  # the open-domain setting of ORQA and DPR
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
@@ -132,17 +132,6 @@ def _example(where: str, qid: str, question: Any, answers: list[str], *, is_rege
 # ----------------------------------------------------------------------------- files
 
 
-def detect_qa_format(path: str | os.PathLike) -> str:
-    """``jsonl`` (.jsonl, .jsonl.gz, .ndjson), ``json`` (.json) or ``tsv`` (.tsv, .txt, .csv)."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    for fmt, suffixes in (("jsonl", (".jsonl", ".ndjson")), ("json", (".json",)),
-                          ("tsv", (".tsv", ".txt", ".csv"))):
-        if name.endswith(suffixes):
-            return fmt
-    raise ValueError(f"cannot tell the QA file format of {path}: name it .jsonl, .json or "
-                     f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
-
-
 def text_lines(path: Path, skips: SkipCounter) -> Iterator[tuple[int, str, str]]:
     """(line number, "PATH:LINE", text) per non-blank line (blank ones counted in ``skips``),
     decoded one by one so a bad byte names its line."""
@@ -195,8 +184,7 @@ def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
 def load_json(path: Path, expected: str = "") -> Any:
     """A whole JSON file (``.gz`` too); invalid JSON raises QADataError naming the line,
     followed by ``expected`` (what the file should hold)."""
-    with (gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz"
-          else open(path, encoding="utf-8-sig")) as f:
+    with open_binary(path) as f:   # json reads bytes as UTF-8, a BOM skipped
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -263,9 +251,7 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     Without an id, a question's id is its position in the file (0-based, over kept rows).
     A missing file raises FileNotFoundError; a bad row (see the module docstring) QADataError."""
     p = require_file(path, "QA")
-    fmt = detect_qa_format(p) if format == "auto" else format
-    if fmt not in QA_FORMATS:
-        raise ValueError(f"unknown QA format {fmt!r}; expected one of {', '.join(QA_FORMATS)}")
+    fmt = file_format(p, format, QA_FORMATS, "QA")
     is_regex = "trec" in p.name.lower() if regex is None else regex
     skips = SkipCounter() if skips is None else skips
     if fmt == "tsv":
@@ -387,10 +373,10 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
                                 f"in {root} (no {folder}/*/dataset_info.json); "
                                 + _prepare_hint(dataset, root))
     info = json.loads(infos[-1].read_text())  # the newest version when several
-    file_format = info.get("fileFormat", "tfrecord")
-    if file_format not in ("array_record", "parquet"):
+    stored_as = info.get("fileFormat", "tfrecord")
+    if stored_as not in ("array_record", "parquet"):
         raise ValueError(f"TFDS dataset {dataset!r} in {infos[-1].parent} was prepared as "
-                         f"{file_format}, which has no random access without TensorFlow; "
+                         f"{stored_as}, which has no random access without TensorFlow; "
                          + _prepare_hint(dataset, root))
     splits = {s.get("name") for s in info.get("splits", [])}
     for part in split.split("+"):

@@ -78,6 +78,25 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def file_format(path: Path, format: str, formats: dict[str, tuple[str, ...]], what: str
+                ) -> str:
+    """``format`` if one of ``formats`` (name -> file name endings), or for ``"auto"`` the one
+    whose ending ``path`` has (a ``.gz`` after it aside); ValueError naming the ``what`` file
+    format otherwise."""
+    if format != "auto":
+        if format not in formats:
+            raise ValueError(f"unknown {what} format {format!r}; expected one of "
+                             f"{', '.join(formats)} or 'auto'")
+        return format
+    name = path.name.lower().removesuffix(".gz")
+    for fmt, endings in formats.items():
+        if name.endswith(endings):
+            return fmt
+    raise ValueError(f"cannot tell the {what} file format of {path}: name it "
+                     f"{' or '.join(e for endings in formats.values() for e in endings)}, or "
+                     f"pass format= one of {', '.join(formats)}")
+
+
 def open_binary(path: Path) -> IO[bytes]:
     """``path`` opened for reading bytes, decompressed when it ends in .gz or .bz2."""
     return {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)(path, "rb")
