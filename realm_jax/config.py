@@ -38,9 +38,6 @@ class _LiteralParser(flags.ArgumentParser):
         except (ValueError, SyntaxError):
             return argument
 
-    def flag_type(self) -> str:
-        return "literal"
-
 
 class _ListParser(flags.ArgumentParser):
     """A list or tuple literal, as a list (for a list field)."""
@@ -50,9 +47,6 @@ class _ListParser(flags.ArgumentParser):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{argument!r} is not a list")
         return list(value)
-
-    def flag_type(self) -> str:
-        return "list"
 
 
 def _resolve(spec: str) -> str:

@@ -393,16 +393,8 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
         raise FileNotFoundError(f"TFDS dataset {dataset!r} (split {split!r}) cannot be read "
                                 f"from {root}: {str(e).splitlines()[0]}; "
                                 + _prepare_hint(dataset, root)) from e
-    return records_to_examples(source, dataset, label=f"tfds:{dataset}[{split}]")
-
-
-def records_to_examples(source: Any, dataset: str, *, label: str | None = None,
-                        batch_size: int = 1024) -> list[QAExample]:
-    """All records of a random-access source (``len`` and ``[i]``, or ``__getitems__``) of a
-    TFDS QA dataset as examples."""
-    label = label or f"tfds:{dataset}"
-    return [tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
-            for i, r in source_records(source, batch_size)]
+    return [tfds_record_to_example(dataset, r, i, where=f"tfds:{dataset}[{split}] record {i}")
+            for i, r in source_records(source, 1024)]
 
 
 def load_qa(spec: str | os.PathLike, *, split: str = "test",
