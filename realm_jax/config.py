@@ -129,9 +129,6 @@ def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, 
         raise ValueError(str(e).removeprefix("flag ")) from e
 
 
-# config_flags reads a value by the type of the field's current value and has no parser for
-# None (sharding_rules, ORQA's refresh.scann) or lists (tuples read back from config.json):
-# read those as Python literals.
 config_flags.register_flag_parser_for_type(type(None), _LiteralParser())
 config_flags.register_flag_parser_for_type(list, _ListParser())
 

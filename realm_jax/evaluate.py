@@ -2,18 +2,11 @@
 recall@k), generation (BLEU-1, ROUGE-L, Q-BLEU-1, distinct n-grams), label accuracy (FEVER),
 KILT provenance (R-precision, recall@k), and the scoring of a predictions file.
 
-Pure Python (no JAX); imports nothing from `realm_jax.data` (which imports it). Which figure
-is per sentence and which per corpus follows each metric's official script:
-
-- per example, then the mean: exact match, token F1 (SQuAD), ROUGE-L (MS MARCO's script),
-  Q-BLEU-1 (the reference implementation), label accuracy, KILT R-precision and recall@k;
-- per corpus: BLEU-1 (MS MARCO's script), distinct n-grams (RAG's over all generations).
-
-Several references: the best over them (exact match, F1, Q-BLEU-1), or the statistics of all
-of them (BLEU's clipping and closest length, ROUGE-L's best precision and best recall), as the
-scripts do. BLEU-1, ROUGE-L and Q-BLEU-1 come from sacrebleu and rouge-score (imported on
-first use); Q-BLEU's answerability, distinct-n and KILT's metrics have no maintained library
-and are written here.
+Pure Python (no JAX); imports nothing from `realm_jax.data` (which imports it). Each metric
+is per example or per corpus, and scores several references, as its official script does (see
+:func:`score` and each metric). BLEU-1, ROUGE-L and Q-BLEU-1 come from sacrebleu and
+rouge-score (imported on first use); Q-BLEU's answerability, distinct-n and KILT's metrics
+have no maintained library and are written here.
 
 The QA rules, and where they come from:
 
