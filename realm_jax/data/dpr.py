@@ -21,10 +21,6 @@ negatives taken from ``hard_negative_ctxs`` first and, when those run out, from
 shuffles for training). Unlike DPR, whose batches hold a varying number of passages, the
 layout is fixed: a question short of negatives gets empty slots marked invalid
 (``passage_valid``), which the loss (`realm_jax.objectives.retrieval.dpr_loss`) leaves out.
-
-Rows: questions ``[CLS] question [SEP]``; passages ``[CLS] title [SEP] text [SEP]`` (DPR's
-``insert_title``; the corpus embedder's layout for DPR stores, `realm_jax.data.rows`), or
-``[CLS] text [SEP]`` with ``title=False``.
 """
 
 from __future__ import annotations
@@ -190,14 +186,16 @@ def choose_passages(record: DprRecord, num_hard_negatives: int, rng: np.random.G
 
 
 class DprExampleMaker:
-    """Tokenizes DPR records into fixed-length rows.
+    """Tokenizes DPR records into fixed-length rows, in the layout of the corpus embedder's
+    rows for DPR stores (`realm_jax.data.rows`): questions ``[CLS] question [SEP]``.
 
     Args:
       tokenizer: a local Hugging Face folder or a loaded fast tokenizer.
       num_hard_negatives: h, negatives per question.
       question_length, passage_length: row lengths with special tokens (longer texts lose
         their end; a title keeps at most half a passage row).
-      title: ``[CLS] title [SEP] text [SEP]`` passages (DPR's default) or ``[CLS] text [SEP]``.
+      title: ``[CLS] title [SEP] text [SEP]`` passages (DPR's ``insert_title``, its default)
+        or ``[CLS] text [SEP]``.
       shuffle, shuffle_positives: as :func:`choose_passages`.
     """
 

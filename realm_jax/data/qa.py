@@ -1,5 +1,6 @@
-"""Open-domain QA datasets: local JSONL/JSON/TSV files, prepared TFDS datasets, and cloze
-questions made from a block store.
+"""Open-domain QA datasets: local JSONL/JSON/TSV files, prepared TFDS datasets
+(:func:`load_tfds_qa`), and cloze questions made from a block store
+(:func:`questions_from_store`).
 
 Files (:func:`read_qa`):
 
@@ -15,11 +16,6 @@ Files (:func:`read_qa`):
 
 A bad row raises :class:`QADataError` naming the file, the line (or record) and the field;
 blank lines and a ``question<TAB>answer(s)`` header line are skipped, counted and logged.
-
-TFDS (:func:`load_tfds_qa`): ``natural_questions_open``, ``web_questions`` and ``trivia_qa``,
-read through ``tfds.data_source`` (array_record, no TensorFlow), never downloaded.
-
-:func:`questions_from_store` makes cloze questions from a block store, for demos and tests.
 """
 
 from __future__ import annotations
