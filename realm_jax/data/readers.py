@@ -10,6 +10,7 @@ import bz2
 import collections
 import dataclasses
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -183,12 +184,18 @@ def decode_text(value: Any) -> str:
     return str(value)
 
 
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` consecutive items of ``items``, the last one possibly shorter."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
 def source_records(source: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
     """``(index, record)`` of a random-access source (``len`` and ``[i]``, or
     ``__getitems__``) in index order, fetched ``batch_size`` at a time."""
     get_many = getattr(source, "__getitems__", None)
-    for first in range(0, len(source), batch_size):
-        indices = list(range(first, min(first + batch_size, len(source))))
+    for indices in batched(range(len(source)), batch_size):
         yield from zip(indices, get_many(indices) if get_many else [source[i] for i in indices])
 
 
