@@ -112,14 +112,11 @@ def _check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
         raise ValueError(f"{flag}: no such field (known here: {', '.join(sorted(node.keys()))})")
 
 
-def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-    """Sets `field=value` overrides in place through config_flags (each value read as the
-    field's current type)."""
-    if not overrides:
-        return
-    for dotted, _ in overrides:
-        _check_field(config, dotted)
-    argv = ["realm-jax"] + [f"--config.{dotted}={raw}" for dotted, raw in overrides]
+def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets `--config.DOTTED=RAW` in `config` (e.g. a run's saved WORKDIR/config.json)
+    through config_flags: RAW is read as the field's current type."""
+    _check_field(config, dotted)
+    argv = ["realm-jax", f"--config.{dotted}={raw}"]
     holder = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", config, flag_values=holder, lock_config=False,
                                     sys_argv=argv)
@@ -131,11 +128,6 @@ def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, 
 
 config_flags.register_flag_parser_for_type(type(None), _LiteralParser())
 config_flags.register_flag_parser_for_type(list, _ListParser())
-
-
-def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
-    """Sets `--config.DOTTED=RAW` in `config` (e.g. a run's saved WORKDIR/config.json)."""
-    _override(config, [(dotted, raw)])
 
 
 def parse_config_flags(argv: Sequence[str], default: str | None = None
@@ -159,7 +151,8 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
     if spec is None:
         raise ValueError("no config given: pass --config configs/NAME.py")
     config = _load(spec)
-    _override(config, overrides)
+    for dotted, raw in overrides:
+        apply_override(config, dotted, raw)
     return config, rest
 
 
