@@ -615,8 +615,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = "EM" if summary["answered"] == summary["count"] else f"EM (n={summary['answered']})"
         columns.append((label, f"{100 * summary['exact_match']:.1f}"))
     for prefix, label in (("recall@", "R@"), ("gold_recall@", "gold R@")):
-        keys = sorted((int(k[len(prefix):]) for k in summary if k.startswith(prefix)))
-        for k in keys:
+        for k in sorted(int(key[len(prefix):]) for key in summary if key.startswith(prefix)):
             name = f"{label}{k}" + (f" (n={summary['gold_count']})"
                                     if prefix == "gold_recall@" else "")
             columns.append((name, f"{100 * summary[f'{prefix}{k}']:.1f}"))
