@@ -430,13 +430,10 @@ def _update(base: BlockStore, root: Path, add, remove, tokenizer, batch_document
     docs = _documents(base)
     documents = dict.fromkeys(("added", "removed", "replaced", "unchanged"), 0)
     blocks = dict.fromkeys(("added", "removed", "replaced_old", "replaced_new", "unchanged"), 0)
-    removed: set[int] = set()
     missing = [i for i in removes if i not in docs]
-    for doc_id in removes:
-        if doc_id in docs:
-            removed.update(docs[doc_id][1])
-            documents["removed"] += 1
-            blocks["removed"] += len(docs[doc_id][1])
+    dropped = [docs[i][1] for i in removes if i in docs]   # each document's own block ids
+    removed = {block for ids in dropped for block in ids}
+    documents["removed"], blocks["removed"] = len(dropped), len(removed)
     appended: list[tuple[Document, list[_Block], int]] = []
     if adds:
         tok = _store_tokenizer(base, tokenizer)
