@@ -302,7 +302,7 @@ def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
     """One TFDS record (a dict of numpy values, as ``tfds.data_source`` gives them) of
     ``natural_questions_open``, ``web_questions`` or ``trivia_qa`` (any config) as a
     :class:`QAExample`. TriviaQA's answers are its value then its aliases, without repeats."""
-    base = dataset.removeprefix("tfds:").split("/")[0].split(":")[0]
+    base = _tfds_parts(dataset)[0]
     where = where or f"tfds:{dataset} record {index}"
     hint = ""
     if base == "natural_questions_open":
