@@ -244,8 +244,29 @@ def read_data_source(source: Any, skips: SkipCounter, *, label: str = "data sour
 
     ``id_field=None`` uses the record index as the id.
     """
-    return _Sized(_iter_data_source(source, skips, label, id_field, title_field, text_field,
-                                    batch_size), len(source))
+    def documents() -> Iterator[Document]:
+        for index, record in source_records(source, batch_size):
+            where = f"{label} record {index}"
+            fields = {}
+            for key in (id_field, title_field, text_field):
+                if key is None:
+                    continue
+                if key not in record:
+                    skips.skip(f"missing_field:{key}", where)
+                    break
+                try:
+                    fields[key] = decode_text(record[key])
+                except UnicodeDecodeError:
+                    skips.skip("bad_utf8", f"{where} field {key}")
+                    break
+            else:
+                if not fields[text_field].strip():
+                    skips.skip("empty_text", where)
+                    continue
+                doc_id = str(index) if id_field is None else fields[id_field]
+                yield Document(doc_id, fields[title_field], fields[text_field])
+
+    return _Sized(documents(), len(source))
 
 
 class _Sized:
@@ -259,31 +280,6 @@ class _Sized:
 
     def __len__(self) -> int:
         return self._length
-
-
-def _iter_data_source(source: Any, skips: SkipCounter, label: str, id_field: str | None,
-                      title_field: str, text_field: str, batch_size: int
-                      ) -> Iterator[Document]:
-    for index, record in source_records(source, batch_size):
-        where = f"{label} record {index}"
-        fields = {}
-        for key in (id_field, title_field, text_field):
-            if key is None:
-                continue
-            if key not in record:
-                skips.skip(f"missing_field:{key}", where)
-                break
-            try:
-                fields[key] = decode_text(record[key])
-            except UnicodeDecodeError:
-                skips.skip("bad_utf8", f"{where} field {key}")
-                break
-        else:
-            if not fields[text_field].strip():
-                skips.skip("empty_text", where)
-                continue
-            doc_id = str(index) if id_field is None else fields[id_field]
-            yield Document(doc_id, fields[title_field], fields[text_field])
 
 
 def _local(tag: str) -> str:
