@@ -39,7 +39,7 @@ import numpy as np
 from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.qa import (QADataError, json_array_records, json_object, jsonl_records,
-                               required_text)
+                               required_text, string_list)
 from realm_jax.data.readers import SkipCounter, file_format, require_file
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
@@ -118,11 +118,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
 def parse_dpr_record(record: Any, where: str) -> DprRecord:
     """Validates one DPR record (a parsed JSON object)."""
     question = required_text(json_object(record, where).get("question"), where, "question")
-    answers = record.get("answers", [])
-    if isinstance(answers, str):
-        answers = [answers]
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise QADataError(where, "answers", "expected a list of strings")
+    answers = string_list(record.get("answers", []), where, "answers")
     ctxs = {name: _passages(record.get(name), where, name) for name in CTX_FIELDS}
     extra = {k: v for k, v in record.items()
              if k not in ("question", "answers") + CTX_FIELDS}

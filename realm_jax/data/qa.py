@@ -77,7 +77,7 @@ class QADataError(ValueError):
         self.where, self.field = where, field
 
 
-def _strings(value: Any, where: str, field: str) -> list[str]:
+def string_list(value: Any, where: str, field: str) -> list[str]:
     """A string or a list of strings (JSON ints as ids are accepted for gold passages)."""
     if isinstance(value, str):
         return [value]
@@ -151,10 +151,10 @@ def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str],
     key = "answers" if "answers" in record else "answer"
     if key not in record:
         raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")
-    answers = _strings(record[key], where, key)
+    answers = string_list(record[key], where, key)
     qid = next((str(record[k]) for k in ("id", "qid", "question_id") if k in record), None)
     if "gold_passages" in record:
-        gold = _strings(record["gold_passages"], where, "gold_passages")
+        gold = string_list(record["gold_passages"], where, "gold_passages")
     elif "positive_ctxs" in record:
         ctxs = record["positive_ctxs"]
         if not isinstance(ctxs, list) or not all(
@@ -206,7 +206,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
         except (ValueError, SyntaxError) as e:
             raise QADataError(where, "answers", f"unparsable list literal {text[:80]!r} "
                                                 f"({type(e).__name__})") from None
-        return _strings(value, where, "answers")
+        return string_list(value, where, "answers")
     if not text:
         return []
     if is_regex:
