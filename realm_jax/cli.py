@@ -134,7 +134,7 @@ def _config(args: argparse.Namespace):
 
     if args.config:
         return config_lib.parse_config_flags([f"--config={args.config}"] + args.overrides)[0]
-    if args.command in ("train", "refresh", "aot"):
+    if not args.saved_config:
         raise ValueError(f"{args.command}: --config configs/NAME.py is required")
     from realm_jax.workdir import Workdir
     config = Workdir(args.workdir).read_config()
@@ -278,15 +278,14 @@ def _embedding_flags(parser: argparse.ArgumentParser) -> None:
                              "no effect on GPU/TPU devices or when XLA_FLAGS sets the count")
 
 
-def _config_flag(parser: argparse.ArgumentParser, default: str = "configs/NAME.py",
+def _config_flag(parser: argparse.ArgumentParser, saved: bool = False,
                  fields: str = "FIELD") -> None:
-    """--config; main() collects its --config.FIELD=VALUE overrides into args.overrides."""
+    """--config (or, when `saved`, the run's own); main() collects its --config.FIELD=VALUE
+    overrides into args.overrides."""
+    default = "default: the run's WORKDIR/config.json" if saved else "configs/NAME.py"
     parser.add_argument("--config", help=f"experiment config ({default}); override fields "
                         f"with --config.{fields}=VALUE")
-    parser.set_defaults(overrides=[])
-
-
-_SAVED_CONFIG = "default: the run's WORKDIR/config.json"
+    parser.set_defaults(overrides=[], saved_config=saved)
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -413,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     def run_command(name: str, run, help: str) -> argparse.ArgumentParser:
         p = command(name, run, help)
         p.add_argument("--workdir", required=True, help="the fine-tuning run's working folder")
-        _config_flag(p, _SAVED_CONFIG)
+        _config_flag(p, saved=True)
         p.add_argument("--step", type=int, help="checkpoint (default: newest)")
         return p
 
@@ -447,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "one per line on stdin) from WORKDIR's newest index snapshot")
     p.add_argument("--workdir", required=True, help="a workdir with an index (retrieval, "
                    "REALM, ORQA or RAG)")
-    _config_flag(p, _SAVED_CONFIG)
+    _config_flag(p, saved=True)
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per question")
     p.add_argument("question", nargs="*", help="questions")
@@ -495,13 +494,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     which orbax/tensorstore restore failures and JSON errors are too), every OSError (file
     missing or existing, permission, disk full), a damaged index snapshot, a safetensors file
     that cannot be read."""
+    from safetensors import SafetensorError
+
     from realm_jax.index.store import SnapshotError
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError, SnapshotError)
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return errors
-    return errors + (SafetensorError,)
+    return ValueError, OSError, SnapshotError, SafetensorError
 
 
 def _one_line(error: BaseException) -> str:

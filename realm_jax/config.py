@@ -38,9 +38,6 @@ class _LiteralParser(flags.ArgumentParser):
         except (ValueError, SyntaxError):
             return argument
 
-    def flag_type(self) -> str:
-        return "literal"
-
 
 class _ListParser(flags.ArgumentParser):
     """A list or tuple literal, as a list (for a list field)."""
@@ -50,9 +47,6 @@ class _ListParser(flags.ArgumentParser):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{argument!r} is not a list")
         return list(value)
-
-    def flag_type(self) -> str:
-        return "list"
 
 
 def _resolve(spec: str) -> str:
@@ -118,14 +112,11 @@ def _check_field(config: ml_collections.ConfigDict, dotted: str) -> None:
         raise ValueError(f"{flag}: no such field (known here: {', '.join(sorted(node.keys()))})")
 
 
-def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-    """Sets `field=value` overrides in place through config_flags (each value read as the
-    field's current type)."""
-    if not overrides:
-        return
-    for dotted, _ in overrides:
-        _check_field(config, dotted)
-    argv = ["realm-jax"] + [f"--config.{dotted}={raw}" for dotted, raw in overrides]
+def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets `--config.DOTTED=RAW` in `config` (e.g. a run's saved WORKDIR/config.json)
+    through config_flags: RAW is read as the field's current type."""
+    _check_field(config, dotted)
+    argv = ["realm-jax", f"--config.{dotted}={raw}"]
     holder = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", config, flag_values=holder, lock_config=False,
                                     sys_argv=argv)
@@ -135,16 +126,8 @@ def _override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, 
         raise ValueError(str(e).removeprefix("flag ")) from e
 
 
-# config_flags reads a value by the type of the field's current value and has no parser for
-# None (sharding_rules, ORQA's refresh.scann) or lists (tuples read back from config.json):
-# read those as Python literals.
 config_flags.register_flag_parser_for_type(type(None), _LiteralParser())
 config_flags.register_flag_parser_for_type(list, _ListParser())
-
-
-def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
-    """Sets `--config.DOTTED=RAW` in `config` (e.g. a run's saved WORKDIR/config.json)."""
-    _override(config, [(dotted, raw)])
 
 
 def parse_config_flags(argv: Sequence[str], default: str | None = None
@@ -168,7 +151,8 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None
     if spec is None:
         raise ValueError("no config given: pass --config configs/NAME.py")
     config = _load(spec)
-    _override(config, overrides)
+    for dotted, raw in overrides:
+        apply_override(config, dotted, raw)
     return config, rest
 
 

@@ -2,18 +2,11 @@
 recall@k), generation (BLEU-1, ROUGE-L, Q-BLEU-1, distinct n-grams), label accuracy (FEVER),
 KILT provenance (R-precision, recall@k), and the scoring of a predictions file.
 
-Pure Python (no JAX); imports nothing from `realm_jax.data` (which imports it). Which figure
-is per sentence and which per corpus follows each metric's official script:
-
-- per example, then the mean: exact match, token F1 (SQuAD), ROUGE-L (MS MARCO's script),
-  Q-BLEU-1 (the reference implementation), label accuracy, KILT R-precision and recall@k;
-- per corpus: BLEU-1 (MS MARCO's script), distinct n-grams (RAG's over all generations).
-
-Several references: the best over them (exact match, F1, Q-BLEU-1), or the statistics of all
-of them (BLEU's clipping and closest length, ROUGE-L's best precision and best recall), as the
-scripts do. BLEU-1, ROUGE-L and Q-BLEU-1 come from sacrebleu and rouge-score (imported on
-first use); Q-BLEU's answerability, distinct-n and KILT's metrics have no maintained library
-and are written here.
+Pure Python (no JAX); imports nothing from `realm_jax.data` (which imports it). Each metric
+is per example or per corpus, and scores several references, as its official script does (see
+:func:`score` and each metric). BLEU-1, ROUGE-L and Q-BLEU-1 come from sacrebleu and
+rouge-score (imported on first use); Q-BLEU's answerability, distinct-n and KILT's metrics
+have no maintained library and are written here.
 
 The QA rules, and where they come from:
 
@@ -622,8 +615,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = "EM" if summary["answered"] == summary["count"] else f"EM (n={summary['answered']})"
         columns.append((label, f"{100 * summary['exact_match']:.1f}"))
     for prefix, label in (("recall@", "R@"), ("gold_recall@", "gold R@")):
-        keys = sorted((int(k[len(prefix):]) for k in summary if k.startswith(prefix)))
-        for k in keys:
+        for k in sorted(int(key[len(prefix):]) for key in summary if key.startswith(prefix)):
             name = f"{label}{k}" + (f" (n={summary['gold_count']})"
                                     if prefix == "gold_recall@" else "")
             columns.append((name, f"{100 * summary[f'{prefix}{k}']:.1f}"))
@@ -713,14 +705,11 @@ def score(examples: Sequence[ScoredExample], metrics: str | Iterable[str] = DEFA
     return out
 
 
-def _field(record: dict, names: tuple[str, ...], where: str, expected: str,
-           optional: bool = False) -> Any:
-    """The value of the first of ``names`` in ``record``; missing: None when optional."""
+def _field(record: dict, names: tuple[str, ...], where: str, expected: str) -> Any:
+    """The value of the first of ``names`` in ``record``."""
     for name in names:
         if name in record:
             return record[name]
-    if optional:
-        return None
     alternatives = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
     raise ValueError(f"{where}: field {names[0]!r}{alternatives}: missing; expected {expected}")
 

@@ -127,9 +127,8 @@ class AnswerMatcher:
         somewhere (a substring test, far cheaper): a block holding that answer's
         tokens meets it (has_answer's tokens are NFKC-lowercased pieces of the text;
         folding both sides keeps e.g. a final sigma from mattering)."""
-        firsts = None
-        if not regex:
-            firsts = {_fold(tokens[0][0]) for tokens in map(ev.answer_tokens, answers) if tokens}
+        firsts = None if regex else {_fold(tokens[0][0])
+                                     for tokens in map(ev.answer_tokens, answers) if tokens}
         out = np.zeros(len(block_ids), bool)
         for i, b in enumerate(np.asarray(block_ids).tolist()):
             if b < 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import queue
@@ -20,7 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from realm_jax.data.blocks import MODES, Mode, load_tokenizer, spans_in, split_document
-from realm_jax.data.readers import Document, SkipCounter, detect_format, read_documents
+from realm_jax.data.readers import (Document, SkipCounter, batched, detect_format,
+                                    read_documents)
 from realm_jax.data.store import (UPDATE_LOCK, VERSIONS_DIR, BlockStore, BlockStoreWriter,
                                   check_replaceable, version_folder)
 from realm_jax.durable import TRASH_PREFIX, ProcessLock
@@ -187,6 +189,8 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
     if max_tokens < 1 or passage_words < 1:
         raise ValueError(f"max_tokens and passage_words must be positive, got {max_tokens} "
                          f"and {passage_words}")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be positive (or None: all), got {max_documents}")
     started = time.perf_counter()
     skips = SkipCounter()
     if isinstance(source, (str, os.PathLike)) and not os.fspath(source).startswith("tfds:"):
@@ -237,17 +241,9 @@ def prepare_corpus(source: str | os.PathLike | Iterable[Document], output_dir: s
             bar.set_postfix(blocks=len(writer), skipped=sum(skips.counts.values()),
                             refresh=False)
 
-        batch: list[Document] = []
-        read = 0
-        for doc in _prefetch(documents, 4 * batch_documents):
-            batch.append(doc)
-            read += 1
-            if len(batch) >= batch_documents:
-                flush(batch)
-                batch = []
-            if max_documents is not None and read >= max_documents:
-                break
-        if batch:
+        # not bound to a name: the reader thread stops once the loop drops the iterators
+        for batch in batched(itertools.islice(_prefetch(documents, 4 * batch_documents),
+                                              max_documents), batch_documents):
             flush(batch)
         if len(writer) == 0:
             raise ValueError(f"no usable documents in {source_info['path']}: "
@@ -434,20 +430,15 @@ def _update(base: BlockStore, root: Path, add, remove, tokenizer, batch_document
     docs = _documents(base)
     documents = dict.fromkeys(("added", "removed", "replaced", "unchanged"), 0)
     blocks = dict.fromkeys(("added", "removed", "replaced_old", "replaced_new", "unchanged"), 0)
-    removed: set[int] = set()
     missing = [i for i in removes if i not in docs]
-    for doc_id in removes:
-        if doc_id in docs:
-            removed.update(docs[doc_id][1])
-            documents["removed"] += 1
-            blocks["removed"] += len(docs[doc_id][1])
+    dropped = [docs[i][1] for i in removes if i in docs]   # each document's own block ids
+    removed = {block for ids in dropped for block in ids}
+    documents["removed"], blocks["removed"] = len(dropped), len(removed)
     appended: list[tuple[Document, list[_Block], int]] = []
     if adds:
         tok = _store_tokenizer(base, tokenizer)
         next_ordinal = int(np.max(base.doc_index, initial=-1)) + 1
-        batch = list(adds.values())
-        for start in range(0, len(batch), batch_documents):
-            chunk = batch[start:start + batch_documents]
+        for chunk in batched(adds.values(), batch_documents):
             for doc, doc_blocks in _document_blocks(chunk, tok, base.settings, skips, label):
                 old = docs.get(doc.doc_id)
                 if old is None:

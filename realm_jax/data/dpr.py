@@ -21,10 +21,6 @@ negatives taken from ``hard_negative_ctxs`` first and, when those run out, from
 shuffles for training). Unlike DPR, whose batches hold a varying number of passages, the
 layout is fixed: a question short of negatives gets empty slots marked invalid
 (``passage_valid``), which the loss (`realm_jax.objectives.retrieval.dpr_loss`) leaves out.
-
-Rows: questions ``[CLS] question [SEP]``; passages ``[CLS] title [SEP] text [SEP]`` (DPR's
-``insert_title``; the corpus embedder's layout for DPR stores, `realm_jax.data.rows`), or
-``[CLS] text [SEP]`` with ``title=False``.
 """
 
 from __future__ import annotations
@@ -43,14 +39,14 @@ import numpy as np
 from realm_jax.data.blocks import load_tokenizer
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.qa import (QADataError, json_array_records, json_object, jsonl_records,
-                               required_text)
-from realm_jax.data.readers import SkipCounter, require_file
+                               required_text, string_list)
+from realm_jax.data.readers import SkipCounter, file_format, require_file
 from realm_jax.data.realm_examples import special_ids
 from realm_jax.data.rows import row
 from realm_jax.durable import atomic_write
 
 CTX_FIELDS = ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs")
-DPR_FORMATS = ("json", "jsonl")
+DPR_FORMATS = {"json": (".json",), "jsonl": (".jsonl", ".ndjson")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,24 +88,6 @@ class DprRecord:
 # ----------------------------------------------------------------------------- reading
 
 
-def detect_dpr_format(path: str | os.PathLike) -> str:
-    """``json`` (.json) or ``jsonl`` (.jsonl, .ndjson), with or without .gz."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    raise ValueError(f"cannot tell the DPR file format of {path}: name it .json (an array of "
-                     "records) or .jsonl (one record per line), or pass format=")
-
-
-def _format(path: Path, format: str) -> str:
-    fmt = detect_dpr_format(path) if format == "auto" else format
-    if fmt not in DPR_FORMATS:
-        raise ValueError(f"DPR format must be one of {DPR_FORMATS} or 'auto', got {format!r}")
-    return fmt
-
-
 def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
     if value is None:
         return ()
@@ -140,11 +118,7 @@ def _passages(value: Any, where: str, field: str) -> tuple[Passage, ...]:
 def parse_dpr_record(record: Any, where: str) -> DprRecord:
     """Validates one DPR record (a parsed JSON object)."""
     question = required_text(json_object(record, where).get("question"), where, "question")
-    answers = record.get("answers", [])
-    if isinstance(answers, str):
-        answers = [answers]
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise QADataError(where, "answers", "expected a list of strings")
+    answers = string_list(record.get("answers", []), where, "answers")
     ctxs = {name: _passages(record.get(name), where, name) for name in CTX_FIELDS}
     extra = {k: v for k, v in record.items()
              if k not in ("question", "answers") + CTX_FIELDS}
@@ -157,7 +131,8 @@ def read_dpr(path: str | os.PathLike, *, format: str = "auto",
     counted in ``skips`` (``no_positive_ctx``)."""
     path = require_file(path, "DPR data")
     skips = SkipCounter() if skips is None else skips
-    records = (json_array_records(path, "DPR records") if _format(path, format) == "json"
+    json_array = file_format(path, format, DPR_FORMATS, "DPR") == "json"
+    records = (json_array_records(path, "DPR records") if json_array
                else jsonl_records(path, skips))
     out = []
     for where, raw in records:
@@ -177,7 +152,7 @@ def write_dpr(path: str | os.PathLike, records: Sequence[DprRecord], *,
     atomically: a reader sees the old file or the whole new one."""
     path = Path(path)
     dicts = [r.to_json() for r in records]
-    if _format(path, format) == "json":
+    if file_format(path, format, DPR_FORMATS, "DPR") == "json":
         text = "[\n" + ",\n".join(json.dumps(d, ensure_ascii=False) for d in dicts) + "\n]\n"
     else:
         text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dicts)
@@ -207,14 +182,16 @@ def choose_passages(record: DprRecord, num_hard_negatives: int, rng: np.random.G
 
 
 class DprExampleMaker:
-    """Tokenizes DPR records into fixed-length rows.
+    """Tokenizes DPR records into fixed-length rows, in the layout of the corpus embedder's
+    rows for DPR stores (`realm_jax.data.rows`): questions ``[CLS] question [SEP]``.
 
     Args:
       tokenizer: a local Hugging Face folder or a loaded fast tokenizer.
       num_hard_negatives: h, negatives per question.
       question_length, passage_length: row lengths with special tokens (longer texts lose
         their end; a title keeps at most half a passage row).
-      title: ``[CLS] title [SEP] text [SEP]`` passages (DPR's default) or ``[CLS] text [SEP]``.
+      title: ``[CLS] title [SEP] text [SEP]`` passages (DPR's ``insert_title``, its default)
+        or ``[CLS] text [SEP]``.
       shuffle, shuffle_positives: as :func:`choose_passages`.
     """
 

@@ -1,5 +1,6 @@
-"""Open-domain QA datasets: local JSONL/JSON/TSV files, prepared TFDS datasets, and cloze
-questions made from a block store.
+"""Open-domain QA datasets: local JSONL/JSON/TSV files, prepared TFDS datasets
+(:func:`load_tfds_qa`), and cloze questions made from a block store
+(:func:`questions_from_store`).
 
 Files (:func:`read_qa`):
 
@@ -15,11 +16,6 @@ Files (:func:`read_qa`):
 
 A bad row raises :class:`QADataError` naming the file, the line (or record) and the field;
 blank lines and a ``question<TAB>answer(s)`` header line are skipped, counted and logged.
-
-TFDS (:func:`load_tfds_qa`): ``natural_questions_open``, ``web_questions`` and ``trivia_qa``,
-read through ``tfds.data_source`` (array_record, no TensorFlow), never downloaded.
-
-:func:`questions_from_store` makes cloze questions from a block store, for demos and tests.
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
-import gzip
 import itertools
 import json
 import logging
@@ -39,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.data.readers import (SkipCounter, decode_text, open_binary, require_file,
-                                    source_records)
+from realm_jax.data.readers import (SkipCounter, decode_text, file_format, open_binary,
+                                    require_file, source_records)
 from realm_jax.evaluate import compile_regex
 
 _log = logging.getLogger(__name__)
 
-QA_FORMATS = ("jsonl", "json", "tsv")
+QA_FORMATS = {"jsonl": (".jsonl", ".ndjson"), "json": (".json",),
+              "tsv": (".tsv", ".txt", ".csv")}
 TFDS_QA_DATASETS = ("natural_questions_open", "web_questions", "trivia_qa")
 TRIVIA_QA_DEFAULT_CONFIG = "unfiltered.nocontext"  # the open-domain setting of ORQA and DPR
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
@@ -81,7 +77,7 @@ class QADataError(ValueError):
         self.where, self.field = where, field
 
 
-def _strings(value: Any, where: str, field: str) -> list[str]:
+def string_list(value: Any, where: str, field: str) -> list[str]:
     """A string or a list of strings (JSON ints as ids are accepted for gold passages)."""
     if isinstance(value, str):
         return [value]
@@ -132,17 +128,6 @@ def _example(where: str, qid: str, question: Any, answers: list[str], *, is_rege
 # ----------------------------------------------------------------------------- files
 
 
-def detect_qa_format(path: str | os.PathLike) -> str:
-    """``jsonl`` (.jsonl, .jsonl.gz, .ndjson), ``json`` (.json) or ``tsv`` (.tsv, .txt, .csv)."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    for fmt, suffixes in (("jsonl", (".jsonl", ".ndjson")), ("json", (".json",)),
-                          ("tsv", (".tsv", ".txt", ".csv"))):
-        if name.endswith(suffixes):
-            return fmt
-    raise ValueError(f"cannot tell the QA file format of {path}: name it .jsonl, .json or "
-                     f".tsv, or pass format= one of {', '.join(QA_FORMATS)}")
-
-
 def text_lines(path: Path, skips: SkipCounter) -> Iterator[tuple[int, str, str]]:
     """(line number, "PATH:LINE", text) per non-blank line (blank ones counted in ``skips``),
     decoded one by one so a bad byte names its line."""
@@ -166,10 +151,10 @@ def _record_fields(record: Any, where: str) -> tuple[str | None, Any, list[str],
     key = "answers" if "answers" in record else "answer"
     if key not in record:
         raise QADataError(where, "answers", "missing (expected 'answers' or 'answer')")
-    answers = _strings(record[key], where, key)
+    answers = string_list(record[key], where, key)
     qid = next((str(record[k]) for k in ("id", "qid", "question_id") if k in record), None)
     if "gold_passages" in record:
-        gold = _strings(record["gold_passages"], where, "gold_passages")
+        gold = string_list(record["gold_passages"], where, "gold_passages")
     elif "positive_ctxs" in record:
         ctxs = record["positive_ctxs"]
         if not isinstance(ctxs, list) or not all(
@@ -195,8 +180,7 @@ def jsonl_records(path: Path, skips: SkipCounter) -> Iterator[tuple[str, Any]]:
 def load_json(path: Path, expected: str = "") -> Any:
     """A whole JSON file (``.gz`` too); invalid JSON raises QADataError naming the line,
     followed by ``expected`` (what the file should hold)."""
-    with (gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz"
-          else open(path, encoding="utf-8-sig")) as f:
+    with open_binary(path) as f:   # json reads bytes as UTF-8, a BOM skipped
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -222,7 +206,7 @@ def _tsv_answers(field: str, where: str, is_regex: bool) -> list[str]:
         except (ValueError, SyntaxError) as e:
             raise QADataError(where, "answers", f"unparsable list literal {text[:80]!r} "
                                                 f"({type(e).__name__})") from None
-        return _strings(value, where, "answers")
+        return string_list(value, where, "answers")
     if not text:
         return []
     if is_regex:
@@ -263,9 +247,7 @@ def read_qa(path: str | os.PathLike, *, format: str = "auto", regex: bool | None
     Without an id, a question's id is its position in the file (0-based, over kept rows).
     A missing file raises FileNotFoundError; a bad row (see the module docstring) QADataError."""
     p = require_file(path, "QA")
-    fmt = detect_qa_format(p) if format == "auto" else format
-    if fmt not in QA_FORMATS:
-        raise ValueError(f"unknown QA format {fmt!r}; expected one of {', '.join(QA_FORMATS)}")
+    fmt = file_format(p, format, QA_FORMATS, "QA")
     is_regex = "trec" in p.name.lower() if regex is None else regex
     skips = SkipCounter() if skips is None else skips
     if fmt == "tsv":
@@ -320,7 +302,7 @@ def tfds_record_to_example(dataset: str, record: dict[str, Any], index: int, *,
     """One TFDS record (a dict of numpy values, as ``tfds.data_source`` gives them) of
     ``natural_questions_open``, ``web_questions`` or ``trivia_qa`` (any config) as a
     :class:`QAExample`. TriviaQA's answers are its value then its aliases, without repeats."""
-    base = dataset.removeprefix("tfds:").split("/")[0].split(":")[0]
+    base = _tfds_parts(dataset)[0]
     where = where or f"tfds:{dataset} record {index}"
     hint = ""
     if base == "natural_questions_open":
@@ -387,10 +369,10 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
                                 f"in {root} (no {folder}/*/dataset_info.json); "
                                 + _prepare_hint(dataset, root))
     info = json.loads(infos[-1].read_text())  # the newest version when several
-    file_format = info.get("fileFormat", "tfrecord")
-    if file_format not in ("array_record", "parquet"):
+    stored_as = info.get("fileFormat", "tfrecord")
+    if stored_as not in ("array_record", "parquet"):
         raise ValueError(f"TFDS dataset {dataset!r} in {infos[-1].parent} was prepared as "
-                         f"{file_format}, which has no random access without TensorFlow; "
+                         f"{stored_as}, which has no random access without TensorFlow; "
                          + _prepare_hint(dataset, root))
     splits = {s.get("name") for s in info.get("splits", [])}
     for part in split.split("+"):
@@ -407,16 +389,8 @@ def load_tfds_qa(name: str, split: str, *, data_dir: str | os.PathLike | None = 
         raise FileNotFoundError(f"TFDS dataset {dataset!r} (split {split!r}) cannot be read "
                                 f"from {root}: {str(e).splitlines()[0]}; "
                                 + _prepare_hint(dataset, root)) from e
-    return records_to_examples(source, dataset, label=f"tfds:{dataset}[{split}]")
-
-
-def records_to_examples(source: Any, dataset: str, *, label: str | None = None,
-                        batch_size: int = 1024) -> list[QAExample]:
-    """All records of a random-access source (``len`` and ``[i]``, or ``__getitems__``) of a
-    TFDS QA dataset as examples."""
-    label = label or f"tfds:{dataset}"
-    return [tfds_record_to_example(dataset, r, i, where=f"{label} record {i}")
-            for i, r in source_records(source, batch_size)]
+    return [tfds_record_to_example(dataset, r, i, where=f"tfds:{dataset}[{split}] record {i}")
+            for i, r in source_records(source, 1024)]
 
 
 def load_qa(spec: str | os.PathLike, *, split: str = "test",

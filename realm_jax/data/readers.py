@@ -10,6 +10,7 @@ import bz2
 import collections
 import dataclasses
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -76,6 +77,25 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{what} file not found: {p}")
     return p
+
+
+def file_format(path: Path, format: str, formats: dict[str, tuple[str, ...]], what: str
+                ) -> str:
+    """``format`` if one of ``formats`` (name -> file name endings), or for ``"auto"`` the one
+    whose ending ``path`` has (a ``.gz`` after it aside); ValueError naming the ``what`` file
+    format otherwise."""
+    if format != "auto":
+        if format not in formats:
+            raise ValueError(f"unknown {what} format {format!r}; expected one of "
+                             f"{', '.join(formats)} or 'auto'")
+        return format
+    name = path.name.lower().removesuffix(".gz")
+    for fmt, endings in formats.items():
+        if name.endswith(endings):
+            return fmt
+    raise ValueError(f"cannot tell the {what} file format of {path}: name it "
+                     f"{' or '.join(e for endings in formats.values() for e in endings)}, or "
+                     f"pass format= one of {', '.join(formats)}")
 
 
 def open_binary(path: Path) -> IO[bytes]:
@@ -164,12 +184,18 @@ def decode_text(value: Any) -> str:
     return str(value)
 
 
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` consecutive items of ``items``, the last one possibly shorter."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
 def source_records(source: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
     """``(index, record)`` of a random-access source (``len`` and ``[i]``, or
     ``__getitems__``) in index order, fetched ``batch_size`` at a time."""
     get_many = getattr(source, "__getitems__", None)
-    for first in range(0, len(source), batch_size):
-        indices = list(range(first, min(first + batch_size, len(source))))
+    for indices in batched(range(len(source)), batch_size):
         yield from zip(indices, get_many(indices) if get_many else [source[i] for i in indices])
 
 
@@ -218,8 +244,29 @@ def read_data_source(source: Any, skips: SkipCounter, *, label: str = "data sour
 
     ``id_field=None`` uses the record index as the id.
     """
-    return _Sized(_iter_data_source(source, skips, label, id_field, title_field, text_field,
-                                    batch_size), len(source))
+    def documents() -> Iterator[Document]:
+        for index, record in source_records(source, batch_size):
+            where = f"{label} record {index}"
+            fields = {}
+            for key in (id_field, title_field, text_field):
+                if key is None:
+                    continue
+                if key not in record:
+                    skips.skip(f"missing_field:{key}", where)
+                    break
+                try:
+                    fields[key] = decode_text(record[key])
+                except UnicodeDecodeError:
+                    skips.skip("bad_utf8", f"{where} field {key}")
+                    break
+            else:
+                if not fields[text_field].strip():
+                    skips.skip("empty_text", where)
+                    continue
+                doc_id = str(index) if id_field is None else fields[id_field]
+                yield Document(doc_id, fields[title_field], fields[text_field])
+
+    return _Sized(documents(), len(source))
 
 
 class _Sized:
@@ -233,31 +280,6 @@ class _Sized:
 
     def __len__(self) -> int:
         return self._length
-
-
-def _iter_data_source(source: Any, skips: SkipCounter, label: str, id_field: str | None,
-                      title_field: str, text_field: str, batch_size: int
-                      ) -> Iterator[Document]:
-    for index, record in source_records(source, batch_size):
-        where = f"{label} record {index}"
-        fields = {}
-        for key in (id_field, title_field, text_field):
-            if key is None:
-                continue
-            if key not in record:
-                skips.skip(f"missing_field:{key}", where)
-                break
-            try:
-                fields[key] = decode_text(record[key])
-            except UnicodeDecodeError:
-                skips.skip("bad_utf8", f"{where} field {key}")
-                break
-        else:
-            if not fields[text_field].strip():
-                skips.skip("empty_text", where)
-                continue
-            doc_id = str(index) if id_field is None else fields[id_field]
-            yield Document(doc_id, fields[title_field], fields[text_field])
 
 
 def _local(tag: str) -> str:

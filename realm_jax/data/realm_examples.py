@@ -134,9 +134,7 @@ class QueryMaker:
     def from_block(self, store: BlockStore, block_id: int, *, seed: int = 0,
                    skipped: collections.Counter[str] | None = None) -> list[MaskedQuery]:
         """The queries of one block of a store."""
-        r = store.record(block_id)
-        return self.from_text(r.text, r.spans, block_id=r.block_id, doc_index=r.doc_index,
-                              doc_id=r.doc_id, seed=seed, skipped=skipped)
+        return list(self.iter_store(store, [block_id], seed=seed, skipped=skipped))
 
     def iter_store(self, store: BlockStore, block_ids: Iterable[int] | None = None, *,
                    seed: int = 0, skipped: collections.Counter[str] | None = None,

@@ -1,14 +1,7 @@
 """Salient spans (named entities and dates) and sentence splitting, for REALM's masking.
 
-A span finder maps a text to :class:`SalientSpan` character ranges. Finders here:
-
-- :class:`DateFinder`: regex patterns for dates ("14 March 1879", "March 14, 1879",
-  "July 1969", "1879", "1960s", "19th century", "44 BC", "1879-03-14").
-- :class:`NumberFinder`: numbers with an optional currency, percent or scale word.
-- :class:`CapitalizedPhraseFinder`: runs of capitalized words ("University of Cambridge",
-  "J. R. R. Tolkien"), with sentence-initial function words and possessives trimmed.
-- :class:`SpacyFinder`: spaCy NER, when spaCy and a model are installed (imported lazily).
-- :class:`CombinedFinder`: the union of several finders, overlaps resolved longest-first.
+A span finder maps a text to :class:`SalientSpan` character ranges: dates, numbers,
+capitalized phrases, spaCy entities, or the union of several (:func:`make_finder`).
 
 Wikipedia link anchors come with the documents (:class:`realm_jax.data.Span`);
 :func:`anchor_spans` turns them into salient spans, keeping only entity-like anchors by
@@ -133,7 +126,9 @@ _NUMBER_RE = re.compile(
 
 
 class DateFinder:
-    """Dates by pattern; labels ``DATE``. The article in "the 1960s" is not part of the span."""
+    """Dates by pattern ("14 March 1879", "March 14, 1879", "July 1969", "1879", "1960s",
+    "19th century", "44 BC", "1879-03-14"); labels ``DATE``. The article in "the 1960s" is not
+    part of the span."""
 
     def __call__(self, text: str) -> list[SalientSpan]:
         return [SalientSpan(m.start(), m.end(), "DATE") for m in _DATE_RE.finditer(text)]
@@ -166,8 +161,9 @@ _POSSESSIVE_RE = re.compile(r"['’]s?$")
 
 
 class CapitalizedPhraseFinder:
-    """Runs of capitalized words, joined by single spaces or by connectors ("of", "de",
-    "von", ...), as a cheap stand-in for NER on plain text; labels ``PHRASE``.
+    """Runs of capitalized words ("University of Cambridge", "J. R. R. Tolkien"), joined by
+    single spaces or by connectors ("of", "de", "von", ...), as a cheap stand-in for NER on
+    plain text; labels ``PHRASE``.
 
     Leading function words ("The", "In") and a trailing possessive ("'s") are trimmed. A
     single word at the start of a sentence is kept only if it has another capital ("NASA",

@@ -7,17 +7,12 @@
 - MS MARCO NLGen (:func:`read_msmarco`): the official v2.1 ``.json`` (an object of columns,
   each mapping a row number to the value: ``query``, ``query_id``, ``answers``,
   ``wellFormedAnswers``, where a row without well-formed answers holds ``[]`` or the string
-  "[]") or JSONL with those fields per line. The targets are the well-formed answers (the
-  NLGen task; rows without any are skipped), or with ``well_formed=False`` the answers
-  (Q&A; "No Answer Present." dropped).
-- Jeopardy question generation (:func:`read_jeopardy`): SearchQA-style JSONL, ``{"question":
-  the clue, "answer": the entity, ...}``; the input is the answer entity and the target the
-  clue, as in RAG.
+  "[]") or JSONL with those fields per line. "No Answer Present." is no answer.
+- Jeopardy question generation (:func:`read_jeopardy`), as in RAG.
 - FEVER (:func:`read_fever`): the FEVER JSONL (``{"id", "claim", "label", "evidence":
   [[[annotation_id, evidence_id, page, sentence], ...], ...]}``) or KILT's FEVER. Labels are
-  classes of a :class:`LabelSet`: the 3-way set, or the 2-way set of the RAG paper (SUPPORTS,
-  REFUTES; NOT ENOUGH INFO claims are skipped), each generated as a target text and mapped
-  back (:meth:`LabelSet.label_of`).
+  classes of a :class:`LabelSet`, each generated as a target text and mapped back
+  (:meth:`LabelSet.label_of`).
 
 Every reader returns :class:`TaskExample`, a :class:`~realm_jax.data.qa.QAExample` whose
 ``question`` is the model's input and ``answers`` the target references, so code written for

@@ -226,19 +226,14 @@ def wikitext_to_text(wikitext: str) -> tuple[str, list[Span]]:
     where ``text[start:end]`` is the anchor text and ``target`` the linked article title
     (first letter upper-cased, underscores as spaces, no ``#section``).
     """
-    text = _COMMENT_RE.sub("", wikitext)
-    text = _SELF_CLOSING_RE.sub("", text)
-    text = _ELEMENT_RE.sub("", text)
-    text = _strip_templates(text)
-    text = _strip_tables(text)
-    text = _strip_file_links(text)
-    text = _strip_sections(text)
-    text = _HEADING_RE.sub(r"\2", text)
-    text = _MAGIC_RE.sub("", text)
-    text = _QUOTES_RE.sub("", text)
-    text = _LIST_RE.sub("", text)
-    text = _BR_RE.sub(" ", text)
-    text = _TAG_RE.sub("", text)
+    text = wikitext
+    for pattern in (_COMMENT_RE, _SELF_CLOSING_RE, _ELEMENT_RE):
+        text = pattern.sub("", text)
+    for strip in (_strip_templates, _strip_tables, _strip_file_links, _strip_sections):
+        text = strip(text)
+    for pattern, replacement in ((_HEADING_RE, r"\2"), (_MAGIC_RE, ""), (_QUOTES_RE, ""),
+                                 (_LIST_RE, ""), (_BR_RE, " "), (_TAG_RE, "")):
+        text = pattern.sub(replacement, text)
     text = html.unescape(text)
     text = _EMPTY_PARENS_RE.sub("", text)
     text, spans = _render_links(text)
