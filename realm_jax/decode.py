@@ -352,11 +352,9 @@ def _encoded(params: Any, context_ids: Array, context_mask: Array | None, doc_sc
             context_mask.reshape(states.shape[:2]))
 
 
-def _expand(x: Array, b: int, n: int, k: int) -> Array:
+def _expand(x: Array, b: int, n: int) -> Array:
     """[B * K, ...] -> [B * N * K, ...]: every beam of a question gets its K documents."""
-    x = x.reshape((b, 1, k) + x.shape[1:])
-    x = jnp.broadcast_to(x, (b, n, k) + x.shape[3:])
-    return x.reshape((b * n * k,) + x.shape[3:])
+    return jnp.repeat(x.reshape((b, -1) + x.shape[1:]), n, axis=0).reshape((-1,) + x.shape[1:])
 
 
 _CONTEXT = ("context_key", "context_value")
@@ -413,7 +411,7 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
         raise ValueError("do_sample needs rng, a jax.random key")
     if r > n:
         raise ValueError(f"num_return_sequences {r} > num_beams {n}")
-    states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
+    states, flat_mask = _expand(states, b, n), _expand(flat_mask, b, n)
     scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
     decoder, cache = _decoder(bart, gp, states, flat_mask, k, gen.max_length - 1)
 

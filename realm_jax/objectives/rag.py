@@ -8,10 +8,9 @@ Shapes: B questions, K retrieved documents, T target positions, V vocabulary ent
                               positions equal to `pad_id` are masked out
     doc_scores  [B, K]        unnormalized retrieval scores; log p(z|x) = log_softmax over K
 
-A generator run over [B * K, ...] with the documents of one question contiguous (the
-layout of Hugging Face RAG) is brought to [B, K, ...] by `split_docs`. Hugging Face feeds
-the decoder inputs to its loss and shifts them inside (the label of position t is decoder
-input t + 1, a pad appended at the end); `shift_targets` does that shift.
+A generator output in Hugging Face RAG's [B * K, ...] layout becomes [B, K, ...] with
+`split_docs`; `shift_targets` makes the targets from the decoder inputs, as Hugging Face's
+loss does inside.
 
     RAG-Sequence  -log sum_z p(z|x) prod_t p(y_t|x, z, y_<t)
     RAG-Token     -sum_t log sum_z p(z|x) p(y_t|x, z, y_<t)
@@ -66,11 +65,9 @@ def doc_log_probs(doc_scores: Array) -> Array:
 
 
 def marginalize_token_logprobs(logits: Array, doc_scores: Array) -> Array:
-    """RAG-Token's marginal next-token log-distribution,
-    log sum_z p(z|x) p(v|x, z, ...): [B, K, ..., V] logits, [B, K] scores -> [B, ..., V].
-
-    Works for whole sequences ([B, K, T, V] -> [B, T, V]) and single decoding steps
-    ([B, K, V] -> [B, V]) alike."""
+    """RAG-Token's marginal next-token log-distribution log sum_z p(z|x) p(v|x, z, ...):
+    [B, K, ..., V] logits, [B, K] scores -> [B, ..., V], for whole sequences ([B, K, T, V])
+    and single decoding steps ([B, K, V]) alike."""
     lp_z = doc_log_probs(doc_scores)
     lp_z = lp_z.reshape(lp_z.shape + (1,) * (logits.ndim - 2))
     return jax.nn.logsumexp(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) + lp_z, axis=1)
