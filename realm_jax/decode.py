@@ -19,11 +19,11 @@ documents, N beams, M = max_length, V vocabulary entries.
 The search follows transformers' `generate` with the same settings (`GenerationConfig`):
 decoding starts from `decoder_start_token_id`; its logits processors (`_process`), then for
 sampling its warpers (`_warp`), apply in its order; `beam_search` is its beam search step
-for step. RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does (labels = the
-hypothesis, the first target dropped when every hypothesis of the question starts with bos,
-pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py),
-and that its candidate beams are generated with the contexts' attention mask, which
-transformers leaves out (see `rag_sequence_generate`).
+for step. RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does
+(labels = the hypothesis, the first target dropped when every hypothesis of the question
+starts with bos, pads masked), except that the document prior always counts (see
+realm_jax/objectives/rag.py), and that its candidate beams are generated with the contexts'
+attention mask, which transformers leaves out (see `rag_sequence_generate`).
 """
 
 from __future__ import annotations

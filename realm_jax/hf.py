@@ -496,9 +496,8 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / SAFETENSORS
     if single.exists():
-        with _reading_safetensors(single):
-            with safe_open(str(single), "np") as f:
-                return {k: single for k in f.keys()}
+        with _reading_safetensors(single), safe_open(str(single), "np") as f:
+            return {k: single for k in f.keys()}
     for name in ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack"):
         if (folder / name).exists():
             raise CheckpointError(
@@ -512,14 +511,11 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 def _read_tensors(files: dict[str, Path], keys: Iterable[str]) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
-    by_file: dict[Path, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(files[k], []).append(k)
+    keys = list(keys)
     out = {}
-    for file, names in by_file.items():
+    for file in {files[k] for k in keys}:
         with _reading_safetensors(file), safe_open(str(file), "np") as f:
-            for k in names:
-                out[k] = f.get_tensor(k)
+            out.update({k: f.get_tensor(k) for k in keys if files[k] == file})
     return out
 
 
@@ -536,12 +532,11 @@ def _reading_safetensors(file: Path) -> Iterator[None]:
 
 
 def _body_prefix(keys: Iterable[str]) -> str:
-    for k in keys:
-        if k.endswith("embeddings.word_embeddings.weight"):
-            return k[: -len("embeddings.word_embeddings.weight")]
-    for k in keys:  # BART: "shared.weight" or "model.shared.weight"
-        if k == "shared.weight" or k.endswith(".shared.weight"):
-            return k[: -len("shared.weight")]
+    """What precedes the body's keys, e.g. "bert." or "model." ("" for none)."""
+    for suffix in ("embeddings.word_embeddings.weight", "shared.weight"):  # BERT, BART
+        for k in keys:
+            if k == suffix or k.endswith("." + suffix):
+                return k[: -len(suffix)]
     return ""
 
 

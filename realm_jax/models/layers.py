@@ -63,10 +63,9 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Any,
-          name: str | None = None, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=param_init(axes), bias_init=zeros_init(axes[1:]), name=name)
+          name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=param_init(axes),
+                    bias_init=zeros_init(axes[1:]), name=name)
 
 
 class Projection(nn.Module):
