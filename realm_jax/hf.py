@@ -423,36 +423,34 @@ def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr.reshape({"vector": (-1,), "matrix": arr.shape, "row": (1, -1)}[kind])
 
 
-def stack_layers(params: dict) -> dict:
-    """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
-    (the nn.scan layout), wherever a `layers` LayerStack appears in the tree. Each stack
-    keeps its own depth (BART's encoder and decoder may differ)."""
+def _map_layer_stacks(params: dict, fn: Callable[[dict], dict]) -> dict:
+    """`params` with the subtree of every LayerStack (a "layers" key) replaced by `fn` of it."""
     if not isinstance(params, dict):
         return params
-    out = {}
-    for name, sub in params.items():
-        if name == "layers" and isinstance(sub, dict) and "layers_0" in sub:
-            per_layer = [sub[f"layers_{i}"] for i in range(len(sub))]
-            out[name] = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
-        else:
-            out[name] = stack_layers(sub)
-    return out
+    return {name: fn(sub) if name == "layers" else _map_layer_stacks(sub, fn)
+            for name, sub in params.items()}
+
+
+def stack_layers(params: dict) -> dict:
+    """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
+    (the nn.scan layout), in every LayerStack of the tree. Each stack keeps its own depth
+    (BART's encoder and decoder may differ)."""
+    def stack(layers: dict) -> dict:
+        per_layer = [layers[f"layers_{i}"] for i in range(len(layers))]
+        return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+
+    return _map_layer_stacks(params, stack)
 
 
 def unstack_layers(params: dict) -> dict:
     """Inverse of `stack_layers`."""
-    if not isinstance(params, dict):
-        return params
-    out = {}
-    for name, sub in params.items():
-        if name == "layers" and isinstance(sub, dict) and set(sub) == {"layers"}:
-            stacked = sub["layers"]
-            n = jax.tree.leaves(stacked)[0].shape[0]
-            out[name] = {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], stacked)
-                         for i in range(n)}
-        else:
-            out[name] = unstack_layers(sub)
-    return out
+    def unstack(layers: dict) -> dict:
+        stacked = layers["layers"]
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        return {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+                for i in range(n)}
+
+    return _map_layer_stacks(params, unstack)
 
 
 def _encoder_of(cfg) -> EncoderConfig | None:
