@@ -386,21 +386,19 @@ def _layout_for(hf: dict, where: Path) -> tuple[Layout, str]:
 
 
 def _layout_for_config(cfg, architecture: str | None) -> tuple[Layout, str]:
-    if architecture:
-        for layout in LAYOUTS:
-            if architecture in layout.architectures:
-                return layout, architecture
-        raise CheckpointError(f"unknown architecture {architecture!r}")
-    if isinstance(cfg, EmbedderConfig):
-        arch = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder",
-                "mean": "BertModel"}[cfg.pooling]
-    else:
+    if not architecture and isinstance(cfg, EmbedderConfig):
+        architecture = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder",
+                        "mean": "BertModel"}[cfg.pooling]
+    elif not architecture:
         defaults = {EncoderConfig: "BertModel", MaskedLMConfig: "BertForMaskedLM",
                     SpanReaderConfig: "RealmReader"}
-        arch = defaults.get(type(cfg), getattr(cfg, "hf_architecture", None))
-    if arch is None:
-        raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
-    return _layout_for_config(cfg, arch)
+        architecture = defaults.get(type(cfg), getattr(cfg, "hf_architecture", None))
+        if architecture is None:
+            raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
+    for layout in LAYOUTS:
+        if architecture in layout.architectures:
+            return layout, architecture
+    raise CheckpointError(f"unknown architecture {architecture!r}")
 
 
 # ---------------------------------------------------------------------------------------
