@@ -17,19 +17,13 @@ documents, N beams, M = max_length, V vocabulary entries.
   pass and counts p(y|x, z) as 0 for a document whose beam did not produce y.
 
 The search follows transformers' `generate` with the same settings (`GenerationConfig`):
-decoding starts from `decoder_start_token_id`; logits processors for `min_length` (eos
-barred while the sequence, start token included, is shorter), `forced_bos_token_id` (at
-the first step) and `forced_eos_token_id` (at the last, max_length - 1); beam search keeps
-2N candidates per step, finishes a hypothesis on eos or at max_length with score
-sum log p / generated_length ** length_penalty, and stops early as `early_stopping`
-(True, False or "never") says; greedy pads finished sequences. Sampling applies transformers'
-warpers after those processors, in its order (temperature, top-k, top-p) and draws from the
-result; the key of step t is fold_in(rng, t), so the same key gives the same samples.
-RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does (labels = the
-hypothesis, the first target dropped when every hypothesis of the question starts with bos,
-pads masked), except that the document prior always counts (see realm_jax/objectives/rag.py),
-and that its candidate beams are generated with the contexts' attention mask, which
-transformers leaves out (see `rag_sequence_generate`).
+decoding starts from `decoder_start_token_id`; its logits processors (`_process`), then for
+sampling its warpers (`_warp`), apply in its order; `beam_search` is its beam search step
+for step. RAG-Sequence scores hypotheses as transformers' RagSequenceForGeneration does
+(labels = the hypothesis, the first target dropped when every hypothesis of the question
+starts with bos, pads masked), except that the document prior always counts (see
+realm_jax/objectives/rag.py), and that its candidate beams are generated with the contexts'
+attention mask, which transformers leaves out (see `rag_sequence_generate`).
 """
 
 from __future__ import annotations
@@ -47,7 +41,8 @@ from jax import lax
 from realm_jax.models.bart import Bart, init_cache, reorder_cache
 from realm_jax.models.layers import Replaceable
 from realm_jax.models.rag import Rag, RagConfig, check_contexts
-from realm_jax.objectives.rag import doc_log_probs, marginalize_token_logprobs
+from realm_jax.objectives.rag import doc_log_probs, marginalize_token_logprobs, scored_positions
+from realm_jax.objectives.realm import target_log_probs
 
 Array = jax.Array
 
@@ -81,25 +76,19 @@ class GenerationConfig(Replaceable):
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (the start token and one more), "
-                             f"got {self.max_length}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', "
-                             f"got {self.early_stopping!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (top_k=1 samples greedily), "
-                             f"got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_k must be >= 0 (0: off) and top_p in (0, 1], got "
-                             f"{self.top_k} and {self.top_p}")
-        if self.do_sample and self.num_beams != 1:
-            raise ValueError(f"do_sample draws num_return_sequences samples with num_beams=1 "
-                             f"(beam sampling is not implemented), got num_beams={self.num_beams}")
+        for broken, rule in [
+                (self.max_length < 2, "max_length must be >= 2 (the start token and one more)"),
+                (self.num_beams < 1, "num_beams must be >= 1"),
+                (self.num_return_sequences < 1, "num_return_sequences must be >= 1"),
+                (self.early_stopping not in (True, False, "never"),
+                 "early_stopping must be True, False or 'never'"),
+                (not self.temperature > 0, "temperature must be > 0 (top_k=1 samples greedily)"),
+                (self.top_k < 0 or not 0 < self.top_p <= 1,
+                 "top_k must be >= 0 (0: off) and top_p in (0, 1]"),
+                (self.do_sample and self.num_beams != 1, "do_sample draws num_return_sequences "
+                 "samples with num_beams=1 (beam sampling is not implemented)")]:
+            if broken:
+                raise ValueError(f"{rule}, got {self}")
 
     @classmethod
     def from_rag(cls, config: RagConfig, **settings) -> "GenerationConfig":
@@ -148,8 +137,9 @@ def trim(generated: Generated) -> np.ndarray:
 
 
 def _process(scores: Array, cur_len: Array, gen: GenerationConfig) -> Array:
-    """transformers' logits processors (min_length, forced bos, forced eos), in its order;
-    `cur_len` counts the tokens so far, the start token included."""
+    """transformers' logits processors, in its order: min_length (eos barred while shorter),
+    forced bos (at the first step), forced eos (at the last, max_length - 1); `cur_len`
+    counts the tokens so far, the start token included."""
     vocab = jnp.arange(scores.shape[-1])
     if gen.min_length > 0:
         scores = jnp.where((cur_len < gen.min_length) & (vocab == gen.eos_token_id), -jnp.inf,
@@ -198,9 +188,8 @@ def _warp(scores: Array, gen: GenerationConfig) -> Array:
 
 def greedy_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConfig
                   ) -> Hypotheses:
-    """Greedy decoding of `batch_size` sequences (N = 1): the argmax of the processed logits;
-    finished sequences continue with pad; stops when all have produced eos or at
-    max_length."""
+    """Greedy decoding of `batch_size` sequences (N = 1): the argmax of the processed logits
+    (finishing as `_one_by_one`)."""
     return _one_by_one(step, state, batch_size, gen,
                        lambda scores, cur_len: jnp.argmax(scores, axis=-1))
 
@@ -209,8 +198,8 @@ def sample_search(step: StepFn, state: Any, batch_size: int, gen: GenerationConf
                   rng: Array) -> Hypotheses:
     """Sampling of `batch_size` sequences (N = 1), each row on its own: the next token is
     drawn from the processed logits warped by `_warp` (temperature, top-k, top-p), with the
-    key fold_in(rng, t) at step t; finishes as greedy does. Scores: the sum of the unwarped
-    log-probs of the tokens drawn. top_k=1 is greedy decoding at any temperature."""
+    key fold_in(rng, t) at step t (finishing as `_one_by_one`). Scores: the sum of the
+    unwarped log-probs of the tokens drawn. top_k=1 is greedy decoding at any temperature."""
     def draw(scores, cur_len):
         return jax.random.categorical(jax.random.fold_in(rng, cur_len), _warp(scores, gen),
                                       axis=-1)
@@ -352,11 +341,20 @@ def _search(step: StepFn, state: Any, reorder: ReorderFn, batch_size: int,
 # The BART generator inside the loops
 
 
-def _expand(x: Array, b: int, n: int, k: int) -> Array:
+def _encoded(params: Any, context_ids: Array, context_mask: Array | None, doc_scores: Array,
+             config: RagConfig) -> tuple[Bart, Any, Array, Array]:
+    """(BART, its params, encoder states [B * K, L, D] of the contexts, their mask
+    [B * K, L]), the shapes checked."""
+    context_mask = check_contexts(context_ids, context_mask, doc_scores)
+    states = config.module().apply({"params": params}, context_ids, context_mask,
+                                   method=Rag.encode_contexts)
+    return (config.generator.module(), params["generator"], states,
+            context_mask.reshape(states.shape[:2]))
+
+
+def _expand(x: Array, b: int, n: int) -> Array:
     """[B * K, ...] -> [B * N * K, ...]: every beam of a question gets its K documents."""
-    x = x.reshape((b, 1, k) + x.shape[1:])
-    x = jnp.broadcast_to(x, (b, n, k) + x.shape[3:])
-    return x.reshape((b * n * k,) + x.shape[3:])
+    return jnp.repeat(x.reshape((b, -1) + x.shape[1:]), n, axis=0).reshape((-1,) + x.shape[1:])
 
 
 _CONTEXT = ("context_key", "context_value")
@@ -405,7 +403,7 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     doc_scores: [B, K] (e.g. `Rag.doc_scores`). Returns `Generated` with R =
     gen.num_return_sequences sequences per question (best first for beam search;
     independent samples, in no order, when sampling)."""
-    context_mask = check_contexts(context_ids, context_mask, doc_scores)
+    bart, gp, states, flat_mask = _encoded(params, context_ids, context_mask, doc_scores, config)
     b, k = context_ids.shape[:2]
     r = gen.num_return_sequences
     n = r if gen.do_sample else gen.num_beams        # decoder rows per question
@@ -413,11 +411,7 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
         raise ValueError("do_sample needs rng, a jax.random key")
     if r > n:
         raise ValueError(f"num_return_sequences {r} > num_beams {n}")
-    bart, gp = config.generator.module(), params["generator"]
-    states = config.module().apply({"params": params}, context_ids, context_mask,
-                                   method=Rag.encode_contexts)
-    flat_mask = context_mask.reshape(b * k, -1)
-    states, flat_mask = _expand(states, b, n, k), _expand(flat_mask, b, n, k)
+    states, flat_mask = _expand(states, b, n), _expand(flat_mask, b, n)
     scores = jnp.repeat(doc_scores.astype(jnp.float32), n, axis=0)             # [B*N, K]
     decoder, cache = _decoder(bart, gp, states, flat_mask, k, gen.max_length - 1)
 
@@ -436,18 +430,6 @@ def rag_token_generate(params: Any, context_ids: Array, context_mask: Array | No
     return Generated(hyps.sequences[:, :r], hyps.scores[:, :r], hyps.lengths[:, :r])
 
 
-def _targets_mask(targets: Array, gen: GenerationConfig) -> Array:
-    """Scored positions of the hypotheses' targets [B, C, T] (labels = hypothesis[1:]):
-    not pad, and not position 0 when every hypothesis of the question starts with bos
-    (transformers' exclude_bos_score=True, checked per question)."""
-    mask = targets != gen.pad_token_id
-    if gen.bos_token_id is not None:
-        all_bos = jnp.all(targets[:, :, 0] == gen.bos_token_id, axis=1)         # [B]
-        first = jnp.arange(targets.shape[-1]) == 0
-        mask = mask & ~(first[None, None, :] & all_bos[:, None, None])
-    return mask
-
-
 def _rescore(bart: Bart, params: Any, states: Array, mask: Array, candidates: Array,
              k: int) -> Array:
     """log p(hypothesis token t | document k) by a teacher-forced pass of every candidate
@@ -458,9 +440,7 @@ def _rescore(bart: Bart, params: Any, states: Array, mask: Array, candidates: Ar
     def one(seq):                                            # seq [B, M]
         dec = jnp.repeat(seq[:, :-1], k, axis=0)             # [B*K, M-1]
         logits = bart.apply({"params": params}, dec, states, mask, method=Bart.decode)
-        target = jnp.repeat(seq[:, 1:], k, axis=0)[..., None]
-        picked = jnp.take_along_axis(logits, target, axis=-1)[..., 0]
-        lp = picked - jax.nn.logsumexp(logits, axis=-1)
+        lp = target_log_probs(logits, jnp.repeat(seq[:, 1:], k, axis=0))
         return lp.reshape(b, k, m - 1)
 
     out = lax.map(one, jnp.swapaxes(candidates, 0, 1))       # [C, B, K, M-1]
@@ -485,19 +465,15 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
 
     Scores: log p(y|x) as estimated ([B, R] float32); -inf for a slot with no hypothesis
     left (R larger than the number of distinct hypotheses)."""
-    context_mask = check_contexts(context_ids, context_mask, doc_scores)
     if gen.do_sample:
         raise ValueError("do_sample: sampling is implemented for RAG-Token decoding "
                          "(rag_token_generate), not RAG-Sequence")
+    bart, gp, states, flat_mask = _encoded(params, context_ids, context_mask, doc_scores, config)
     b, k = context_ids.shape[:2]
     n, r = gen.num_beams, gen.num_return_sequences
     c, m = k * n, gen.max_length
     if r > c:
         raise ValueError(f"num_return_sequences {r} > documents x beams {c}")
-    bart, gp = config.generator.module(), params["generator"]
-    states = config.module().apply({"params": params}, context_ids, context_mask,
-                                   method=Rag.encode_contexts)
-    flat_mask = context_mask.reshape(b * k, -1)
     beam_states = jnp.repeat(states, n, axis=0)                                # [B*K*N, ...]
     beam_mask = jnp.repeat(flat_mask, n, axis=0)
     step, cache = _decoder(bart, gp, beam_states, beam_mask, 1, m - 1)
@@ -517,7 +493,10 @@ def rag_sequence_generate(params: Any, context_ids: Array, context_mask: Array |
     else:
         tok_lp = _rescore(bart, gp, states, flat_mask, candidates, k)          # [B, C, K, M-1]
         present = None
-    scored = _targets_mask(targets, gen)
+    # transformers' exclude_bos_score=True, its all-bos check per question (over its C rows)
+    exclude_bos = gen.bos_token_id is not None
+    scored = jax.vmap(lambda t: scored_positions(t, gen.pad_token_id, exclude_bos,
+                                                 gen.bos_token_id)[0])(targets)
     # also drop what follows the end (fill tokens, which transformers pads out)
     scored = scored & (jnp.arange(m - 1)[None, None, :] < (lengths - 1)[:, :, None])
     seq_ll = jnp.sum(jnp.where(scored[:, :, None, :], tok_lp, 0.0), axis=-1)   # [B, C, K]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from realm_jax.durable import replace_folder
 from realm_jax.models import abstract_params
@@ -183,6 +184,14 @@ DPR = Layout(tuple(_DPR_PREFIX), "dpr", _dpr_from_hf, _dpr_to_hf, _dpr_entries)
 # REALM ---------------------------------------------------------------------------------
 # transformers 5 dropped REALM's modeling code; its checkpoints keep this layout.
 
+_SPAN_READER_FIELDS = ("span_hidden_size", "max_span_width", "reader_layer_norm_eps")
+
+
+def _given(hf: dict, fields: Iterable[str]) -> dict:
+    """The `fields` an HF config sets (not null); the others keep our configs' defaults."""
+    return {k: hf[k] for k in fields if hf.get(k) is not None}
+
+
 def _realm_from_hf(hf: dict, arch: str):
     enc = encoder_config_from_hf(hf, add_pooler=arch == "RealmEmbedder")
     if arch == "RealmEmbedder":
@@ -190,9 +199,7 @@ def _realm_from_hf(hf: dict, arch: str):
                               projection_dim=hf.get("retriever_proj_size", 128))
     if arch == "RealmKnowledgeAugEncoder":
         return MaskedLMConfig(enc)
-    return SpanReaderConfig(enc, span_hidden_size=hf.get("span_hidden_size", 256),
-                            max_span_width=hf.get("max_span_width", 10),
-                            reader_layer_norm_eps=hf.get("reader_layer_norm_eps", 1e-3))
+    return SpanReaderConfig(enc, **_given(hf, _SPAN_READER_FIELDS))
 
 
 def _realm_to_hf(cfg, arch: str) -> dict:
@@ -200,8 +207,7 @@ def _realm_to_hf(cfg, arch: str) -> dict:
     if isinstance(cfg, EmbedderConfig):
         hf["retriever_proj_size"] = cfg.projection_dim
     if isinstance(cfg, SpanReaderConfig):
-        hf.update(span_hidden_size=cfg.span_hidden_size, max_span_width=cfg.max_span_width,
-                  reader_layer_norm_eps=cfg.reader_layer_norm_eps)
+        hf.update({k: getattr(cfg, k) for k in _SPAN_READER_FIELDS})
     return hf
 
 
@@ -244,8 +250,7 @@ def _bart_from_hf(hf: dict, arch: str) -> BartConfig:
         if hf.get(flag, bart_value) != bart_value:
             raise CheckpointError(f"BART with {flag}={hf[flag]!r} is not supported (only "
                                   f"{flag}={bart_value}, the BART layout)")
-    kwargs = {k: hf[k] for k in _BART_CONFIG_FIELDS if hf.get(k) is not None}
-    return BartConfig(hf_architecture=arch, **kwargs)
+    return BartConfig(hf_architecture=arch, **_given(hf, _BART_CONFIG_FIELDS))
 
 
 def _bart_to_hf(cfg: BartConfig, arch: str) -> dict:
@@ -297,6 +302,7 @@ BART = Layout(_BART_ARCHS, "bart", _bart_from_hf, _bart_to_hf, _bart_entries)
 # RagModel has no "rag." prefix. config.json nests the two models' configs.
 
 _BART_FORCED_EOS_DEFAULT = 2   # transformers' BartConfig default when the field is absent
+_RAG_CONFIG_FIELDS = ("n_docs", "title_sep", "doc_sep", "max_combined_length")
 
 
 def _rag_from_hf(hf: dict, arch: str) -> RagConfig:
@@ -321,10 +327,7 @@ def _rag_from_hf(hf: dict, arch: str) -> RagConfig:
 
     return RagConfig(
         _dpr_from_hf(q, "DPRQuestionEncoder"), _bart_from_hf(g, "BartForConditionalGeneration"),
-        n_docs=hf.get("n_docs", 5), title_sep=hf.get("title_sep", " / "),
-        doc_sep=hf.get("doc_sep", " // "),
-        max_combined_length=hf.get("max_combined_length", 300),
-        prefix=hf.get("prefix") or g.get("prefix") or "",
+        prefix=hf.get("prefix") or g.get("prefix") or "", **_given(hf, _RAG_CONFIG_FIELDS),
         forced_bos_token_id=token("forced_bos_token_id", None),
         forced_eos_token_id=token("forced_eos_token_id", _BART_FORCED_EOS_DEFAULT),
         hf_architecture=arch)
@@ -337,8 +340,8 @@ def _rag_to_hf(cfg: RagConfig, arch: str) -> dict:
     return dict(
         model_type="rag", architectures=[arch], is_encoder_decoder=True,
         question_encoder=_dpr_to_hf(cfg.question_encoder, "DPRQuestionEncoder"),
-        generator=generator, n_docs=cfg.n_docs, title_sep=cfg.title_sep, doc_sep=cfg.doc_sep,
-        max_combined_length=cfg.max_combined_length, prefix=cfg.prefix or None,
+        generator=generator, prefix=cfg.prefix or None,
+        **{k: getattr(cfg, k) for k in _RAG_CONFIG_FIELDS},
         retrieval_vector_size=cfg.retrieval_dim, use_cache=True, label_smoothing=0.0,
         reduce_loss=False, do_deduplication=True, exclude_bos_score=False,
         do_marginalize=False, output_retrieved=False,
@@ -371,35 +374,31 @@ LAYOUTS: list[Layout] = [BERT, DPR, REALM, BART, RAG]
 
 def _layout_for(hf: dict, where: Path) -> tuple[Layout, str]:
     archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    for layout in LAYOUTS:
-        for arch in archs:
-            if arch in layout.architectures:
-                return layout, arch
-    for layout in LAYOUTS:  # no (known) architectures field: fall back on model_type
-        if layout.model_type == model_type and not archs:
-            return layout, layout.architectures[0]
+    found = [(layout, a) for layout in LAYOUTS for a in archs if a in layout.architectures]
+    # no architectures field: fall back on model_type
+    found += [(layout, layout.architectures[0]) for layout in LAYOUTS
+              if not archs and layout.model_type == hf.get("model_type")]
+    if found:
+        return found[0]
     known = sorted(a for layout in LAYOUTS for a in layout.architectures)
-    raise CheckpointError(
-        f"{where}: unsupported architecture {archs or model_type!r}; supported: {', '.join(known)}")
+    raise CheckpointError(f"{where}: unsupported architecture {archs or hf.get('model_type')!r}"
+                          f"; supported: {', '.join(known)}")
 
 
 def _layout_for_config(cfg, architecture: str | None) -> tuple[Layout, str]:
-    if architecture:
-        for layout in LAYOUTS:
-            if architecture in layout.architectures:
-                return layout, architecture
-        raise CheckpointError(f"unknown architecture {architecture!r}")
-    if isinstance(cfg, EmbedderConfig):
-        arch = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder",
-                "mean": "BertModel"}[cfg.pooling]
-    else:
+    if not architecture and isinstance(cfg, EmbedderConfig):
+        architecture = {"cls": "DPRQuestionEncoder", "pooler": "RealmEmbedder",
+                        "mean": "BertModel"}[cfg.pooling]
+    elif not architecture:
         defaults = {EncoderConfig: "BertModel", MaskedLMConfig: "BertForMaskedLM",
                     SpanReaderConfig: "RealmReader"}
-        arch = defaults.get(type(cfg), getattr(cfg, "hf_architecture", None))
-    if arch is None:
-        raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
-    return _layout_for_config(cfg, arch)
+        architecture = defaults.get(type(cfg), getattr(cfg, "hf_architecture", None))
+        if architecture is None:
+            raise CheckpointError(f"no Hugging Face architecture known for {type(cfg).__name__}")
+    for layout in LAYOUTS:
+        if architecture in layout.architectures:
+            return layout, architecture
+    raise CheckpointError(f"unknown architecture {architecture!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,78 +418,52 @@ def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
     if kind.startswith("kernel"):
         n_in = int(kind[-1])
         return np.ascontiguousarray(arr.reshape(math.prod(arr.shape[:n_in]), -1).T)
-    return {"vector": lambda a: a.reshape(-1), "matrix": lambda a: a,
-            "row": lambda a: a.reshape(1, -1)}[kind](arr)
+    return arr.reshape({"vector": (-1,), "matrix": arr.shape, "row": (1, -1)}[kind])
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def stack_layers(params: dict, num_layers: int | None = None) -> dict:
-    """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
-    (the nn.scan layout), wherever a `layers` LayerStack appears in the tree. Each stack
-    keeps its own depth (BART's encoder and decoder may differ); `num_layers`, if given,
-    must match every stack."""
+def _map_layer_stacks(params: dict, fn: Callable[[dict], dict]) -> dict:
+    """`params` with the subtree of every LayerStack (a "layers" key) replaced by `fn` of it."""
     if not isinstance(params, dict):
         return params
-    out = {}
-    for name, sub in params.items():
-        if name == "layers" and isinstance(sub, dict) and "layers_0" in sub:
-            n = sum(1 for k in sub if k.startswith("layers_"))
-            if num_layers is not None and n != num_layers:
-                raise ValueError(f"a layer stack has {n} layers, expected {num_layers}")
-            per_layer = [sub[f"layers_{i}"] for i in range(n)]
-            out[name] = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
-        else:
-            out[name] = stack_layers(sub, num_layers)
-    return out
+    return {name: fn(sub) if name == "layers" else _map_layer_stacks(sub, fn)
+            for name, sub in params.items()}
+
+
+def stack_layers(params: dict) -> dict:
+    """Unrolled `layers_i` subtrees -> one `layers` subtree stacked on a leading axis
+    (the nn.scan layout), in every LayerStack of the tree. Each stack keeps its own depth
+    (BART's encoder and decoder may differ)."""
+    def stack(layers: dict) -> dict:
+        per_layer = [layers[f"layers_{i}"] for i in range(len(layers))]
+        return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+
+    return _map_layer_stacks(params, stack)
 
 
 def unstack_layers(params: dict) -> dict:
     """Inverse of `stack_layers`."""
-    if not isinstance(params, dict):
-        return params
-    out = {}
-    for name, sub in params.items():
-        if name == "layers" and isinstance(sub, dict) and set(sub) == {"layers"}:
-            stacked = sub["layers"]
-            n = jax.tree.leaves(stacked)[0].shape[0]
-            out[name] = {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], stacked)
-                         for i in range(n)}
-        else:
-            out[name] = unstack_layers(sub)
-    return out
+    def unstack(layers: dict) -> dict:
+        stacked = layers["layers"]
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        return {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+                for i in range(n)}
+
+    return _map_layer_stacks(params, unstack)
 
 
 def _encoder_of(cfg) -> EncoderConfig | None:
     return cfg if isinstance(cfg, EncoderConfig) else getattr(cfg, "encoder", None)
 
 
-def _scan_layers(cfg) -> bool:
-    if isinstance(cfg, RagConfig):
-        return _scan_layers(cfg.question_encoder) or _scan_layers(cfg.generator)
-    return bool(getattr(cfg, "scan_layers", False)
-                or getattr(_encoder_of(cfg), "scan_layers", False))
-
-
 def unrolled(cfg):
-    """The same config with scan_layers off (the layout the HF tables describe)."""
+    """The same config with scan_layers off (the layout the HF tables describe); it equals
+    `cfg` when no part scans its layers."""
     if isinstance(cfg, RagConfig):
         return cfg.replace(question_encoder=unrolled(cfg.question_encoder),
                            generator=unrolled(cfg.generator))
-    if isinstance(cfg, EncoderConfig):
-        return cfg.replace(scan_layers=False)
-    if hasattr(cfg, "encoder") and isinstance(cfg.encoder, EncoderConfig):
-        return dataclasses.replace(cfg, encoder=cfg.encoder.replace(scan_layers=False))
+    enc = _encoder_of(cfg)
+    if enc is not None and enc is not cfg:
+        return dataclasses.replace(cfg, encoder=unrolled(enc))
     return dataclasses.replace(cfg, scan_layers=False)
 
 
@@ -519,9 +492,8 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / SAFETENSORS
     if single.exists():
-        with _reading_safetensors(single):
-            with safe_open(str(single), "np") as f:
-                return {k: single for k in f.keys()}
+        with _reading_safetensors(single), safe_open(str(single), "np") as f:
+            return {k: single for k in f.keys()}
     for name in ("pytorch_model.bin", "model.bin", "tf_model.h5", "flax_model.msgpack"):
         if (folder / name).exists():
             raise CheckpointError(
@@ -535,14 +507,11 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 def _read_tensors(files: dict[str, Path], keys: Iterable[str]) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
-    by_file: dict[Path, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(files[k], []).append(k)
+    keys = list(keys)
     out = {}
-    for file, names in by_file.items():
+    for file in {files[k] for k in keys}:
         with _reading_safetensors(file), safe_open(str(file), "np") as f:
-            for k in names:
-                out[k] = f.get_tensor(k)
+            out.update({k: f.get_tensor(k) for k in keys if files[k] == file})
     return out
 
 
@@ -559,12 +528,11 @@ def _reading_safetensors(file: Path) -> Iterator[None]:
 
 
 def _body_prefix(keys: Iterable[str]) -> str:
-    for k in keys:
-        if k.endswith("embeddings.word_embeddings.weight"):
-            return k[: -len("embeddings.word_embeddings.weight")]
-    for k in keys:  # BART: "shared.weight" or "model.shared.weight"
-        if k == "shared.weight" or k.endswith(".shared.weight"):
-            return k[: -len("shared.weight")]
+    """What precedes the body's keys, e.g. "bert." or "model." ("" for none)."""
+    for suffix in ("embeddings.word_embeddings.weight", "shared.weight"):  # BERT, BART
+        for k in keys:
+            if k == suffix or k.endswith("." + suffix):
+                return k[: -len(suffix)]
     return ""
 
 
@@ -586,57 +554,53 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[Any, dict]:
     cfg = _apply_overrides(cfg, overrides)
     flat_cfg = unrolled(cfg)
     entries = layout.entries(flat_cfg, arch, prefix)
-    shapes = abstract_params(flat_cfg)
+    shapes = traverse_util.flatten_dict(abstract_params(flat_cfg))
     missing = [e.hf_key for e in entries if e.hf_key not in files and not e.optional]
     if missing:
         raise CheckpointError(
             f"{folder}: {len(missing)} tensor(s) missing for {arch}, first: {missing[0]}")
     arrays = _read_tensors(files, [e.hf_key for e in entries if e.hf_key in files])
-    params: dict = {}
+    params = {}
     for e in entries:
-        try:
-            shape = tuple(_get(shapes, e.path).shape)
-        except KeyError as err:
-            raise CheckpointError(f"internal: no parameter {'/'.join(e.path)} in {arch}") from err
+        if e.path not in shapes:
+            raise CheckpointError(f"internal: no parameter {'/'.join(e.path)} in {arch}")
+        shape = tuple(shapes[e.path].shape)
         if e.hf_key in files:
-            _set(params, e.path, _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
-                                          e.hf_key, files[e.hf_key]))
+            params[e.path] = _to_ours(arrays[e.hf_key].astype(np.float32), e.kind, shape,
+                                      e.hf_key, files[e.hf_key])
         else:  # an optional tensor the folder does not hold
-            _set(params, e.path, np.zeros(shape, np.float32))
-    unset = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)}
-    unset -= {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+            params[e.path] = np.zeros(shape, np.float32)
+    unset = sorted("/".join(path) for path in set(shapes) - set(params))
     if unset:
-        raise CheckpointError(f"internal: {arch} table leaves {sorted(unset)} unset")
-    if _scan_layers(cfg):
-        params = stack_layers(params)
-    return cfg, params
+        raise CheckpointError(f"internal: {arch} table leaves {unset} unset")
+    params = traverse_util.unflatten_dict(params)
+    return cfg, (params if flat_cfg == cfg else stack_layers(params))
+
+
+def _leaf_fields(cfg) -> set[str]:
+    """The fields of `cfg` and of the configs nested in it, not naming a nested config."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out |= _leaf_fields(value) if dataclasses.is_dataclass(value) else {f.name}
+    return out
 
 
 def _apply_overrides(cfg, overrides: dict):
-    if not overrides:
-        return cfg
-
-    def names(*configs) -> set[str]:
-        return {f.name for c in configs for f in dataclasses.fields(c)}
-
-    def pick(fields: set[str], inside: bool = True) -> dict:
-        return {k: v for k, v in overrides.items() if (k in fields) == inside}
-
-    if isinstance(cfg, RagConfig):   # a field goes to the RAG config, else to every part having it
-        own_fields = names(cfg) - {"question_encoder", "generator"}
-        q_fields = names(cfg.question_encoder, cfg.question_encoder.encoder) - own_fields
-        g_fields = names(cfg.generator) - own_fields
-        unknown = sorted(set(overrides) - own_fields - q_fields - g_fields)
-        if unknown:
-            raise CheckpointError(f"unknown RAG config override(s): {', '.join(unknown)}")
-        return cfg.replace(question_encoder=_apply_overrides(cfg.question_encoder, pick(q_fields)),
-                           generator=_apply_overrides(cfg.generator, pick(g_fields)),
-                           **pick(own_fields))
-    enc = _encoder_of(cfg)
-    if enc is not None and enc is not cfg:
-        return dataclasses.replace(cfg, encoder=enc.replace(**pick(names(enc))),
-                                   **pick(names(enc), inside=False))
-    return dataclasses.replace(cfg, **overrides)
+    """Each override sets the field of `cfg` itself, else that of every config nested in it
+    that has it (e.g. dtype: a RAG model's question encoder's encoder and its generator)."""
+    unknown = sorted(set(overrides) - _leaf_fields(cfg))
+    if unknown:
+        raise CheckpointError(f"unknown {type(cfg).__name__} override(s): {', '.join(unknown)}")
+    own = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    changes = {k: v for k, v in overrides.items()
+               if k in own and not dataclasses.is_dataclass(own[k])}
+    for name, part in own.items():
+        if dataclasses.is_dataclass(part):
+            fields = _leaf_fields(part)
+            changes[name] = _apply_overrides(
+                part, {k: v for k, v in overrides.items() if k in fields and k not in changes})
+    return dataclasses.replace(cfg, **changes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,20 +616,17 @@ def save(folder: str | os.PathLike, cfg, params: dict, architecture: str | None 
     folder = Path(folder)
     layout, arch = _layout_for_config(cfg, architecture)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    if _scan_layers(cfg):
-        params = unstack_layers(params)
     flat_cfg = unrolled(cfg)
+    if flat_cfg != cfg:
+        params = unstack_layers(params)
+    params = traverse_util.flatten_dict(params)
     tensors = {}
     for e in layout.entries(flat_cfg, arch, ""):
-        try:
-            value = _get(params, e.path)
-        except KeyError as err:
-            if e.optional:
-                continue
-            raise CheckpointError(f"params lack {'/'.join(e.path)} needed for {e.hf_key}") from err
-        if e.optional and not np.any(value):
-            continue
-        tensors[e.hf_key] = _to_hf(value, e.kind)
+        value = params.get(e.path)
+        if value is None and not e.optional:
+            raise CheckpointError(f"params lack {'/'.join(e.path)} needed for {e.hf_key}")
+        if value is not None and (np.any(value) or not e.optional):
+            tensors[e.hf_key] = _to_hf(value, e.kind)
     tensors.update(_tied_tensors(tensors))
     hf_config = layout.config_to_hf(flat_cfg, arch)
     hf_config["torch_dtype"] = "float32"
@@ -782,22 +743,17 @@ def save_embedder(folder: str | os.PathLike, cfg: EmbedderConfig, params: dict, 
 
 
 def embedder_files(cfg: EmbedderConfig) -> dict[str, str]:
-    """{name: text}: the sentence-transformers files (modules.json, pooling, normalize)
-    that make `load_embedder` read a BertModel folder back with `cfg`'s mean pooling and
-    normalisation (nothing for the other towers, whose layout carries their pooling)."""
+    """{name: text}: the sentence-transformers files (modules.json, pooling, normalize) that
+    `save_embedder` writes beside a tower's weights (nothing where the layout suffices)."""
     if cfg.pooling != "mean" and not cfg.normalize:
         return {}
     if cfg.pooling != "mean" or cfg.projection_dim:
         raise CheckpointError(f"a tower with pooling={cfg.pooling!r}, normalize={cfg.normalize}"
                               f", projection_dim={cfg.projection_dim} has no Hugging Face "
                               "layout that keeps all three")
-    modules = [{"idx": 0, "name": "0", "path": "",
-                "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"}]
-    if cfg.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
+    kinds = ["Transformer", "Pooling"] + (["Normalize"] if cfg.normalize else [])
+    modules = [{"idx": i, "name": str(i), "path": f"{i}_{kind}" if i else "",
+                "type": f"sentence_transformers.models.{kind}"} for i, kind in enumerate(kinds)]
     pooling = {"word_embedding_dimension": cfg.output_dim, "pooling_mode_cls_token": False,
                "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}
     return {"modules.json": json.dumps(modules, indent=2) + "\n",

@@ -17,6 +17,7 @@ document removed before the snapshot was built is never shown.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -44,13 +45,13 @@ class Hit:
     block: int
 
 
-def _config_value(config, dotted: str) -> Any:
-    node = config
-    for name in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return None
-        node = node.get(name)
-    return node
+def _config_value(config, *dotted: str) -> Any:
+    """The first set value among the config fields `dotted` ("section.field"), or None."""
+    def value(path: str) -> Any:
+        return functools.reduce(lambda node, name: node.get(name) if hasattr(node, "get")
+                                else None, path.split("."), config)
+
+    return next(filter(None, map(value, dotted)), None)
 
 
 def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
@@ -67,8 +68,7 @@ def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:
         from_checkpoint = extra.get("source") == "checkpoint"
         step = snapshot.step if from_checkpoint else checkpoints.latest_step()
         if step is not None:
-            tokenizer = next(filter(None, (_config_value(config, f) for f in tokenizer_fields)),
-                             None)
+            tokenizer = _config_value(config, *tokenizer_fields)
             if not tokenizer:
                 raise ValueError(f"{layout.root}: config {' / '.join(tokenizer_fields)} is "
                                  "empty: the query tower's tokenizer folder is needed")
@@ -109,8 +109,7 @@ class Searcher:
 
         self.layout = Workdir(workdir)
         config = config if config is not None else self.layout.read_config()
-        corpus = (_config_value(config, "data.corpus")
-                  or _config_value(config, "refresh.corpus"))
+        corpus = _config_value(config, "data.corpus", "refresh.corpus")
         if not corpus:
             raise ValueError(f"{self.layout.root}: the config names no corpus (data.corpus)")
         store = BlockStore.open(corpus)
@@ -120,8 +119,8 @@ class Searcher:
         if tower.output_dim != self.snapshot.dim:
             raise ValueError(f"the query tower {what} makes {tower.output_dim}-d embeddings, "
                              f"snapshot {self.snapshot.path} holds {self.snapshot.dim}-d ones")
-        length = (query_length or _config_value(config, "search.query_length")
-                  or _config_value(config, "retrieval.query_length") or 64)
+        length = (query_length or _config_value(config, "search.query_length",
+                                                "retrieval.query_length") or 64)
         self.embedder = TextEmbedder(tower, params, hf.load_tokenizer(tokenizer),
                                      max_length=int(length))
         self.searcher = (self.snapshot.scann_searcher() if self.snapshot.scann_settings

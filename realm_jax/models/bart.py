@@ -86,10 +86,6 @@ class BartConfig(Replaceable):
     def decoder_block(self) -> BlockConfig:
         return self._block(self.decoder_attention_heads, self.decoder_ffn_dim, True)
 
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
-
     def module(self) -> "Bart":
         return Bart(self)
 
@@ -105,6 +101,12 @@ def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id:
     start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype)
     shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
     return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def _check_length(cfg: BartConfig, length: int, what: str) -> None:
+    if length > cfg.max_position_embeddings:
+        raise ValueError(f"{what} {length} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
 
 
 def _add_positions(cfg: BartConfig, x: Array, positions: Array, deterministic: bool) -> Array:
@@ -153,14 +155,10 @@ class BartDecoder(nn.Module):
         positions = (start + jnp.arange(steps))[None, :]
         x = _add_positions(cfg, embedded, positions, deterministic)
 
-        if decode:
-            # The cache applies causality; a mask given here covers the whole cache length.
-            mask = (None if decoder_attention_mask is None
-                    else padding_mask(None, decoder_attention_mask))
-        else:
-            mask = causal_mask(steps)
-            if decoder_attention_mask is not None:
-                mask = mask & padding_mask(None, decoder_attention_mask)
+        mask = (None if decoder_attention_mask is None
+                else padding_mask(None, decoder_attention_mask))
+        if not decode:  # (decoding, the cache applies causality; the mask spans the cache)
+            mask = causal_mask(steps) if mask is None else causal_mask(steps) & mask
         return LayerStack(cfg.decoder_block, cfg.decoder_layers, causal=True,
                           scan=cfg.scan_layers, remat=cfg.remat, name="layers")(
             x, mask, encoder_states, padding_mask(None, encoder_mask), decode=decode,
@@ -181,18 +179,14 @@ class Bart(nn.Module):
 
     def _embed(self, ids: Array) -> Array:
         x = self.shared(ids)
-        scale = self.config.embed_scale
-        return x * jnp.asarray(scale, x.dtype) if scale != 1.0 else x
-
-    def _check_length(self, length: int, what: str) -> None:
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"{what} length {length} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+        if not self.config.scale_embedding:
+            return x
+        return x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
 
     def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
                deterministic: bool = True) -> Array:
         """Encoder states [B, S, D] (in the compute dtype)."""
-        self._check_length(input_ids.shape[-1], "input")
+        _check_length(self.config, input_ids.shape[-1], "input length")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         return self.encoder(self._embed(input_ids), attention_mask, deterministic=deterministic)
@@ -207,16 +201,13 @@ class Bart(nn.Module):
         T new positions that follow those already in the cache; `decoder_attention_mask`
         is then [B, max_length] over the whole cache (or None)."""
         if not decode:
-            self._check_length(decoder_input_ids.shape[-1], "decoder input")
+            _check_length(self.config, decoder_input_ids.shape[-1], "decoder input length")
         if encoder_mask is None:
             encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
         h = self.decoder(self._embed(decoder_input_ids), encoder_states, encoder_mask,
                          decoder_attention_mask, decode=decode, deterministic=deterministic)
-        return self.logits(h)
-
-    def logits(self, hidden: Array) -> Array:
-        """LM head: tied to the shared embedding, plus `final_logits_bias`."""
-        logits = self.shared.attend(hidden).astype(jnp.float32) + self.final_logits_bias
+        # the LM head: tied to the shared embedding, plus final_logits_bias
+        logits = self.shared.attend(h).astype(jnp.float32) + self.final_logits_bias
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None,
@@ -231,11 +222,9 @@ def init_cache(config: BartConfig, batch_size: int, max_length: int, encoder_len
     """The empty decoding cache for `batch_size` sequences of up to `max_length` target
     positions, attending to encoder states of `encoder_length` positions. Needs no
     parameters (shapes come from `jax.eval_shape`). It holds, per decoder layer, the
-    self-attention keys/values with their index, and the cross-attention keys/values, which
-    the first `decode` call fills from its encoder states and later calls reuse."""
-    if max_length > config.max_position_embeddings:
-        raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings}")
+    self-attention keys/values with their index and the cross-attention keys/values (see
+    the module docstring)."""
+    _check_length(config, max_length, "max_length")
     model = config.module()
     ids = jnp.zeros((batch_size, max_length), jnp.int32)
     states = jnp.zeros((batch_size, encoder_length, config.d_model), jnp.dtype(config.dtype))

@@ -16,6 +16,15 @@ from realm_jax.models.layers import (
 Array = jax.Array
 
 
+def bert_example_inputs(**extra_masks: bool) -> dict:
+    """Tiny dummy inputs that trace a BERT-layout module's __call__ (for init / eval_shape);
+    each name in `extra_masks` is one more all-ones [1, 2] input (e.g. evidence_mask)."""
+    ids = np.zeros((1, 2), np.int32)
+    inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=ids)
+    inputs.update({name: np.ones_like(ids) for name in extra_masks})
+    return inputs
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig(Replaceable):
     vocab_size: int
@@ -35,6 +44,7 @@ class EncoderConfig(Replaceable):
     scan_layers: bool = False
     remat: bool = False
     attention: str = "einsum"     # layers.ATTENTION_IMPLEMENTATIONS: "einsum", "xla", "cudnn"
+    example_inputs = staticmethod(bert_example_inputs)
 
     def __post_init__(self):
         check_attention(self.attention, "EncoderConfig.attention")
@@ -50,18 +60,6 @@ class EncoderConfig(Replaceable):
 
     def module(self) -> "BertEncoder":
         return BertEncoder(self)
-
-    def example_inputs(self) -> dict:
-        return bert_example_inputs()
-
-
-def bert_example_inputs(**extra_masks: bool) -> dict:
-    """Tiny dummy inputs that trace a BERT-layout module's __call__ (for init / eval_shape);
-    each name in `extra_masks` is one more all-ones [1, 2] input (e.g. evidence_mask)."""
-    ids = np.zeros((1, 2), np.int32)
-    inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=ids)
-    inputs.update({name: np.ones_like(ids) for name in extra_masks})
-    return inputs
 
 
 class Embed(nn.Module):
@@ -121,7 +119,3 @@ class BertEncoder(nn.Module):
         x = self.layers(x, padding_mask(None, attention_mask), deterministic=deterministic)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if cfg.add_pooler else None
         return x, pooled
-
-    def embed_tokens_attend(self, x: Array) -> Array:
-        """Logits against the (tied) word embeddings."""
-        return self.word_embeddings.attend(x)

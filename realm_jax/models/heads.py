@@ -22,12 +22,10 @@ SPAN_MASK_SCORE = -10000.0
 @dataclasses.dataclass(frozen=True)
 class MaskedLMConfig:
     encoder: EncoderConfig
+    example_inputs = staticmethod(bert_example_inputs)
 
     def module(self) -> "MaskedLM":
         return MaskedLM(self)
-
-    def example_inputs(self) -> dict:
-        return bert_example_inputs()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +66,7 @@ class MaskedLM(nn.Module):
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         h = ACTIVATIONS[self.config.encoder.activation](self.transform(hidden))
         h = self.transform_ln(h)
-        logits = self.encoder.embed_tokens_attend(h).astype(jnp.float32) + self.bias
+        logits = self.encoder.word_embeddings.attend(h).astype(jnp.float32) + self.bias
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

@@ -9,13 +9,9 @@ encoder, so the loss trains it, and runs BART over every (question, document) co
     scores   = q . doc_embeddings                                  [B, K]
     logits   = BART(context_k = "title / text // question", decoder inputs)   [B, K, T, V]
 
-The losses of realm_jax/objectives/rag.py take (logits, targets, scores) from here.
-
-Inputs are built on the host: `retrieve` asks any searcher (ScaNN, device, numpy) for
-the top-k documents of a batch of question embeddings and gathers their embeddings;
-`build_contexts` joins the documents' titles and texts (a BlockStore) with the question
-strings and tokenizes them with the generator's tokenizer, exactly as Hugging Face's
-RagRetriever does; `join_context_ids` does the same from token ids.
+The losses of realm_jax/objectives/rag.py take (logits, targets, scores) from here. The
+inputs are built on the host: `retrieve` (documents and their embeddings), then
+`build_contexts` (from strings) or `join_context_ids` (from token ids).
 """
 
 from __future__ import annotations
@@ -106,10 +102,9 @@ def check_contexts(context_ids: Array, context_mask: Array | None,
 class Rag(nn.Module):
     """Question encoder + BART generator over B questions x K retrieved documents.
 
-    Parameters: {"question_encoder": Embedder params, "generator": Bart params}.
-    `__call__` returns `RagOutput(logits [B, K, T, V], doc_scores [B, K])`; the other
-    methods are its pieces (for decoding: `encode_contexts` once, then the generator's
-    cached `Bart.decode` steps through `generator`)."""
+    Parameters: {"question_encoder": Embedder params, "generator": Bart params}. The
+    methods are the pieces of `__call__` (for decoding: `encode_contexts` once, then the
+    generator's cached `Bart.decode` steps through `generator`)."""
     config: RagConfig
 
     def setup(self):

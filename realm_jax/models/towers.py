@@ -26,6 +26,7 @@ class EmbedderConfig:
     projection_dim: int | None = None
     projection_layer_norm: bool = False
     normalize: bool = False
+    example_inputs = staticmethod(bert_example_inputs)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -39,9 +40,6 @@ class EmbedderConfig:
 
     def module(self) -> "Embedder":
         return Embedder(self)
-
-    def example_inputs(self) -> dict:
-        return bert_example_inputs()
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:

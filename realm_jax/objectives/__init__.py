@@ -16,7 +16,7 @@ from realm_jax.objectives.realm import (
     RealmLoss, ReaderInputs, exclude_source, prepend_null_score, reader_inputs, realm_loss,
     realm_loss_from_logits, target_log_probs)
 from realm_jax.objectives.retrieval import (
-    RetrievalLoss, dpr_loss, dpr_positive_index, ict_loss, in_batch_softmax)
+    RetrievalLoss, dpr_loss, ict_loss, in_batch_softmax)
 
 __all__ = [
     "RetrieverLoss", "emdr2_loss", "leave_one_out_marginals", "loop_loss", "marginal_loss",
@@ -27,6 +27,6 @@ __all__ = [
     "shift_targets", "split_docs",
     "RealmLoss", "ReaderInputs", "exclude_source", "prepend_null_score", "reader_inputs",
     "realm_loss", "realm_loss_from_logits", "target_log_probs",
-    "RetrievalLoss", "dpr_loss", "dpr_positive_index", "ict_loss", "in_batch_softmax",
+    "RetrievalLoss", "dpr_loss", "ict_loss", "in_batch_softmax",
     "grad_cache_value_and_grad",
 ]

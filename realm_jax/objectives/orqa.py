@@ -20,8 +20,7 @@ The batch loss is the sum over questions divided by B (a dropped question adds 0
 reference's per-question losses averaged over questions).
 
 Spans are the reader's (start, end) candidates in :func:`realm_jax.models.heads.span_candidates`
-order (by width, then start); a span is valid when every token it covers is evidence
-(passage tokens, never the question, separators or padding).
+order (by width, then start); a valid span covers evidence (:func:`evidence_mask`) only.
 
 Host (numpy) and device (jax) both work for :func:`span_valid_mask`, :func:`best_span`,
 :func:`evidence_mask` and :func:`span_index`; the losses are jax.

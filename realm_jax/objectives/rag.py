@@ -8,10 +8,9 @@ Shapes: B questions, K retrieved documents, T target positions, V vocabulary ent
                               positions equal to `pad_id` are masked out
     doc_scores  [B, K]        unnormalized retrieval scores; log p(z|x) = log_softmax over K
 
-A generator run over [B * K, ...] with the documents of one question contiguous (the
-layout of Hugging Face RAG) is brought to [B, K, ...] by `split_docs`. Hugging Face feeds
-the decoder inputs to its loss and shifts them inside (the label of position t is decoder
-input t + 1, a pad appended at the end); `shift_targets` does that shift.
+A generator output in Hugging Face RAG's [B * K, ...] layout becomes [B, K, ...] with
+`split_docs`; `shift_targets` makes the targets from the decoder inputs, as Hugging Face's
+loss does inside.
 
     RAG-Sequence  -log sum_z p(z|x) prod_t p(y_t|x, z, y_<t)
     RAG-Token     -sum_t log sum_z p(z|x) p(y_t|x, z, y_<t)
@@ -36,11 +35,13 @@ from numbers import Real
 import jax
 import jax.numpy as jnp
 
+from realm_jax.objectives.realm import target_log_probs
+
 Array = jax.Array
 
 __all__ = [
     "doc_log_probs", "marginalize_token_logprobs", "rag_sequence_nll", "rag_token_nll",
-    "sequence_log_likelihoods", "shift_targets", "split_docs",
+    "scored_positions", "sequence_log_likelihoods", "shift_targets", "split_docs",
 ]
 
 
@@ -64,11 +65,9 @@ def doc_log_probs(doc_scores: Array) -> Array:
 
 
 def marginalize_token_logprobs(logits: Array, doc_scores: Array) -> Array:
-    """RAG-Token's marginal next-token log-distribution,
-    log sum_z p(z|x) p(v|x, z, ...): [B, K, ..., V] logits, [B, K] scores -> [B, ..., V].
-
-    Works for whole sequences ([B, K, T, V] -> [B, T, V]) and single decoding steps
-    ([B, K, V] -> [B, V]) alike."""
+    """RAG-Token's marginal next-token log-distribution log sum_z p(z|x) p(v|x, z, ...):
+    [B, K, ..., V] logits, [B, K] scores -> [B, ..., V], for whole sequences ([B, K, T, V])
+    and single decoding steps ([B, K, V]) alike."""
     lp_z = doc_log_probs(doc_scores)
     lp_z = lp_z.reshape(lp_z.shape + (1,) * (logits.ndim - 2))
     return jax.nn.logsumexp(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) + lp_z, axis=1)
@@ -91,18 +90,8 @@ def _is_zero(x: float | Array) -> bool:
     return isinstance(x, Real) and x == 0
 
 
-def _token_log_probs(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """log p(y_t | z) [B, K, T] and the log-normalizer [B, K, T], without materializing
-    the [B, K, T, V] log-probabilities."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    safe = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)   # e.g. pad_id=-100
-    idx = jnp.broadcast_to(safe[:, None, :, None], logits.shape[:3] + (1,))
-    picked = jnp.take_along_axis(logits, idx, axis=-1)[..., 0]
-    return picked - lse, lse
-
-
-def _nll_mask(targets: Array, pad_id: int, exclude_bos_score: bool,
-              bos_id: int | None) -> tuple[Array, Array]:
+def scored_positions(targets: Array, pad_id: int, exclude_bos_score: bool,
+                     bos_id: int | None) -> tuple[Array, Array]:
     """(positions scored by the nll, positions scored by the smoothing term), both [B, T]."""
     mask = targets != pad_id
     if not exclude_bos_score:
@@ -111,6 +100,18 @@ def _nll_mask(targets: Array, pad_id: int, exclude_bos_score: bool,
     if bos_id is not None:   # Hugging Face drops position 0 only if every row starts with bos
         first = first & jnp.all(targets[:, 0] == bos_id)
     return mask & ~first[None, :], mask
+
+
+def _scored(logits: Array, targets: Array, doc_scores: Array, pad_id: int,
+            exclude_bos_score: bool, bos_id: int | None
+            ) -> tuple[Array, Array, Array, Array, Array]:
+    """After checking the shapes: (float32 logits, log p(z|x) [B, K], log p(y_t|x, z, y_<t)
+    [B, K, T], the nll's and the smoothing term's positions [B, T])."""
+    _check(logits, targets, doc_scores)
+    logits = logits.astype(jnp.float32)
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)                   # e.g. pad_id=-100
+    return (logits, doc_log_probs(doc_scores), target_log_probs(logits, safe),
+            *scored_positions(targets, pad_id, exclude_bos_score, bos_id))
 
 
 def _finish(nll: Array, smooth: Array | None, epsilon: float | Array, vocab: int,
@@ -131,18 +132,14 @@ def rag_sequence_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id
     (Hugging Face's batch-wide check); if None, it always applies. reduce: the sum over the
     batch, else the [B] per-question losses (float32).
     """
-    _check(logits, targets, doc_scores)
-    logits = logits.astype(jnp.float32)
+    logits, lp_z, tok, nll_mask, smooth_mask = _scored(logits, targets, doc_scores, pad_id,
+                                                       exclude_bos_score, bos_id)
     vocab = logits.shape[-1]
-    lp_z = doc_log_probs(doc_scores)                                        # [B, K]
-    tok, lse = _token_log_probs(logits, targets)                            # [B, K, T]
-    nll_mask, smooth_mask = _nll_mask(targets, pad_id, exclude_bos_score, bos_id)
-
-    seq_ll = _sequence_ll(tok, nll_mask) + lp_z
-    nll = -jax.nn.logsumexp(seq_ll, axis=1)
+    nll = -jax.nn.logsumexp(_sequence_ll(tok, nll_mask) + lp_z, axis=1)
     smooth = None
     if not _is_zero(epsilon):
-        vocab_sum = jnp.sum(logits, axis=-1) - vocab * lse                  # sum_v log p(v)
+        # sum_v log p(v|x, z, y_<t), without materializing the log-probabilities
+        vocab_sum = jnp.sum(logits, axis=-1) - vocab * jax.nn.logsumexp(logits, axis=-1)
         seq_smooth = jnp.sum(jnp.where(smooth_mask[:, None, :], vocab_sum, 0.0), axis=-1)
         smooth = -jax.nn.logsumexp(seq_smooth + vocab * lp_z, axis=1)
     return _finish(nll, smooth, epsilon, vocab, reduce)
@@ -160,9 +157,8 @@ def sequence_log_likelihoods(logits: Array, targets: Array, *, pad_id: int,
     """[B, K] log p(y|x, z_k): the generator's log-likelihood of the target under each
     document alone, the per-document term of the RAG-Sequence loss (the same positions
     scored); what the distillation retriever losses (objectives/distill.py) pull towards."""
-    _check(logits, targets, jnp.zeros(logits.shape[:2]))
-    tok, _ = _token_log_probs(logits.astype(jnp.float32), targets)
-    nll_mask, _ = _nll_mask(targets, pad_id, exclude_bos_score, bos_id)
+    _, _, tok, nll_mask, _ = _scored(logits, targets, jnp.zeros(logits.shape[:2]), pad_id,
+                                     exclude_bos_score, bos_id)
     return _sequence_ll(tok, nll_mask)
 
 
@@ -175,13 +171,9 @@ def rag_token_nll(logits: Array, targets: Array, doc_scores: Array, *, pad_id: i
     marginal log-distribution (`marginalize_token_logprobs`). `exclude_bos_score` (which
     Hugging Face's RAG-Token loss does not offer) leaves position 0 out of the nll.
     """
-    _check(logits, targets, doc_scores)
-    logits = logits.astype(jnp.float32)
+    logits, lp_z, tok, nll_mask, smooth_mask = _scored(logits, targets, doc_scores, pad_id,
+                                                       exclude_bos_score, bos_id)
     vocab = logits.shape[-1]
-    lp_z = doc_log_probs(doc_scores)
-    tok, _ = _token_log_probs(logits, targets)                              # [B, K, T]
-    nll_mask, smooth_mask = _nll_mask(targets, pad_id, exclude_bos_score, bos_id)
-
     tok_marginal = jax.nn.logsumexp(tok + lp_z[:, :, None], axis=1)         # [B, T]
     nll = -jnp.sum(jnp.where(nll_mask, tok_marginal, 0.0), axis=-1)
     smooth = None

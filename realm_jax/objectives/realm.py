@@ -91,8 +91,7 @@ def realm_loss(retrieval_logits: Array, token_log_probs: Array, mask_valid: Arra
     joint = retrieval_lp[:, :, None] + lp                              # [B, K, M]
     marginal = jax.nn.logsumexp(joint, axis=1)                         # [B, M]
     valid = jnp.asarray(mask_valid, bool)
-    weight = valid.astype(jnp.float32)
-    count = weight.sum()
+    count = valid.astype(jnp.float32).sum()
     denom = jnp.maximum(count, 1.0)
     marginal = jnp.where(valid, marginal, 0.0)
     null = jnp.where(valid, lp[:, 0], 0.0)

@@ -84,12 +84,6 @@ def ict_loss(queries: Array, contexts: Array, *, scale: float = 1.0,
                             context_valid=valid)
 
 
-def dpr_positive_index(batch_size: int, num_hard_negatives: int) -> Array:
-    """Index of each question's positive among passages laid out as (positive, h hard
-    negatives) per question: ``i * (1 + h)``."""
-    return jnp.arange(batch_size, dtype=jnp.int32) * (1 + num_hard_negatives)
-
-
 def dpr_loss(questions: Array, passages: Array, *, scale: float = 1.0,
              question_valid: Array | None = None, passage_valid: Array | None = None
              ) -> RetrievalLoss:
@@ -101,6 +95,6 @@ def dpr_loss(questions: Array, passages: Array, *, scale: float = 1.0,
     if b == 0 or n % b:
         raise ValueError(f"DPR needs B * (1 + h) passages for B questions: questions "
                          f"{questions.shape}, passages {passages.shape}")
-    return in_batch_softmax(questions, passages, dpr_positive_index(b, n // b - 1),
+    return in_batch_softmax(questions, passages, jnp.arange(b, dtype=jnp.int32) * (n // b),
                             scale=scale, query_valid=question_valid,
                             context_valid=passage_valid)
