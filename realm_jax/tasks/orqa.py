@@ -58,8 +58,8 @@ from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, apply_model, evaluate_answers,
-                                    in_padded_batches, question_batches, tower_config)
+from realm_jax.tasks.common import (QATask, apply_model, evaluate_answers, in_padded_batches,
+                                    tower_config)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.tasks import end_to_end
@@ -193,11 +193,6 @@ class OrqaModel:
     def how(self) -> Strategy:
         return Strategy(self.strategy, self.over_retrieve)
 
-    @property
-    def live_docs(self) -> bool:
-        """Whether the beam is scored with the live document tower (else the index's)."""
-        return self.how.live_docs
-
     def embed(self, params, batch: dict, rng=None) -> jax.Array:
         """[B, P] the live query tower's question embeddings."""
         return apply_model(self.configs["query_tower"], params["query_tower"],
@@ -242,8 +237,8 @@ class OrqaModel:
     def retrieval_logits(self, params, questions: jax.Array, corpus: dict, rows: jax.Array,
                          rng=None) -> jax.Array:
         """[B, R] question embeddings . the embeddings of `rows` (scaled): the live
-        document tower's (`live_docs`), else the index's."""
-        if self.live_docs:
+        document tower's (`how.live_docs`), else the index's."""
+        if self.how.live_docs:
             docs = self.embed_rows(params, corpus, rows, rng).astype(jnp.float32)
         else:
             docs = jnp.take(corpus["embeddings"], jnp.maximum(rows, 0),
@@ -267,7 +262,7 @@ class OrqaModel:
     def loss(self, params, batch: dict, corpus: dict, rng: jax.Array | None):
         """(loss, metrics); dropout on when `rng` is given."""
         rng_q = rng_r = rng_d = None
-        if rng is not None and self.live_docs:
+        if rng is not None and self.how.live_docs:
             rng_q, rng_r, rng_d = jax.random.split(rng, 3)
         elif rng is not None:
             rng_q, rng_r = jax.random.split(rng)
@@ -370,22 +365,6 @@ def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str
     return examples
 
 
-def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore,
-                 timeout: float = 0.0):
-    """(the watcher, the newest valid snapshot) under `retrieval.index` (default
-    WORKDIR/index) of the corpus `data.corpus`, waiting up to `timeout` seconds."""
-    run = Workdir(workdir)
-    watcher = run.index_watcher(store, config.retrieval.index or None)
-    try:
-        return watcher, run.wait_for_snapshot(watcher, timeout)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"retrieval.index: no index snapshot of corpus {store.path} in "
-            f"{watcher.store.root}: point --config.retrieval.index at a REALM pre-training "
-            "run's WORKDIR/index, or build one from pretrained weights: realm-jax refresh "
-            f"--config ... --workdir {run.root} --once --from_hf DOC_TOWER_DIR") from None
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     rc, d = config.retrieval, config.data
     if not d.corpus or not d.tokenizer:
@@ -445,15 +424,25 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
+        # the newest snapshot under retrieval.index (default WORKDIR/index)
+        run = Workdir(workdir)
+        watcher = run.index_watcher(store, rc.index or None)
         wait = config.train.index_wait_seconds if rc.strategy == "refresh" else 0.0
-        watcher, snapshot = frozen_index(config, workdir, store, wait)
+        try:
+            snapshot = run.wait_for_snapshot(watcher, wait)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"retrieval.index: no index snapshot of corpus {store.path} in "
+                f"{watcher.store.root}: point --config.retrieval.index at a REALM pre-training "
+                "run's WORKDIR/index, or build one from pretrained weights: realm-jax refresh "
+                f"--config ... --workdir {run.root} --once --from_hf DOC_TOWER_DIR") from None
         store, corpus = _device_corpus(config, snapshot, store, mesh, rules)
         # every row of the device corpus is searched: padding and removed blocks are masked
         # by their doc_index, so the compiled search serves later store versions too
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, int(corpus.embeddings.shape[0]), corpus.block_size,
                           rc.reader_length or None, rc.strategy, rc.over_retrieve)
-        return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
+        return cls(config, run, mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
     def use(self, snapshot) -> None:
@@ -529,28 +518,11 @@ class Predictor:
                                 out)
 
 
-def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
-                   step: int | None = None) -> tuple[Predictor, int]:
-    """(a Predictor with the parameters of an ORQA run's checkpoint `step` (default the
-    newest) in `workdir`, the step)."""
-    ckpts = TrainCheckpoints(workdir)
-    step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... --workdir "
-                                      "...)")
-    configs = ckpts.model_configs()
-    if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
-        raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
-                         f"({', '.join(PARTS)}, optionally {DOC_TOWER})")
-    setup = Setup.create(config, workdir, configs)
-    shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
-    params = {part: ckpts.restore_part(step, part, shardings[part]) for part in configs}
-    return Predictor(setup, shardings, params), step
-
-
 # ---------------------------------------------------------------------------------------
 # The task
 
 @register
-class OrqaTask(Task):
+class OrqaTask(QATask):
     """ORQA / REALM open-QA fine-tuning: question batches, the retriever beam searched with
     the live query tower on the devices, answer targets matched on the host, the ORQA loss;
     exact match and recall on the eval questions as a hook."""
@@ -566,33 +538,24 @@ class OrqaTask(Task):
         return build_models(self.config)
 
     def dataset(self, run):
-        self.setup = Setup.create(self.config, run.workdir, run.configs)
-        self.examples = qa_examples(self.config, self.setup.store, "train",
-                                    self.setup.tokenizer)
-        return question_batches(len(self.examples), self.config.train.batch_size,
-                                self.config.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+        self.setup = setup = Setup.create(self.config, run.workdir, run.configs)
+        self.follow(setup.watcher, setup.snapshot)
+        self.examples = qa_examples(self.config, setup.store, "train", setup.tokenizer)
+        return self.question_dataset()
 
     def start(self, run) -> None:
-        setup, tc = self.setup, self.config.train
+        setup = self.setup
         self.run = run
         _log.info("%d training questions, index %s (checkpoint step %d)", len(self.examples),
                   setup.snapshot.version, setup.snapshot.step)
         self.search = setup.jit(setup.model.search, run.param_shardings, run.batch_sharding)
         self.targets = Targets(setup.matcher, setup.model, self.config.retrieval.block_length)
-        self.index = SnapshotSwaps(setup.watcher, setup.snapshot, tc.max_index_staleness,
-                                   tc.index_wait_seconds)
 
-    def before_step(self, step: int, run) -> None:
-        if self.config.retrieval.strategy == "refresh":
-            self.index.swap_if_due(step, run.saved_step, self.setup.use)
+    def serve(self, snapshot) -> None:
+        self.setup.use(snapshot)
 
-    def step_metrics(self, step: int) -> dict:
-        return self.index.step_metrics(step)
-
-    def load(self, indices):
-        chosen = [self.examples[int(i)] for i in indices]
-        return chosen, self.setup.encode([ex.question for ex in chosen])
+    def encode(self, questions: Sequence[str]) -> dict:
+        return self.setup.encode(questions)
 
     def make_batch(self, item, params):
         chosen, local = item
@@ -630,12 +593,6 @@ class OrqaTask(Task):
 
         return hooks + [Hook("eval", evaluate, every=tc.eval_every)]
 
-    def checkpoint_meta(self) -> dict:
-        return {"index": self.setup.snapshot.version}
-
-    def result(self) -> dict:
-        return {"snapshot": self.setup.snapshot, "swaps": self.index.swaps}
-
     @staticmethod
     def summary(result: dict) -> str | None:
         first, last = result.get("first_eval"), result.get("last_eval")
@@ -671,7 +628,17 @@ class OrqaAnswerer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
                  step: int | None = None):
         self.config = config
-        self.predictor, self.step = load_predictor(config, workdir, step)
+        ckpts = TrainCheckpoints(workdir)
+        self.step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... "
+                                               "--workdir ...)")
+        configs = ckpts.model_configs()
+        if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
+            raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA "
+                             f"run ({', '.join(PARTS)}, optionally {DOC_TOWER})")
+        setup = Setup.create(config, workdir, configs)
+        shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
+        self.predictor = Predictor(setup, shardings, {
+            part: ckpts.restore_part(self.step, part, shardings[part]) for part in configs})
 
     def answer(self, questions: Sequence[str]) -> list[Answer]:
         return self.predictor(questions)
