@@ -1,4 +1,4 @@
-"""ORQA / REALM open-QA fine-tuning: the model, the training loop and the predictor.
+"""ORQA / REALM open-QA fine-tuning: the model, the task and the predictor.
 
 Two trained parts, each a pure linen module with its own params: `query_tower` (Embedder)
 and `reader` (SpanReader: BERT encoder + span head). The document index is frozen: the
@@ -307,41 +307,32 @@ def encode_questions(tokenizer, special: SpecialIds, questions: Sequence[str], l
     return ids, mask
 
 
-@dataclasses.dataclass
-class Targets:
+def answer_targets(setup: "Setup", examples: Sequence[QAExample], batch: dict,
+                   rows: np.ndarray) -> dict:
     """The answer targets of a batch, on the host: `retrieval_correct` [B, R] (the block
     contains an answer) and `span_correct` [B, k, S] (the span of a read block matches one,
     placed as the model's reader lays the block out)."""
-
-    matcher: AnswerMatcher
-    model: OrqaModel
-    block_length: int
-
-    def __call__(self, examples: Sequence[QAExample], batch: dict, rows: np.ndarray) -> dict:
-        b, k = len(examples), self.model.num_read
-        width = self.model.configs["reader"].max_span_width
-        store = self.matcher.store
-        read = rows[:, :k]
-        lengths = np.where(read >= 0, np.minimum(store.lengths[np.maximum(read, 0)],
-                                                 self.block_length), 0).astype(np.int32)
-        layout = reader_inputs(batch["input_ids"], batch["attention_mask"],
-                               np.zeros((b, k, self.block_length), np.int32), lengths,
-                               sep_id=self.model.special.sep, pad_id=self.model.special.pad,
-                               length=self.model.reader_length)
-        evidence = evidence_mask(layout.token_type_ids)            # [B, k, T]
-        t = evidence.shape[-1]
-        retrieval = np.zeros(rows.shape, bool)
-        spans = []
-        for i, ex in enumerate(examples):
-            retrieval[i] = self.matcher.contains(rows[i], ex.answers, regex=ex.is_regex)
-            for j in range(k):
-                where = np.flatnonzero(evidence[i, j])
-                found = self.matcher.spans(int(read[i, j]), ex.answers, width,
-                                           regex=ex.is_regex)
-                spans.append(span_labels(found, int(where[0]) if len(where) else 0,
-                                         len(where), t, width))
-        return {"retrieval_correct": retrieval,
-                "span_correct": np.stack(spans).reshape(b, k, -1)}
+    model, matcher, c = setup.model, setup.matcher, setup.config.retrieval.block_length
+    b, k = len(examples), model.num_read
+    width = model.configs["reader"].max_span_width
+    read = rows[:, :k]
+    lengths = np.where(read >= 0, np.minimum(matcher.store.lengths[np.maximum(read, 0)], c),
+                       0).astype(np.int32)
+    layout = reader_inputs(batch["input_ids"], batch["attention_mask"],
+                           np.zeros((b, k, c), np.int32), lengths, sep_id=model.special.sep,
+                           pad_id=model.special.pad, length=model.reader_length)
+    evidence = evidence_mask(layout.token_type_ids)            # [B, k, T]
+    t = evidence.shape[-1]
+    retrieval = np.zeros(rows.shape, bool)
+    spans = []
+    for i, ex in enumerate(examples):
+        retrieval[i] = matcher.contains(rows[i], ex.answers, regex=ex.is_regex)
+        for j in range(k):
+            where = np.flatnonzero(evidence[i, j])
+            found = matcher.spans(int(read[i, j]), ex.answers, width, regex=ex.is_regex)
+            spans.append(span_labels(found, int(where[0]) if len(where) else 0, len(where), t,
+                                     width))
+    return {"retrieval_correct": retrieval, "span_correct": np.stack(spans).reshape(b, k, -1)}
 
 
 def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str,
@@ -471,20 +462,40 @@ class Setup:
 
 
 class Predictor:
-    """Answers questions: search, reading and the best span jitted on the mesh (batches of
-    `eval.batch_size` questions, the last one padded), the span's text taken from the
-    block's own characters on the host. `params`: the default parameters."""
+    """Answers questions (the eval hook, and `realm-jax answer` / `eval` as `load` makes it):
+    search, reading and the best span jitted on the mesh (batches of `eval.batch_size`
+    questions, the last one padded), the span's text taken from the block's own characters
+    on the host. `params`: the default parameters (checkpoint `step`'s)."""
 
-    def __init__(self, setup: Setup, param_shardings, params=None):
-        self.setup, self.params = setup, params
+    def __init__(self, setup: Setup, param_shardings, params=None, step: int | None = None):
+        self.setup, self.params, self.step = setup, params, step
         self.batch_size = sharding.batch_multiple(setup.config.eval.batch_size, setup.mesh)
         self.batch_sharding = sharding.batch_sharding(setup.mesh)
         self._predict = setup.jit(setup.model.predict, param_shardings, self.batch_sharding)
+
+    @classmethod
+    def load(cls, config: ml_collections.ConfigDict, workdir: str | Path,
+             step: int | None = None) -> "Predictor":
+        """With the parameters of an ORQA run's checkpoint `step` (default the newest)."""
+        ckpts = TrainCheckpoints(workdir)
+        step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... "
+                                          "--workdir ...)")
+        configs = ckpts.model_configs()
+        if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
+            raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA "
+                             f"run ({', '.join(PARTS)}, optionally {DOC_TOWER})")
+        setup = Setup.create(config, workdir, configs)
+        shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
+        return cls(setup, shardings, {part: ckpts.restore_part(step, part, shardings[part])
+                                      for part in configs}, step)
 
     def __call__(self, questions: Sequence[str], params=None) -> list[Answer]:
         params = self.params if params is None else params
         return in_padded_batches(questions, self.batch_size,
                                  lambda batch: self._answer(batch, params))
+
+    def answer(self, questions: Sequence[str]) -> list[Answer]:
+        return self(questions)
 
     def _answer(self, questions: list[str], params) -> list[Answer]:
         s = self.setup
@@ -508,14 +519,26 @@ class Predictor:
                               float(pred["score"][i]), passages, c if found else -1))
         return out
 
-    def evaluate(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = (),
-                 out: str | Path | None = None) -> tuple[dict, str | None]:
+    def score(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = (),
+              out: str | Path | None = None) -> tuple[dict, str | None]:
         """(evaluate.summarize's figures, the predictions file `out` if given): exact match
         of the answers, recall@k (`ks`, default 1 and k) over the very blocks the reader
         read."""
         answers = self([ex.question for ex in examples], params)
         return evaluate_answers(examples, answers, tuple(ks) or (1, self.setup.model.num_read),
                                 out)
+
+    def evaluate(self, out: str | None = None) -> tuple[dict, str]:
+        """`score` of the first `eval.num_questions` (0: all) questions of `data.eval`, with
+        the checkpoint "step"; the predictions as JSONL (default
+        WORKDIR/eval/predictions.jsonl)."""
+        setup, ec = self.setup, self.setup.config.eval
+        examples = qa_examples(setup.config, setup.store, "eval", setup.tokenizer)
+        if ec.num_questions > 0:
+            examples = examples[:ec.num_questions]
+        summary, path = self.score(examples, ks=ec.recall_at,
+                                   out=out or setup.workdir.eval_dir / "predictions.jsonl")
+        return dict(summary, step=self.step), path
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +572,6 @@ class OrqaTask(QATask):
         _log.info("%d training questions, index %s (checkpoint step %d)", len(self.examples),
                   setup.snapshot.version, setup.snapshot.step)
         self.search = setup.jit(setup.model.search, run.param_shardings, run.batch_sharding)
-        self.targets = Targets(setup.matcher, setup.model, self.config.retrieval.block_length)
 
     def serve(self, snapshot) -> None:
         self.setup.use(snapshot)
@@ -562,7 +584,7 @@ class OrqaTask(QATask):
         rows = self.search(params, sharding.global_batch(local, self.run.batch_sharding),
                            self.setup.corpus.arrays())
         rows = sharding.local_rows(np.asarray(rows.addressable_data(0)))
-        local = dict(local, beam_ids=rows, **self.targets(chosen, local, rows))
+        local = dict(local, beam_ids=rows, **answer_targets(self.setup, chosen, local, rows))
         return sharding.global_batch({k: local[k] for k in STEP_FIELDS},
                                      self.run.batch_sharding), None
 
@@ -588,7 +610,7 @@ class OrqaTask(QATask):
         predictor = Predictor(self.setup, run.param_shardings)
 
         def evaluate(step: int, params) -> dict:
-            summary, _ = predictor.evaluate(examples, params, self.config.eval.recall_at)
+            summary, _ = predictor.score(examples, params, self.config.eval.recall_at)
             return {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
 
         return hooks + [Hook("eval", evaluate, every=tc.eval_every)]
@@ -603,8 +625,8 @@ class OrqaTask(QATask):
         return Task.summary(result)
 
     @classmethod
-    def answerer(cls, config, workdir, step=None) -> "OrqaAnswerer":
-        return OrqaAnswerer(config, workdir, step)
+    def answerer(cls, config, workdir, step=None) -> Predictor:
+        return Predictor.load(config, workdir, step)
 
 
 def drift_rows(task: OrqaTask, run):
@@ -620,37 +642,3 @@ def drift_rows(task: OrqaTask, run):
         return list(zip(*(np.asarray(x.addressable_data(0)) for x in (served, exact))))
 
     return fn
-
-
-class OrqaAnswerer:
-    """`realm-jax answer` / `eval` with an ORQA run's checkpoint (default the newest)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
-                 step: int | None = None):
-        self.config = config
-        ckpts = TrainCheckpoints(workdir)
-        self.step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... "
-                                               "--workdir ...)")
-        configs = ckpts.model_configs()
-        if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
-            raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA "
-                             f"run ({', '.join(PARTS)}, optionally {DOC_TOWER})")
-        setup = Setup.create(config, workdir, configs)
-        shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
-        self.predictor = Predictor(setup, shardings, {
-            part: ckpts.restore_part(self.step, part, shardings[part]) for part in configs})
-
-    def answer(self, questions: Sequence[str]) -> list[Answer]:
-        return self.predictor(questions)
-
-    def evaluate(self, out: str | None = None) -> tuple[dict, str]:
-        """Exact match and recall@k on the first `eval.num_questions` (0: all) questions
-        of `data.eval`; the predictions as JSONL (default WORKDIR/eval/predictions.jsonl)."""
-        setup = self.predictor.setup
-        examples = qa_examples(self.config, setup.store, "eval", setup.tokenizer)
-        if self.config.eval.num_questions > 0:
-            examples = examples[:self.config.eval.num_questions]
-        summary, path = self.predictor.evaluate(
-            examples, ks=self.config.eval.recall_at,
-            out=out or setup.workdir.eval_dir / "predictions.jsonl")
-        return dict(summary, step=self.step), path

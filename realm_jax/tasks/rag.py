@@ -264,18 +264,19 @@ class QAEncoder:
 
 class Retriever:
     """Question embeddings (the live question encoder, jitted over the sharded batch), their
-    top documents in the frozen index (searched on the host) and the documents' contexts."""
+    top documents in `snapshot` (searched on the host, `retrieval.backend`) and the
+    documents' contexts, read from the snapshot's own version of the corpus `store`."""
 
-    def __init__(self, snapshot, store: BlockStore, cfg: RagConfig, generator_tokenizer,
-                 backend: str = "scann", scann_threads: int = 0):
+    def __init__(self, config: ml_collections.ConfigDict, snapshot, store: BlockStore,
+                 cfg: RagConfig, generator_tokenizer):
         if snapshot.dim != cfg.retrieval_dim:
             raise ValueError(f"index {snapshot.path} holds {snapshot.dim}-d embeddings; the "
                              f"question encoder makes {cfg.retrieval_dim}-d ones: the index must "
                              "come from the context encoder that goes with "
                              "config.model.question_encoder_hf")
-        if backend == "scann":
+        if config.retrieval.backend == "scann":
             try:
-                self.searcher = snapshot.scann_searcher(scann_threads)
+                self.searcher = snapshot.scann_searcher(config.retrieval.scann_threads)
             except SnapshotError as e:
                 raise ValueError(f"{e}: set --config.retrieval.backend=exact, or rebuild the "
                                  "index with a refresh.scann section") from None
@@ -283,7 +284,8 @@ class Retriever:
             self.searcher = snapshot.numpy_searcher()
         self.snapshot = snapshot
         self.embeddings = snapshot.block_embeddings()
-        self.store, self.cfg, self.tokenizer = store, cfg, generator_tokenizer
+        self.store = Workdir.snapshot_store(snapshot, store)
+        self.cfg, self.tokenizer = cfg, generator_tokenizer
 
     def embed(self, params, question_ids: jax.Array, question_mask: jax.Array) -> np.ndarray:
         """[B, P] question embeddings of the global batch, on every host."""
@@ -442,13 +444,6 @@ class RagLossFn:
 # ---------------------------------------------------------------------------------------
 # The task
 
-def _serve(config, snapshot, store: BlockStore, cfg: RagConfig, tokenizers) -> "Retriever":
-    """The retriever over `snapshot` (its own version of the corpus store)."""
-    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg,
-                     tokenizers.generator, config.retrieval.backend,
-                     config.retrieval.scann_threads)
-
-
 @register
 class RagTask(QATask):
     """RAG fine-tuning (see the module docstring): retrieval with the live question encoder
@@ -502,8 +497,8 @@ class RagTask(QATask):
 
     def serve(self, snapshot) -> None:
         """Serve `snapshot`: its retriever, and the rows of its store for a live tower."""
-        self.retriever = _serve(self.config, snapshot, self.store, self.loss_fn.config,
-                                self.tokenizers)
+        self.retriever = Retriever(self.config, snapshot, self.store, self.loss_fn.config,
+                                   self.tokenizers.generator)
         self.live = (LiveDocs.create(self.config, self.loss_fn.doc_tower, self.retriever.store)
                      if self.how.live_docs else None)
 
@@ -622,8 +617,9 @@ class RagAnswerer:
                        for part in p_shardings}
         self.store = open_corpus(config, what=PASSAGES)
         self.tokenizers = load_tokenizers(config)
-        self.retriever = _serve(config, self.workdir.wait_for_snapshot(
-            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg, self.tokenizers)
+        self.retriever = Retriever(config, self.workdir.wait_for_snapshot(
+            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg,
+            self.tokenizers.generator)
         # A trained document tower scores (and with "rerank" chooses) the passages live.
         self.how = Strategy.from_config(config)
         self.live = (LiveDocs.create(config, configs[DOC_TOWER], self.retriever.store)
