@@ -1,8 +1,8 @@
 """Pieces the tasks share: a part's module applied with or without dropout, the retriever
 tower of a config's sizes, batches of question indices, answering in fixed-size padded
 batches, evaluation of answers against the references (the figures of `realm-jax eval`,
-with the metrics `realm-jax score` computes), and swapping in the newest index snapshot at
-step boundaries (REALM pre-training, fine-tuning with a trainable document tower)."""
+with the metrics `realm-jax score` computes), and the base of the tasks that serve an index
+snapshot, swapping in the newest one at step boundaries (IndexTask, QATask)."""
 
 from __future__ import annotations
 

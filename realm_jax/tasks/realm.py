@@ -270,8 +270,7 @@ class AnswerFinder:
     `finder(query)` is True when the query's masked wordpieces occur, whole and in order, in
     a block of `store` the query may read (not its own block; with `exclude="document"`,
     not its own document). On a corpus as small as the Wikipedia sample many masked spans
-    occur nowhere else (38% of the held-out ones), and those queries cannot gain from
-    retrieval.
+    occur nowhere else, and those queries cannot gain from retrieval.
 
     The corpus is held as one string, a character per token, so up to MAX_TOKENS tokens."""
 
@@ -603,11 +602,9 @@ class RealmTask(IndexTask):
                       " %d held-out blocks)", self.config.data.heldout_fraction,
                       tc.eval_queries, len(self.heldout_blocks))
             return []
-        extras = self.extras()
         evaluator = heldout.HeldoutEval(
             self.loss_, queries, mesh=run.mesh, param_shardings=run.param_shardings,
-            corpus_shardings=None if extras is None else jax.tree.map(
-                lambda x: x.sharding, extras),
+            corpus_shardings=jax.tree.map(lambda x: x.sharding, self.extras()),
             baseline_file=run.workdir.path(HELDOUT_BASELINE), resume=run.resuming,
             finder=self.finder, batch_size=tc.eval_batch_size)
         self.evaluator = evaluator
