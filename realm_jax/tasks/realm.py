@@ -492,9 +492,8 @@ class RealmLossFn:
 class RealmTask(IndexTask):
     """REALM pre-training: masked queries from the block store, candidates from the newest
     index snapshot (searched on the devices with the live query tower, or with ScaNN on the
-    host with the query tower of the snapshot's checkpoint), the marginal MLM loss over them.
-    Swaps in each newer snapshot at a step boundary (optionally waiting when the index is
-    `train.max_index_staleness` steps stale); held-out evaluation as a hook."""
+    host with the query tower of the snapshot's checkpoint), the marginal MLM loss over them;
+    each newer snapshot swapped in (IndexTask); held-out evaluation as a hook."""
 
     name = "realm"
     progress_keys = ("loss", "retrieval_utility", "staleness", "step_time", "mfu")
