@@ -60,7 +60,7 @@ def load_params(folder: str | os.PathLike, shardings=None):
 
 
 # ---------------------------------------------------------------------------------------
-# The trainer's checkpoints: the contract between the trainer and the refresher.
+# The trainer's checkpoints:
 #
 #     WORKDIR/model.json                   {"query_tower": {...}, "doc_tower": {...},
 #                                           "reader": {...}}: each part's config_to_dict
@@ -89,8 +89,8 @@ class TrainCheckpoints:
     """The trainer's orbax checkpoints under WORKDIR/checkpoints (see the layout above).
 
     The trainer calls `save` every few steps and `mark_finished` at the end; the refresher
-    lists steps and restores only the document tower with `restore_part`. Each side opens
-    its own instance; reads see the other side's new steps (the step list is re-read).
+    lists steps and restores the document tower (`restore_part`), each with its own
+    instance; reads see the other side's new steps (the step list is re-read).
 
     In a multi-process run every process saves and restores (orbax writes each process's
     shards and synchronizes them); model.json and FINISHED are written by process 0 only.
@@ -134,8 +134,8 @@ class TrainCheckpoints:
 
     def save(self, step: int, params, *, train_state=None, meta: dict | None = None,
              force: bool = True) -> bool:
-        """Save `params` ({"query_tower", "doc_tower", "reader"}: the towers as Embedder
-        params) at `step`, with the optional rest of the train state and JSON facts."""
+        """Save `params` ({part: params}) at `step`, with the optional rest of the train
+        state and JSON facts."""
         if not isinstance(params, dict) or not params:
             raise ValueError(f"TrainCheckpoints.save: params must be a non-empty dict of parts "
                              f"(e.g. {PARTS}), got {type(params).__name__}")

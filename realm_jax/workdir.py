@@ -56,8 +56,19 @@ class ModelMismatch(ValueError):
     """The model a run asks for is not the one its workdir's checkpoints hold."""
 
 
+def _folder(name: str) -> property:
+    """A Workdir property: the path of its subfolder `name`."""
+    return property(lambda self: self.root / name)
+
+
 class Workdir:
     """A run's folder (see the module docstring). Only process 0 writes the JSON files."""
+
+    checkpoints = _folder(CHECKPOINTS_DIR)
+    index_dir = _folder(INDEX_DIR)
+    refresh_dir = _folder(REFRESH_DIR)
+    metrics_dir = _folder(METRICS_DIR)
+    eval_dir = _folder(EVAL_DIR)
 
     def __init__(self, root: str | os.PathLike):
         root = os.fspath(root)
@@ -70,26 +81,6 @@ class Workdir:
 
     def __fspath__(self) -> str:
         return os.fspath(self.root)
-
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.root / CHECKPOINTS_DIR
-
-    @property
-    def index_dir(self) -> epath.Path:
-        return self.root / INDEX_DIR
-
-    @property
-    def refresh_dir(self) -> epath.Path:
-        return self.root / REFRESH_DIR
-
-    @property
-    def metrics_dir(self) -> epath.Path:
-        return self.root / METRICS_DIR
-
-    @property
-    def eval_dir(self) -> epath.Path:
-        return self.root / EVAL_DIR
 
     def path(self, name: str) -> epath.Path:
         return self.root / name

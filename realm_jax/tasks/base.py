@@ -2,19 +2,9 @@
 
 A task is a class registered under the name a config gives as `config.task`. The Trainer
 (realm_jax/train/trainer.py) owns everything common (mesh, workdir, restore-or-init, the
-jitted sharded step, prefetch, metrics, checkpoints, hooks); a task supplies:
-
-- its parts: `build()` -> ({part: model config}, {part: host params}); `model_configs()`
-  without weights (ahead-of-time compilation);
-- its data: `dataset(run)`, a checkpointable iterator of host items; `load(item)` (host work
-  that needs no parameters, in the prefetch thread); `make_batch(item, params)` (host work
-  that needs the live parameters, e.g. retrieval, then the global batch);
-- its pure loss: `loss(params, batch, extras, rng) -> (loss, metrics)`, where `extras` is a
-  sharded pytree the step also receives (e.g. the corpus embeddings and tokens); optionally
-  `value_and_grad` (same arguments -> ((loss, metrics), grads)), which the step then uses
-  in place of `jax.value_and_grad(loss)` (e.g. a gradient cache);
-- its hooks: `before_step` (e.g. swapping in a new index), `hooks()` (e.g. evaluation);
-- its answerer: `answerer(config, workdir, step)` for `realm-jax eval` and `answer`.
+jitted sharded step, prefetch, metrics, checkpoints, hooks); a task supplies (the methods of
+`Task`) its parts and their weights, its data (host items, then global batches), its pure
+loss, its hooks and its answerer for `realm-jax eval` and `answer`.
 """
 
 from __future__ import annotations
@@ -111,7 +101,8 @@ class Task(abc.ABC):
         """({part: model config}, {part: host params}): the weights a new run starts from."""
 
     def model_configs(self) -> dict:
-        """The parts' model configs, without making weights where the task can."""
+        """The parts' model configs, without making weights where the task can (for
+        ahead-of-time compilation)."""
         return self.build()[0]
 
     def param_shardings(self, configs: dict, mesh, rules) -> dict:
@@ -131,7 +122,8 @@ class Task(abc.ABC):
         Called before the state exists (`run.params()` is not there yet)."""
 
     def load(self, item):
-        """Host work on an item that needs no parameters (runs ahead, in a thread)."""
+        """Host work on an item that needs no parameters (runs ahead, in the prefetch
+        thread)."""
         return item
 
     @abc.abstractmethod
@@ -145,7 +137,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, params, batch: dict, extras, rng) -> tuple[Any, dict]:
-        """(scalar loss, metrics): pure, jitted inside the step; dropout when `rng`."""
+        """(scalar loss, metrics): pure, jitted inside the step; dropout when `rng`;
+        `extras` as `extras()` gives them."""
 
     # Optional: `(params, batch, extras, rng) -> ((loss, metrics), grads)`, equal to
     # `jax.value_and_grad(self.loss, has_aux=True)` but computed the task's way (e.g. chunk
@@ -153,7 +146,8 @@ class Task(abc.ABC):
     value_and_grad: Callable | None = None
 
     def extras(self):
-        """Sharded arrays the step receives besides the batch (None: nothing)."""
+        """Sharded arrays the step receives besides the batch, e.g. the corpus embeddings
+        and tokens (None: nothing)."""
         return None
 
     def before_step(self, step: int, run: Run) -> None:

@@ -1,8 +1,8 @@
 """Pieces the tasks share: a part's module applied with or without dropout, the retriever
 tower of a config's sizes, batches of question indices, answering in fixed-size padded
 batches, evaluation of answers against the references (the figures of `realm-jax eval`,
-with the metrics `realm-jax score` computes), and swapping in the newest index snapshot at
-step boundaries (REALM pre-training, fine-tuning with a trainable document tower)."""
+with the metrics `realm-jax score` computes), and the base of the tasks that serve an index
+snapshot, swapping in the newest one at step boundaries (IndexTask, QATask)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from realm_jax import distributed, evaluate
 from realm_jax.data.pipeline import check_batch_split, host_share
 from realm_jax.data.store import BlockStore
 from realm_jax.models import EmbedderConfig
-from realm_jax.tasks.base import Answer
+from realm_jax.tasks.base import Answer, Task
 
 _log = logging.getLogger(__name__)
 
@@ -163,6 +163,70 @@ class SnapshotSwaps:
     def step_metrics(self, step: int) -> dict:
         return {"staleness": float(self.snapshot.staleness(step)),
                 "index_step": float(self.snapshot.step)}
+
+
+class IndexTask(Task):
+    """A task that serves an index snapshot (REALM, ORQA, RAG): `self.index` (SnapshotSwaps)
+    follows the refresher's snapshots, a newer one swapped in by `serve(snapshot)` at a step
+    boundary when the task `refreshes` (ORQA and RAG: `retrieval.strategy="refresh"`); the
+    served snapshot's staleness is logged, its version saved with each checkpoint, and it
+    and the swaps are returned with the run's result."""
+
+    index: SnapshotSwaps | None = None
+
+    @property
+    def refreshes(self) -> bool:
+        return self.config.retrieval.strategy == "refresh"
+
+    def serve(self, snapshot) -> None:
+        """Put `snapshot` in use for the following steps."""
+        raise NotImplementedError
+
+    def follow(self, watcher, snapshot) -> None:
+        """Follow `watcher` from the served `snapshot` on (`train.max_index_staleness`,
+        `train.index_wait_seconds`)."""
+        tc = self.config.train
+        self.index = SnapshotSwaps(watcher, snapshot, tc.max_index_staleness,
+                                   tc.index_wait_seconds)
+
+    def serve_first(self, workdir, watcher) -> None:
+        """Serve the first snapshot `watcher` gives (waiting up to `train.index_wait_seconds`
+        for the refresher), then follow it."""
+        snapshot = workdir.wait_for_snapshot(watcher, self.config.train.index_wait_seconds)
+        self.serve(snapshot)
+        self.follow(watcher, snapshot)
+
+    def before_step(self, step: int, run) -> None:
+        if self.refreshes:
+            self.index.swap_if_due(step, run.saved_step, self.serve)
+
+    def step_metrics(self, step: int) -> dict:
+        return self.index.step_metrics(step)
+
+    def checkpoint_meta(self) -> dict:
+        return {} if self.index is None else {"index": self.index.snapshot.version}
+
+    def result(self) -> dict:
+        return {"snapshot": self.index.snapshot, "swaps": self.index.swaps}
+
+
+class QATask(IndexTask):
+    """An IndexTask trained on question-answer examples (ORQA, RAG): `self.examples`, drawn
+    in `question_batches`, an item being (the examples, `encode(their questions)`)."""
+
+    examples: list
+
+    def encode(self, questions: Sequence[str]):
+        raise NotImplementedError
+
+    def question_dataset(self) -> grain.IterDataset:
+        return question_batches(len(self.examples), self.config.train.batch_size,
+                                self.config.seed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    def load(self, indices):
+        chosen = [self.examples[int(i)] for i in indices]
+        return chosen, self.encode([ex.question for ex in chosen])
 
 
 def wait_for_newer_snapshot(watcher, current, timeout: float):

@@ -108,11 +108,10 @@ def embed_docs(config: EmbedderConfig, params, ids: jax.Array, mask: jax.Array,
 
 
 class DriftProbe:
-    """The drift hook over `questions` (padded batches of `batch_size`): `rows(questions,
-    params)` gives each question's (served top k, live exact top k) ids; logs
-    `drift/overlap`, `drift/rank_correlation`, `drift/probes` and the served index's
-    staleness (`swaps.step_metrics`), and writes the overlap to WORKDIR/drift.json
-    (`workdir.write_drift`, process 0) for `refresh.min_overlap`."""
+    """The drift hook (module docstring) over `questions` (padded batches of `batch_size`):
+    `rows(questions, params)` gives each question's (served top k, live exact top k) ids;
+    logs index.drift's metrics with the served index's staleness and writes the overlap to
+    WORKDIR/drift.json (process 0)."""
 
     def __init__(self, questions: Sequence[str], batch_size: int,
                  rows: Callable[[list[str], object], list[tuple[np.ndarray, np.ndarray]]],

@@ -1,4 +1,4 @@
-"""ORQA / REALM open-QA fine-tuning: the model, the training loop and the predictor.
+"""ORQA / REALM open-QA fine-tuning: the model, the task and the predictor.
 
 Two trained parts, each a pure linen module with its own params: `query_tower` (Embedder)
 and `reader` (SpanReader: BERT encoder + span head). The document index is frozen: the
@@ -58,8 +58,8 @@ from realm_jax.objectives.realm import reader_inputs
 from realm_jax.checkpoints import TrainCheckpoints
 from realm_jax.tasks import realm
 from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, apply_model, evaluate_answers,
-                                    in_padded_batches, question_batches, tower_config)
+from realm_jax.tasks.common import (QATask, apply_model, evaluate_answers, in_padded_batches,
+                                    tower_config)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.tasks import end_to_end
@@ -193,11 +193,6 @@ class OrqaModel:
     def how(self) -> Strategy:
         return Strategy(self.strategy, self.over_retrieve)
 
-    @property
-    def live_docs(self) -> bool:
-        """Whether the beam is scored with the live document tower (else the index's)."""
-        return self.how.live_docs
-
     def embed(self, params, batch: dict, rng=None) -> jax.Array:
         """[B, P] the live query tower's question embeddings."""
         return apply_model(self.configs["query_tower"], params["query_tower"],
@@ -242,8 +237,8 @@ class OrqaModel:
     def retrieval_logits(self, params, questions: jax.Array, corpus: dict, rows: jax.Array,
                          rng=None) -> jax.Array:
         """[B, R] question embeddings . the embeddings of `rows` (scaled): the live
-        document tower's (`live_docs`), else the index's."""
-        if self.live_docs:
+        document tower's (`how.live_docs`), else the index's."""
+        if self.how.live_docs:
             docs = self.embed_rows(params, corpus, rows, rng).astype(jnp.float32)
         else:
             docs = jnp.take(corpus["embeddings"], jnp.maximum(rows, 0),
@@ -267,7 +262,7 @@ class OrqaModel:
     def loss(self, params, batch: dict, corpus: dict, rng: jax.Array | None):
         """(loss, metrics); dropout on when `rng` is given."""
         rng_q = rng_r = rng_d = None
-        if rng is not None and self.live_docs:
+        if rng is not None and self.how.live_docs:
             rng_q, rng_r, rng_d = jax.random.split(rng, 3)
         elif rng is not None:
             rng_q, rng_r = jax.random.split(rng)
@@ -312,41 +307,32 @@ def encode_questions(tokenizer, special: SpecialIds, questions: Sequence[str], l
     return ids, mask
 
 
-@dataclasses.dataclass
-class Targets:
+def answer_targets(setup: "Setup", examples: Sequence[QAExample], batch: dict,
+                   rows: np.ndarray) -> dict:
     """The answer targets of a batch, on the host: `retrieval_correct` [B, R] (the block
     contains an answer) and `span_correct` [B, k, S] (the span of a read block matches one,
     placed as the model's reader lays the block out)."""
-
-    matcher: AnswerMatcher
-    model: OrqaModel
-    block_length: int
-
-    def __call__(self, examples: Sequence[QAExample], batch: dict, rows: np.ndarray) -> dict:
-        b, k = len(examples), self.model.num_read
-        width = self.model.configs["reader"].max_span_width
-        store = self.matcher.store
-        read = rows[:, :k]
-        lengths = np.where(read >= 0, np.minimum(store.lengths[np.maximum(read, 0)],
-                                                 self.block_length), 0).astype(np.int32)
-        layout = reader_inputs(batch["input_ids"], batch["attention_mask"],
-                               np.zeros((b, k, self.block_length), np.int32), lengths,
-                               sep_id=self.model.special.sep, pad_id=self.model.special.pad,
-                               length=self.model.reader_length)
-        evidence = evidence_mask(layout.token_type_ids)            # [B, k, T]
-        t = evidence.shape[-1]
-        retrieval = np.zeros(rows.shape, bool)
-        spans = []
-        for i, ex in enumerate(examples):
-            retrieval[i] = self.matcher.contains(rows[i], ex.answers, regex=ex.is_regex)
-            for j in range(k):
-                where = np.flatnonzero(evidence[i, j])
-                found = self.matcher.spans(int(read[i, j]), ex.answers, width,
-                                           regex=ex.is_regex)
-                spans.append(span_labels(found, int(where[0]) if len(where) else 0,
-                                         len(where), t, width))
-        return {"retrieval_correct": retrieval,
-                "span_correct": np.stack(spans).reshape(b, k, -1)}
+    model, matcher, c = setup.model, setup.matcher, setup.config.retrieval.block_length
+    b, k = len(examples), model.num_read
+    width = model.configs["reader"].max_span_width
+    read = rows[:, :k]
+    lengths = np.where(read >= 0, np.minimum(matcher.store.lengths[np.maximum(read, 0)], c),
+                       0).astype(np.int32)
+    layout = reader_inputs(batch["input_ids"], batch["attention_mask"],
+                           np.zeros((b, k, c), np.int32), lengths, sep_id=model.special.sep,
+                           pad_id=model.special.pad, length=model.reader_length)
+    evidence = evidence_mask(layout.token_type_ids)            # [B, k, T]
+    t = evidence.shape[-1]
+    retrieval = np.zeros(rows.shape, bool)
+    spans = []
+    for i, ex in enumerate(examples):
+        retrieval[i] = matcher.contains(rows[i], ex.answers, regex=ex.is_regex)
+        for j in range(k):
+            where = np.flatnonzero(evidence[i, j])
+            found = matcher.spans(int(read[i, j]), ex.answers, width, regex=ex.is_regex)
+            spans.append(span_labels(found, int(where[0]) if len(where) else 0, len(where), t,
+                                     width))
+    return {"retrieval_correct": retrieval, "span_correct": np.stack(spans).reshape(b, k, -1)}
 
 
 def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str,
@@ -368,22 +354,6 @@ def qa_examples(config: ml_collections.ConfigDict, store: BlockStore, which: str
     if not examples:
         raise ValueError(f"data.{which}={spec} (split {split!r}) holds no questions")
     return examples
-
-
-def frozen_index(config: ml_collections.ConfigDict, workdir: str | Path, store: BlockStore,
-                 timeout: float = 0.0):
-    """(the watcher, the newest valid snapshot) under `retrieval.index` (default
-    WORKDIR/index) of the corpus `data.corpus`, waiting up to `timeout` seconds."""
-    run = Workdir(workdir)
-    watcher = run.index_watcher(store, config.retrieval.index or None)
-    try:
-        return watcher, run.wait_for_snapshot(watcher, timeout)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"retrieval.index: no index snapshot of corpus {store.path} in "
-            f"{watcher.store.root}: point --config.retrieval.index at a REALM pre-training "
-            "run's WORKDIR/index, or build one from pretrained weights: realm-jax refresh "
-            f"--config ... --workdir {run.root} --once --from_hf DOC_TOWER_DIR") from None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -445,15 +415,25 @@ class Setup:
         rules = sharding.rules_from_config(config)
         store = BlockStore.open(config.data.corpus)
         tokenizer = load_tokenizer(config.data.tokenizer)
+        # the newest snapshot under retrieval.index (default WORKDIR/index)
+        run = Workdir(workdir)
+        watcher = run.index_watcher(store, rc.index or None)
         wait = config.train.index_wait_seconds if rc.strategy == "refresh" else 0.0
-        watcher, snapshot = frozen_index(config, workdir, store, wait)
+        try:
+            snapshot = run.wait_for_snapshot(watcher, wait)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"retrieval.index: no index snapshot of corpus {store.path} in "
+                f"{watcher.store.root}: point --config.retrieval.index at a REALM pre-training "
+                "run's WORKDIR/index, or build one from pretrained weights: realm-jax refresh "
+                f"--config ... --workdir {run.root} --once --from_hf DOC_TOWER_DIR") from None
         store, corpus = _device_corpus(config, snapshot, store, mesh, rules)
         # every row of the device corpus is searched: padding and removed blocks are masked
         # by their doc_index, so the compiled search serves later store versions too
         model = OrqaModel(configs, special_ids(tokenizer), rc.beam_size, rc.num_read,
                           rc.score_scale, int(corpus.embeddings.shape[0]), corpus.block_size,
                           rc.reader_length or None, rc.strategy, rc.over_retrieve)
-        return cls(config, Workdir(workdir), mesh, rules, store, tokenizer, watcher, snapshot,
+        return cls(config, run, mesh, rules, store, tokenizer, watcher, snapshot,
                    corpus, model, AnswerMatcher(store, tokenizer))
 
     def use(self, snapshot) -> None:
@@ -482,20 +462,40 @@ class Setup:
 
 
 class Predictor:
-    """Answers questions: search, reading and the best span jitted on the mesh (batches of
-    `eval.batch_size` questions, the last one padded), the span's text taken from the
-    block's own characters on the host. `params`: the default parameters."""
+    """Answers questions (the eval hook, and `realm-jax answer` / `eval` as `load` makes it):
+    search, reading and the best span jitted on the mesh (batches of `eval.batch_size`
+    questions, the last one padded), the span's text taken from the block's own characters
+    on the host. `params`: the default parameters (checkpoint `step`'s)."""
 
-    def __init__(self, setup: Setup, param_shardings, params=None):
-        self.setup, self.params = setup, params
+    def __init__(self, setup: Setup, param_shardings, params=None, step: int | None = None):
+        self.setup, self.params, self.step = setup, params, step
         self.batch_size = sharding.batch_multiple(setup.config.eval.batch_size, setup.mesh)
         self.batch_sharding = sharding.batch_sharding(setup.mesh)
         self._predict = setup.jit(setup.model.predict, param_shardings, self.batch_sharding)
+
+    @classmethod
+    def load(cls, config: ml_collections.ConfigDict, workdir: str | Path,
+             step: int | None = None) -> "Predictor":
+        """With the parameters of an ORQA run's checkpoint `step` (default the newest)."""
+        ckpts = TrainCheckpoints(workdir)
+        step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... "
+                                          "--workdir ...)")
+        configs = ckpts.model_configs()
+        if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
+            raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA "
+                             f"run ({', '.join(PARTS)}, optionally {DOC_TOWER})")
+        setup = Setup.create(config, workdir, configs)
+        shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
+        return cls(setup, shardings, {part: ckpts.restore_part(step, part, shardings[part])
+                                      for part in configs}, step)
 
     def __call__(self, questions: Sequence[str], params=None) -> list[Answer]:
         params = self.params if params is None else params
         return in_padded_batches(questions, self.batch_size,
                                  lambda batch: self._answer(batch, params))
+
+    def answer(self, questions: Sequence[str]) -> list[Answer]:
+        return self(questions)
 
     def _answer(self, questions: list[str], params) -> list[Answer]:
         s = self.setup
@@ -519,8 +519,8 @@ class Predictor:
                               float(pred["score"][i]), passages, c if found else -1))
         return out
 
-    def evaluate(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = (),
-                 out: str | Path | None = None) -> tuple[dict, str | None]:
+    def score(self, examples: Sequence[QAExample], params=None, ks: Sequence[int] = (),
+              out: str | Path | None = None) -> tuple[dict, str | None]:
         """(evaluate.summarize's figures, the predictions file `out` if given): exact match
         of the answers, recall@k (`ks`, default 1 and k) over the very blocks the reader
         read."""
@@ -528,29 +528,24 @@ class Predictor:
         return evaluate_answers(examples, answers, tuple(ks) or (1, self.setup.model.num_read),
                                 out)
 
-
-def load_predictor(config: ml_collections.ConfigDict, workdir: str | Path,
-                   step: int | None = None) -> tuple[Predictor, int]:
-    """(a Predictor with the parameters of an ORQA run's checkpoint `step` (default the
-    newest) in `workdir`, the step)."""
-    ckpts = TrainCheckpoints(workdir)
-    step = ckpts.step_or_latest(step, ": train first (realm-jax train --config ... --workdir "
-                                      "...)")
-    configs = ckpts.model_configs()
-    if not set(PARTS) <= set(configs) <= {*PARTS, DOC_TOWER}:
-        raise ValueError(f"{workdir}: holds a run of parts {sorted(configs)}, not an ORQA run "
-                         f"({', '.join(PARTS)}, optionally {DOC_TOWER})")
-    setup = Setup.create(config, workdir, configs)
-    shardings = sharding.part_shardings(configs, setup.mesh, setup.rules)
-    params = {part: ckpts.restore_part(step, part, shardings[part]) for part in configs}
-    return Predictor(setup, shardings, params), step
+    def evaluate(self, out: str | None = None) -> tuple[dict, str]:
+        """`score` of the first `eval.num_questions` (0: all) questions of `data.eval`, with
+        the checkpoint "step"; the predictions as JSONL (default
+        WORKDIR/eval/predictions.jsonl)."""
+        setup, ec = self.setup, self.setup.config.eval
+        examples = qa_examples(setup.config, setup.store, "eval", setup.tokenizer)
+        if ec.num_questions > 0:
+            examples = examples[:ec.num_questions]
+        summary, path = self.score(examples, ks=ec.recall_at,
+                                   out=out or setup.workdir.eval_dir / "predictions.jsonl")
+        return dict(summary, step=self.step), path
 
 
 # ---------------------------------------------------------------------------------------
 # The task
 
 @register
-class OrqaTask(Task):
+class OrqaTask(QATask):
     """ORQA / REALM open-QA fine-tuning: question batches, the retriever beam searched with
     the live query tower on the devices, answer targets matched on the host, the ORQA loss;
     exact match and recall on the eval questions as a hook."""
@@ -566,40 +561,30 @@ class OrqaTask(Task):
         return build_models(self.config)
 
     def dataset(self, run):
-        self.setup = Setup.create(self.config, run.workdir, run.configs)
-        self.examples = qa_examples(self.config, self.setup.store, "train",
-                                    self.setup.tokenizer)
-        return question_batches(len(self.examples), self.config.train.batch_size,
-                                self.config.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+        self.setup = setup = Setup.create(self.config, run.workdir, run.configs)
+        self.follow(setup.watcher, setup.snapshot)
+        self.examples = qa_examples(self.config, setup.store, "train", setup.tokenizer)
+        return self.question_dataset()
 
     def start(self, run) -> None:
-        setup, tc = self.setup, self.config.train
+        setup = self.setup
         self.run = run
         _log.info("%d training questions, index %s (checkpoint step %d)", len(self.examples),
                   setup.snapshot.version, setup.snapshot.step)
         self.search = setup.jit(setup.model.search, run.param_shardings, run.batch_sharding)
-        self.targets = Targets(setup.matcher, setup.model, self.config.retrieval.block_length)
-        self.index = SnapshotSwaps(setup.watcher, setup.snapshot, tc.max_index_staleness,
-                                   tc.index_wait_seconds)
 
-    def before_step(self, step: int, run) -> None:
-        if self.config.retrieval.strategy == "refresh":
-            self.index.swap_if_due(step, run.saved_step, self.setup.use)
+    def serve(self, snapshot) -> None:
+        self.setup.use(snapshot)
 
-    def step_metrics(self, step: int) -> dict:
-        return self.index.step_metrics(step)
-
-    def load(self, indices):
-        chosen = [self.examples[int(i)] for i in indices]
-        return chosen, self.setup.encode([ex.question for ex in chosen])
+    def encode(self, questions: Sequence[str]) -> dict:
+        return self.setup.encode(questions)
 
     def make_batch(self, item, params):
         chosen, local = item
         rows = self.search(params, sharding.global_batch(local, self.run.batch_sharding),
                            self.setup.corpus.arrays())
         rows = sharding.local_rows(np.asarray(rows.addressable_data(0)))
-        local = dict(local, beam_ids=rows, **self.targets(chosen, local, rows))
+        local = dict(local, beam_ids=rows, **answer_targets(self.setup, chosen, local, rows))
         return sharding.global_batch({k: local[k] for k in STEP_FIELDS},
                                      self.run.batch_sharding), None
 
@@ -625,16 +610,10 @@ class OrqaTask(Task):
         predictor = Predictor(self.setup, run.param_shardings)
 
         def evaluate(step: int, params) -> dict:
-            summary, _ = predictor.evaluate(examples, params, self.config.eval.recall_at)
+            summary, _ = predictor.score(examples, params, self.config.eval.recall_at)
             return {EVAL_PREFIX + k: float(v) for k, v in summary.items()}
 
         return hooks + [Hook("eval", evaluate, every=tc.eval_every)]
-
-    def checkpoint_meta(self) -> dict:
-        return {"index": self.setup.snapshot.version}
-
-    def result(self) -> dict:
-        return {"snapshot": self.setup.snapshot, "swaps": self.index.swaps}
 
     @staticmethod
     def summary(result: dict) -> str | None:
@@ -646,8 +625,8 @@ class OrqaTask(Task):
         return Task.summary(result)
 
     @classmethod
-    def answerer(cls, config, workdir, step=None) -> "OrqaAnswerer":
-        return OrqaAnswerer(config, workdir, step)
+    def answerer(cls, config, workdir, step=None) -> Predictor:
+        return Predictor.load(config, workdir, step)
 
 
 def drift_rows(task: OrqaTask, run):
@@ -663,27 +642,3 @@ def drift_rows(task: OrqaTask, run):
         return list(zip(*(np.asarray(x.addressable_data(0)) for x in (served, exact))))
 
     return fn
-
-
-class OrqaAnswerer:
-    """`realm-jax answer` / `eval` with an ORQA run's checkpoint (default the newest)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
-                 step: int | None = None):
-        self.config = config
-        self.predictor, self.step = load_predictor(config, workdir, step)
-
-    def answer(self, questions: Sequence[str]) -> list[Answer]:
-        return self.predictor(questions)
-
-    def evaluate(self, out: str | None = None) -> tuple[dict, str]:
-        """Exact match and recall@k on the first `eval.num_questions` (0: all) questions
-        of `data.eval`; the predictions as JSONL (default WORKDIR/eval/predictions.jsonl)."""
-        setup = self.predictor.setup
-        examples = qa_examples(self.config, setup.store, "eval", setup.tokenizer)
-        if self.config.eval.num_questions > 0:
-            examples = examples[:self.config.eval.num_questions]
-        summary, path = self.predictor.evaluate(
-            examples, ks=self.config.eval.recall_at,
-            out=out or setup.workdir.eval_dir / "predictions.jsonl")
-        return dict(summary, step=self.step), path

@@ -55,9 +55,9 @@ from realm_jax.objectives.distill import (emdr2_loss, leave_one_out_marginals, l
 from realm_jax.objectives.rag import (doc_log_probs, rag_sequence_nll, rag_token_nll,
                                       sequence_log_likelihoods)
 from realm_jax.tasks import end_to_end
-from realm_jax.tasks.base import Answer, Hook, Passage, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, evaluate_answers, in_padded_batches,
-                                    jit_apply, open_corpus, question_batches)
+from realm_jax.tasks.base import Answer, Hook, Passage, register
+from realm_jax.tasks.common import (QATask, evaluate_answers, in_padded_batches, jit_apply,
+                                    open_corpus)
 from realm_jax.tasks.end_to_end import (DOC_TOWER, DriftProbe, Strategy, embed_docs, live_top,
                                         question_batch)
 from realm_jax.workdir import Workdir
@@ -264,18 +264,19 @@ class QAEncoder:
 
 class Retriever:
     """Question embeddings (the live question encoder, jitted over the sharded batch), their
-    top documents in the frozen index (searched on the host) and the documents' contexts."""
+    top documents in `snapshot` (searched on the host, `retrieval.backend`) and the
+    documents' contexts, read from the snapshot's own version of the corpus `store`."""
 
-    def __init__(self, snapshot, store: BlockStore, cfg: RagConfig, generator_tokenizer,
-                 backend: str = "scann", scann_threads: int = 0):
+    def __init__(self, config: ml_collections.ConfigDict, snapshot, store: BlockStore,
+                 cfg: RagConfig, generator_tokenizer):
         if snapshot.dim != cfg.retrieval_dim:
             raise ValueError(f"index {snapshot.path} holds {snapshot.dim}-d embeddings; the "
                              f"question encoder makes {cfg.retrieval_dim}-d ones: the index must "
                              "come from the context encoder that goes with "
                              "config.model.question_encoder_hf")
-        if backend == "scann":
+        if config.retrieval.backend == "scann":
             try:
-                self.searcher = snapshot.scann_searcher(scann_threads)
+                self.searcher = snapshot.scann_searcher(config.retrieval.scann_threads)
             except SnapshotError as e:
                 raise ValueError(f"{e}: set --config.retrieval.backend=exact, or rebuild the "
                                  "index with a refresh.scann section") from None
@@ -283,7 +284,8 @@ class Retriever:
             self.searcher = snapshot.numpy_searcher()
         self.snapshot = snapshot
         self.embeddings = snapshot.block_embeddings()
-        self.store, self.cfg, self.tokenizer = store, cfg, generator_tokenizer
+        self.store = Workdir.snapshot_store(snapshot, store)
+        self.cfg, self.tokenizer = cfg, generator_tokenizer
 
     def embed(self, params, question_ids: jax.Array, question_mask: jax.Array) -> np.ndarray:
         """[B, P] question embeddings of the global batch, on every host."""
@@ -442,15 +444,8 @@ class RagLossFn:
 # ---------------------------------------------------------------------------------------
 # The task
 
-def _serve(config, snapshot, store: BlockStore, cfg: RagConfig, tokenizers) -> "Retriever":
-    """The retriever over `snapshot` (its own version of the corpus store)."""
-    return Retriever(snapshot, Workdir.snapshot_store(snapshot, store), cfg,
-                     tokenizers.generator, config.retrieval.backend,
-                     config.retrieval.scann_threads)
-
-
 @register
-class RagTask(Task):
+class RagTask(QATask):
     """RAG fine-tuning (see the module docstring): retrieval with the live question encoder
     on the host, the RAG-Token or RAG-Sequence loss in the step."""
 
@@ -460,7 +455,6 @@ class RagTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         check_config(config)
-        self.retriever = None
         self.how = Strategy.from_config(config)
 
     def build(self) -> tuple[dict, dict]:
@@ -492,37 +486,27 @@ class RagTask(Task):
             raise ValueError(f"--config.data.train={self.config.data.train}: {len(regex)} "
                              "questions have regular-expression answers (CuratedTrec); RAG "
                              "trains on answer strings")
-        return question_batches(len(self.examples), self.config.train.batch_size,
-                                self.config.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+        return self.question_dataset()
 
     def start(self, run) -> None:
-        c, cfg = self.config, self.loss_fn.config
+        c = self.config
         self.run = run
-        watcher = run.workdir.index_watcher(self.store)
-        self._use(run.workdir.wait_for_snapshot(watcher, c.train.index_wait_seconds))
-        self.index = SnapshotSwaps(watcher, self.retriever.snapshot,
-                                   c.train.max_index_staleness, c.train.index_wait_seconds)
-        self.encoder = QAEncoder(self.tokenizers, cfg.generator, c.rag.max_source_length,
-                                 c.rag.max_target_length)
+        self.serve_first(run.workdir, run.workdir.index_watcher(self.store))
+        self.encoder = QAEncoder(self.tokenizers, self.loss_fn.config.generator,
+                                 c.rag.max_source_length, c.rag.max_target_length)
 
-    def _use(self, snapshot) -> None:
+    def serve(self, snapshot) -> None:
         """Serve `snapshot`: its retriever, and the rows of its store for a live tower."""
-        self.retriever = _serve(self.config, snapshot, self.store, self.loss_fn.config,
-                                self.tokenizers)
+        self.retriever = Retriever(self.config, snapshot, self.store, self.loss_fn.config,
+                                   self.tokenizers.generator)
         self.live = (LiveDocs.create(self.config, self.loss_fn.doc_tower, self.retriever.store)
                      if self.how.live_docs else None)
 
-    def before_step(self, step: int, run) -> None:
-        if self.how.name == "refresh":
-            self.index.swap_if_due(step, run.saved_step, self._use)
-
     def step_metrics(self, step: int) -> dict:
-        return self.index.step_metrics(step) if self.how.live_docs else {}
+        return super().step_metrics(step) if self.how.live_docs else {}
 
-    def load(self, indices):  # the generator's tokenizer is used in this thread only
-        chosen = [self.examples[int(i)] for i in indices]
-        return chosen, self.encoder.questions([ex.question for ex in chosen])
+    def encode(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.encoder.questions(questions)  # the tokenizer is used in this thread only
 
     def documents(self, params, questions: np.ndarray, put) -> tuple[np.ndarray, dict]:
         """(ids [B, n_docs], the batch's document fields) of questions [B, P] (this host's
@@ -580,12 +564,6 @@ class RagTask(Task):
         exact, _ = self.live.choose(params[DOC_TOWER], q, pool, k, put)
         return list(zip(pool[:, :k], exact))
 
-    def checkpoint_meta(self) -> dict:
-        return {} if self.retriever is None else {"index": self.retriever.snapshot.version}
-
-    def result(self) -> dict:
-        return {"snapshot": self.retriever.snapshot, "swaps": self.index.swaps}
-
     @classmethod
     def answerer(cls, config, workdir, step=None) -> "RagAnswerer":
         return RagAnswerer(config, workdir, step=step)
@@ -639,8 +617,9 @@ class RagAnswerer:
                        for part in p_shardings}
         self.store = open_corpus(config, what=PASSAGES)
         self.tokenizers = load_tokenizers(config)
-        self.retriever = _serve(config, self.workdir.wait_for_snapshot(
-            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg, self.tokenizers)
+        self.retriever = Retriever(config, self.workdir.wait_for_snapshot(
+            self.workdir.index_watcher(self.store), 0.0), self.store, self.cfg,
+            self.tokenizers.generator)
         # A trained document tower scores (and with "rerank" chooses) the passages live.
         self.how = Strategy.from_config(config)
         self.live = (LiveDocs.create(config, configs[DOC_TOWER], self.retriever.store)

@@ -35,8 +35,7 @@ from realm_jax.objectives.realm import (RealmLoss, exclude_source, reader_inputs
                                         realm_loss_from_logits)
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Hook, Task, register
-from realm_jax.tasks.common import (SnapshotSwaps, apply_model, jit_apply, open_corpus,
-                                    tower_config)
+from realm_jax.tasks.common import IndexTask, apply_model, jit_apply, open_corpus, tower_config
 from realm_jax.workdir import HELDOUT_BASELINE, Workdir
 
 _log = logging.getLogger(__name__)
@@ -271,8 +270,7 @@ class AnswerFinder:
     `finder(query)` is True when the query's masked wordpieces occur, whole and in order, in
     a block of `store` the query may read (not its own block; with `exclude="document"`,
     not its own document). On a corpus as small as the Wikipedia sample many masked spans
-    occur nowhere else (38% of the held-out ones), and those queries cannot gain from
-    retrieval.
+    occur nowhere else, and those queries cannot gain from retrieval.
 
     The corpus is held as one string, a character per token, so up to MAX_TOKENS tokens."""
 
@@ -491,15 +489,15 @@ class RealmLossFn:
 # The task
 
 @register
-class RealmTask(Task):
+class RealmTask(IndexTask):
     """REALM pre-training: masked queries from the block store, candidates from the newest
     index snapshot (searched on the devices with the live query tower, or with ScaNN on the
-    host with the query tower of the snapshot's checkpoint), the marginal MLM loss over them.
-    Swaps in each newer snapshot at a step boundary (optionally waiting when the index is
-    `train.max_index_staleness` steps stale); held-out evaluation as a hook."""
+    host with the query tower of the snapshot's checkpoint), the marginal MLM loss over them;
+    each newer snapshot swapped in (IndexTask); held-out evaluation as a hook."""
 
     name = "realm"
     progress_keys = ("loss", "retrieval_utility", "staleness", "step_time", "mfu")
+    refreshes = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -543,15 +541,11 @@ class RealmTask(Task):
         # device mode: the corpus rows searched are those its doc_index marks as blocks, so
         # the one compiled step serves every store version a snapshot swap brings in
         self.loss_ = self.loss_fn(run.configs, self.maker.special)
-        watcher = run.workdir.index_watcher(self.store)
-        tc = self.config.train
-        self.index = SnapshotSwaps(watcher, run.workdir.wait_for_snapshot(
-            watcher, tc.index_wait_seconds), tc.max_index_staleness, tc.index_wait_seconds)
-        self._use(self.index.snapshot)
+        self.serve_first(run.workdir, run.workdir.index_watcher(self.store))
         _log.info("using index %s (checkpoint step %d)", self.snapshot.version,
                   self.snapshot.step)
 
-    def _use(self, snapshot) -> None:
+    def serve(self, snapshot) -> None:
         """Serve `snapshot`: its corpus on the devices (device mode), or its ScaNN index and
         the query tower of its checkpoint (scann mode)."""
         run, rc = self.run, self.config.retrieval
@@ -579,9 +573,6 @@ class RealmTask(Task):
         self.retriever = HostRetriever.from_config(rc, snapshot, run.configs["query_tower"],
                                                    query_params, self.store)
 
-    def before_step(self, step: int, run) -> None:
-        self.index.swap_if_due(step, run.saved_step, self._use)
-
     def make_batch(self, item, params):
         if self.retriever is not None:
             item = self.retriever(item)
@@ -593,9 +584,6 @@ class RealmTask(Task):
 
     def extras(self):
         return None if self.corpus is None else self.corpus.arrays()
-
-    def step_metrics(self, step: int) -> dict:
-        return self.index.step_metrics(step)
 
     def tokens_per_step(self) -> int:
         rc = self.config.retrieval
@@ -613,11 +601,9 @@ class RealmTask(Task):
                       " %d held-out blocks)", self.config.data.heldout_fraction,
                       tc.eval_queries, len(self.heldout_blocks))
             return []
-        extras = self.extras()
         evaluator = heldout.HeldoutEval(
             self.loss_, queries, mesh=run.mesh, param_shardings=run.param_shardings,
-            corpus_shardings=None if extras is None else jax.tree.map(
-                lambda x: x.sharding, extras),
+            corpus_shardings=jax.tree.map(lambda x: x.sharding, self.extras()),
             baseline_file=run.workdir.path(HELDOUT_BASELINE), resume=run.resuming,
             finder=self.finder, batch_size=tc.eval_batch_size)
         self.evaluator = evaluator
@@ -633,12 +619,6 @@ class RealmTask(Task):
             "heldout_loss", "heldout_retrieval_utility", "heldout_retrieval_utility_change",
             "heldout_retrieval_utility_change_se", "heldout_answerable_retrieval_utility",
             "heldout_answerable_retrieval_utility_change", "heldout_answer_recall"))]
-
-    def checkpoint_meta(self) -> dict:
-        return {} if self.snapshot is None else {"index": self.snapshot.version}
-
-    def result(self) -> dict:
-        return {"snapshot": self.snapshot, "swaps": self.index.swaps}
 
     @staticmethod
     def summary(result: dict) -> str | None:

@@ -49,7 +49,8 @@ from realm_jax.objectives.grad_cache import grad_cache_value_and_grad
 from realm_jax.objectives.retrieval import dpr_loss, ict_loss
 from realm_jax.tasks import heldout
 from realm_jax.tasks.base import Answer, Passage, Task, register
-from realm_jax.tasks.common import apply_model, jit_apply, open_corpus, tower_config
+from realm_jax.tasks.common import (apply_model, in_padded_batches, jit_apply, open_corpus,
+                                    tower_config)
 from realm_jax.workdir import Workdir
 
 _log = logging.getLogger(__name__)
@@ -298,15 +299,15 @@ class RetrieverAnswerer:
 
     def embed_rows(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Query embeddings [n, P] of rows (the query tower, jitted, in eval.batch_size)."""
+        if not len(ids):
+            return np.zeros((0, self.searcher.dim), np.float32)
         part = query_part(self.configs)
-        size = self.config.eval.batch_size
-        out = []
-        for s in range(0, len(ids), size):
-            n = len(ids[s:s + size])
-            pad = lambda x: np.pad(x[s:s + size], ((0, size - n), (0, 0)))  # noqa: E731
-            out.append(np.asarray(jit_apply(self.configs[part], self.params[part], pad(ids),
-                                         pad(mask)))[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.searcher.dim), np.float32)
+
+        def embed(rows: list[int]) -> list[np.ndarray]:
+            return list(np.asarray(jit_apply(self.configs[part], self.params[part], ids[rows],
+                                             mask[rows])))
+
+        return np.stack(in_padded_batches(range(len(ids)), self.config.eval.batch_size, embed))
 
     def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
         """Query embeddings [n, P] of `[CLS] question [SEP]` rows (dpr.question_length or

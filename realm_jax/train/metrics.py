@@ -20,7 +20,7 @@ _log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike):
         self.enabled = jax.process_index() == 0
         self.path = Path(Workdir(workdir).metrics_dir)
         self._jsonl = None
@@ -29,12 +29,11 @@ class MetricsWriter:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.path / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
-            except ImportError:
-                _log.warning("tensorboardX is not installed: metrics go to JSONL only")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.path / "tensorboard"))
+        except ImportError:
+            _log.warning("tensorboardX is not installed: metrics go to JSONL only")
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -78,21 +77,18 @@ def matmul_flops(fn: Callable, *args) -> float:
     return jaxpr_matmul_flops(traced)
 
 
-def jaxpr_matmul_flops(closed_jaxpr) -> float:
-    """`matmul_flops` of a traced function's ClosedJaxpr (e.g. `jit(f).trace(...).jaxpr`)."""
-    return _flops(closed_jaxpr.jaxpr)
-
-
-def _flops(jaxpr) -> float:
+def jaxpr_matmul_flops(jaxpr) -> float:
+    """`matmul_flops` of a traced function's ClosedJaxpr (e.g. `jit(f).trace(...).jaxpr`) or
+    Jaxpr."""
     total = 0.0
-    for eqn in jaxpr.eqns:
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         if eqn.primitive.name == "dot_general":
             (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
             lhs, rhs = (v.aval.shape for v in eqn.invars)
             rhs_free = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
             total += 2.0 * math.prod(lhs) * math.prod(rhs_free)
             continue
-        inner = [_flops(j) for j in _sub_jaxprs(eqn.params)]
+        inner = [jaxpr_matmul_flops(j) for j in _sub_jaxprs(eqn.params)]
         if eqn.primitive.name == "scan":
             total += eqn.params["length"] * sum(inner)
         elif eqn.primitive.name == "cond":
@@ -105,7 +101,5 @@ def _flops(jaxpr) -> float:
 def _sub_jaxprs(params: dict) -> Iterator:
     for value in params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax_core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax_core.Jaxpr):
+            if isinstance(item, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
                 yield item

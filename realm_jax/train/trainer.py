@@ -64,12 +64,6 @@ def jit_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    compiler_options=compiler_options)
 
 
-def end_step(start: int, total_steps: int, stop_after: int | None) -> int:
-    """The step a run stops at: `total_steps`, or `stop_after` when that comes first,
-    never before `start`."""
-    return total_steps if stop_after is None else max(start, min(total_steps, int(stop_after)))
-
-
 class Trainer:
     """Runs `task` (default: the one `config.task` names) in `workdir` until
     `config.train.steps`, resuming from the newest checkpoint. `run()` returns a dict:
@@ -177,7 +171,7 @@ class Trainer:
         extras = task.extras()
         step_fn = jit_train_step(
             task.loss, self.optimizer, self.shardings, self.batch_sharding,
-            None if extras is None else jax.tree.map(lambda x: x.sharding, extras),
+            jax.tree.map(lambda x: x.sharding, extras),
             compiler_options=config_lib.compiler_options(self.config),
             value_and_grad=task.value_and_grad)
         rng = jax.random.key(self.config.seed)
@@ -190,7 +184,7 @@ class Trainer:
             item = next(data)
             return task.load(item), data.get_state()
 
-        end = end_step(start, tc.steps, stop_after)
+        end = tc.steps if stop_after is None else max(start, min(tc.steps, int(stop_after)))
         result: dict[str, Any] = {"first": None, "last": None}
         for hook in hooks:
             result[f"first_{hook.name}"] = result[f"last_{hook.name}"] = None
