@@ -46,7 +46,8 @@ def main() -> None:
     from realm_jax.data.corpus import prepare_corpus
     from realm_jax.data.qa import questions_from_store
     from realm_jax.tasks import orqa
-    from realm_jax.tasks.orqa import Predictor, Setup, encode_questions
+    from realm_jax.tasks.end_to_end import question_batch
+    from realm_jax.tasks.orqa import Predictor, Setup
     from realm_jax.train import trainer
     from realm_jax.train.metrics import read_metrics
 
@@ -101,9 +102,8 @@ def main() -> None:
 
     # The device parts on one batch, each jitted alone.
     model, corpus = setup.model, setup.corpus.arrays()
-    ids, mask = encode_questions(setup.tokenizer, model.special, questions[:predictor.batch_size],
-                                 config.retrieval.query_length)
-    batch = {"input_ids": predictor._global(ids), "attention_mask": predictor._global(mask)}
+    batch = question_batch(setup.encode(questions[:predictor.batch_size]),
+                           predictor.batch_sharding)
     with sharding.activate(setup.mesh, setup.rules):
         embed = jax.jit(model.embed)
         search = jax.jit(lambda q, c: model.top_rows(q, c, model.num_read))

@@ -169,7 +169,7 @@ BENCHMARKS = (
          "--train_steps", "1"),
         "ORQA with all-MiniLM-L6-v2 as query tower and reader over REALM blocks of the "
         "Wikipedia sample: the fine-tuning step through the real trainer, and prediction as "
-        "`realm-jax eval` runs it (`train.orqa.Predictor`) with the split of its time. No "
+        "`realm-jax eval` runs it (`tasks.orqa.Predictor`) with the split of its time. No "
         "peer: transformers' REALM open-QA model answers one question per call and is in "
         "maintenance mode."),
     Benchmark(
