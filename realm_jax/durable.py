@@ -10,9 +10,12 @@ visible whole, and there is nothing to fsync.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,10 +164,7 @@ class ProcessLock:
 
     @classmethod
     def acquire(cls, path: str | os.PathLike, what: str) -> ProcessLock:
-        import datetime
         import fcntl
-        import json
-        import socket
 
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -224,7 +224,6 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
     """Create `path` holding `content`, or raise FileExistsError: a hard link of the complete
     `tmp` (never seen half-written); where links are not supported (some FUSE mounts of
     buckets), an exclusive create, then the write."""
-    import json
     try:
         os.link(tmp, path)
         return
@@ -238,7 +237,6 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
 
 
 def _read_json(path: str) -> Any:
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -248,7 +246,6 @@ def _read_json(path: str) -> Any:
 
 def _stale(holder: Any) -> bool:
     """A lock whose process is dead on this host."""
-    import socket
     if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -67,6 +69,23 @@ def embed_rows(forward: Callable[[np.ndarray, np.ndarray], Any], row: Callable[[
     return out
 
 
+def _forward(module, dtype: str, params, ids, mask):
+    return module.apply({"params": params}, ids, mask).astype(jnp.dtype(dtype))
+
+
+def tower_forward(config: EmbedderConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                  dtype: str = "float32"):
+    """(forward(params, ids, mask) -> embeddings cast to `dtype` on the devices, the params'
+    shardings): the tower's jitted pass with the batch sharded over the mesh's data axes.
+    The jitted function is module-level with static (module, dtype), so embedders of the
+    same tower on the same mesh share their compiled shapes."""
+    shardings = sharding.model_shardings(config, mesh, rules)
+    batch = sharding.batch_sharding(mesh)
+    jitted = jax.jit(_forward, static_argnums=(0, 1), in_shardings=(shardings, batch, batch),
+                     out_shardings=batch)
+    return functools.partial(jitted, config.module(), dtype), shardings
+
+
 def _collect(item, out: np.ndarray, progress) -> None:
     idx, result = item
     out[idx] = np.asarray(result)[:len(idx)]
@@ -85,17 +104,8 @@ class TextEmbedder:
         self.max_length = min(max_length, config.encoder.max_position_embeddings)
         self.mesh = mesh or sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
         self.rules = rules
-        module = config.module()
-        shardings = sharding.model_shardings(config, self.mesh, rules)
+        self._forward, shardings = tower_forward(config, self.mesh, rules)
         self.params = sharding.place(params, shardings)
-        self._batch_sharding = sharding.batch_sharding(self.mesh)
-
-        def forward(params, ids, mask):
-            return module.apply({"params": params}, ids, mask)
-
-        self._forward = jax.jit(forward, in_shardings=(shardings, self._batch_sharding,
-                                                       self._batch_sharding),
-                                out_shardings=self._batch_sharding)
 
     @classmethod
     def from_hf(cls, folder: str | os.PathLike, *, pooling: str | None = None,

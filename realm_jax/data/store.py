@@ -202,13 +202,10 @@ class BlockStoreWriter:
             raise RuntimeError(f"unexpected .npy header size {self._tokens.tell()}")
 
     def add(self, tokens: np.ndarray, *, doc_id: str, title: str, text: str,
-            spans: Sequence[Span], doc_index: int, removed: bool = False) -> int:
+            spans: Sequence[Span], doc_index: int) -> int:
         """Appends one block and returns its id."""
-        record = {"doc_id": doc_id, "title": title, "text": text,
-                  "spans": [list(s) for s in spans]}
-        line = (json.dumps(REMOVED_RECORD if removed else record, ensure_ascii=False)
-                + "\n").encode("utf-8")
-        return self._append(tokens, line, doc_index)
+        return self._append(tokens, _record_line({"doc_id": doc_id, "title": title, "text": text,
+                                                  "spans": [list(s) for s in spans]}), doc_index)
 
     def _append(self, tokens: np.ndarray, line: bytes, doc_index: int) -> int:
         toks = np.ascontiguousarray(tokens, dtype=self.token_dtype)
@@ -226,8 +223,7 @@ class BlockStoreWriter:
 
     def add_removed(self) -> int:
         """Appends a removed block (no tokens, an empty record, doc_index -1)."""
-        return self.add(np.zeros(0, self.token_dtype), doc_id="", title="", text="", spans=(),
-                        doc_index=-1, removed=True)
+        return self._append(np.zeros(0, self.token_dtype), _record_line(REMOVED_RECORD), -1)
 
     def copy_block(self, store: BlockStore, i: int) -> int:
         """Appends block `i` of `store` unchanged (its stored bytes; the same fingerprint
@@ -256,7 +252,7 @@ class BlockStoreWriter:
         np.save(self._tmp / "records_index.npy", np.frombuffer(self._record_index, dtype=np.int64))
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "count": count,
-            "num_documents": _live_documents(np.frombuffer(self._doc_index, np.int64)),
+            "num_documents": len({d for d in self._doc_index if d >= 0}),
             "num_tokens": int(self._offsets[-1]), "token_dtype": self.token_dtype.name,
             "settings": self.settings, **(manifest_extra or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -290,9 +286,8 @@ class BlockStoreWriter:
         self.abort()
 
 
-def _live_documents(doc_index: np.ndarray) -> int:
-    live = doc_index[doc_index >= 0]
-    return int(len(np.unique(live))) if len(live) else 0
+def _record_line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class BlockStore:

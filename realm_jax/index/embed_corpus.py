@@ -21,6 +21,7 @@ shards (same model and corpus), so a killed run resumes. `merge_shards` assemble
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -39,8 +39,8 @@ from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer, tokenizer_info
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
-from realm_jax.embedding import embed_rows
-from realm_jax.index.store import from_storage, npy_header, numpy_dtype, storage_dtype
+from realm_jax.embedding import embed_rows, tower_forward
+from realm_jax.index.store import check_npy, from_storage, numpy_dtype, storage_dtype
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
 
@@ -178,10 +178,6 @@ class RowBuilder:
 # The jitted, sharded forward pass
 
 
-def _forward(module, dtype: str, params, ids, mask):
-    return module.apply({"params": params}, ids, mask).astype(jnp.dtype(dtype))
-
-
 class CorpusEmbedder:
     """A document tower's forward pass, compiled once per padded shape and reused across
     parameter versions: the batch is sharded over the (data, fsdp) axes of `mesh` (default:
@@ -195,14 +191,7 @@ class CorpusEmbedder:
         self.dtype = dtype
         storage_dtype(dtype)  # validates
         self.batch_size = sharding.batch_multiple(max(1, int(batch_size)), self.mesh)
-        self._module = config.module()
-        self.param_shardings = sharding.model_shardings(config, self.mesh, rules)
-        batch = sharding.batch_sharding(self.mesh)
-        # A module-level function with static (module, dtype): embedders of the same tower
-        # on the same mesh share their compiled shapes.
-        self._forward = jax.jit(_forward, static_argnums=(0, 1),
-                                in_shardings=(self.param_shardings, batch, batch),
-                                out_shardings=batch)
+        self._forward, self.param_shardings = tower_forward(config, self.mesh, rules, dtype)
 
     @property
     def dim(self) -> int:
@@ -239,9 +228,8 @@ class CorpusEmbedder:
         lengths, titles = rows.lengths_and_titles(ids)
         with sharding.activate(self.mesh, self.rules):
             return embed_rows(
-                lambda tokens, mask: self._forward(self._module, self.dtype, params, tokens, mask),
-                lambda i: rows.row(int(ids[i]), titles), lengths, out,
-                batch_size=self.batch_size, batch_rows=self.batch_rows,
+                functools.partial(self._forward, params), lambda i: rows.row(int(ids[i]), titles),
+                lengths, out, batch_size=self.batch_size, batch_rows=self.batch_rows,
                 max_length=rows.max_length, pad_id=self.config.encoder.pad_token_id,
                 progress=progress)
 
@@ -303,15 +291,9 @@ def read_shard(json_path: str | os.PathLike) -> ShardInfo:
     info = ShardInfo(int(meta["start"]), int(meta["end"]), int(meta["dim"]), str(meta["dtype"]),
                      str(meta["model_fingerprint"]), str(meta["corpus_fingerprint"]), npy, meta)
     try:
-        shape, _, dtype, header = npy_header(npy)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{npy}: unreadable ({e})") from None
-    want = (info.count, info.dim)
-    if tuple(shape) != want or dtype != storage_dtype(info.dtype):
-        raise ValueError(f"{npy}: holds {dtype}{list(shape)}, {json_path.name} says "
-                         f"{storage_dtype(info.dtype)}{list(want)}")
-    if os.path.getsize(npy) != header + info.count * info.dim * dtype.itemsize:
-        raise ValueError(f"{npy}: {os.path.getsize(npy)} bytes, truncated or padded")
+        check_npy(npy, (info.count, info.dim), storage_dtype(info.dtype), json_path.name)
+    except ValueError as e:
+        raise ValueError(f"{npy}: {e}") from None
     return info
 
 

@@ -33,6 +33,7 @@ without fsync (object stores make the final LATEST write atomic by themselves).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -94,16 +95,10 @@ def _sha256(path: epath.Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _walk_files(folder: epath.Path, prefix: str = "") -> list[tuple[str, epath.Path]]:
+def _walk_files(folder: epath.Path) -> list[tuple[str, epath.Path]]:
     """(relative path, path) of every file under folder, sorted."""
-    out = []
-    for child in sorted(folder.iterdir(), key=lambda p: p.name):
-        rel = f"{prefix}{child.name}"
-        if child.is_dir():
-            out.extend(_walk_files(child, rel + "/"))
-        else:
-            out.append((rel, child))
-    return out
+    return sorted(((top / name).relative_to(folder).as_posix(), top / name)
+                  for top, _, names in folder.walk() for name in names)
 
 
 def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
@@ -121,18 +116,6 @@ def _write_npy(path: epath.Path, array: np.ndarray) -> None:
 def _read_npy(path: epath.Path) -> np.ndarray:
     with path.open("rb") as f:
         return np.lib.format.read_array(f, allow_pickle=False)
-
-
-def npy_header(path: PathLike) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, Fortran order, dtype, header bytes) of a .npy file; ValueError when it is not
-    one of npy format 1.0 or 2.0."""
-    with epath.Path(path).open("rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"npy format version {version}")
-        read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
-        shape, fortran, dtype = read(f)
-        return tuple(shape), fortran, np.dtype(dtype), f.tell()
 
 
 def storage_dtype(dtype: str) -> np.dtype:
@@ -175,16 +158,37 @@ def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
-def _checked_header(folder: epath.Path, rel: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header bytes) of the snapshot's .npy file `rel`; SnapshotError when
-    the header is unreadable or the array Fortran-ordered."""
+def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: str) -> int:
+    """The header bytes of the .npy file `path`; ValueError unless it holds a C-ordered
+    `dtype` array of `shape` (what `source` says it holds) and nothing past it."""
+    path = epath.Path(path)
     try:
-        shape, fortran, dtype, size = npy_header(folder / rel)
-    except ValueError as e:
-        raise SnapshotError(folder, rel, f"unreadable npy header ({e})") from None
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy format version {version}")
+            read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+            got_shape, fortran, got_dtype = read(f)
+            header = f.tell()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable npy header ({e})") from None
     if fortran:
-        raise SnapshotError(folder, rel, "unreadable npy header (Fortran-ordered array)")
-    return shape, dtype, size
+        raise ValueError("unreadable npy header (Fortran-ordered array)")
+    if got_shape != tuple(shape) or got_dtype != dtype:
+        raise ValueError(f"holds {got_dtype}{list(got_shape)}, {source} says "
+                         f"{dtype}{list(shape)}")
+    size = _size(path)
+    if size != header + int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{size} bytes, truncated or padded")
+    return header
+
+
+def _checked_npy(folder: epath.Path, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """`check_npy` of the snapshot's file `rel` against its manifest, as a SnapshotError."""
+    try:
+        return check_npy(folder / rel, shape, dtype, "manifest")
+    except ValueError as e:
+        raise SnapshotError(folder, rel, str(e)) from None
 
 
 def _tmp_name(kind: str) -> str:
@@ -391,12 +395,8 @@ class IndexStore:
             for rel, sha256, _ in states[:-1]:
                 if _sha256(folder / rel) != sha256:
                     raise SnapshotError(folder, rel, "sha256 does not match the manifest")
-        for rel, shape, want in ((EMBEDDINGS, (count, dim), storage_dtype(dtype)),
-                                 (IDS, (count,), np.dtype(np.int64))):
-            got_shape, got_dtype, _ = _checked_header(folder, rel)
-            if got_shape != shape or got_dtype != want:
-                raise SnapshotError(folder, rel, f"holds {got_dtype}{list(got_shape)}, manifest "
-                                    f"says {want}{list(shape)}")
+        _checked_npy(folder, EMBEDDINGS, (count, dim), storage_dtype(dtype))
+        _checked_npy(folder, IDS, (count,), np.dtype(np.int64))
         self._verified[version] = tuple(states)
         return manifest
 
@@ -404,15 +404,12 @@ class IndexStore:
         """`snapshot`'s embeddings read into memory, their bytes checked against the
         manifest's sha256 as they are read (what a refresher reuses must be what was
         published, however long ago it was validated); SnapshotError when they are not."""
-        path = snapshot.path / EMBEDDINGS
-        shape, dtype, _ = _checked_header(snapshot.path, EMBEDDINGS)
+        shape, dtype = (snapshot.count, snapshot.dim), storage_dtype(snapshot.dtype)
+        header = _checked_npy(snapshot.path, EMBEDDINGS, shape, dtype)
         array = np.empty(shape, dtype)
         out = memoryview(array.reshape(-1).view(np.uint8))
-        header = _size(path) - out.nbytes
-        if header < 0:
-            raise SnapshotError(snapshot.path, EMBEDDINGS, "shorter than its header says")
         digest, filled = hashlib.sha256(), 0
-        with path.open("rb") as f:
+        with (snapshot.path / EMBEDDINGS).open("rb") as f:
             digest.update(f.read(header))
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
@@ -574,25 +571,20 @@ class IndexStore:
     def _claim(self, tmp: epath.Path) -> str:
         """Rename tmp to the next free version folder (a rename never replaces a non-empty
         folder, so concurrent publishers cannot both take the same name)."""
-        numbers = [version_number(v) for v in self.versions()]
-        try:
-            current = self.latest_version()
-        except SnapshotError:
-            current = None
-        if current is not None:
-            numbers.append(version_number(current))
-        number = max(numbers, default=0) + 1
-        for _ in range(100):
+        names = self.versions()
+        with contextlib.suppress(SnapshotError):  # LATEST may name a version gone since
+            names.append(self.latest_version() or version_name(0))
+        first = max(map(version_number, names), default=0) + 1
+        for number in range(first, first + 100):
             target = self.root / version_name(number)
-            if not target.exists():
-                try:
-                    tmp.rename(target)
-                except OSError:
-                    pass
-                else:
-                    fsync_dir(self.root)
-                    return target.name
-            number += 1
+            if target.exists():
+                continue
+            try:
+                tmp.rename(target)
+            except OSError:
+                continue
+            fsync_dir(self.root)
+            return target.name
         raise RuntimeError(f"could not claim a version folder under {self.root}")
 
     def prune(self, keep: int | None = None) -> list[str]:
@@ -625,7 +617,7 @@ class IndexStore:
                 except (IndexError, ValueError):
                     pid, owner = -1, ""
                 if owner == host and pid > 0:
-                    if pid == os.getpid() or process_alive(pid):
+                    if process_alive(pid):  # (this process too)
                         continue
                 else:
                     try:
