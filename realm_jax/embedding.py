@@ -36,22 +36,18 @@ def bucket_length(length: int, max_length: int) -> int:
     return buckets[min(bisect.bisect_left(buckets, length), len(buckets) - 1)]
 
 
-def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first, as a progress bar
-    then shows the slowest part first)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def embed_rows(forward: Callable[[np.ndarray, np.ndarray], Any], row: Callable[[int], Any],
                lengths: np.ndarray, out: np.ndarray, *, batch_size: int,
                batch_rows: Callable[[int], int], max_length: int, pad_id: int,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """`out[i]` = the embedding of row i (`row(i)`: its token ids, `lengths[i]` of them after
-    truncation) for every row, in length-sorted batches padded to `batch_rows(rows in the
-    batch)` rows of a bucketed width: `forward(ids, mask)` on int32 [rows, width] arrays."""
+    truncation) for every row, in batches of similar length (longest first: a progress bar
+    shows the slowest part first) padded to `batch_rows(rows in the batch)` rows of a
+    bucketed width: `forward(ids, mask)` on int32 [rows, width] arrays."""
     pending: collections.deque = collections.deque()
-    for idx in length_sorted_batches(lengths, batch_size):
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         width = bucket_length(int(lengths[idx].max()), max_length)
         size = batch_rows(len(idx))
         ids = np.full((size, width), pad_id, np.int32)

@@ -106,7 +106,7 @@ class RefreshSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config.refresh: unknown field(s) {unknown}; known: {sorted(known)}")
-        data = config.get("data") if hasattr(config, "get") else None
+        data = config.get("data")
         for name in ("corpus", "tokenizer"):  # shared with the trainer: config.data
             if not values.get(name) and data is not None and data.get(name):
                 values[name] = data[name]
@@ -126,6 +126,17 @@ class RefreshSettings:
     @property
     def with_title(self) -> bool | None:
         return TITLE_CHOICES[self.title]
+
+    def embedder(self, config):
+        """A CorpusEmbedder of the tower `config` with these batch size and dtype."""
+        from realm_jax.index.embed_corpus import CorpusEmbedder
+        return CorpusEmbedder(config, batch_size=self.batch_size, dtype=self.dtype)
+
+    def rows(self, store: BlockStore, embedder, tokenizer):
+        """The RowBuilder of `embedder`'s rows of `store` (max_length, else the tower's)."""
+        from realm_jax.index.embed_corpus import RowBuilder
+        return RowBuilder.for_store(store, tokenizer, title=self.with_title,
+                                    max_length=self.max_length or embedder.max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,25 +291,19 @@ class Refresher:
 
     def embedder(self, config):
         if config not in self._embedders:
-            if self._embedder_factory is not None:
-                self._embedders[config] = self._embedder_factory(config)
-            else:
-                from realm_jax.index.embed_corpus import CorpusEmbedder
-                self._embedders[config] = CorpusEmbedder(
-                    config, batch_size=self.settings.batch_size, dtype=self.settings.dtype)
+            make = self._embedder_factory or self.settings.embedder
+            self._embedders[config] = make(config)
         return self._embedders[config]
 
     def rows(self, embedder):
-        """The RowBuilder of `embedder`'s rows (refresh.max_length, else the tower's limit)."""
+        """The RowBuilder of `embedder`'s rows, one per row length."""
         max_length = self.settings.max_length or embedder.max_length
         if max_length not in self._rows:
-            from realm_jax.index.embed_corpus import RowBuilder
             tokenizer = self._tokenizer or self.settings.tokenizer or self.from_hf
             if not tokenizer:
                 raise ValueError("no tokenizer: set config.data.tokenizer to the HF folder "
                                  "the corpus was prepared with (or pass --from_hf)")
-            self._rows[max_length] = RowBuilder.for_store(
-                self.store, tokenizer, title=self.settings.with_title, max_length=max_length)
+            self._rows[max_length] = self.settings.rows(self.store, embedder, tokenizer)
         return self._rows[max_length]
 
     # ------------------------------------------------------------------ scratch
@@ -688,13 +693,12 @@ def publish_initial_index(config, tower, tower_params, index_dir: str | os.PathL
     (`tower`: its EmbedderConfig, `tower_params`: host params) with the config's refresh
     settings; what the refresher publishes from a run's step-0 checkpoint, for runs that
     keep one index all along (tests, benchmarks)."""
-    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
+    from realm_jax.index.embed_corpus import params_fingerprint
 
     settings = RefreshSettings.from_config(config)
     store = BlockStore.open(settings.corpus)
-    embedder = CorpusEmbedder(tower, batch_size=settings.batch_size, dtype=settings.dtype)
-    rows = RowBuilder.for_store(store, settings.tokenizer, title=settings.with_title,
-                                max_length=settings.max_length or embedder.max_length)
+    embedder = settings.embedder(tower)
+    rows = settings.rows(store, embedder, settings.tokenizer)
     embeddings = embedder.embed_blocks(embedder.place(tower_params), rows, np.arange(len(store)))
     return IndexStore(index_dir).publish(
         embeddings, step=0, model_fingerprint=params_fingerprint(tower, tower_params),

@@ -127,21 +127,15 @@ def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ())
     return removed
 
 
-def is_block_store(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder whose manifest says it is a block store (what `overwrite`
-    may replace)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
 def check_replaceable(path: str | os.PathLike) -> None:
-    """Raise FileExistsError unless `path` is absent or a block store: `overwrite` never
-    deletes anything else (a user's folder, an input file)."""
+    """Raise FileExistsError unless `path` is absent or a folder whose manifest says it is a
+    block store: `overwrite` never deletes anything else (a user's folder, an input file)."""
     path = Path(path)
-    if path.exists() and not is_block_store(path):
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if path.exists() and not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         raise FileExistsError(errno.EEXIST, f"refusing to replace {path}: it is not a block "
                               f"store (no {MANIFEST} of format {FORMAT!r}); remove it yourself "
                               "or choose another output folder", os.fspath(path))

@@ -40,7 +40,8 @@ from realm_jax.data.blocks import TokenizerInfo, load_tokenizer, tokenizer_info
 from realm_jax.data.store import BlockStore
 from realm_jax.durable import atomic_write, fsync_dir
 from realm_jax.embedding import embed_rows, tower_forward
-from realm_jax.index.store import check_npy, from_storage, numpy_dtype, storage_dtype
+from realm_jax.index.store import (check_npy, from_storage, numpy_dtype, storage_dtype,
+                                   to_storage)
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
 
@@ -255,10 +256,6 @@ class ShardInfo:
     def count(self) -> int:
         return self.end - self.start
 
-    def load(self, mmap: bool = True) -> np.ndarray:
-        array = np.load(self.path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        return from_storage(array, self.dtype)
-
 
 @dataclasses.dataclass(frozen=True)
 class EmbedResult:
@@ -318,7 +315,7 @@ def write_shard(folder: str | os.PathLike, start: int, array: np.ndarray, *, dty
     folder = Path(folder)
     end = start + len(array)
     base = folder / shard_name(start, end)
-    stored = np.ascontiguousarray(array, dtype=numpy_dtype(dtype)).view(storage_dtype(dtype))
+    stored = to_storage(array, dtype)
     tag = (extra or {}).get("tag", "shard")
     _write_atomic(base.with_suffix(".npy"), tag,
                   lambda f: np.lib.format.write_array(f, stored, allow_pickle=False))

@@ -133,6 +133,11 @@ def numpy_dtype(dtype: str) -> np.dtype:
     return storage_dtype(dtype)
 
 
+def to_storage(array: Any, dtype: str) -> np.ndarray:
+    """`array` (numpy or jax) cast to `dtype`, C-ordered, in its storage dtype."""
+    return np.ascontiguousarray(array, numpy_dtype(dtype)).view(storage_dtype(dtype))
+
+
 def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     """A stored array viewed in its in-memory dtype (bfloat16 from raw uint16)."""
     return array.view(numpy_dtype(dtype)) if dtype == "bfloat16" else array
@@ -484,7 +489,7 @@ class IndexStore:
         stage = on_stage or (lambda _: None)
         array = np.asarray(embeddings)
         dtype_name = dtype or array.dtype.name
-        array = array.astype(numpy_dtype(dtype_name), copy=False).view(storage_dtype(dtype_name))
+        array = to_storage(array, dtype_name)
         if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
             raise ValueError(f"embeddings must be a non-empty [N, P] matrix, got {array.shape}")
         count, dim = array.shape
