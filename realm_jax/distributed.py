@@ -28,18 +28,21 @@ import numpy as np
 
 _log = logging.getLogger(__name__)
 
-# flag name -> (environment variable, type, help)
-FLAGS = {"coordinator_address": ("REALM_JAX_COORDINATOR", str,
-                                 "HOST:PORT of process 0's coordinator"),
-         "num_processes": ("REALM_JAX_NUM_PROCESSES", int, "processes in the run"),
-         "process_id": ("REALM_JAX_PROCESS_ID", int, "this process, 0 .. num_processes-1")}
+# flag name -> (environment variable, type)
+FLAGS = {"coordinator_address": ("REALM_JAX_COORDINATOR", str),
+         "num_processes": ("REALM_JAX_NUM_PROCESSES", int),
+         "process_id": ("REALM_JAX_PROCESS_ID", int)}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "multi-process (jax.distributed; detected on Cloud TPU VMs and under SLURM)")
-    for name, (env, kind, text) in FLAGS.items():
-        group.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (env {env})")
+    group.add_argument("--coordinator_address", default=None,
+                       help="HOST:PORT of process 0's coordinator (env REALM_JAX_COORDINATOR)")
+    group.add_argument("--num_processes", type=int, default=None,
+                       help="processes in the run (env REALM_JAX_NUM_PROCESSES)")
+    group.add_argument("--process_id", type=int, default=None,
+                       help="this process, 0 .. num_processes-1 (env REALM_JAX_PROCESS_ID)")
 
 
 def detected_cluster() -> str | None:
@@ -64,7 +67,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return True
     given = {}
     for name, value in zip(FLAGS, (coordinator_address, num_processes, process_id)):
-        env, kind, _ = FLAGS[name]
+        env, kind = FLAGS[name]
         if value is None and os.environ.get(env, "") != "":
             try:
                 value = kind(os.environ[env])

@@ -223,8 +223,7 @@ class Refresher:
     # ------------------------------------------------------------------ inputs
 
     def newest_source(self) -> Source | None:
-        """The newest checkpoint step (when the run trains the document tower), else the
-        --from_hf weights as step 0, else None."""
+        """The tower to embed with now (see the class docstring), None when there is none."""
         steps = [s for s in self.checkpoints.all_steps() if s not in self._unreadable]
         if steps and self._trains_doc_tower():
             return Source(steps[-1], "checkpoint", self.checkpoints.step_path(steps[-1]))
@@ -236,8 +235,8 @@ class Refresher:
         return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
 
     def published(self) -> Snapshot | None:
-        """The snapshot LATEST names (or the newest valid one), verified: built from a
-        version of the corpus block store still on disk (not necessarily the newest)."""
+        """The served snapshot (`IndexStore.latest_valid`), of a version of the corpus block
+        store still on disk (not necessarily the newest)."""
         return self.index.latest_valid(corpus_check(self.store.root), log=_log)
 
     def follow_store(self) -> None:
@@ -257,12 +256,10 @@ class Refresher:
 
     def _reusable(self, previous: Snapshot | None, model_fingerprint: str
                   ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(block ids, embeddings) of `previous` that stay valid for the current store
-        version: all its rows when the document tower is the same (its embeddings verified
-        against the manifest), restricted to the blocks still live; None when the tower
-        differs or the embeddings are damaged. Block ids name the same tokens in every
-        version of a store (realm_jax.data.store), and `published` only returns snapshots of
-        a version of this store."""
+        """(block ids, embeddings) of `previous` still valid for the current store version:
+        its verified rows of the blocks still live, when the document tower is the same (a
+        block id names the same tokens in every version of a store); None when the tower
+        differs or the embeddings are damaged."""
         if previous is None or previous.model_fingerprint != model_fingerprint:
             return None
         try:
@@ -362,8 +359,6 @@ class Refresher:
 
         t0 = time.perf_counter()
         if reusable is not None:
-            # The same document tower: only blocks the previous snapshot lacks (new, or of
-            # replaced documents) are embedded; removed blocks are dropped.
             old_ids, old_embeddings = reusable
             new_ids = np.setdiff1d(live, old_ids, assume_unique=True)
             _log.info("step %d: the document tower equals the one of %s; reusing %d "
@@ -377,8 +372,7 @@ class Refresher:
             ids = ids[order]
             embeddings = np.concatenate([old_embeddings.astype(new_embeddings.dtype),
                                          new_embeddings])[order]
-            embedded, reused = len(new_ids), len(old_ids)
-            result = EmbedResult([], embedded, reused, time.perf_counter() - t0)
+            result = EmbedResult([], len(new_ids), len(old_ids), time.perf_counter() - t0)
         else:
             self.on_stage("embed")
             result = self._embed_slice(config, params, shard_dir, model_fingerprint,
@@ -393,7 +387,8 @@ class Refresher:
             ids = live
             if len(live) < len(self.store):
                 embeddings = embeddings[live]  # (removed blocks: embedded, never published)
-            embedded, reused = result.embedded, result.reused  # (reused: a killed run's shards)
+        # reused: the previous snapshot's rows, or a killed run's shards
+        embedded, reused = result.embedded, result.reused
         embed_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -87,16 +87,20 @@ def version_folder(root: str | os.PathLike, version: int) -> Path:
     return root if version == 0 else root / VERSIONS_DIR / version_name(version)
 
 
+def version_entries(folder: Any) -> list[str]:
+    """The `vNNNNNN` entries of `folder` (a pathlib or etils path), oldest first; none when
+    it is absent. (Both versioned stores, blocks and index snapshots, use it.)"""
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if version_number(p.name) is not None]
+    return sorted(names, key=version_number)
+
+
 def store_versions(root: str | os.PathLike) -> list[int]:
     """The complete versions of the store at `root`, oldest first (0 is `root` itself)."""
     folder = Path(root) / VERSIONS_DIR
-    out = [0]
-    if folder.is_dir():
-        for child in folder.iterdir():
-            number = version_number(child.name)
-            if number is not None and (child / MANIFEST).is_file():
-                out.append(number)
-    return sorted(out)
+    return [0] + [version_number(name) for name in version_entries(folder)
+                  if (folder / name / MANIFEST).is_file()]
 
 
 def version_fingerprint(root: str | os.PathLike, version: int) -> str:

@@ -434,18 +434,14 @@ def merge_shards(folder: str | os.PathLike, count: int, *, model_fingerprint: st
     if not shards:
         raise ValueError(f"no embedding shards in {folder}")
     first = shards[0]
-    want_step = first.meta.get("step") if step is None else step
+    given = {"model_fingerprint": model_fingerprint or None,
+             "corpus_fingerprint": corpus_fingerprint or None, "step": step}
     for s in shards:
-        for field, got, want in (
-                ("dim", s.dim, first.dim), ("dtype", s.dtype, first.dtype),
-                ("model_fingerprint", s.model_fingerprint,
-                 model_fingerprint or first.model_fingerprint),
-                ("corpus_fingerprint", s.corpus_fingerprint,
-                 corpus_fingerprint or first.corpus_fingerprint),
-                ("step", s.meta.get("step"), want_step)):
-            if got != want:
-                raise ValueError(f"{s.path.with_suffix('.json')}: {field} {got!r} differs "
-                                 f"from {want!r}")
+        for field in ("dim", "dtype", "model_fingerprint", "corpus_fingerprint", "step"):
+            want = first.meta.get(field) if given.get(field) is None else given[field]
+            if s.meta.get(field) != want:
+                raise ValueError(f"{s.path.with_suffix('.json')}: {field} "
+                                 f"{s.meta.get(field)!r} differs from {want!r}")
     gaps = missing_ranges(shards, count)
     if gaps:
         shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:5])

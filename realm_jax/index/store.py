@@ -39,6 +39,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -49,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
-from realm_jax.data.store import version_name, version_number
+from realm_jax.data.store import version_entries, version_name, version_number
 from realm_jax.durable import (TRASH_PREFIX, atomic_write, discard, fsync_dir, fsync_file,
                                is_local, naming_disk_full, process_alive)
 from realm_jax.index import base
@@ -87,12 +88,9 @@ def _size(path: epath.Path) -> int:
     return os.path.getsize(path) if is_local(path) else int(path.stat().length)
 
 
-def _sha256(path: epath.Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def _sha256(path: epath.Path) -> str:
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _walk_files(folder: epath.Path) -> list[tuple[str, epath.Path]]:
@@ -183,7 +181,7 @@ def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: s
         raise ValueError(f"holds {got_dtype}{list(got_shape)}, {source} says "
                          f"{dtype}{list(shape)}")
     size = _size(path)
-    if size != header + int(np.prod(shape)) * dtype.itemsize:
+    if size != header + math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{size} bytes, truncated or padded")
     return header
 
@@ -310,10 +308,7 @@ class IndexStore:
 
     def versions(self) -> list[str]:
         """Published snapshot folders, oldest first (complete, unless edited by hand)."""
-        if not self.root.exists():
-            return []
-        names = [p.name for p in self.root.iterdir() if version_number(p.name) is not None]
-        return sorted(names, key=version_number)
+        return version_entries(self.root)
 
     def latest_version(self) -> str | None:
         """The folder LATEST names, or None when nothing has been published."""
@@ -406,26 +401,18 @@ class IndexStore:
         return manifest
 
     def verified_embeddings(self, snapshot: Snapshot) -> np.ndarray:
-        """`snapshot`'s embeddings read into memory, their bytes checked against the
-        manifest's sha256 as they are read (what a refresher reuses must be what was
-        published, however long ago it was validated); SnapshotError when they are not."""
+        """`snapshot`'s embeddings read into memory (read-only), the bytes read checked
+        against the manifest's sha256 (what a refresher reuses must be what was published,
+        however long ago it was validated); SnapshotError when they are not."""
         shape, dtype = (snapshot.count, snapshot.dim), storage_dtype(snapshot.dtype)
-        header = _checked_npy(snapshot.path, EMBEDDINGS, shape, dtype)
-        array = np.empty(shape, dtype)
-        out = memoryview(array.reshape(-1).view(np.uint8))
-        digest, filled = hashlib.sha256(), 0
-        with (snapshot.path / EMBEDDINGS).open("rb") as f:
-            digest.update(f.read(header))
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-                n = min(len(chunk), max(0, out.nbytes - filled))
-                out[filled:filled + n] = chunk[:n]
-                filled += len(chunk)
-        want = snapshot.manifest["files"][EMBEDDINGS]["sha256"]
-        if filled != out.nbytes or digest.hexdigest() != want:
+        _checked_npy(snapshot.path, EMBEDDINGS, shape, dtype)
+        data = (snapshot.path / EMBEDDINGS).read_bytes()
+        if hashlib.sha256(data).hexdigest() != snapshot.manifest["files"][EMBEDDINGS]["sha256"]:
             self._verified.pop(snapshot.version, None)
             raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
-        return from_storage(array, snapshot.dtype)
+        # the published file, so its header and shape are the checked ones
+        array = np.frombuffer(data, dtype, offset=len(data) - math.prod(shape) * dtype.itemsize)
+        return from_storage(array.reshape(shape), snapshot.dtype)
 
     def load(self, version: str, *, validate: bool = True, checksums: bool = True,
              expected_corpus_fingerprint: CorpusCheck = None) -> Snapshot:
