@@ -70,18 +70,11 @@ DOC_TOWER = "doc_tower"
 
 @dataclasses.dataclass(frozen=True)
 class RefreshSettings:
-    """The `refresh` section of a config.
-
-    corpus: block store folder; tokenizer: HF folder the corpus was tokenized with ("": the
-    --from_hf folder); both default to config.data's, which the trainer reads too. title:
-    "auto" (titles for DPR passages), "yes" or "no"; max_length: row cap (0: the tower's
-    max_position_embeddings); dtype: stored embeddings (float16, bfloat16, float32);
-    shard_size: blocks per embedding shard (0: one per worker slice); doc_tower_hf: the HF
-    folder of the document tower that embeds the corpus while the run's checkpoints hold
-    none (default of --from_hf; RAG's context encoder); scann: ScannSettings fields, or None
-    for no ScaNN index; min_overlap: publish a newer checkpoint only when the trainer's
-    drift measurement of the served index (WORKDIR/drift.json) has its overlap@k under this
-    (0: always; the last checkpoint of a finished run is always published)."""
+    """The `refresh` section of a config (each field commented once, in configs/common.py's
+    `refresh`). corpus: the block store folder; tokenizer: the HF folder the corpus was
+    tokenized with ("": the --from_hf folder); both default to config.data's, which the
+    trainer reads too. The last checkpoint of a finished run is published whatever
+    min_overlap says."""
 
     corpus: str
     tokenizer: str = ""

@@ -140,15 +140,12 @@ class RowBuilder:
 
     def _titles(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """Title tokens per source document (doc_index) of `ids`, each title read once."""
-        docs = np.asarray(self.store.doc_index[ids])
-        first = {}
-        for block_id, doc in zip(ids.tolist(), docs.tolist()):
-            first.setdefault(doc, block_id)
-        titles = [self.store.title(b) for b in first.values()]
+        docs, first = np.unique(np.asarray(self.store.doc_index[ids]), return_index=True)
+        titles = [self.store.title(int(b)) for b in ids[first]]
         encoded = self.tokenizer.encode_batch(titles) if titles else []
         limit = self.max_length // 2
         return {doc: np.asarray(enc.ids[:limit], np.int32)
-                for doc, enc in zip(first, encoded)}
+                for doc, enc in zip(docs.tolist(), encoded)}
 
     def lengths_and_titles(self, ids: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Row lengths (after truncation) of blocks `ids`, and their title tokens."""
