@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import os
 import shutil
@@ -155,7 +156,8 @@ class ProcessLock:
     replacing the file, under an flock on the lock's folder so that two newcomers cannot both
     take it, and only when the file still holds what was judged stale. A lock of another
     host is never judged stale (its pid means nothing here): the message says to delete it
-    when that process is gone. `release` removes the file only if it is still this lock.
+    when that process is gone. `release` removes the file only if it is still this lock;
+    the temporary files of takers killed on this host are removed by the next taker.
     """
 
     def __init__(self, path: str | os.PathLike, holder: dict[str, Any]):
@@ -170,7 +172,8 @@ class ProcessLock:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "nonce": uuid.uuid4().hex,
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        tmp = f"{path}.tmp-{me['nonce'][:12]}"
+        tmp = f"{path}.tmp-{me['nonce'][:12]}-{me['pid']}-{me['host']}"
+        _remove_dead_tmps(path)
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(me, f)
             f.flush()
@@ -234,6 +237,17 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(content, f)
+
+
+def _remove_dead_tmps(path: str) -> None:
+    """Remove the temporary files (`PATH.tmp-NONCE-PID-HOST`) of takers of the lock at
+    `path` killed on this host before they could remove them."""
+    for leftover in glob.glob(glob.escape(path) + ".tmp-*"):
+        parts = leftover[len(path) + len(".tmp-"):].split("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and _stale(
+                {"pid": int(parts[1]), "host": parts[2]}):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 def _read_json(path: str) -> Any:
