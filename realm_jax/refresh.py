@@ -218,14 +218,10 @@ class Refresher:
     def newest_source(self) -> Source | None:
         """The tower to embed with now (see the class docstring), None when there is none."""
         steps = [s for s in self.checkpoints.all_steps() if s not in self._unreadable]
-        if steps and self._trains_doc_tower():
+        # (checkpoints without model.json are taken to hold a document tower)
+        if steps and (not self.layout.has_model() or DOC_TOWER in self.layout.read_model()):
             return Source(steps[-1], "checkpoint", self.checkpoints.step_path(steps[-1]))
         return None if self.from_hf is None else Source(0, "hf", self.from_hf)
-
-    def _trains_doc_tower(self) -> bool:
-        """Whether the run's model (WORKDIR/model.json) has a document tower; checkpoints
-        without model.json are taken to hold one."""
-        return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
 
     def published(self) -> Snapshot | None:
         """The served snapshot (`IndexStore.latest_valid`), of a version of the corpus block
@@ -298,9 +294,6 @@ class Refresher:
 
     # ------------------------------------------------------------------ scratch
 
-    def _shard_dir(self, step: int, model_fingerprint: str) -> Path:
-        return self.scratch / f"emb-{step:010d}-{model_fingerprint[:16]}-{self.num_workers}w"
-
     def _cleanup_scratch(self, keep: Path | None = None, shards: bool = True) -> None:
         """Remove half-deleted folders, and (with `shards`) every shard folder but `keep`."""
         if not self.scratch.is_dir():
@@ -342,7 +335,8 @@ class Refresher:
                   source.path, restore_seconds)
         live = self.store.live_ids()
         reusable = self._reusable(previous, model_fingerprint)
-        shard_dir = self._shard_dir(source.step, model_fingerprint)
+        shard_dir = (self.scratch /
+                     f"emb-{source.step:010d}-{model_fingerprint[:16]}-{self.num_workers}w")
         self._cleanup_scratch(keep=shard_dir)
         if self.num_workers > 1 and reusable is None:
             self._write_job({"step": source.step, "kind": source.kind, "path": source.path,

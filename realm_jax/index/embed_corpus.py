@@ -62,10 +62,6 @@ def worker_range(count: int, worker: int, num_workers: int) -> tuple[int, int]:
     return count * worker // num_workers, count * (worker + 1) // num_workers
 
 
-def shard_name(start: int, end: int) -> str:
-    return f"shard-{start:010d}-{end:010d}"
-
-
 def tree_digest(tree: Any, digest=None):
     """`digest` (a new sha256 by default) updated with every leaf's path, dtype, shape and
     bytes, in path order."""
@@ -311,7 +307,7 @@ def write_shard(folder: str | os.PathLike, start: int, array: np.ndarray, *, dty
     """Write blocks [start, start + len(array)) as a shard (npy, then json; both atomic)."""
     folder = Path(folder)
     end = start + len(array)
-    base = folder / shard_name(start, end)
+    base = folder / f"shard-{start:010d}-{end:010d}"  # (_SHARD_RE)
     stored = to_storage(array, dtype)
     tag = (extra or {}).get("tag", "shard")
     _write_atomic(base.with_suffix(".npy"), tag,

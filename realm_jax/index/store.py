@@ -161,9 +161,9 @@ def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
-def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: str) -> int:
-    """The header bytes of the .npy file `path`; ValueError unless it holds a C-ordered
-    `dtype` array of `shape` (what `source` says it holds) and nothing past it."""
+def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    """ValueError unless the .npy file `path` holds a C-ordered `dtype` array of `shape`
+    (what `source` says it holds) and nothing past it."""
     path = epath.Path(path)
     try:
         with path.open("rb") as f:
@@ -183,13 +183,12 @@ def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: s
     size = _size(path)
     if size != header + math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{size} bytes, truncated or padded")
-    return header
 
 
-def _checked_npy(folder: epath.Path, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+def _checked_npy(folder: epath.Path, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """`check_npy` of the snapshot's file `rel` against its manifest, as a SnapshotError."""
     try:
-        return check_npy(folder / rel, shape, dtype, "manifest")
+        check_npy(folder / rel, shape, dtype, "manifest")
     except ValueError as e:
         raise SnapshotError(folder, rel, str(e)) from None
 
@@ -241,10 +240,10 @@ class Snapshot:
         """Training steps since the checkpoint these embeddings came from."""
         return int(train_step) - self.step
 
-    def embeddings(self, mmap: bool = True) -> np.ndarray:
+    def embeddings(self) -> np.ndarray:
         """[count, dim] in the stored dtype (memory-mapped for local folders)."""
         path = self.path / EMBEDDINGS
-        if mmap and is_local(path):
+        if is_local(path):
             array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
         else:
             array = _read_npy(path)
