@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 TRASH_PREFIX = ".trash-"
+TMP_PREFIX = ".tmp-"
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -101,6 +102,21 @@ def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tmp_name(kind: str) -> str:
+    """`.tmp-KIND-RANDOM-PID-HOST`: whoever cleans up can tell whether its writer is alive."""
+    return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
+
+
+def tmp_writer(name: str) -> tuple[int, str]:
+    """(pid, host) of the writer of a file named by `tmp_name` (after any prefix); (-1, "")
+    when the name does not say."""
+    parts = name.rpartition(TMP_PREFIX)[2].split("-", 3)
+    try:
+        return int(parts[2]), parts[3]
+    except (IndexError, ValueError):
+        return -1, ""
+
+
 def process_alive(pid: int) -> bool:
     """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
     try:
@@ -172,7 +188,7 @@ class ProcessLock:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "nonce": uuid.uuid4().hex,
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        tmp = f"{path}.tmp-{me['nonce'][:12]}-{me['pid']}-{me['host']}"
+        tmp = path + tmp_name("lock")
         _remove_dead_tmps(path)
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(me, f)
@@ -240,12 +256,11 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
 
 
 def _remove_dead_tmps(path: str) -> None:
-    """Remove the temporary files (`PATH.tmp-NONCE-PID-HOST`) of takers of the lock at
-    `path` killed on this host before they could remove them."""
-    for leftover in glob.glob(glob.escape(path) + ".tmp-*"):
-        parts = leftover[len(path) + len(".tmp-"):].split("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and _stale(
-                {"pid": int(parts[1]), "host": parts[2]}):
+    """Remove the temporary files (`PATH` + `tmp_name`) of takers of the lock at `path`
+    killed on this host before they could remove them."""
+    for leftover in glob.glob(glob.escape(path) + TMP_PREFIX + "*"):
+        pid, host = tmp_writer(leftover)
+        if _stale({"pid": pid, "host": host}):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
 

@@ -1,5 +1,5 @@
 """ProcessLock: a taker killed between writing its temporary file and removing it leaves
-`PATH.tmp-NONCE-PID-HOST`; the next taker removes it when that process is dead here."""
+`PATH.tmp-lock-RANDOM-PID-HOST`; the next taker removes it when that process is dead here."""
 
 import os
 import socket
@@ -14,9 +14,9 @@ def test_next_taker_removes_dead_takers_temporary_files(tmp_path):
     dead.wait()
     host = socket.gethostname()
     lock = tmp_path / "lock"
-    killed = tmp_path / f"lock.tmp-0123456789ab-{dead.pid}-{host}"
-    alive = tmp_path / f"lock.tmp-ba9876543210-{os.getpid()}-{host}"
-    elsewhere = tmp_path / f"lock.tmp-aaaaaaaaaaaa-{dead.pid}-another-host"
+    killed = tmp_path / f"lock.tmp-lock-0123456789ab-{dead.pid}-{host}"
+    alive = tmp_path / f"lock.tmp-lock-ba9876543210-{os.getpid()}-{host}"
+    elsewhere = tmp_path / f"lock.tmp-lock-aaaaaaaaaaaa-{dead.pid}-another-host"
     for path in (killed, alive, elsewhere):
         path.write_text("{}")
     with ProcessLock.acquire(lock, "test"):

@@ -44,15 +44,15 @@ import os
 import socket
 import tempfile
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 from etils import epath
 
 from realm_jax.data.store import version_entries, version_name, version_number
-from realm_jax.durable import (TRASH_PREFIX, atomic_write, discard, fsync_dir, fsync_file,
-                               is_local, naming_disk_full, process_alive)
+from realm_jax.durable import (TMP_PREFIX, TRASH_PREFIX, atomic_write, discard, fsync_dir,
+                               fsync_file, is_local, naming_disk_full, process_alive, tmp_name,
+                               tmp_writer)
 from realm_jax.index import base
 
 LATEST = "LATEST"
@@ -62,7 +62,6 @@ IDS = "ids.npy"
 SCANN_DIR = "scann"
 FORMAT = "realm-jax-index-snapshot"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 DTYPES = ("float16", "bfloat16", "float32")
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str, "format_version": int, "step": int, "model_fingerprint": str,
@@ -191,11 +190,6 @@ def _checked_npy(folder: epath.Path, rel: str, shape: tuple[int, ...], dtype: np
         check_npy(folder / rel, shape, dtype, "manifest")
     except ValueError as e:
         raise SnapshotError(folder, rel, str(e)) from None
-
-
-def _tmp_name(kind: str) -> str:
-    """`.tmp-KIND-RANDOM-PID-HOST`: cleanup can tell whether its writer is still alive."""
-    return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
 
 
 def _manifest_field(name: str, kind: type) -> property:
@@ -491,7 +485,7 @@ class IndexStore:
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.cleanup()
-        tmp = self.root / _tmp_name("snapshot")
+        tmp = self.root / tmp_name("snapshot")
         tmp.mkdir()
         try:
             with naming_disk_full(tmp):
@@ -526,7 +520,7 @@ class IndexStore:
                 version = self._claim(tmp)
                 stage("renamed")
                 atomic_write(self.root / LATEST, lambda f: f.write(version + "\n"),
-                             tmp_name=_tmp_name("latest"))
+                             tmp_name=tmp_name("latest"))
                 fsync_dir(self.root)
                 stage("latest_updated")
                 self.prune(keep)
@@ -602,11 +596,7 @@ class IndexStore:
         for path in list(self.root.iterdir()):
             name = path.name
             if name.startswith(TMP_PREFIX):
-                parts = name[len(TMP_PREFIX):].split("-", 3)
-                try:
-                    pid, owner = int(parts[2]), parts[3]
-                except (IndexError, ValueError):
-                    pid, owner = -1, ""
+                pid, owner = tmp_writer(name)
                 if owner == host and pid > 0:
                     if process_alive(pid):  # (this process too)
                         continue
