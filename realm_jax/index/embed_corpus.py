@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer, tokenizer_info
 from realm_jax.data.store import BlockStore
-from realm_jax.durable import atomic_write, fsync_dir
+from realm_jax.durable import TMP_PREFIX, atomic_write, fsync_dir
 from realm_jax.embedding import embed_rows, tower_forward
 from realm_jax.index.store import (check_npy, from_storage, numpy_dtype, storage_dtype,
                                    to_storage)
@@ -49,7 +49,6 @@ _log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "realm_jax.embedding_shard"
 SHARD_VERSION = 1
-TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d{10})-(\d{10})\.json$")
 
 
