@@ -10,15 +10,20 @@ visible whole, and there is nothing to fsync.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import glob
+import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Callable
 
 TRASH_PREFIX = ".trash-"
+TMP_PREFIX = ".tmp-"
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -97,6 +102,21 @@ def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tmp_name(kind: str) -> str:
+    """`.tmp-KIND-RANDOM-PID-HOST`: whoever cleans up can tell whether its writer is alive."""
+    return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
+
+
+def tmp_writer(name: str) -> tuple[int, str]:
+    """(pid, host) of the writer of a file named by `tmp_name` (after any prefix); (-1, "")
+    when the name does not say."""
+    parts = name.rpartition(TMP_PREFIX)[2].split("-", 3)
+    try:
+        return int(parts[2]), parts[3]
+    except (IndexError, ValueError):
+        return -1, ""
+
+
 def process_alive(pid: int) -> bool:
     """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
     try:
@@ -152,7 +172,8 @@ class ProcessLock:
     replacing the file, under an flock on the lock's folder so that two newcomers cannot both
     take it, and only when the file still holds what was judged stale. A lock of another
     host is never judged stale (its pid means nothing here): the message says to delete it
-    when that process is gone. `release` removes the file only if it is still this lock.
+    when that process is gone. `release` removes the file only if it is still this lock;
+    the temporary files of takers killed on this host are removed by the next taker.
     """
 
     def __init__(self, path: str | os.PathLike, holder: dict[str, Any]):
@@ -161,16 +182,14 @@ class ProcessLock:
 
     @classmethod
     def acquire(cls, path: str | os.PathLike, what: str) -> ProcessLock:
-        import datetime
         import fcntl
-        import json
-        import socket
 
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "nonce": uuid.uuid4().hex,
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        tmp = f"{path}.tmp-{me['nonce'][:12]}"
+        tmp = path + tmp_name("lock")
+        _remove_dead_tmps(path)
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(me, f)
             f.flush()
@@ -224,7 +243,6 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
     """Create `path` holding `content`, or raise FileExistsError: a hard link of the complete
     `tmp` (never seen half-written); where links are not supported (some FUSE mounts of
     buckets), an exclusive create, then the write."""
-    import json
     try:
         os.link(tmp, path)
         return
@@ -237,8 +255,17 @@ def _create_exclusive(tmp: str, path: str, content: dict[str, Any]) -> None:
         json.dump(content, f)
 
 
+def _remove_dead_tmps(path: str) -> None:
+    """Remove the temporary files (`PATH` + `tmp_name`) of takers of the lock at `path`
+    killed on this host before they could remove them."""
+    for leftover in glob.glob(glob.escape(path) + TMP_PREFIX + "*"):
+        pid, host = tmp_writer(leftover)
+        if _stale({"pid": pid, "host": host}):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
 def _read_json(path: str) -> Any:
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -248,7 +275,6 @@ def _read_json(path: str) -> Any:
 
 def _stale(holder: Any) -> bool:
     """A lock whose process is dead on this host."""
-    import socket
     if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")

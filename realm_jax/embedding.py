@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -34,22 +36,18 @@ def bucket_length(length: int, max_length: int) -> int:
     return buckets[min(bisect.bisect_left(buckets, length), len(buckets) - 1)]
 
 
-def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first, as a progress bar
-    then shows the slowest part first)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def embed_rows(forward: Callable[[np.ndarray, np.ndarray], Any], row: Callable[[int], Any],
                lengths: np.ndarray, out: np.ndarray, *, batch_size: int,
                batch_rows: Callable[[int], int], max_length: int, pad_id: int,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """`out[i]` = the embedding of row i (`row(i)`: its token ids, `lengths[i]` of them after
-    truncation) for every row, in length-sorted batches padded to `batch_rows(rows in the
-    batch)` rows of a bucketed width: `forward(ids, mask)` on int32 [rows, width] arrays."""
+    truncation) for every row, in batches of similar length (longest first: a progress bar
+    shows the slowest part first) padded to `batch_rows(rows in the batch)` rows of a
+    bucketed width: `forward(ids, mask)` on int32 [rows, width] arrays."""
     pending: collections.deque = collections.deque()
-    for idx in length_sorted_batches(lengths, batch_size):
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         width = bucket_length(int(lengths[idx].max()), max_length)
         size = batch_rows(len(idx))
         ids = np.full((size, width), pad_id, np.int32)
@@ -65,6 +63,23 @@ def embed_rows(forward: Callable[[np.ndarray, np.ndarray], Any], row: Callable[[
     for item in pending:
         _collect(item, out, progress)
     return out
+
+
+def _forward(module, dtype: str, params, ids, mask):
+    return module.apply({"params": params}, ids, mask).astype(jnp.dtype(dtype))
+
+
+def tower_forward(config: EmbedderConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                  dtype: str = "float32"):
+    """(forward(params, ids, mask) -> embeddings cast to `dtype` on the devices, the params'
+    shardings): the tower's jitted pass with the batch sharded over the mesh's data axes.
+    The jitted function is module-level with static (module, dtype), so embedders of the
+    same tower on the same mesh share their compiled shapes."""
+    shardings = sharding.model_shardings(config, mesh, rules)
+    batch = sharding.batch_sharding(mesh)
+    jitted = jax.jit(_forward, static_argnums=(0, 1), in_shardings=(shardings, batch, batch),
+                     out_shardings=batch)
+    return functools.partial(jitted, config.module(), dtype), shardings
 
 
 def _collect(item, out: np.ndarray, progress) -> None:
@@ -85,17 +100,8 @@ class TextEmbedder:
         self.max_length = min(max_length, config.encoder.max_position_embeddings)
         self.mesh = mesh or sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
         self.rules = rules
-        module = config.module()
-        shardings = sharding.model_shardings(config, self.mesh, rules)
+        self._forward, shardings = tower_forward(config, self.mesh, rules)
         self.params = sharding.place(params, shardings)
-        self._batch_sharding = sharding.batch_sharding(self.mesh)
-
-        def forward(params, ids, mask):
-            return module.apply({"params": params}, ids, mask)
-
-        self._forward = jax.jit(forward, in_shardings=(shardings, self._batch_sharding,
-                                                       self._batch_sharding),
-                                out_shardings=self._batch_sharding)
 
     @classmethod
     def from_hf(cls, folder: str | os.PathLike, *, pooling: str | None = None,

@@ -70,18 +70,11 @@ DOC_TOWER = "doc_tower"
 
 @dataclasses.dataclass(frozen=True)
 class RefreshSettings:
-    """The `refresh` section of a config.
-
-    corpus: block store folder; tokenizer: HF folder the corpus was tokenized with ("": the
-    --from_hf folder); both default to config.data's, which the trainer reads too. title:
-    "auto" (titles for DPR passages), "yes" or "no"; max_length: row cap (0: the tower's
-    max_position_embeddings); dtype: stored embeddings (float16, bfloat16, float32);
-    shard_size: blocks per embedding shard (0: one per worker slice); doc_tower_hf: the HF
-    folder of the document tower that embeds the corpus while the run's checkpoints hold
-    none (default of --from_hf; RAG's context encoder); scann: ScannSettings fields, or None
-    for no ScaNN index; min_overlap: publish a newer checkpoint only when the trainer's
-    drift measurement of the served index (WORKDIR/drift.json) has its overlap@k under this
-    (0: always; the last checkpoint of a finished run is always published)."""
+    """The `refresh` section of a config (each field commented once, in configs/common.py's
+    `refresh`). corpus: the block store folder; tokenizer: the HF folder the corpus was
+    tokenized with ("": the --from_hf folder); both default to config.data's, which the
+    trainer reads too. The last checkpoint of a finished run is published whatever
+    min_overlap says."""
 
     corpus: str
     tokenizer: str = ""
@@ -106,7 +99,7 @@ class RefreshSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config.refresh: unknown field(s) {unknown}; known: {sorted(known)}")
-        data = config.get("data") if hasattr(config, "get") else None
+        data = config.get("data")
         for name in ("corpus", "tokenizer"):  # shared with the trainer: config.data
             if not values.get(name) and data is not None and data.get(name):
                 values[name] = data[name]
@@ -126,6 +119,17 @@ class RefreshSettings:
     @property
     def with_title(self) -> bool | None:
         return TITLE_CHOICES[self.title]
+
+    def embedder(self, config):
+        """A CorpusEmbedder of the tower `config` with these batch size and dtype."""
+        from realm_jax.index.embed_corpus import CorpusEmbedder
+        return CorpusEmbedder(config, batch_size=self.batch_size, dtype=self.dtype)
+
+    def rows(self, store: BlockStore, embedder, tokenizer):
+        """The RowBuilder of `embedder`'s rows of `store` (max_length, else the tower's)."""
+        from realm_jax.index.embed_corpus import RowBuilder
+        return RowBuilder.for_store(store, tokenizer, title=self.with_title,
+                                    max_length=self.max_length or embedder.max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,21 +216,16 @@ class Refresher:
     # ------------------------------------------------------------------ inputs
 
     def newest_source(self) -> Source | None:
-        """The newest checkpoint step (when the run trains the document tower), else the
-        --from_hf weights as step 0, else None."""
+        """The tower to embed with now (see the class docstring), None when there is none."""
         steps = [s for s in self.checkpoints.all_steps() if s not in self._unreadable]
-        if steps and self._trains_doc_tower():
+        # (checkpoints without model.json are taken to hold a document tower)
+        if steps and (not self.layout.has_model() or DOC_TOWER in self.layout.read_model()):
             return Source(steps[-1], "checkpoint", self.checkpoints.step_path(steps[-1]))
         return None if self.from_hf is None else Source(0, "hf", self.from_hf)
 
-    def _trains_doc_tower(self) -> bool:
-        """Whether the run's model (WORKDIR/model.json) has a document tower; checkpoints
-        without model.json are taken to hold one."""
-        return not self.layout.has_model() or DOC_TOWER in self.layout.read_model()
-
     def published(self) -> Snapshot | None:
-        """The snapshot LATEST names (or the newest valid one), verified: built from a
-        version of the corpus block store still on disk (not necessarily the newest)."""
+        """The served snapshot (`IndexStore.latest_valid`), of a version of the corpus block
+        store still on disk (not necessarily the newest)."""
         return self.index.latest_valid(corpus_check(self.store.root), log=_log)
 
     def follow_store(self) -> None:
@@ -246,12 +245,10 @@ class Refresher:
 
     def _reusable(self, previous: Snapshot | None, model_fingerprint: str
                   ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(block ids, embeddings) of `previous` that stay valid for the current store
-        version: all its rows when the document tower is the same (its embeddings verified
-        against the manifest), restricted to the blocks still live; None when the tower
-        differs or the embeddings are damaged. Block ids name the same tokens in every
-        version of a store (realm_jax.data.store), and `published` only returns snapshots of
-        a version of this store."""
+        """(block ids, embeddings) of `previous` still valid for the current store version:
+        its verified rows of the blocks still live, when the document tower is the same (a
+        block id names the same tokens in every version of a store); None when the tower
+        differs or the embeddings are damaged."""
         if previous is None or previous.model_fingerprint != model_fingerprint:
             return None
         try:
@@ -280,31 +277,22 @@ class Refresher:
 
     def embedder(self, config):
         if config not in self._embedders:
-            if self._embedder_factory is not None:
-                self._embedders[config] = self._embedder_factory(config)
-            else:
-                from realm_jax.index.embed_corpus import CorpusEmbedder
-                self._embedders[config] = CorpusEmbedder(
-                    config, batch_size=self.settings.batch_size, dtype=self.settings.dtype)
+            make = self._embedder_factory or self.settings.embedder
+            self._embedders[config] = make(config)
         return self._embedders[config]
 
     def rows(self, embedder):
-        """The RowBuilder of `embedder`'s rows (refresh.max_length, else the tower's limit)."""
+        """The RowBuilder of `embedder`'s rows, one per row length."""
         max_length = self.settings.max_length or embedder.max_length
         if max_length not in self._rows:
-            from realm_jax.index.embed_corpus import RowBuilder
             tokenizer = self._tokenizer or self.settings.tokenizer or self.from_hf
             if not tokenizer:
                 raise ValueError("no tokenizer: set config.data.tokenizer to the HF folder "
                                  "the corpus was prepared with (or pass --from_hf)")
-            self._rows[max_length] = RowBuilder.for_store(
-                self.store, tokenizer, title=self.settings.with_title, max_length=max_length)
+            self._rows[max_length] = self.settings.rows(self.store, embedder, tokenizer)
         return self._rows[max_length]
 
     # ------------------------------------------------------------------ scratch
-
-    def _shard_dir(self, step: int, model_fingerprint: str) -> Path:
-        return self.scratch / f"emb-{step:010d}-{model_fingerprint[:16]}-{self.num_workers}w"
 
     def _cleanup_scratch(self, keep: Path | None = None, shards: bool = True) -> None:
         """Remove half-deleted folders, and (with `shards`) every shard folder but `keep`."""
@@ -347,7 +335,8 @@ class Refresher:
                   source.path, restore_seconds)
         live = self.store.live_ids()
         reusable = self._reusable(previous, model_fingerprint)
-        shard_dir = self._shard_dir(source.step, model_fingerprint)
+        shard_dir = (self.scratch /
+                     f"emb-{source.step:010d}-{model_fingerprint[:16]}-{self.num_workers}w")
         self._cleanup_scratch(keep=shard_dir)
         if self.num_workers > 1 and reusable is None:
             self._write_job({"step": source.step, "kind": source.kind, "path": source.path,
@@ -357,8 +346,6 @@ class Refresher:
 
         t0 = time.perf_counter()
         if reusable is not None:
-            # The same document tower: only blocks the previous snapshot lacks (new, or of
-            # replaced documents) are embedded; removed blocks are dropped.
             old_ids, old_embeddings = reusable
             new_ids = np.setdiff1d(live, old_ids, assume_unique=True)
             _log.info("step %d: the document tower equals the one of %s; reusing %d "
@@ -372,8 +359,7 @@ class Refresher:
             ids = ids[order]
             embeddings = np.concatenate([old_embeddings.astype(new_embeddings.dtype),
                                          new_embeddings])[order]
-            embedded, reused = len(new_ids), len(old_ids)
-            result = EmbedResult([], embedded, reused, time.perf_counter() - t0)
+            result = EmbedResult([], len(new_ids), len(old_ids), time.perf_counter() - t0)
         else:
             self.on_stage("embed")
             result = self._embed_slice(config, params, shard_dir, model_fingerprint,
@@ -388,7 +374,8 @@ class Refresher:
             ids = live
             if len(live) < len(self.store):
                 embeddings = embeddings[live]  # (removed blocks: embedded, never published)
-            embedded, reused = result.embedded, result.reused  # (reused: a killed run's shards)
+        # reused: the previous snapshot's rows, or a killed run's shards
+        embedded, reused = result.embedded, result.reused
         embed_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -688,13 +675,12 @@ def publish_initial_index(config, tower, tower_params, index_dir: str | os.PathL
     (`tower`: its EmbedderConfig, `tower_params`: host params) with the config's refresh
     settings; what the refresher publishes from a run's step-0 checkpoint, for runs that
     keep one index all along (tests, benchmarks)."""
-    from realm_jax.index.embed_corpus import CorpusEmbedder, RowBuilder, params_fingerprint
+    from realm_jax.index.embed_corpus import params_fingerprint
 
     settings = RefreshSettings.from_config(config)
     store = BlockStore.open(settings.corpus)
-    embedder = CorpusEmbedder(tower, batch_size=settings.batch_size, dtype=settings.dtype)
-    rows = RowBuilder.for_store(store, settings.tokenizer, title=settings.with_title,
-                                max_length=settings.max_length or embedder.max_length)
+    embedder = settings.embedder(tower)
+    rows = settings.rows(store, embedder, settings.tokenizer)
     embeddings = embedder.embed_blocks(embedder.place(tower_params), rows, np.arange(len(store)))
     return IndexStore(index_dir).publish(
         embeddings, step=0, model_fingerprint=params_fingerprint(tower, tower_params),

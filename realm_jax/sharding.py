@@ -135,12 +135,8 @@ def init_sharded(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=DEFAULT_R
     """Run `init_fn(*args)` (returning boxed variables) under jit with out_shardings, so every
     parameter is born on its shards. Returns (unboxed variables, their shardings)."""
     shardings = param_shardings(init_fn, *args, mesh=mesh, rules=rules)
-
-    def unboxed_init(*a):
-        return nn.unbox(init_fn(*a))
-
     with activate(mesh, rules):
-        variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+        variables = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return variables, shardings
 
 

@@ -87,16 +87,20 @@ def version_folder(root: str | os.PathLike, version: int) -> Path:
     return root if version == 0 else root / VERSIONS_DIR / version_name(version)
 
 
+def version_entries(folder: Any) -> list[str]:
+    """The `vNNNNNN` entries of `folder` (a pathlib or etils path), oldest first; none when
+    it is absent. (Both versioned stores, blocks and index snapshots, use it.)"""
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if version_number(p.name) is not None]
+    return sorted(names, key=version_number)
+
+
 def store_versions(root: str | os.PathLike) -> list[int]:
     """The complete versions of the store at `root`, oldest first (0 is `root` itself)."""
     folder = Path(root) / VERSIONS_DIR
-    out = [0]
-    if folder.is_dir():
-        for child in folder.iterdir():
-            number = version_number(child.name)
-            if number is not None and (child / MANIFEST).is_file():
-                out.append(number)
-    return sorted(out)
+    return [0] + [version_number(name) for name in version_entries(folder)
+                  if (folder / name / MANIFEST).is_file()]
 
 
 def version_fingerprint(root: str | os.PathLike, version: int) -> str:
@@ -127,21 +131,15 @@ def prune_versions(root: str | os.PathLike, keep: Sequence[int] | set[int] = ())
     return removed
 
 
-def is_block_store(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder whose manifest says it is a block store (what `overwrite`
-    may replace)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
 def check_replaceable(path: str | os.PathLike) -> None:
-    """Raise FileExistsError unless `path` is absent or a block store: `overwrite` never
-    deletes anything else (a user's folder, an input file)."""
+    """Raise FileExistsError unless `path` is absent or a folder whose manifest says it is a
+    block store: `overwrite` never deletes anything else (a user's folder, an input file)."""
     path = Path(path)
-    if path.exists() and not is_block_store(path):
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if path.exists() and not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         raise FileExistsError(errno.EEXIST, f"refusing to replace {path}: it is not a block "
                               f"store (no {MANIFEST} of format {FORMAT!r}); remove it yourself "
                               "or choose another output folder", os.fspath(path))
@@ -202,13 +200,10 @@ class BlockStoreWriter:
             raise RuntimeError(f"unexpected .npy header size {self._tokens.tell()}")
 
     def add(self, tokens: np.ndarray, *, doc_id: str, title: str, text: str,
-            spans: Sequence[Span], doc_index: int, removed: bool = False) -> int:
+            spans: Sequence[Span], doc_index: int) -> int:
         """Appends one block and returns its id."""
-        record = {"doc_id": doc_id, "title": title, "text": text,
-                  "spans": [list(s) for s in spans]}
-        line = (json.dumps(REMOVED_RECORD if removed else record, ensure_ascii=False)
-                + "\n").encode("utf-8")
-        return self._append(tokens, line, doc_index)
+        return self._append(tokens, _record_line({"doc_id": doc_id, "title": title, "text": text,
+                                                  "spans": [list(s) for s in spans]}), doc_index)
 
     def _append(self, tokens: np.ndarray, line: bytes, doc_index: int) -> int:
         toks = np.ascontiguousarray(tokens, dtype=self.token_dtype)
@@ -226,8 +221,7 @@ class BlockStoreWriter:
 
     def add_removed(self) -> int:
         """Appends a removed block (no tokens, an empty record, doc_index -1)."""
-        return self.add(np.zeros(0, self.token_dtype), doc_id="", title="", text="", spans=(),
-                        doc_index=-1, removed=True)
+        return self._append(np.zeros(0, self.token_dtype), _record_line(REMOVED_RECORD), -1)
 
     def copy_block(self, store: BlockStore, i: int) -> int:
         """Appends block `i` of `store` unchanged (its stored bytes; the same fingerprint
@@ -256,7 +250,7 @@ class BlockStoreWriter:
         np.save(self._tmp / "records_index.npy", np.frombuffer(self._record_index, dtype=np.int64))
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "count": count,
-            "num_documents": _live_documents(np.frombuffer(self._doc_index, np.int64)),
+            "num_documents": len({d for d in self._doc_index if d >= 0}),
             "num_tokens": int(self._offsets[-1]), "token_dtype": self.token_dtype.name,
             "settings": self.settings, **(manifest_extra or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -290,9 +284,8 @@ class BlockStoreWriter:
         self.abort()
 
 
-def _live_documents(doc_index: np.ndarray) -> int:
-    live = doc_index[doc_index >= 0]
-    return int(len(np.unique(live))) if len(live) else 0
+def _record_line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class BlockStore:

@@ -91,11 +91,15 @@ def exact_search(queries: np.ndarray, embeddings: np.ndarray, k: int,
                                 np.concatenate([best_r, r + start], axis=1))
     order = np.lexsort((best_r, -best_s), axis=1)
     best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
-    if best_s.shape[1] < k:
-        pad = k - best_s.shape[1]
-        best_s = np.pad(best_s, ((0, 0), (0, pad)), constant_values=-np.inf)
-        best_r = np.pad(best_r, ((0, 0), (0, pad)), constant_values=NO_ID)
+    best_s, best_r = pad_to_k(best_s, best_r, k)
     return best_s, map_ids(best_r, ids)
+
+
+def pad_to_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[Q, n] scores and rows with empty slots (-inf, NO_ID) appended up to k columns."""
+    pad = ((0, 0), (0, max(0, k - scores.shape[1])))
+    return (np.pad(scores, pad, constant_values=-np.inf),
+            np.pad(rows, pad, constant_values=NO_ID))
 
 
 def _top_k(scores: np.ndarray, k: int, rows: np.ndarray | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,15 +140,6 @@ def local_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     return best_s, jnp.where(best_s == -jnp.inf, base.NO_ID, best_r)
 
 
-def _linear_axis_index(axes: Sequence[str], mesh) -> jax.Array:
-    """Index of this shard along the flattened `axes` (major to minor, as PartitionSpec
-    lays rows out)."""
-    index = jnp.zeros((), jnp.int32)
-    for a in axes:
-        index = index * mesh.shape[a] + lax.axis_index(a)
-    return index
-
-
 def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
                 block_size: int = DEFAULT_BLOCK_SIZE, num_valid: jax.Array | int | None = None,
                 row_valid: jax.Array | None = None,
@@ -190,7 +181,9 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
     per_shard = n // shards
 
     def shard_fn(qs, emb, valid, *ok):
-        offset = _linear_axis_index(axes, mesh) * per_shard
+        # this shard's index along the flattened axes, major to minor as PartitionSpec
+        # lays the rows out
+        offset = lax.axis_index(axes) * per_shard
         s, r = local(qs, emb, row_offset=offset, num_valid=valid,
                      row_valid=ok[0] if ok else None, varying_axes=axes)
         # [Q, shards * k], shard-major: on ties top_k keeps the lower global row.
@@ -206,11 +199,6 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
                                    *(PartitionSpec(axes),) * len(masks)),
                          out_specs=(PartitionSpec(), PartitionSpec()))(
         queries, embeddings, valid_arg, *masks)
-
-
-def _bucket(q: int) -> int:
-    """Query count rounded up to a power of two (>= 8), to bound recompilations."""
-    return max(8, 1 << (max(q, 1) - 1).bit_length())
 
 
 class DeviceSearcher:
@@ -268,7 +256,8 @@ class DeviceSearcher:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = base.check_queries(queries, self.dim, k)
         q = queries.shape[0]
-        padded = np.zeros((_bucket(q), self.dim), np.float32)
+        # the query count rounded up to a power of two (>= 8), to bound recompilations
+        padded = np.zeros((max(8, 1 << (max(q, 1) - 1).bit_length()), self.dim), np.float32)
         padded[:q] = queries
         queries_dev = jax.device_put(padded, rsharding.replicated(self.mesh))
         scores, rows = self._search(queries_dev, self.embeddings, k=int(k))

@@ -21,6 +21,7 @@ shards (same model and corpus), so a killed run resumes. `merge_shards` assemble
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -31,16 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from realm_jax import sharding
 from realm_jax.data.blocks import TokenizerInfo, load_tokenizer, tokenizer_info
 from realm_jax.data.store import BlockStore
-from realm_jax.durable import atomic_write, fsync_dir
-from realm_jax.embedding import embed_rows
-from realm_jax.index.store import from_storage, npy_header, numpy_dtype, storage_dtype
+from realm_jax.durable import TMP_PREFIX, atomic_write, fsync_dir
+from realm_jax.embedding import embed_rows, tower_forward
+from realm_jax.index.store import (check_npy, from_storage, numpy_dtype, storage_dtype,
+                                   to_storage)
 from realm_jax.models import config_to_dict
 from realm_jax.models.towers import EmbedderConfig
 
@@ -48,7 +49,6 @@ _log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "realm_jax.embedding_shard"
 SHARD_VERSION = 1
-TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^shard-(\d{10})-(\d{10})\.json$")
 
 
@@ -59,10 +59,6 @@ def worker_range(count: int, worker: int, num_workers: int) -> tuple[int, int]:
     if not 0 <= worker < num_workers:
         raise ValueError(f"--worker must be in [0, {num_workers}), got {worker}")
     return count * worker // num_workers, count * (worker + 1) // num_workers
-
-
-def shard_name(start: int, end: int) -> str:
-    return f"shard-{start:010d}-{end:010d}"
 
 
 def tree_digest(tree: Any, digest=None):
@@ -139,15 +135,12 @@ class RowBuilder:
 
     def _titles(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """Title tokens per source document (doc_index) of `ids`, each title read once."""
-        docs = np.asarray(self.store.doc_index[ids])
-        first = {}
-        for block_id, doc in zip(ids.tolist(), docs.tolist()):
-            first.setdefault(doc, block_id)
-        titles = [self.store.title(b) for b in first.values()]
+        docs, first = np.unique(np.asarray(self.store.doc_index[ids]), return_index=True)
+        titles = [self.store.title(int(b)) for b in ids[first]]
         encoded = self.tokenizer.encode_batch(titles) if titles else []
         limit = self.max_length // 2
         return {doc: np.asarray(enc.ids[:limit], np.int32)
-                for doc, enc in zip(first, encoded)}
+                for doc, enc in zip(docs.tolist(), encoded)}
 
     def lengths_and_titles(self, ids: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Row lengths (after truncation) of blocks `ids`, and their title tokens."""
@@ -178,10 +171,6 @@ class RowBuilder:
 # The jitted, sharded forward pass
 
 
-def _forward(module, dtype: str, params, ids, mask):
-    return module.apply({"params": params}, ids, mask).astype(jnp.dtype(dtype))
-
-
 class CorpusEmbedder:
     """A document tower's forward pass, compiled once per padded shape and reused across
     parameter versions: the batch is sharded over the (data, fsdp) axes of `mesh` (default:
@@ -195,14 +184,7 @@ class CorpusEmbedder:
         self.dtype = dtype
         storage_dtype(dtype)  # validates
         self.batch_size = sharding.batch_multiple(max(1, int(batch_size)), self.mesh)
-        self._module = config.module()
-        self.param_shardings = sharding.model_shardings(config, self.mesh, rules)
-        batch = sharding.batch_sharding(self.mesh)
-        # A module-level function with static (module, dtype): embedders of the same tower
-        # on the same mesh share their compiled shapes.
-        self._forward = jax.jit(_forward, static_argnums=(0, 1),
-                                in_shardings=(self.param_shardings, batch, batch),
-                                out_shardings=batch)
+        self._forward, self.param_shardings = tower_forward(config, self.mesh, rules, dtype)
 
     @property
     def dim(self) -> int:
@@ -239,9 +221,8 @@ class CorpusEmbedder:
         lengths, titles = rows.lengths_and_titles(ids)
         with sharding.activate(self.mesh, self.rules):
             return embed_rows(
-                lambda tokens, mask: self._forward(self._module, self.dtype, params, tokens, mask),
-                lambda i: rows.row(int(ids[i]), titles), lengths, out,
-                batch_size=self.batch_size, batch_rows=self.batch_rows,
+                functools.partial(self._forward, params), lambda i: rows.row(int(ids[i]), titles),
+                lengths, out, batch_size=self.batch_size, batch_rows=self.batch_rows,
                 max_length=rows.max_length, pad_id=self.config.encoder.pad_token_id,
                 progress=progress)
 
@@ -266,10 +247,6 @@ class ShardInfo:
     @property
     def count(self) -> int:
         return self.end - self.start
-
-    def load(self, mmap: bool = True) -> np.ndarray:
-        array = np.load(self.path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        return from_storage(array, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,15 +280,9 @@ def read_shard(json_path: str | os.PathLike) -> ShardInfo:
     info = ShardInfo(int(meta["start"]), int(meta["end"]), int(meta["dim"]), str(meta["dtype"]),
                      str(meta["model_fingerprint"]), str(meta["corpus_fingerprint"]), npy, meta)
     try:
-        shape, _, dtype, header = npy_header(npy)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{npy}: unreadable ({e})") from None
-    want = (info.count, info.dim)
-    if tuple(shape) != want or dtype != storage_dtype(info.dtype):
-        raise ValueError(f"{npy}: holds {dtype}{list(shape)}, {json_path.name} says "
-                         f"{storage_dtype(info.dtype)}{list(want)}")
-    if os.path.getsize(npy) != header + info.count * info.dim * dtype.itemsize:
-        raise ValueError(f"{npy}: {os.path.getsize(npy)} bytes, truncated or padded")
+        check_npy(npy, (info.count, info.dim), storage_dtype(info.dtype), json_path.name)
+    except ValueError as e:
+        raise ValueError(f"{npy}: {e}") from None
     return info
 
 
@@ -335,8 +306,8 @@ def write_shard(folder: str | os.PathLike, start: int, array: np.ndarray, *, dty
     """Write blocks [start, start + len(array)) as a shard (npy, then json; both atomic)."""
     folder = Path(folder)
     end = start + len(array)
-    base = folder / shard_name(start, end)
-    stored = np.ascontiguousarray(array, dtype=numpy_dtype(dtype)).view(storage_dtype(dtype))
+    base = folder / f"shard-{start:010d}-{end:010d}"  # (_SHARD_RE)
+    stored = to_storage(array, dtype)
     tag = (extra or {}).get("tag", "shard")
     _write_atomic(base.with_suffix(".npy"), tag,
                   lambda f: np.lib.format.write_array(f, stored, allow_pickle=False))
@@ -455,18 +426,14 @@ def merge_shards(folder: str | os.PathLike, count: int, *, model_fingerprint: st
     if not shards:
         raise ValueError(f"no embedding shards in {folder}")
     first = shards[0]
-    want_step = first.meta.get("step") if step is None else step
+    given = {"model_fingerprint": model_fingerprint or None,
+             "corpus_fingerprint": corpus_fingerprint or None, "step": step}
     for s in shards:
-        for field, got, want in (
-                ("dim", s.dim, first.dim), ("dtype", s.dtype, first.dtype),
-                ("model_fingerprint", s.model_fingerprint,
-                 model_fingerprint or first.model_fingerprint),
-                ("corpus_fingerprint", s.corpus_fingerprint,
-                 corpus_fingerprint or first.corpus_fingerprint),
-                ("step", s.meta.get("step"), want_step)):
-            if got != want:
-                raise ValueError(f"{s.path.with_suffix('.json')}: {field} {got!r} differs "
-                                 f"from {want!r}")
+        for field in ("dim", "dtype", "model_fingerprint", "corpus_fingerprint", "step"):
+            want = first.meta.get(field) if given.get(field) is None else given[field]
+            if s.meta.get(field) != want:
+                raise ValueError(f"{s.path.with_suffix('.json')}: {field} "
+                                 f"{s.meta.get(field)!r} differs from {want!r}")
     gaps = missing_ranges(shards, count)
     if gaps:
         shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:5])

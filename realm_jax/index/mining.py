@@ -104,19 +104,10 @@ def mine_hard_negatives(records: Sequence[DprRecord], question_embeddings: np.nd
                         depth: int = 100, regex: bool = False, batch_size: int = 1024,
                         keep_existing: bool = False) -> tuple[list[DprRecord], MiningStats]:
     """Dense hard negatives: the records with mined ``hard_negative_ctxs`` (see the module
-    docstring).
-
-    Args:
-      records: the training questions.
-      question_embeddings: [len(records), P] float, the query tower's embeddings of their
-        questions.
-      searcher: search over ``store``'s block ids.
-      num_negatives: negatives kept per question (fewer when the top ``depth`` lacks them).
-      depth: blocks retrieved per question.
-      regex: answers are regular expressions (CuratedTrec).
-      batch_size: questions searched at once.
-      keep_existing: as :func:`negatives_from_ranking`.
-    """
+    docstring). ``question_embeddings``: [len(records), P], the query tower's embeddings of
+    their questions; ``searcher``: over ``store``'s block ids; ``num_negatives`` kept per
+    question (fewer when the top ``depth`` lacks them); ``regex``: answers are regular
+    expressions (CuratedTrec); ``batch_size``: questions searched at once."""
     embeddings = np.asarray(question_embeddings, np.float32)
     if embeddings.shape != (len(records), searcher.dim):
         raise ValueError(f"question_embeddings must be [{len(records)}, {searcher.dim}] (one "

@@ -211,12 +211,9 @@ class ScannSearcher:
             rows, scores = self._searcher.search_batched_parallel(queries, **kwargs)
         else:
             rows, scores = self._searcher.search_batched(queries, **kwargs)
-        rows = np.asarray(rows).astype(np.int64)
-        scores = np.asarray(scores, dtype=np.float32)
-        if scores.shape[1] < k:  # ScaNN may return fewer than k
-            pad = k - scores.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-            rows = np.pad(rows, ((0, 0), (0, pad)))
+        # (ScaNN may return fewer than k)
+        scores, rows = base.pad_to_k(np.asarray(scores, np.float32),
+                                     np.asarray(rows).astype(np.int64), k)
         empty = ~np.isfinite(scores) | (rows >= self.size)
         scores = np.where(empty, -np.inf, scores).astype(np.float32)
         rows = np.where(empty, base.NO_ID, rows)

@@ -33,24 +33,26 @@ without fsync (object stores make the final LATEST write atomic by themselves).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 from etils import epath
 
-from realm_jax.data.store import version_name, version_number
-from realm_jax.durable import (TRASH_PREFIX, atomic_write, discard, fsync_dir, fsync_file,
-                               is_local, naming_disk_full, process_alive)
+from realm_jax.data.store import version_entries, version_name, version_number
+from realm_jax.durable import (TMP_PREFIX, TRASH_PREFIX, atomic_write, discard, fsync_dir,
+                               fsync_file, is_local, naming_disk_full, process_alive, tmp_name,
+                               tmp_writer)
 from realm_jax.index import base
 
 LATEST = "LATEST"
@@ -60,7 +62,6 @@ IDS = "ids.npy"
 SCANN_DIR = "scann"
 FORMAT = "realm-jax-index-snapshot"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 DTYPES = ("float16", "bfloat16", "float32")
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str, "format_version": int, "step": int, "model_fingerprint": str,
@@ -86,24 +87,15 @@ def _size(path: epath.Path) -> int:
     return os.path.getsize(path) if is_local(path) else int(path.stat().length)
 
 
-def _sha256(path: epath.Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def _sha256(path: epath.Path) -> str:
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _walk_files(folder: epath.Path, prefix: str = "") -> list[tuple[str, epath.Path]]:
+def _walk_files(folder: epath.Path) -> list[tuple[str, epath.Path]]:
     """(relative path, path) of every file under folder, sorted."""
-    out = []
-    for child in sorted(folder.iterdir(), key=lambda p: p.name):
-        rel = f"{prefix}{child.name}"
-        if child.is_dir():
-            out.extend(_walk_files(child, rel + "/"))
-        else:
-            out.append((rel, child))
-    return out
+    return sorted(((top / name).relative_to(folder).as_posix(), top / name)
+                  for top, _, names in folder.walk() for name in names)
 
 
 def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
@@ -123,18 +115,6 @@ def _read_npy(path: epath.Path) -> np.ndarray:
         return np.lib.format.read_array(f, allow_pickle=False)
 
 
-def npy_header(path: PathLike) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, Fortran order, dtype, header bytes) of a .npy file; ValueError when it is not
-    one of npy format 1.0 or 2.0."""
-    with epath.Path(path).open("rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"npy format version {version}")
-        read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
-        shape, fortran, dtype = read(f)
-        return tuple(shape), fortran, np.dtype(dtype), f.tell()
-
-
 def storage_dtype(dtype: str) -> np.dtype:
     """How embeddings of `dtype` are kept in a .npy file (bfloat16 as raw uint16)."""
     if dtype not in DTYPES:
@@ -148,6 +128,11 @@ def numpy_dtype(dtype: str) -> np.dtype:
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return storage_dtype(dtype)
+
+
+def to_storage(array: Any, dtype: str) -> np.ndarray:
+    """`array` (numpy or jax) cast to `dtype`, C-ordered, in its storage dtype."""
+    return np.ascontiguousarray(array, numpy_dtype(dtype)).view(storage_dtype(dtype))
 
 
 def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -175,21 +160,36 @@ def non_finite_rows(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
-def _checked_header(folder: epath.Path, rel: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header bytes) of the snapshot's .npy file `rel`; SnapshotError when
-    the header is unreadable or the array Fortran-ordered."""
+def check_npy(path: PathLike, shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    """ValueError unless the .npy file `path` holds a C-ordered `dtype` array of `shape`
+    (what `source` says it holds) and nothing past it."""
+    path = epath.Path(path)
     try:
-        shape, fortran, dtype, size = npy_header(folder / rel)
-    except ValueError as e:
-        raise SnapshotError(folder, rel, f"unreadable npy header ({e})") from None
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy format version {version}")
+            read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+            got_shape, fortran, got_dtype = read(f)
+            header = f.tell()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable npy header ({e})") from None
     if fortran:
-        raise SnapshotError(folder, rel, "unreadable npy header (Fortran-ordered array)")
-    return shape, dtype, size
+        raise ValueError("unreadable npy header (Fortran-ordered array)")
+    if got_shape != tuple(shape) or got_dtype != dtype:
+        raise ValueError(f"holds {got_dtype}{list(got_shape)}, {source} says "
+                         f"{dtype}{list(shape)}")
+    size = _size(path)
+    if size != header + math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{size} bytes, truncated or padded")
 
 
-def _tmp_name(kind: str) -> str:
-    """`.tmp-KIND-RANDOM-PID-HOST`: cleanup can tell whether its writer is still alive."""
-    return f"{TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}-{socket.gethostname()}"
+def _checked_npy(folder: epath.Path, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """`check_npy` of the snapshot's file `rel` against its manifest, as a SnapshotError."""
+    try:
+        check_npy(folder / rel, shape, dtype, "manifest")
+    except ValueError as e:
+        raise SnapshotError(folder, rel, str(e)) from None
 
 
 def _manifest_field(name: str, kind: type) -> property:
@@ -234,10 +234,10 @@ class Snapshot:
         """Training steps since the checkpoint these embeddings came from."""
         return int(train_step) - self.step
 
-    def embeddings(self, mmap: bool = True) -> np.ndarray:
+    def embeddings(self) -> np.ndarray:
         """[count, dim] in the stored dtype (memory-mapped for local folders)."""
         path = self.path / EMBEDDINGS
-        if mmap and is_local(path):
+        if is_local(path):
             array = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
         else:
             array = _read_npy(path)
@@ -301,10 +301,7 @@ class IndexStore:
 
     def versions(self) -> list[str]:
         """Published snapshot folders, oldest first (complete, unless edited by hand)."""
-        if not self.root.exists():
-            return []
-        names = [p.name for p in self.root.iterdir() if version_number(p.name) is not None]
-        return sorted(names, key=version_number)
+        return version_entries(self.root)
 
     def latest_version(self) -> str | None:
         """The folder LATEST names, or None when nothing has been published."""
@@ -391,39 +388,24 @@ class IndexStore:
             for rel, sha256, _ in states[:-1]:
                 if _sha256(folder / rel) != sha256:
                     raise SnapshotError(folder, rel, "sha256 does not match the manifest")
-        for rel, shape, want in ((EMBEDDINGS, (count, dim), storage_dtype(dtype)),
-                                 (IDS, (count,), np.dtype(np.int64))):
-            got_shape, got_dtype, _ = _checked_header(folder, rel)
-            if got_shape != shape or got_dtype != want:
-                raise SnapshotError(folder, rel, f"holds {got_dtype}{list(got_shape)}, manifest "
-                                    f"says {want}{list(shape)}")
+        _checked_npy(folder, EMBEDDINGS, (count, dim), storage_dtype(dtype))
+        _checked_npy(folder, IDS, (count,), np.dtype(np.int64))
         self._verified[version] = tuple(states)
         return manifest
 
     def verified_embeddings(self, snapshot: Snapshot) -> np.ndarray:
-        """`snapshot`'s embeddings read into memory, their bytes checked against the
-        manifest's sha256 as they are read (what a refresher reuses must be what was
-        published, however long ago it was validated); SnapshotError when they are not."""
-        path = snapshot.path / EMBEDDINGS
-        shape, dtype, _ = _checked_header(snapshot.path, EMBEDDINGS)
-        array = np.empty(shape, dtype)
-        out = memoryview(array.reshape(-1).view(np.uint8))
-        header = _size(path) - out.nbytes
-        if header < 0:
-            raise SnapshotError(snapshot.path, EMBEDDINGS, "shorter than its header says")
-        digest, filled = hashlib.sha256(), 0
-        with path.open("rb") as f:
-            digest.update(f.read(header))
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-                n = min(len(chunk), max(0, out.nbytes - filled))
-                out[filled:filled + n] = chunk[:n]
-                filled += len(chunk)
-        want = snapshot.manifest["files"][EMBEDDINGS]["sha256"]
-        if filled != out.nbytes or digest.hexdigest() != want:
+        """`snapshot`'s embeddings read into memory (read-only), the bytes read checked
+        against the manifest's sha256 (what a refresher reuses must be what was published,
+        however long ago it was validated); SnapshotError when they are not."""
+        shape, dtype = (snapshot.count, snapshot.dim), storage_dtype(snapshot.dtype)
+        _checked_npy(snapshot.path, EMBEDDINGS, shape, dtype)
+        data = (snapshot.path / EMBEDDINGS).read_bytes()
+        if hashlib.sha256(data).hexdigest() != snapshot.manifest["files"][EMBEDDINGS]["sha256"]:
             self._verified.pop(snapshot.version, None)
             raise SnapshotError(snapshot.path, EMBEDDINGS, "sha256 does not match the manifest")
-        return from_storage(array, snapshot.dtype)
+        # the published file, so its header and shape are the checked ones
+        array = np.frombuffer(data, dtype, offset=len(data) - math.prod(shape) * dtype.itemsize)
+        return from_storage(array.reshape(shape), snapshot.dtype)
 
     def load(self, version: str, *, validate: bool = True, checksums: bool = True,
              expected_corpus_fingerprint: CorpusCheck = None) -> Snapshot:
@@ -487,7 +469,7 @@ class IndexStore:
         stage = on_stage or (lambda _: None)
         array = np.asarray(embeddings)
         dtype_name = dtype or array.dtype.name
-        array = array.astype(numpy_dtype(dtype_name), copy=False).view(storage_dtype(dtype_name))
+        array = to_storage(array, dtype_name)
         if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
             raise ValueError(f"embeddings must be a non-empty [N, P] matrix, got {array.shape}")
         count, dim = array.shape
@@ -503,7 +485,7 @@ class IndexStore:
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.cleanup()
-        tmp = self.root / _tmp_name("snapshot")
+        tmp = self.root / tmp_name("snapshot")
         tmp.mkdir()
         try:
             with naming_disk_full(tmp):
@@ -538,7 +520,7 @@ class IndexStore:
                 version = self._claim(tmp)
                 stage("renamed")
                 atomic_write(self.root / LATEST, lambda f: f.write(version + "\n"),
-                             tmp_name=_tmp_name("latest"))
+                             tmp_name=tmp_name("latest"))
                 fsync_dir(self.root)
                 stage("latest_updated")
                 self.prune(keep)
@@ -574,25 +556,20 @@ class IndexStore:
     def _claim(self, tmp: epath.Path) -> str:
         """Rename tmp to the next free version folder (a rename never replaces a non-empty
         folder, so concurrent publishers cannot both take the same name)."""
-        numbers = [version_number(v) for v in self.versions()]
-        try:
-            current = self.latest_version()
-        except SnapshotError:
-            current = None
-        if current is not None:
-            numbers.append(version_number(current))
-        number = max(numbers, default=0) + 1
-        for _ in range(100):
+        names = self.versions()
+        with contextlib.suppress(SnapshotError):  # LATEST may name a version gone since
+            names.append(self.latest_version() or version_name(0))
+        first = max(map(version_number, names), default=0) + 1
+        for number in range(first, first + 100):
             target = self.root / version_name(number)
-            if not target.exists():
-                try:
-                    tmp.rename(target)
-                except OSError:
-                    pass
-                else:
-                    fsync_dir(self.root)
-                    return target.name
-            number += 1
+            if target.exists():
+                continue
+            try:
+                tmp.rename(target)
+            except OSError:
+                continue
+            fsync_dir(self.root)
+            return target.name
         raise RuntimeError(f"could not claim a version folder under {self.root}")
 
     def prune(self, keep: int | None = None) -> list[str]:
@@ -619,13 +596,9 @@ class IndexStore:
         for path in list(self.root.iterdir()):
             name = path.name
             if name.startswith(TMP_PREFIX):
-                parts = name[len(TMP_PREFIX):].split("-", 3)
-                try:
-                    pid, owner = int(parts[2]), parts[3]
-                except (IndexError, ValueError):
-                    pid, owner = -1, ""
+                pid, owner = tmp_writer(name)
                 if owner == host and pid > 0:
-                    if pid == os.getpid() or process_alive(pid):
+                    if process_alive(pid):  # (this process too)
                         continue
                 else:
                     try:
