@@ -1,6 +1,12 @@
-"""realm_jax.durable: a whole-file write replaces the target whole or not at all."""
+"""realm_jax.durable: a whole-file write replaces the target whole or not at all; a folder is
+replaced whole; a lock taker killed on this host leaves nothing the next taker keeps."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +51,21 @@ def test_replace_folder_and_discard_keep_a_whole_folder_under_the_name(tmp_path)
     assert durable.discard(folder)
     assert list(tmp_path.iterdir()) == []  # renamed aside, then removed
     assert not durable.discard(folder)  # gone already
+
+
+def test_next_taker_removes_dead_takers_temporary_files(tmp_path):
+    """A taker killed between writing `PATH.tmp-lock-RANDOM-PID-HOST` and removing it: the
+    next taker removes that file when its process is dead on this host, and only then."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    lock = tmp_path / "lock"
+    killed = tmp_path / f"lock.tmp-lock-0123456789ab-{dead.pid}-{host}"
+    alive = tmp_path / f"lock.tmp-lock-ba9876543210-{os.getpid()}-{host}"
+    elsewhere = tmp_path / f"lock.tmp-lock-aaaaaaaaaaaa-{dead.pid}-another-host"
+    for path in (killed, alive, elsewhere):
+        path.write_text("{}")
+    with durable.ProcessLock.acquire(lock, "test"):
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["lock", alive.name, elsewhere.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name])
