@@ -17,7 +17,6 @@ document removed before the snapshot was built is never shown.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -47,11 +46,13 @@ class Hit:
 
 def _config_value(config, *dotted: str) -> Any:
     """The first set value among the config fields `dotted` ("section.field"), or None."""
-    def value(path: str) -> Any:
-        return functools.reduce(lambda node, name: node.get(name) if hasattr(node, "get")
-                                else None, path.split("."), config)
-
-    return next(filter(None, map(value, dotted)), None)
+    for path in dotted:
+        node = config
+        for name in path.split("."):
+            node = node.get(name) if hasattr(node, "get") else None
+        if node:
+            return node
+    return None
 
 
 def query_tower(layout: Workdir, config, snapshot) -> tuple[Any, Any, str, str]:

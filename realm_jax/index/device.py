@@ -201,6 +201,11 @@ def device_topk(queries: jax.Array, embeddings: jax.Array, k: int, *,
         queries, embeddings, valid_arg, *masks)
 
 
+def _bucket(q: int) -> int:
+    """Query count rounded up to a power of two (>= 8), to bound recompilations."""
+    return max(8, 1 << (max(q, 1) - 1).bit_length())
+
+
 class DeviceSearcher:
     """Exact search over a corpus matrix held sharded on the mesh's devices.
 
@@ -256,8 +261,7 @@ class DeviceSearcher:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = base.check_queries(queries, self.dim, k)
         q = queries.shape[0]
-        # the query count rounded up to a power of two (>= 8), to bound recompilations
-        padded = np.zeros((max(8, 1 << (max(q, 1) - 1).bit_length()), self.dim), np.float32)
+        padded = np.zeros((_bucket(q), self.dim), np.float32)
         padded[:q] = queries
         queries_dev = jax.device_put(padded, rsharding.replicated(self.mesh))
         scores, rows = self._search(queries_dev, self.embeddings, k=int(k))
